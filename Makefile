@@ -1,0 +1,31 @@
+# asok: `make run` serves the counter example, `make test` runs every tier, `make bench` measures.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PORT ?= 8000
+
+.PHONY: run test test-core test-browser test-asgi bench deps browser clean
+
+run:
+	$(PY) asok.py serve examples/counter --port $(PORT) --debug
+
+$(VENV)/.deps: Makefile
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check pytest playwright uvicorn websockets jinja2
+	touch $@
+
+deps: $(VENV)/.deps
+
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: deps browser
+	$(VPY) -m pytest -q test_asok.py
+	$(VPY) -m pytest -q test_browser.py -p no:cacheprovider
+
+bench: deps
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(VPY) bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__ examples/*/.asok

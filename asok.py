@@ -1,0 +1,4471 @@
+"""asok: a one-file, standard-library web framework with live components.
+
+Copy asok.py and alive.js into a project and run `python asok.py serve`. The file reads
+top to bottom in dependency order:
+
+  1. Templates        `<< >>` / `{{ }}` compiled to Python, autoescaped (Markup, escape)
+  2. HTTP/1.1         a sans-I/O request parser (bytes in, events out)
+  3. WebSocket        a sans-I/O RFC 6455 connection, handshake helpers, small clients
+  4. Errors           HTTPError, BadSignature, LiveError
+  5. Signing, keys    HMAC-SHA256 signatures bound to a purpose and a context
+  6. Sessions         Session (a dict with .modified), SessionStore, FileSessionStore
+  7. HTTP objects     Request, Response, make_response, Route
+  8. Components       Component, exposed, the live protocol
+  9. The application  Asok: file pages, @app.route, @app.websocket, WSGI, app.asgi
+ 10. The server       asyncio, one protocol object per connection
+ 11. Testing          TestClient
+ 12. Command line     python asok.py serve [APP_DIR] [--host] [--port] [--reload] [--debug]
+"""
+
+__version__ = "0.1.0"
+__all__ = [
+    "Asok", "Component", "exposed", "Request", "Response", "HTTPError", "redirect", "make_response",
+    "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
+    "Session", "SessionStore", "FileSessionStore", "Signer", "BadSignature", "LiveError",
+    "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
+    "TestClient", "serve", "load_app", "main",
+]
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import formatdate, parsedate_to_datetime
+from enum import IntEnum
+from http import HTTPStatus
+from http.cookies import SimpleCookie, CookieError
+from pathlib import Path
+from urllib.parse import urlsplit
+import ast
+import asyncio
+import base64
+import builtins
+import codecs
+import contextvars
+import fcntl
+import functools
+import hashlib
+import hmac
+import html
+import importlib.util
+import inspect
+import io
+import json
+import keyword
+import logging
+import math
+import mimetypes
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tokenize
+import traceback
+import types
+import urllib.parse
+
+
+# ═══ Template limits ════════════════════════════════════════════════════════
+
+MAX_TEMPLATE_DEPTH = 32          # levels of `extends` before a cycle is reported
+_TPL_MERGE_CACHE_SIZE = 64
+
+
+# ═══ Template errors ════════════════════════════════════════════════════════
+
+class TemplateError(Exception):
+    """A template that cannot be loaded or compiled; names the file and line."""
+
+    def __init__(self, message, name=None, lineno=None):
+        super().__init__(message)
+        self.message, self.name, self.lineno = message, name, lineno
+
+    def __str__(self):
+        where = ', '.join(p for p in (self.name, self.lineno and f'line {self.lineno}') if p)
+        return f'{where}: {self.message}' if where else self.message
+
+
+class TemplateNotFound(TemplateError):
+    """No template of that name under the loader's root."""
+
+
+# ═══ HTML safety ═══════════════════════════════════════════════════════════
+
+class Markup(str):
+    """Trusted HTML. Operators escape the other operand (MarkupSafe's rules)."""
+
+    __slots__ = ()
+
+    def __new__(cls, obj=''):
+        if hasattr(obj, '__html__'):
+            obj = obj.__html__()
+        return super().__new__(cls, obj)
+
+    def __html__(self):
+        return self
+
+    def __add__(self, other):
+        if isinstance(other, str) or hasattr(other, '__html__'):
+            return Markup(str.__add__(self, escape(other)))
+        return NotImplemented
+
+    def __radd__(self, other):
+        if isinstance(other, str) or hasattr(other, '__html__'):
+            return Markup(str.__add__(escape(other), self))
+        return NotImplemented
+
+    def __mul__(self, count):
+        return Markup(str.__mul__(self, count))
+
+    __rmul__ = __mul__
+
+    def __mod__(self, arg):
+        if isinstance(arg, tuple):
+            arg = tuple(_TplEscaped(a) for a in arg)
+        elif isinstance(arg, dict):
+            arg = {k: _TplEscaped(v) for k, v in arg.items()}
+        else:
+            arg = _TplEscaped(arg)
+        return Markup(str.__mod__(self, arg))
+
+    def format(self, *args, **kwargs):
+        args = [_TplEscaped(a) for a in args]
+        kwargs = {k: _TplEscaped(v) for k, v in kwargs.items()}
+        return Markup(str.format(self, *args, **kwargs))
+
+    def join(self, seq):
+        return Markup(str.join(self, map(escape, seq)))
+
+    def __repr__(self):
+        return f'Markup({str.__repr__(self)})'
+
+    @classmethod
+    def escape(cls, s):
+        """Escape `s` and return it as this class."""
+        rv = escape(s)
+        return rv if cls is Markup else cls(rv)
+
+
+class _TplEscaped:
+    """Wraps a `%`/`format` argument of Markup so that it is escaped when formatted."""
+
+    __slots__ = ('obj',)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __str__(self):
+        return escape(self.obj)
+
+    def __repr__(self):
+        return escape(repr(self.obj))
+
+    def __format__(self, spec):
+        if hasattr(self.obj, '__html__'):
+            return self.obj.__html__()
+        return escape(format(self.obj, spec))
+
+    def __int__(self):
+        return int(self.obj)
+
+    def __float__(self):
+        return float(self.obj)
+
+    def __index__(self):
+        return self.obj.__index__()
+
+
+def _tpl_esc(v):
+    """Escape one output value to a str; the choke point of every `<< >>`."""
+    t = type(v)
+    if t is str:
+        return (v.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
+                .replace('"', '&#34;').replace("'", '&#39;'))
+    if t is int or t is float or t is bool:
+        return str(v)
+    if t is Markup:
+        return v
+    if hasattr(v, '__html__'):
+        return v.__html__()
+    return _tpl_esc(str(v))
+
+
+def escape(obj):
+    """Escape `& < > " '` in `str(obj)`; objects with `__html__` are trusted.
+
+    None becomes "None", as in Jinja and MarkupSafe."""
+    if hasattr(obj, '__html__'):
+        return Markup(obj.__html__())
+    return Markup(_tpl_esc(str(obj)))
+
+
+# ═══ Templates ═══════════════════════════════════════════════════════════════
+#
+# Two spellings of one engine: native `<< expr >>`, `<% stmt %>`, `<# note #>`
+# and Jinja-like `{{ expr }}`, `{% stmt %}`, `{# note #}`; a `-` inside the
+# tag (`<%-`, `-%>`, `{{-`, ...) strips the whitespace on that side.
+#
+# A template is lexed, parsed into a small tree and compiled once to a Python
+# module: the body becomes `_tpl_root(_tplctx, _tplblocks)`, every block a
+# function `_tpl_block_<name>` with the same arguments, every macro
+# `_tpl_macro_<name>(_tplctx, ...)`. `_tplblocks` maps a block name to its
+# functions, most derived template first, which is all extends/super() need.
+# Each function starts by binding the free names it reads to locals (context,
+# then `Templates.globals`, then builtins, then Jinja's true/false/none, else an
+# undefined marker that raises NameError wherever it is used, `if` included;
+# only the `default` filter accepts it). The generated code's line numbers are
+# rewritten to the template's own and it is compiled under the template's file
+# name, so a traceback points at the template line.
+#
+# Expressions are Python with two Jinja habits: `x | name(args)` calls a filter
+# on the primary expression before it (a `|` followed by a name is always a
+# filter, so bitwise-or is not available) and `x.name` falls back to
+# `x["name"]` (dict rows work). In native tags `>>` always ends the tag unless
+# inside brackets. Every output goes through one escape, `_tpl_esc`.
+
+_TPL_TAGS = {'<<': ('>>', 'out'), '<%': ('%>', 'stmt'), '<#': ('#>', 'note'),
+             '{{': ('}}', 'out'), '{%': ('%}', 'stmt'), '{#': ('#}', 'note')}
+_TPL_OPEN_RE = re.compile(r'<<(?!<)|<%|<#|\{\{|\{%|\{#')
+_TPL_ENDRAW_RE = re.compile(r'(?:<%|\{%)(-?)\s*endraw\s*(-?)(?:%>|%\})')
+_TPL_STRING = r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*\""""
+_TPL_STMT_RE = re.compile(r'\s*([A-Za-z_]\w*)\s*(.*?)\s*\Z', re.S)
+_TPL_FOR_RE = re.compile(r'(.+?)\s+in\s+(.+)\Z', re.S)
+_TPL_SET_RE = re.compile(r'([A-Za-z_][\w\s,]*?)\s*=(?!=)\s*(.+)\Z', re.S)
+_TPL_MACRO_RE = re.compile(r'([A-Za-z_]\w*)\s*\((.*)\)\Z', re.S)
+_TPL_NAME_RE = re.compile(r'[A-Za-z_]\w*\Z')
+_TPL_STRIPTAGS_RE = re.compile(r'<!--.*?-->|<[^>]*>', re.S)
+_TPL_DICT_ATTRS = frozenset(dir(dict))
+_TPL_ATOM_KEYWORDS = frozenset(('None', 'True', 'False'))
+_TPL_JINJA_LITERALS = {'true': True, 'false': False, 'none': None}
+_TPL_FSTRING_START = getattr(tokenize, 'FSTRING_START', -1)
+_TPL_FSTRING_END = getattr(tokenize, 'FSTRING_END', -1)
+_TPL_END_TAGS = {'if': 'endif', 'for': 'endfor', 'block': 'endblock', 'macro': 'endmacro'}
+
+
+class _TplUndefined:
+    """The value of an unknown name or attribute: any use raises, `default` replaces it."""
+
+    __slots__ = ('_tpl_message', '_tpl_exc')
+
+    def __init__(self, message, exc=NameError):
+        self._tpl_message, self._tpl_exc = message, exc
+
+    def _tpl_fail(self, *args, **kwargs):
+        raise self._tpl_exc(self._tpl_message)
+
+    def __getattr__(self, name):
+        if name.startswith('__'):
+            raise AttributeError(name)
+        self._tpl_fail()
+
+    def __repr__(self):
+        return f'Undefined({self._tpl_message!r})'
+
+    __hash__ = object.__hash__
+    __str__ = __html__ = __format__ = __iter__ = __len__ = __bool__ = _tpl_fail
+    __call__ = __getitem__ = __contains__ = __int__ = __float__ = __index__ = _tpl_fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _tpl_fail
+    __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rmod__ = __neg__ = _tpl_fail
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _tpl_fail
+
+
+def _tpl_resolve(globals_, name):
+    """A free name missing from the context: globals, then builtins, else undefined."""
+    if name in globals_:
+        return globals_[name]
+    if name in builtins.__dict__:
+        return builtins.__dict__[name]
+    if name in _TPL_JINJA_LITERALS:
+        return _TPL_JINJA_LITERALS[name]
+    return _TplUndefined(f'{name!r} is undefined')
+
+
+def _tpl_ga(obj, name):
+    """`obj.name` in a template: the attribute, else the item (Jinja's rule)."""
+    if type(obj) is dict:
+        if name in obj:
+            return obj[name]
+    else:
+        try:
+            return getattr(obj, name)
+        except AttributeError:
+            try:
+                return obj[name]
+            except (TypeError, LookupError, AttributeError):
+                pass
+    return _TplUndefined(f'{type(obj).__name__!r} object has no attribute {name!r}',
+                         AttributeError)
+
+
+class _TplLoop:
+    """The `loop` helper of a for loop; the loop itself assigns `index0`."""
+
+    __slots__ = ('index0', 'length', '_seq')
+
+    def __init__(self, seq):
+        try:
+            n = len(seq)
+        except TypeError:
+            seq = list(seq)
+            n = len(seq)
+        self._seq, self.length, self.index0 = seq, n, -1
+
+    index = property(lambda self: self.index0 + 1)
+    revindex = property(lambda self: self.length - self.index0)
+    revindex0 = property(lambda self: self.length - self.index0 - 1)
+    first = property(lambda self: self.index0 == 0)
+    last = property(lambda self: self.index0 == self.length - 1)
+
+    def cycle(self, *values):
+        """The value for this iteration, cycling through `values`."""
+        return values[self.index0 % len(values)]
+
+
+# ─── Filters ───
+
+def _tpl_keep(value, result):
+    """A string filter's result stays trusted when its input was."""
+    return Markup(result) if hasattr(value, '__html__') else result
+
+
+def _tpl_text(value):
+    return value.__html__() if hasattr(value, '__html__') else str(value)
+
+
+def _tpl_f_default(value, default_value='', boolean=False):
+    if isinstance(value, _TplUndefined) or (boolean and not value):
+        return default_value
+    return value
+
+
+def _tpl_f_join(value, d='', attribute=None):
+    items = [_tpl_ga(v, attribute) for v in value] if attribute else list(value)
+    if hasattr(d, '__html__') or any(hasattr(v, '__html__') for v in items):
+        return Markup(d).join(items)
+    return str(d).join(map(str, items))
+
+
+def _tpl_f_json(value, indent=None):
+    text = json.dumps(value, indent=indent, sort_keys=indent is not None)
+    return Markup(text.replace('&', '\\u0026').replace('<', '\\u003c')
+                  .replace('>', '\\u003e').replace("'", '\\u0027'))
+
+
+def _tpl_f_truncate(s, length=255, killwords=False, end='...', leeway=0):
+    s = _tpl_text(s)
+    if len(s) <= length + leeway:
+        return s
+    cut = s[:max(length - len(end), 0)]
+    if not killwords and ' ' in cut:
+        cut = cut.rsplit(' ', 1)[0]
+    return cut + end
+
+
+def _tpl_f_replace(s, old, new, count=-1):
+    if hasattr(s, '__html__'):
+        return Markup(str.replace(Markup(s), escape(old), escape(new), count))
+    return str(s).replace(str(old), str(new), count)
+
+
+def _tpl_f_first(seq):
+    for item in seq:
+        return item
+    return _TplUndefined('first item of an empty sequence', LookupError)
+
+
+def _tpl_f_last(seq):
+    seq = seq if isinstance(seq, (list, tuple, str)) else list(seq)
+    return seq[-1] if seq else _TplUndefined('last item of an empty sequence', LookupError)
+
+
+def _tpl_f_sort(value, reverse=False, case_sensitive=False, attribute=None):
+    def key(item):
+        if attribute is not None:
+            item = _tpl_ga(item, attribute)
+        return item.lower() if not case_sensitive and isinstance(item, str) else item
+    return sorted(value, key=key, reverse=reverse)
+
+
+def _tpl_f_reverse(value):
+    if isinstance(value, str):
+        return value[::-1]
+    return list(reversed(value if isinstance(value, (list, tuple)) else list(value)))
+
+
+def _tpl_f_round(value, precision=0, method='common'):
+    if method == 'common':
+        return round(value, precision)
+    op = {'ceil': math.ceil, 'floor': math.floor}[method]
+    return op(value * 10 ** precision) / 10 ** precision
+
+
+def _tpl_f_int(value, default=0, base=10):
+    try:
+        return int(value, base) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            return default
+
+
+def _tpl_f_float(value, default=0.0):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _tpl_f_striptags(value):
+    text = _TPL_STRIPTAGS_RE.sub('', _tpl_text(value))
+    return html.unescape(' '.join(text.split()))
+
+
+def _tpl_f_urlencode(value):
+    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
+                                   and isinstance(value[0], (list, tuple))):
+        pairs = value.items() if isinstance(value, dict) else value
+        return '&'.join(urllib.parse.quote(str(k), safe='') + '=' + urllib.parse.quote(str(v), safe='')
+                        for k, v in pairs)
+    return urllib.parse.quote(str(value), safe='/')
+
+
+def _tpl_f_nl2br(value):
+    text = escape(value).replace('\r\n', '\n')
+    return Markup(text.replace('\n', '<br>\n'))
+
+
+_TPL_FILTERS = {
+    'upper': lambda s: _tpl_keep(s, _tpl_text(s).upper()),
+    'lower': lambda s: _tpl_keep(s, _tpl_text(s).lower()),
+    'title': lambda s: _tpl_keep(s, _tpl_text(s).title()),
+    'capitalize': lambda s: _tpl_keep(s, _tpl_text(s).capitalize()),
+    'trim': lambda s, chars=None: _tpl_keep(s, _tpl_text(s).strip(chars)),
+    'length': len, 'count': len,
+    'default': _tpl_f_default, 'd': _tpl_f_default,
+    'join': _tpl_f_join,
+    'safe': lambda s: Markup(_tpl_text(s)),
+    'escape': escape, 'e': escape,
+    'json': _tpl_f_json, 'tojson': _tpl_f_json,
+    'truncate': _tpl_f_truncate,
+    'replace': _tpl_f_replace,
+    'first': _tpl_f_first, 'last': _tpl_f_last,
+    'sort': _tpl_f_sort, 'reverse': _tpl_f_reverse,
+    'round': _tpl_f_round, 'int': _tpl_f_int, 'float': _tpl_f_float,
+    'string': lambda s: _tpl_keep(s, _tpl_text(s)),
+    'abs': abs, 'list': list,
+    'striptags': _tpl_f_striptags, 'urlencode': _tpl_f_urlencode, 'nl2br': _tpl_f_nl2br,
+}
+
+
+# ─── Lexer and parser ───
+
+_TPL_CLOSE_RES = {closer: re.compile(r'(?P<str>%s)|(?P<close>%s)|(?P<br>[][(){}])'
+                                     % (_TPL_STRING, re.escape(closer)))
+                  for closer in ('>>', '%>', '}}', '%}')}
+
+
+def _tpl_find_close(source, i, closer):
+    """Index of `closer` after `i`, skipping string literals and bracketed code."""
+    rx, depth = _TPL_CLOSE_RES[closer], 0
+    while True:
+        m = rx.search(source, i)
+        if m is None:
+            return -1
+        kind, tok = m.lastgroup, m.group()
+        if kind == 'str':
+            i = m.end()
+            continue
+        if kind == 'close':
+            if depth <= 0:
+                return m.start()
+            tok, i = tok[0], m.start() + 1
+        else:
+            i = m.end()
+        if tok in '([{':
+            depth += 1
+        elif tok in ')]}':
+            depth -= 1
+
+
+def _tpl_lex(source, name):
+    """Split a template into ('text' | 'out' | 'stmt', text, line) tokens.
+
+    Comments are dropped, `raw` sections become text, `-` strips whitespace and,
+    as in Jinja, a single newline ending the template is dropped."""
+    source = source[:-1] if source.endswith('\n') else source
+    toks, pos, line, lstrip = [], 0, 1, False
+    while True:
+        m = _TPL_OPEN_RE.search(source, pos)
+        start = m.start() if m else len(source)
+        text = source[pos:start].lstrip() if lstrip else source[pos:start]
+        if text:
+            toks.append(('text', text, line))
+        if m is None:
+            return toks
+        line += source.count('\n', pos, start)
+        opener = m.group()
+        closer, kind = _TPL_TAGS[opener]
+        inner = m.end()
+        if source.startswith('-', inner):
+            inner += 1
+            if toks and toks[-1][0] == 'text':
+                toks[-1] = ('text', toks[-1][1].rstrip(), toks[-1][2])
+        end = source.find(closer, inner) if kind == 'note' else _tpl_find_close(source, inner, closer)
+        if end < 0:
+            raise TemplateError(f'unclosed {opener!r} tag: expected {closer!r}', name, line)
+        lstrip = end > inner and source[end - 1] == '-'
+        body = source[inner:end - 1 if lstrip else end]
+        pos = end + len(closer)
+        if kind == 'stmt' and body.strip() == 'raw':
+            raw = _TPL_ENDRAW_RE.search(source, pos)
+            if raw is None:
+                raise TemplateError(f"expected 'endraw' for 'raw' opened at line {line}",
+                                    name, source.count('\n') + 1)
+            text = source[pos:raw.start()]
+            text = text.lstrip() if lstrip else text
+            text = text.rstrip() if raw.group(1) else text
+            if text:
+                toks.append(('text', text, line))
+            lstrip, pos = bool(raw.group(2)), raw.end()
+        elif kind != 'note':
+            toks.append((kind, body, line))
+        line += source.count('\n', start, pos)
+
+
+def _tpl_parse(toks, name, last_line):
+    """Build the tree: nested lists ['kind', line, ...] (see _TplCompiler)."""
+    root, stack, blocks = [], [], set()
+    body = root
+    for kind, text, line in toks:
+        if kind == 'text':
+            body.append(['text', line, text])
+            continue
+        if not text.strip():
+            raise TemplateError(f'empty {"expression" if kind == "out" else "statement"}', name, line)
+        if kind == 'out':
+            body.append(['out', line, text])
+            continue
+        m = _TPL_STMT_RE.match(text)
+        word, arg = m.groups() if m else ('', text)
+        if word in ('if', 'for', 'block', 'macro', 'set', 'include', 'extends', 'elif') and not arg:
+            raise TemplateError(f'{word!r} needs an argument', name, line)
+        top = stack[-1] if stack else None
+        if word == 'if':
+            node = ['if', line, [[arg, line, []]], None, None]
+            stack.append((node, body))
+            body = node[2][0][2]
+        elif word == 'for':
+            m = _TPL_FOR_RE.match(arg)
+            if m is None:
+                raise TemplateError(f"expected 'for NAME in EXPRESSION', got {text.strip()!r}", name, line)
+            node = ['for', line, m.group(1).strip(), m.group(2), [], None, None]
+            stack.append((node, body))
+            body = node[4]
+        elif word == 'block':
+            if not _TPL_NAME_RE.match(arg):
+                raise TemplateError(f'invalid block name {arg!r}', name, line)
+            if arg in blocks:
+                raise TemplateError(f'block {arg!r} defined twice', name, line)
+            blocks.add(arg)
+            node = ['block', line, arg, []]
+            stack.append((node, body))
+            body = node[3]
+        elif word == 'macro':
+            m = _TPL_MACRO_RE.match(arg)
+            if m is None:
+                raise TemplateError(f"expected 'macro NAME(ARGUMENTS)', got {text.strip()!r}", name, line)
+            node = ['macro', line, m.group(1), m.group(2), []]
+            stack.append((node, body))
+            body = node[4]
+        elif word in ('elif', 'else'):
+            if top is None or top[0][0] not in (('if',) if word == 'elif' else ('if', 'for')):
+                raise TemplateError(f"{word!r} without 'if'" + ("" if word == 'elif' else " or 'for'"),
+                                    name, line)
+            node = top[0]
+            else_at = 3 if node[0] == 'if' else 5
+            if node[else_at] is not None:
+                raise TemplateError(f"{word!r} after 'else' (opened at line {node[else_at + 1]})",
+                                    name, line)
+            if word == 'elif':
+                node[2].append([arg, line, []])
+                body = node[2][-1][2]
+            else:
+                node[else_at], node[else_at + 1] = [], line
+                body = node[else_at]
+        elif word in ('endif', 'endfor', 'endblock', 'endmacro'):
+            opened = word[3:]
+            if top is None:
+                raise TemplateError(f'{word!r} without {opened!r}', name, line)
+            node, parent = top
+            if _TPL_END_TAGS[node[0]] != word:
+                raise TemplateError(f'expected {_TPL_END_TAGS[node[0]]!r} for {node[0]!r} opened at '
+                                    f'line {node[1]}, got {word!r}', name, line)
+            if word == 'endblock' and arg and arg != node[2]:
+                raise TemplateError(f"'endblock {arg}' closes block {node[2]!r} opened at line {node[1]}",
+                                    name, line)
+            stack.pop()
+            parent.append(node)
+            body = parent
+        elif word in ('set', 'include'):
+            body.append([word, line, arg])
+        elif word == 'extends':
+            if stack or any(n[0] != 'text' or n[2].strip() for n in root):
+                raise TemplateError("'extends' must be the first tag of the template", name, line)
+            root.append(['extends', line, arg])
+        elif word == 'endraw':
+            raise TemplateError("'endraw' without 'raw'", name, line)
+        else:
+            raise TemplateError(f'unknown statement {word or text.strip()!r}', name, line)
+    if stack:
+        node = stack[-1][0]
+        raise TemplateError(f'expected {_TPL_END_TAGS[node[0]]!r} for {node[0]!r} opened at line {node[1]}',
+                            name, last_line)
+    return root
+
+
+# ─── Expressions ───
+
+_TPL_PRIM = -1      # token type of an already rewritten sub-expression
+_TPL_SKIP_TOKENS = frozenset((tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.ENDMARKER,
+                              tokenize.INDENT, tokenize.DEDENT))
+
+
+def _tpl_tokens(s):
+    """Python tokens of `s` as (type, string, start, end) offsets; f-strings stay whole."""
+    starts = [0] + [i + 1 for i, c in enumerate(s) if c == '\n']
+    out, fdepth, fstart = [], 0, 0
+    for t in tokenize.generate_tokens(io.StringIO(s).readline):
+        if t.type in _TPL_SKIP_TOKENS:
+            continue
+        a = starts[t.start[0] - 1] + t.start[1]
+        b = starts[t.end[0] - 1] + t.end[1]
+        if t.type == _TPL_FSTRING_START:
+            fstart = a if fdepth == 0 else fstart
+            fdepth += 1
+        elif fdepth:
+            if t.type == _TPL_FSTRING_END:
+                fdepth -= 1
+                if fdepth == 0:
+                    out.append((tokenize.STRING, s[fstart:b], fstart, b))
+        else:
+            out.append((t.type, t.string, a, b))
+    return out
+
+
+def _tpl_atom_end(el):
+    typ, string = el[0], el[1]
+    if typ == tokenize.NAME:
+        return string in _TPL_ATOM_KEYWORDS or not keyword.iskeyword(string)
+    return typ in (tokenize.STRING, tokenize.NUMBER, _TPL_PRIM) or (typ == tokenize.OP and string in ')]}')
+
+
+def _tpl_operand(out):
+    """Start index in `out` of the primary expression (atom plus trailers) that ends it."""
+    i = len(out) - 1
+    while i >= 0:
+        typ, string = out[i][0], out[i][1]
+        if typ == tokenize.OP and string in (')', ']', '}'):
+            depth = 0
+            while i >= 0:
+                s = out[i][1] if out[i][0] == tokenize.OP else ''
+                depth += s in (')', ']', '}')
+                depth -= s in ('(', '[', '{')
+                if depth == 0:
+                    break
+                i -= 1
+            if i < 0:
+                return None
+            if i == 0 or not _tpl_atom_end(out[i - 1]):
+                break
+            i -= 1
+            continue
+        if not _tpl_atom_end(out[i]):
+            return None
+        while typ == tokenize.STRING and i > 0 and out[i - 1][0] == tokenize.STRING:
+            i -= 1
+        if i > 1 and out[i - 1][0] == tokenize.OP and out[i - 1][1] == '.':
+            i -= 2
+            continue
+        break
+    else:
+        return None
+    while i > 0 and out[i - 1][1] in ('-', '+', '~') and (i == 1 or not _tpl_atom_end(out[i - 2])):
+        i -= 1
+    return i
+
+
+def _tpl_match(toks, j, hi):
+    """Index of the bracket closing the one at `j`."""
+    depth = 0
+    for k in range(j, hi):
+        if toks[k][0] == tokenize.OP:
+            depth += toks[k][1] in ('(', '[', '{')
+            depth -= toks[k][1] in (')', ']', '}')
+            if depth == 0:
+                return k
+    return hi
+
+
+def _tpl_rewrite(s, toks, lo, hi, env):
+    """Rewrite tokens lo..hi: `x | f(a)` -> `_tplf_f(x, a)`, `x.a` -> `_tplga(x, 'a')`."""
+    out, i = [], lo
+    prev = toks[lo][2] if lo < hi else 0
+    while i < hi:
+        typ, string, a, b = toks[i]
+        nxt = toks[i + 1] if i + 1 < hi else None
+        is_name = nxt is not None and nxt[0] == tokenize.NAME and not keyword.iskeyword(nxt[1])
+        if typ == tokenize.OP and string == '|' and is_name:
+            fname, j, args = nxt[1], i + 2, ''
+            if fname not in env['filters']:
+                raise TemplateError(f'no filter named {fname!r}', env['name'], env['line'])
+            if j < hi and toks[j][0] == tokenize.OP and toks[j][1] == '(':
+                k = _tpl_match(toks, j, hi)
+                args, j = _tpl_rewrite(s, toks, j + 1, k, env).strip(), k + 1
+            start = _tpl_operand(out)
+            if start is None:
+                raise TemplateError(f'filter {fname!r} has no value to filter', env['name'], env['line'])
+            env['used'][fname] = None
+            value = ''.join(el[2] for el in out[start:])
+            lead = value[:len(value) - len(value.lstrip())]
+            call = f'{lead}_tplf_{fname}({value.strip()}{", " + args if args else ""})'
+            out[start:] = [(_TPL_PRIM, '', call)]
+            prev, i = toks[j - 1][3], j
+            continue
+        if typ == tokenize.OP and string == '.' and is_name and nxt[1] not in _TPL_DICT_ATTRS:
+            start = _tpl_operand(out)
+            if start is not None and not (start == len(out) - 1 and out[start][1] == 'loop'):
+                value = ''.join(el[2] for el in out[start:])
+                lead = value[:len(value) - len(value.lstrip())]
+                out[start:] = [(_TPL_PRIM, '', f'{lead}_tplga({value.strip()}, {nxt[1]!r})')]
+                prev, i = nxt[3], i + 2
+                continue
+        out.append((typ, string, s[prev:b]))
+        prev, i = b, i + 1
+    return ''.join(el[2] for el in out)
+
+
+def _tpl_free_names(tree):
+    """Names an expression reads, minus lambda and comprehension variables."""
+    local = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Lambda):
+            a = node.args
+            local.update(x.arg for x in a.posonlyargs + a.args + a.kwonlyargs)
+            local.update(x.arg for x in (a.vararg, a.kwarg) if x)
+        elif isinstance(node, ast.comprehension):
+            local.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+    return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+            and n.id not in local and not n.id.startswith('_tpl')]
+
+
+def _tpl_expr(src, name, line, filters):
+    """Compile one template expression to Python: (code, free names, filters used)."""
+    wrapped = '(' + src + ')'
+    env = {'filters': filters, 'name': name, 'line': line, 'used': {}}
+    try:
+        toks = _tpl_tokens(wrapped)
+    except (tokenize.TokenError, SyntaxError):
+        raise TemplateError(f'invalid expression {src.strip()!r}', name, line) from None
+    code = '(' + _tpl_rewrite(wrapped, toks, 1, len(toks) - 1, env) + ')'
+    try:
+        tree = ast.parse(code, mode='eval')
+    except SyntaxError as e:
+        raise TemplateError(f'invalid expression {src.strip()!r}: {e.msg}', name, line) from None
+    return code, _tpl_free_names(tree), env['used']
+
+
+def _tpl_targets(src, name, line):
+    """Names assigned by a `for`/`set` target such as `k, v`; anything else is an error."""
+    try:
+        tree = ast.parse(f'{src} = 0').body[0].targets[0]
+    except SyntaxError:
+        tree = None
+    nodes = list(ast.walk(tree)) if tree is not None else []
+    if not nodes or any(not isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Store)) for n in nodes):
+        raise TemplateError(f'invalid assignment target {src.strip()!r}', name, line)
+    return [n.id for n in nodes if isinstance(n, ast.Name)]
+
+
+# ─── Code generation ───
+
+class _TplScope:
+    """What one generated function reads, binds and emits."""
+
+    def __init__(self, bound, block):
+        self.bound, self.block = set(bound), block
+        self.needed, self.filters, self.out = {}, {}, []
+
+
+def _tpl_mentions_loop(nodes):
+    """Whether these nodes read `loop` (nested for bodies have their own).
+
+    An included template may read it, so an `include` counts as a use."""
+    rx = re.compile(r'\bloop\b')
+    for n in nodes:
+        if n[0] == 'include' or (n[0] in ('out', 'set') and rx.search(n[2])):
+            return True
+        if n[0] == 'if' and (any(rx.search(c) or _tpl_mentions_loop(b) for c, _, b in n[2])
+                             or _tpl_mentions_loop(n[3] or ())):
+            return True
+        if n[0] == 'for' and (rx.search(n[3]) or _tpl_mentions_loop(n[5] or ())):
+            return True
+    return False
+
+
+class _TplCompiler:
+    """Turns a parsed template into (python line, template line) pairs.
+
+    Tree nodes: ['text', line, s] · ['out', line, expr] · ['set', line, arg]
+    · ['include', line, expr] · ['extends', line, expr] · ['block', line, name, body]
+    · ['macro', line, name, signature, body] · ['if', line, [[cond, line, body], ...],
+    else_body, else_line] · ['for', line, target, iterable, body, else_body, else_line]."""
+
+    def __init__(self, name, filters):
+        self.name, self.filters = name, filters
+        self.blocks, self.macros = {}, {}
+        self.fn, self.uid = None, 0
+
+    def module(self, tree):
+        self._collect(tree)
+        extends = next((n for n in tree if n[0] == 'extends'), None)
+        lines = self._function('_tpl_root(_tplctx, _tplblocks)', 1, tree, (), None, extends)
+        for bname, node in self.blocks.items():
+            lines += self._function(f'_tpl_block_{bname}(_tplctx, _tplblocks)', node[1], node[3], (), bname)
+        for mname, node in self.macros.items():
+            params = self._signature(node)
+            sig = f', {node[3]}' if node[3].strip() else ''
+            lines += self._function(f'_tpl_macro_{mname}(_tplctx{sig})', node[1], node[4], params, None)
+        return lines
+
+    def _collect(self, nodes):
+        for n in nodes:
+            if n[0] in ('block', 'macro'):
+                if n[0] == 'macro' and n[2] in self.macros:
+                    raise TemplateError(f'macro {n[2]!r} defined twice', self.name, n[1])
+                (self.blocks if n[0] == 'block' else self.macros)[n[2]] = n
+                self._collect(n[3] if n[0] == 'block' else n[4])
+            elif n[0] == 'if':
+                for _, _, body in n[2]:
+                    self._collect(body)
+                self._collect(n[3] or ())
+            elif n[0] == 'for':
+                self._collect(n[4])
+                self._collect(n[5] or ())
+
+    def _signature(self, node):
+        try:
+            a = ast.parse(f'def _({node[3]}): pass').body[0].args
+        except SyntaxError:
+            raise TemplateError(f'invalid macro signature {node[3]!r}', self.name, node[1]) from None
+        return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x]
+
+    def _function(self, header, line, body, params, block, extends=None):
+        self.fn = fn = _TplScope(params, block)
+        macro = header.startswith('_tpl_macro_')
+        wrap = ('_tplMarkup(', ')') if macro else ('', '')
+        simple = extends is None and all(n[0] in ('text', 'out') for n in body)
+        if extends is not None:
+            self._extending_root(body, extends)
+        elif simple:
+            self._run(body, 1, 'return ' + wrap[0], wrap[1])
+        else:
+            self._body(body, 1)
+            self._emit(1, f"return {wrap[0]}''.join(_tplout){wrap[1]}", line)
+        text = '\n'.join(code for code, _ in fn.out)
+        pro = [] if simple or extends is not None else ['_tplout = []', '_tplw = _tplout.append']
+        pro += ['_tple = _tplesc'] * ('_tple(' in text) + ['_tplga = _tplgetattr'] * ('_tplga(' in text)
+        pro += [f'_tplf_{f} = _tplF[{f!r}]' for f in fn.filters]
+        for n in fn.needed:
+            if n in self.macros:
+                pro.append(f'{n} = _tplpartial(_tpl_macro_{n}, _tplctx)')
+            elif n == 'super':
+                pro.append(f'super = _tplpartial(_tplsuper, _tplctx, _tplblocks, {block!r}, _tpl_block_{block})'
+                           if block else 'super = _tplnosuper')
+            else:
+                pro.append(f'{n} = _tplctx[{n!r}] if {n!r} in _tplctx else _tplresolve(_tplG, {n!r})')
+        return [(f'def {header}:', line)] + [('    ' + p, line) for p in pro] + fn.out
+
+    def _emit(self, indent, code, line):
+        self.fn.out.append(('    ' * indent + code, line))
+
+    def _expr(self, src, line):
+        code, names, used = _tpl_expr(src, self.name, line, self.filters)
+        for n in names:
+            if n not in self.fn.bound:
+                self.fn.needed.setdefault(n)
+        self.fn.filters.update(used)
+        return code
+
+    def _body(self, nodes, indent):
+        start, run = len(self.fn.out), []
+        for node in nodes:
+            if node[0] in ('text', 'out'):
+                run.append(node)
+                continue
+            self._run(run, indent, '_tplw(', ')')
+            run = []
+            getattr(self, '_do_' + node[0])(node, indent)
+        self._run(run, indent, '_tplw(', ')')
+        if len(self.fn.out) == start:
+            self._emit(indent, 'pass', nodes[0][1] if nodes else 1)
+
+    def _run(self, run, indent, head, tail):
+        """Output text and expressions in one call: head + ''.join((...)) + tail."""
+        pieces = [(repr(n[2]) if n[0] == 'text' else f'_tple({self._expr(n[2], n[1])})', n[1])
+                  for n in run]
+        if len(pieces) == 1:
+            self._emit(indent, head + pieces[0][0] + tail, pieces[0][1])
+        elif pieces:
+            self._emit(indent, head + "''.join((", pieces[0][1])
+            for code, line in pieces:
+                self._emit(indent + 1, code + ',', line)
+            self._emit(indent, '))' + tail, pieces[-1][1])
+        elif head.startswith('return'):
+            self._emit(indent, head + "''" + tail, 1)
+
+    def _extending_root(self, nodes, extends):
+        """A child template's body: its `set`s, then the parent renders with its blocks."""
+        sets = []
+        for node in nodes:
+            if node[0] == 'set':
+                sets += self._do_set(node, 1)
+            elif node[0] not in ('extends', 'block', 'macro') and (node[0] != 'text' or node[2].strip()):
+                line = node[1] + (node[2][:len(node[2]) - len(node[2].lstrip())].count('\n')
+                                  if node[0] == 'text' else 0)
+                raise TemplateError('content outside of blocks is never rendered in a template that '
+                                    "uses 'extends'", self.name, line)
+        ctx = '{**_tplctx, %s}' % ', '.join(f'{n!r}: {n}' for n in sets) if sets else '_tplctx'
+        parent = self._expr(extends[2], extends[1])
+        self._emit(1, f'return _tplextends(_tplT, {ctx}, _tplblocks, {parent})', extends[1])
+
+    def _do_if(self, node, indent):
+        bound = set(self.fn.bound)
+        for i, (cond, line, body) in enumerate(node[2]):
+            self._emit(indent, f"{'elif' if i else 'if'} {self._expr(cond, line)}:", line)
+            self._body(body, indent + 1)
+            self.fn.bound = set(bound)
+        if node[3] is not None:
+            self._emit(indent, 'else:', node[4])
+            self._body(node[3], indent + 1)
+            self.fn.bound = bound
+
+    def _do_for(self, node, indent):
+        _, line, target, iterable, body, else_body, else_line = node
+        names = _tpl_targets(target, self.name, line)
+        seq = self._expr(iterable, line)
+        bound, uses_loop = set(self.fn.bound), _tpl_mentions_loop(body)
+        self.uid += 1
+        save, empty = f'_tplsave{self.uid}', f'_tplempty{self.uid}'
+        outer_loop = uses_loop and 'loop' in bound
+        if outer_loop:
+            self._emit(indent, f'{save} = loop', line)
+        if uses_loop:
+            self._emit(indent, f'loop = _tplLoop({seq})', line)
+            self._emit(indent, f'for loop.index0, ({target}) in enumerate(loop._seq):', line)
+        else:
+            if else_body is not None:
+                self._emit(indent, f'{empty} = True', line)
+            self._emit(indent, f'for {target} in {seq}:', line)
+            if else_body is not None:
+                self._emit(indent + 1, f'{empty} = False', line)
+        self.fn.bound |= set(names) | ({'loop'} if uses_loop else set())
+        self._body(body, indent + 1)
+        self.fn.bound = set(bound)
+        if else_body is not None:
+            self._emit(indent, f"if {'not loop.length' if uses_loop else empty}:", else_line)
+            self._body(else_body, indent + 1)
+            self.fn.bound = set(bound)
+        if outer_loop:
+            self._emit(indent, f'loop = {save}', line)
+
+    def _do_set(self, node, indent):
+        m = _TPL_SET_RE.match(node[2])
+        if m is None:
+            raise TemplateError(f"expected 'set NAME = EXPRESSION', got {node[2]!r}", self.name, node[1])
+        names = _tpl_targets(m.group(1), self.name, node[1])
+        self._emit(indent, f'{m.group(1).strip()} = {self._expr(m.group(2), node[1])}', node[1])
+        self.fn.bound.update(names)
+        return names
+
+    def _do_include(self, node, indent):
+        target = self._expr(node[2], node[1])
+        local = sorted(n for n in self.fn.bound if not n.startswith('_tpl'))
+        extra = '{%s}' % ', '.join(f'{n!r}: {n}' for n in local) if local else 'None'
+        self._emit(indent, f'_tplw(_tplinclude(_tplT, _tplctx, {target}, {extra}))', node[1])
+
+    def _do_block(self, node, indent):
+        self._emit(indent, f'_tplw(_tplblocks[{node[2]!r}][0](_tplctx, _tplblocks))', node[1])
+
+    def _do_macro(self, node, indent):
+        """Macros are module-level functions; nothing happens where they are defined."""
+
+
+def _tpl_code(lines, source, filename, name):
+    """Compile generated lines with every node moved to its template line."""
+    linemap = []
+    for code, line in lines:
+        linemap.extend(line + k for k in range(code.count('\n') + 1))
+    try:
+        tree = ast.parse('\n'.join(code for code, _ in lines), filename)
+    except SyntaxError as e:
+        where = linemap[e.lineno - 1] if e.lineno and e.lineno <= len(linemap) else None
+        raise TemplateError(f'invalid syntax: {e.msg}', name, where) from None
+    widths = [len(text.encode()) for text in source.split('\n')]
+    for node in ast.walk(tree):
+        if 'lineno' in node._attributes:
+            line = linemap[node.lineno - 1]
+            node.lineno = node.end_lineno = line
+            node.col_offset, node.end_col_offset = 0, widths[line - 1] if line <= len(widths) else 0
+    return compile(tree, filename, 'exec')
+
+
+# ─── Runtime helpers called by compiled templates ───
+
+def _tpl_include(template, ctx, name, extra):
+    target = template._related(name)
+    return target._root({**ctx, **extra} if extra else ctx, target._blocks)
+
+
+def _tpl_extends(template, ctx, blocks, name):
+    """Render the parent of `template` with `blocks` (child first) merged over its own."""
+    parent = template._related(name)
+    key = (id(blocks), id(parent))
+    hit = template._merged.get(key)
+    if hit is None or hit[0] is not blocks or hit[1] is not parent:
+        chain = blocks.get(None, [template])
+        if parent in chain or len(chain) >= MAX_TEMPLATE_DEPTH:
+            names = ' -> '.join(t.name for t in chain + [parent])
+            raise TemplateError(f'extends loop or chain too deep: {names}', template.name)
+        merged = {n: fns + parent._blocks.get(n, []) for n, fns in blocks.items() if n is not None}
+        for n, fns in parent._blocks.items():
+            merged.setdefault(n, list(fns))
+        merged[None] = chain + [parent]
+        if len(template._merged) >= _TPL_MERGE_CACHE_SIZE:
+            template._merged.clear()
+        hit = template._merged[key] = (blocks, parent, merged)
+    return parent._root(ctx, hit[2])
+
+
+def _tpl_super(ctx, blocks, name, fn):
+    chain = blocks[name]
+    i = next(i for i, f in enumerate(chain) if f is fn)
+    if i + 1 >= len(chain):
+        raise TemplateError(f'super(): block {name!r} has no parent block')
+    return Markup(chain[i + 1](ctx, blocks))
+
+
+def _tpl_no_super():
+    raise TemplateError('super() is only available inside a block')
+
+
+class Template:
+    """One compiled template. `render(**context)` returns a str."""
+
+    def __init__(self, source, name='<string>', env=None, filename=None):
+        self.source, self.name, self.env = source, name, env
+        self.filename = filename or name
+        filters = env.filters if env is not None else _TPL_FILTERS
+        compiler = _TplCompiler(name, filters)
+        last_line = source.count('\n') + (not source.endswith('\n'))
+        tree = _tpl_parse(_tpl_lex(source, name), name, max(last_line, 1))
+        code = _tpl_code(compiler.module(tree), source, self.filename, name)
+        ns = {'_tplT': self, '_tplG': env.globals if env is not None else {}, '_tplF': filters,
+              '_tplesc': _tpl_esc, '_tplgetattr': _tpl_ga, '_tplresolve': _tpl_resolve,
+              '_tplLoop': _TplLoop, '_tplMarkup': Markup, '_tplpartial': functools.partial,
+              '_tplinclude': _tpl_include, '_tplextends': _tpl_extends, '_tplsuper': _tpl_super,
+              '_tplnosuper': _tpl_no_super, '__builtins__': builtins}
+        exec(code, ns)
+        self._root = ns['_tpl_root']
+        self._blocks = {b: [ns['_tpl_block_' + b]] for b in compiler.blocks}
+        self._merged = {}
+
+    def render(self, /, **context):
+        return self._root(context, self._blocks)
+
+    def render_context(self, context):
+        """Render with `context` as is (not copied, not modified)."""
+        return self._root(context, self._blocks)
+
+    def _related(self, name):
+        """A template named by this one's `extends` or `include`."""
+        if self.env is None:
+            raise TemplateError(f'cannot load {name!r}: this template has no Templates loader', self.name)
+        return self.env._get_related(name, self.filename if os.path.isabs(self.filename) else None)
+
+    def __repr__(self):
+        return f'<Template {self.name!r}>'
+
+
+class Templates:
+    """Loads templates from `root`, caches them, recompiles changed files in debug mode."""
+
+    def __init__(self, root, debug=False):
+        self.root = Path(root).resolve()
+        self.debug = debug
+        self.filters = dict(_TPL_FILTERS)
+        self.globals = {}
+        self._by_name = {}
+        self._by_path = {}
+
+    def filter(self, name=None):
+        """Decorator registering a filter: `@templates.filter()` or `@templates.filter("name")`."""
+        if callable(name):
+            self.filters[name.__name__] = name
+            return name
+
+        def register(fn):
+            self.filters[name or fn.__name__] = fn
+            return fn
+        return register
+
+    def get(self, name):
+        return self._get_related(name, None)
+
+    def get_file(self, path):
+        """A template from a file path (a component's template beside its .py file)."""
+        key = (None, str(path))
+        hit = self._by_name.get(key)
+        if hit is not None and not self.debug:
+            return hit
+        full = Path(path).resolve()
+        try:
+            display = full.relative_to(self.root).as_posix()
+        except ValueError:
+            display = str(full)
+        template = self._by_name[key] = self._load(full, display)
+        return template
+
+    def from_string(self, source, name='<string>'):
+        return Template(source, name, self)
+
+    def render(self, name, /, **context):
+        return self.get(name).render_context(context)
+
+    def _get_related(self, name, base):
+        """`name` under root, or beside `base` (a file) when it starts with './'."""
+        relative = isinstance(name, str) and name.startswith('./') and base is not None
+        key = (base, name) if relative else name
+        hit = self._by_name.get(key)
+        if hit is not None and not self.debug:
+            return hit
+        if not isinstance(name, str) or not name or '\0' in name:
+            raise TemplateNotFound(f'invalid template name {name!r}', str(name))
+        top = Path(base).resolve().parent if relative else self.root
+        path = (top / name).resolve()
+        if os.path.isabs(name) or not path.is_relative_to(top):
+            raise TemplateNotFound(f'template {name!r} is outside {top}', name)
+        template = self._by_name[key] = self._load(path, path.relative_to(top).as_posix()
+                                                   if not relative else name)
+        return template
+
+    def _load(self, path, display):
+        key = str(path)
+        entry = self._by_path.get(key)
+        try:
+            mtime = os.stat(key).st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime is None or not path.is_file():
+            raise TemplateNotFound(f'template {display!r} not found (looked for {key})', display)
+        if entry is not None and entry[0] == mtime:
+            return entry[1]
+        try:
+            source = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as e:
+            raise TemplateError(f'not UTF-8: {e}', display) from None
+        template = Template(source, display, self, filename=key)
+        self._by_path[key] = (mtime, template)
+        return template
+
+
+# ═══ 4. HTTP/1.1, sans-I/O ═══════════════════════════════════════════════════
+# The server side of RFC 9112: bytes go in through HTTPParser.receive_data(),
+# events come out of next_event(). No sockets here; the asyncio server and the
+# tests drive the parser. Bad data from the peer raises HTTPProtocolError, which
+# carries the status to answer with; the connection is closed after it.
+#
+# Transfer codings: only `chunked` is decoded. A request whose final coding is
+# not chunked is rejected with 400 (RFC 9112 §6.3: the length cannot be known);
+# a known compression coding before chunked (`gzip, chunked`) gets 501, and so
+# does a coding nobody registered (RFC 9112 §6.1). Transfer-Encoding in an
+# HTTP/1.0 request is rejected with 400 (RFC 9112 §6.1: faulty framing).
+
+# RFC 9112 §3: a request line longer than this gets 414.
+MAX_REQUEST_LINE = 8 * 1024
+# RFC 9112 §5 and RFC 6585 §5: the header section (and the trailer section
+# after a chunked body) may take this many bytes and fields, else 431.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADERS = 100
+# RFC 9110 §15.5.14: a body larger than this gets 413.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+# RFC 9112 §7.1: a chunk-size line, extensions included, may be this long.
+_HTTP_MAX_CHUNK_LINE = 4 * 1024
+
+# RFC 9110 §5.6.2 token, RFC 9112 §3 request line, RFC 9110 §5.5 field values.
+_HTTP_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_TOKEN_TEXT = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_TOKEN_START = frozenset(b"!#$%&'*+-.^_`|~0123456789"
+                              b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r")
+_HTTP_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]+(?:\.[0-9]+)?)")
+_HTTP_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_HTTP_BAD_OUTPUT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_HTTP_HEX = re.compile(rb"[0-9A-Fa-f]+")
+# RFC 9110 §7.8 / IANA transfer coding registry: the codings we recognise.
+_HTTP_KNOWN_CODINGS = frozenset({"chunked", "gzip", "x-gzip", "deflate", "compress",
+                                 "x-compress"})
+
+_HTTP_HEAD = "head"
+_HTTP_LENGTH_BODY = "length-body"
+_HTTP_CHUNK_SIZE = "chunk-size"
+_HTTP_CHUNK_DATA = "chunk-data"
+_HTTP_CHUNK_END = "chunk-end"
+_HTTP_TRAILERS = "trailers"
+_HTTP_END = "end"
+_HTTP_DONE = "done"
+_HTTP_CLOSED = "closed"
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class HTTPProtocolError(Exception):
+    """The peer sent bad HTTP. Answer with `.status`, then close the connection."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __repr__(self):
+        return f"HTTPProtocolError({self.status}, {self.message!r})"
+
+
+class _HttpSentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        self._name = name
+
+    def __repr__(self):
+        return self._name
+
+
+NEED_DATA = _HttpSentinel("NEED_DATA")
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A request line and its header fields (names lower-cased, values stripped)."""
+    method: str
+    target: str
+    version: str
+    headers: list
+    keep_alive: bool
+    expect_continue: bool
+
+    def header(self, name, default=None):
+        """The first value of header `name` (any case), else `default`."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(slots=True)
+class Body:
+    """A piece of the request body; a body may arrive in several pieces."""
+    data: bytes
+
+
+@dataclass(slots=True)
+class EndOfMessage:
+    """The request is complete."""
+
+
+@dataclass(slots=True)
+class ConnectionEnded:
+    """The peer closed the connection between two requests."""
+
+
+class HTTPParser:
+    """Parse the requests of one connection, server side.
+
+    Feed bytes with receive_data() (b"" at EOF) and call next_event() until it
+    returns NEED_DATA. After EndOfMessage the parser waits: call
+    start_next_cycle() once the response is sent to parse the next request.
+    """
+
+    def __init__(self, max_body=DEFAULT_MAX_BODY):
+        self.max_body = max_body
+        self._buf = bytearray()
+        self._eof = False
+        self._state = _HTTP_HEAD
+        self._remaining = 0        # bytes left of a Content-Length body or of a chunk
+        self._body_seen = 0        # chunked body bytes announced so far
+        self._trailer_budget = 0   # header bytes left for the trailer section
+        self._scan = 0             # where the search for a blank line resumes
+        self._error = None
+
+    @property
+    def pending_bytes(self):
+        """Bytes received but not consumed (e.g. WebSocket frames after an Upgrade)."""
+        return bytes(self._buf)
+
+    @property
+    def pending_size(self):
+        """How many bytes are buffered but not consumed (cheap: no copy)."""
+        return len(self._buf)
+
+    def receive_data(self, data):
+        """Add bytes from the peer; b"" means the peer closed its side."""
+        if self._eof and data:
+            raise RuntimeError("receive_data() after EOF")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def start_next_cycle(self):
+        """Start parsing the next request; call it after the response is sent."""
+        if self._state != _HTTP_DONE:
+            raise RuntimeError("start_next_cycle() before EndOfMessage")
+        self._state = _HTTP_HEAD
+
+    def next_event(self):
+        """Return the next event, or NEED_DATA; raise HTTPProtocolError on bad data."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._step()
+        except HTTPProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _step(self):
+        state = self._state
+        if state == _HTTP_HEAD:
+            return self._read_head()
+        if state == _HTTP_LENGTH_BODY:
+            return self._read_length_body()
+        if state == _HTTP_END:
+            self._state = _HTTP_DONE
+            return EndOfMessage()
+        if state == _HTTP_DONE:
+            return NEED_DATA
+        if state == _HTTP_CLOSED:
+            return ConnectionEnded()
+        return self._read_chunked()
+
+    def _need_data(self):
+        if self._eof:
+            raise HTTPProtocolError(400, "incomplete request")
+        return NEED_DATA
+
+    def _find_blank_line(self, start, limit):
+        """Return (end of the last field line, end of the blank line), or None."""
+        buf = self._buf
+        start = max(start, self._scan)
+        crlf = buf.find(b"\n\r\n", start, limit)
+        lf = buf.find(b"\n\n", start, limit if crlf < 0 else crlf + 1)
+        if lf >= 0:
+            return lf, lf + 2
+        if crlf >= 0:
+            return crlf, crlf + 3
+        self._scan = max(start, len(buf) - 2)
+        return None
+
+    def _read_head(self):
+        buf = self._buf
+        while buf[:1] == b"\n" or buf[:2] == b"\r\n":  # RFC 9112 §2.2
+            del buf[:1 if buf[0] == 10 else 2]
+        if not buf:
+            if self._eof:
+                self._state = _HTTP_CLOSED
+                return ConnectionEnded()
+            return NEED_DATA
+        if buf[0] not in _HTTP_TOKEN_START:
+            raise HTTPProtocolError(400, "malformed request line")
+        line_end = buf.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+        if line_end < 0:
+            if len(buf) > MAX_REQUEST_LINE + 1:
+                raise HTTPProtocolError(414, "request line too long")
+            return self._need_data()
+        found = self._find_blank_line(line_end, line_end + 1 + MAX_HEADER_BYTES)
+        if found is None:
+            if len(buf) - line_end - 1 > MAX_HEADER_BYTES:
+                raise HTTPProtocolError(431, "header section too large")
+            return self._need_data()
+        fields_end, end = found
+        header_bytes = end - line_end - 1
+        if header_bytes > MAX_HEADER_BYTES:
+            raise HTTPProtocolError(431, "header section too large")
+        lines = _http_split_lines(bytes(buf[:fields_end + 1]))
+        del buf[:end]
+        self._scan = 0
+        self._trailer_budget = MAX_HEADER_BYTES - header_bytes
+        return self._parse_head(lines)
+
+    def _parse_head(self, lines):
+        request_line = lines[0]
+        if len(request_line) > MAX_REQUEST_LINE:
+            raise HTTPProtocolError(414, "request line too long")
+        match = _HTTP_REQUEST_LINE.fullmatch(request_line)
+        if match is None:
+            raise HTTPProtocolError(400, "malformed request line")
+        method, target, version = match.groups()
+        if version not in (b"1.1", b"1.0"):
+            raise HTTPProtocolError(505, "HTTP version not supported")
+        version = "HTTP/1.1" if version == b"1.1" else "HTTP/1.0"
+        headers = _http_parse_fields(lines[1:])
+        return self._frame(method.decode("ascii"), target.decode("ascii"), version, headers)
+
+    def _frame(self, method, target, version, headers):
+        """Check the fields that frame the message and choose how to read the body."""
+        hosts, lengths, codings, connection, expect = 0, [], [], [], []
+        for name, value in headers:
+            if name == "host":
+                hosts += 1
+            elif name == "content-length":
+                lengths.append(value)
+            elif name == "transfer-encoding":
+                codings.append(value)
+            elif name == "connection":
+                connection.append(value)
+            elif name == "expect":
+                expect.append(value)
+        if hosts > 1:
+            raise HTTPProtocolError(400, "several Host headers")
+        if hosts == 0 and version == "HTTP/1.1":
+            raise HTTPProtocolError(400, "missing Host header")
+        if lengths and codings:
+            raise HTTPProtocolError(400, "Content-Length and Transfer-Encoding together")
+        if codings:
+            self._check_codings(codings, version)
+            self._state = _HTTP_CHUNK_SIZE
+            self._body_seen = 0
+        elif lengths:
+            length = self._content_length(lengths)
+            self._state = _HTTP_LENGTH_BODY if length else _HTTP_END
+            self._remaining = length
+        else:
+            self._state = _HTTP_END
+        tokens = _http_tokens(connection)
+        if "close" in tokens:
+            keep_alive = False
+        else:
+            keep_alive = version == "HTTP/1.1" or "keep-alive" in tokens
+        expect_continue = version == "HTTP/1.1" and "100-continue" in _http_tokens(expect)
+        return RequestHead(method, target, version, headers, keep_alive, expect_continue)
+
+    def _check_codings(self, values, version):
+        if version == "HTTP/1.0":
+            raise HTTPProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.split(";", 1)[0].strip() for c in _http_tokens(values)]
+        if not codings:
+            raise HTTPProtocolError(400, "empty Transfer-Encoding")
+        for coding in codings:
+            if coding not in _HTTP_KNOWN_CODINGS:
+                raise HTTPProtocolError(501, f"unsupported transfer coding {coding!r}")
+        if codings[-1] != "chunked":
+            raise HTTPProtocolError(400, "final transfer coding is not chunked")
+        if "chunked" in codings[:-1]:
+            raise HTTPProtocolError(400, "chunked applied more than once")
+        if len(codings) > 1:
+            raise HTTPProtocolError(501, f"unsupported transfer coding {codings[0]!r}")
+
+    def _content_length(self, values):
+        """One length from all Content-Length fields (RFC 9112 §6.3: equal repeats are fine)."""
+        numbers = {v.strip(" \t") for value in values for v in value.split(",")}
+        for number in numbers:
+            if not (number.isascii() and number.isdigit()):
+                raise HTTPProtocolError(400, "bad Content-Length")
+        numbers = {number.lstrip("0") or "0" for number in numbers}
+        if len(numbers) > 1:
+            raise HTTPProtocolError(400, "conflicting Content-Length values")
+        number = numbers.pop()
+        if len(number) > len(str(self.max_body)) or int(number) > self.max_body:
+            raise HTTPProtocolError(413, "request body too large")
+        return int(number)
+
+    def _read_length_body(self):
+        buf = self._buf
+        if not buf:
+            return self._need_data()
+        size = min(len(buf), self._remaining)
+        data = bytes(buf[:size])
+        del buf[:size]
+        self._remaining -= size
+        if not self._remaining:
+            self._state = _HTTP_END
+        return Body(data)
+
+    def _read_chunked(self):
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _HTTP_CHUNK_SIZE:
+                line_end = buf.find(b"\n", 0, _HTTP_MAX_CHUNK_LINE + 1)
+                if line_end < 0:
+                    if len(buf) > _HTTP_MAX_CHUNK_LINE:
+                        raise HTTPProtocolError(400, "chunk size line too long")
+                    return self._need_data()
+                line = bytes(buf[:line_end])
+                del buf[:line_end + 1]
+                self._start_chunk(line)
+            elif state == _HTTP_CHUNK_DATA:
+                if not buf:
+                    return self._need_data()
+                size = min(len(buf), self._remaining)
+                data = bytes(buf[:size])
+                del buf[:size]
+                self._remaining -= size
+                if not self._remaining:
+                    self._state = _HTTP_CHUNK_END
+                return Body(data)
+            elif state == _HTTP_CHUNK_END:
+                if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+                    del buf[:1 if buf[0] == 10 else 2]
+                    self._state = _HTTP_CHUNK_SIZE
+                elif buf == b"" or buf == b"\r":
+                    return self._need_data()
+                else:
+                    raise HTTPProtocolError(400, "missing CRLF after chunk data")
+            else:
+                return self._read_trailers()
+
+    def _start_chunk(self, line):
+        """Parse `chunk-size [; extensions]` (RFC 9112 §7.1); extensions are ignored."""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line:
+            raise HTTPProtocolError(400, "bare CR in chunk size line")
+        size = line.split(b";", 1)[0].strip(b" \t")
+        if not _HTTP_HEX.fullmatch(size):
+            raise HTTPProtocolError(400, "bad chunk size")
+        size = int(size, 16)
+        self._body_seen += size
+        if self._body_seen > self.max_body:
+            raise HTTPProtocolError(413, "request body too large")
+        self._state = _HTTP_CHUNK_DATA if size else _HTTP_TRAILERS
+        self._remaining = size
+
+    def _read_trailers(self):
+        """Read the trailer section (RFC 9112 §7.1.2) and drop it."""
+        buf = self._buf
+        if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+            del buf[:1 if buf[0] == 10 else 2]
+            self._state = _HTTP_DONE
+            return EndOfMessage()
+        budget = self._trailer_budget
+        found = self._find_blank_line(0, budget) if buf != b"\r" else None
+        if found is None:
+            if len(buf) > budget:
+                raise HTTPProtocolError(431, "trailer section too large")
+            return self._need_data()
+        fields_end, end = found
+        _http_parse_fields(_http_split_lines(bytes(buf[:fields_end + 1])))
+        del buf[:end]
+        self._scan = 0
+        self._state = _HTTP_DONE
+        return EndOfMessage()
+
+
+def _http_split_lines(block):
+    """Split a head ending in a line end into lines; CRLF and bare LF both end a line."""
+    text = block.replace(b"\r\n", b"\n")
+    if b"\r" in text:
+        raise HTTPProtocolError(400, "bare CR in request head")
+    if _HTTP_CONTROL.search(text):
+        raise HTTPProtocolError(400, "control character in request head")
+    lines = text.split(b"\n")
+    lines.pop()
+    return lines
+
+
+def _http_parse_fields(lines):
+    """Parse `name: value` lines into (lower-case name, stripped value) pairs."""
+    if len(lines) > MAX_HEADERS:
+        raise HTTPProtocolError(431, "too many header fields")
+    headers = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPProtocolError(400, "obsolete line folding in header")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise HTTPProtocolError(400, "header line without a colon")
+        if not _HTTP_TOKEN.fullmatch(name):
+            if name and name.rstrip(b" \t") != name:
+                raise HTTPProtocolError(400, "whitespace before colon in header")
+            raise HTTPProtocolError(400, "invalid header name")
+        headers.append((name.lower().decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    return headers
+
+
+def _http_tokens(values):
+    """Comma-separated list elements of several header values, lower-cased."""
+    return [item.strip(" \t").lower() for value in values
+            for item in value.split(",") if item.strip(" \t")]
+
+
+def render_response_head(status, headers, version="HTTP/1.1"):
+    """Return the status line and header fields of a response, blank line included."""
+    if not isinstance(status, int) or not 100 <= status <= 999:
+        raise ValueError(f"invalid status code {status!r}")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ValueError(f"invalid HTTP version {version!r}")
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    lines = [f"{version} {status} {reason}\r\n"]
+    for name, value in headers:
+        if not _HTTP_TOKEN_TEXT.fullmatch(name) or _HTTP_BAD_OUTPUT.search(value):
+            raise ValueError(f"invalid response header {name!r}: {value!r}")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def chunk(data):
+    """Frame `data` as one chunk of a chunked body; b"" gives b"" (LAST_CHUNK ends the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# ═══ 5. WebSocket, sans-I/O ═══
+#
+# RFC 6455. `WSConnection` turns bytes into events and events into bytes; it
+# never touches a socket. The server, the ASGI adapter's tests and the small
+# clients at the end of this section all drive it the same way:
+#
+#     conn.receive_data(chunk)            # b"" means the peer closed the TCP stream
+#     for event in conn.events(): ...     # TextMessage, BytesMessage, Ping, Pong, CloseConnection
+#     sock.sendall(conn.send(event))
+#
+# Bad data from the peer raises WebSocketError carrying the close code to send.
+
+MAX_WS_MESSAGE = 1 << 20            # bytes in one (possibly fragmented) message
+_WS_MAX_CONTROL_PAYLOAD = 125       # §5.5
+_WS_MAX_CLOSE_REASON = 123          # §5.5: 125 minus the two-byte code
+_WS_MAX_RESPONSE_HEAD = 1 << 16     # client side: bytes of the handshake response head
+_WS_READ_CHUNK = 1 << 16
+
+# §1.3: the GUID hashed with the client's key to prove the server speaks WebSocket.
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# §5.2: opcodes.
+_WS_OP_CONTINUATION = 0x0
+_WS_OP_TEXT = 0x1
+_WS_OP_BINARY = 0x2
+_WS_OP_CLOSE = 0x8
+_WS_OP_PING = 0x9
+_WS_OP_PONG = 0xA
+_WS_KNOWN_OPCODES = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})
+
+
+class CloseCode(IntEnum):
+    """§7.4.1 close status codes (1012-1014 from the IANA registry)."""
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005
+    ABNORMAL = 1006
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+
+
+# Codes that only report a local condition and never travel in a close frame.
+_WS_LOCAL_ONLY_CODES = frozenset({1005, 1006, 1015})
+
+
+def _ws_close_code_allowed(code):
+    """True for the codes a close frame may carry (§7.4.1, §7.4.2)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+@dataclass(frozen=True, slots=True)
+class TextMessage:
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class BytesMessage:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Answer with `conn.send(Pong(ping.payload))`."""
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """A close frame (or, with 1006, a stream that ended without one).
+
+    When the peer's close arrives, answer it with `conn.send(CloseConnection(event.code))`
+    (echoing the code, or 1000); then close the TCP connection.
+    """
+    code: int = 1000
+    reason: str = ""
+
+
+class WebSocketError(Exception):
+    """The peer broke RFC 6455. Send `CloseConnection(err.close_code, str(err))`, then close."""
+
+    def __init__(self, message, close_code=CloseCode.PROTOCOL_ERROR):
+        super().__init__(message)
+        self.close_code = close_code
+
+
+class WebSocketHandshakeError(Exception):
+    """An upgrade request (server side) or response (client side) that is not a valid handshake.
+
+    `status` is the HTTP status to answer with (or the one the server answered with);
+    `headers` is a list of (name, value) pairs for that answer.
+    """
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+def _ws_mask(data, key):
+    """XOR `data` with the 4-byte `key` repeated (§5.3); one big-integer XOR, no byte loop."""
+    size = len(data)
+    if not size:
+        return b""
+    stream = (key * (size // 4 + 1))[:size]
+    mixed = int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")
+    return mixed.to_bytes(size, "little")
+
+
+def _ws_frame(opcode, payload, mask_key=None):
+    """One final frame (§5.2), masked when `mask_key` is given."""
+    size = len(payload)
+    mask_bit = 0x80 if mask_key else 0
+    head = bytearray([0x80 | opcode])
+    if size < 126:
+        head.append(mask_bit | size)
+    elif size < 1 << 16:
+        head.append(mask_bit | 126)
+        head += size.to_bytes(2, "big")
+    else:
+        head.append(mask_bit | 127)
+        head += size.to_bytes(8, "big")
+    if mask_key:
+        head += mask_key
+        payload = _ws_mask(payload, mask_key)
+    return bytes(head) + payload
+
+
+def _ws_close_payload(code, reason):
+    """The body of a close frame we send: empty for local-only codes, else code + cut reason."""
+    if code in _WS_LOCAL_ONLY_CODES:
+        return b""
+    if not _ws_close_code_allowed(code):
+        raise ValueError(f"close code {code} may not be sent")
+    encoded = reason.encode("utf-8")[:_WS_MAX_CLOSE_REASON]
+    encoded = encoded.decode("utf-8", "ignore").encode("utf-8")
+    return int(code).to_bytes(2, "big") + encoded
+
+
+def _ws_parse_close(payload):
+    """Decode a received close body (§5.5.1) into CloseConnection, validating code and reason."""
+    if not payload:
+        return CloseConnection(CloseCode.NO_STATUS, "")
+    if len(payload) == 1:
+        raise WebSocketError("close frame body of one byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not _ws_close_code_allowed(code):
+        raise WebSocketError(f"invalid close code {code}")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError("close reason is not valid UTF-8", CloseCode.INVALID_DATA) from None
+    return CloseConnection(code, reason)
+
+
+def _ws_decode_utf8(decoder, data, final):
+    """Decode one fragment; invalid UTF-8 fails here, even in a sequence the next fragment would end.
+
+    CPython's incremental decoder already refuses most impossible prefixes at once; it
+    waits on a surrogate prefix (ED A0..BF), so a held-back prefix of two or more bytes is
+    checked by completing it with continuation bytes.
+    """
+    try:
+        text = decoder.decode(data, final=final)
+        pending = decoder.getstate()[0]
+        if len(pending) >= 2:
+            needed = 4 if pending[0] >= 0xF0 else 3
+            (pending + b"\x80" * (needed - len(pending))).decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketError("text message is not valid UTF-8", CloseCode.INVALID_DATA) from None
+    return text
+
+
+class WSConnection:
+    """One side of a WebSocket connection after the handshake: bytes in, events out.
+
+    `state` is "OPEN"; "CLOSING" once we sent a close and wait for the peer's;
+    "REMOTE_CLOSING" once the peer's close arrived and ours is not sent yet;
+    "CLOSED" when both closes have passed (or the stream ended).
+    """
+
+    def __init__(self, client=False, max_size=MAX_WS_MESSAGE):
+        self.client = client
+        self.max_size = max_size
+        self.state = "OPEN"
+        self._buffer = bytearray()
+        self._eof = False
+        self._peer_closed = False      # the peer's close frame (or EOF) has been reported
+        self._error = None
+        self._header = None            # (fin, opcode, length, mask_key, header_size) of the frame being read
+        self._message_opcode = None    # TEXT or BINARY while a message is being assembled
+        self._message_parts = []
+        self._message_size = 0
+        self._decoder = None
+
+    # -- receiving --------------------------------------------------------
+
+    def receive_data(self, data):
+        """Feed bytes read from the peer; b"" or None means the peer ended the stream
+        (so never pass an empty leftover buffer by accident)."""
+        if self._eof:
+            raise RuntimeError("receive_data() after end of stream")
+        if not data:
+            self._eof = True
+        elif not self._peer_closed:
+            self._buffer += data
+
+    def events(self):
+        """Yield events until more data is needed."""
+        while (event := self.next_event()) is not None:
+            yield event
+
+    def next_event(self):
+        """The next event, or None when more data is needed. Raises WebSocketError on bad data."""
+        if self._error is not None:
+            raise self._error
+        try:
+            while not self._peer_closed:
+                frame = self._read_frame()
+                if frame is None:
+                    return self._end_of_stream() if self._eof else None
+                event = self._handle_frame(*frame)
+                if event is not None:
+                    return event
+            return None
+        except WebSocketError as err:
+            self._error = err
+            raise
+
+    def _end_of_stream(self):
+        """The stream ended without the peer's close frame: report 1006 once."""
+        self._peer_closed = True
+        self.state = "CLOSED"
+        self._buffer.clear()
+        return CloseConnection(CloseCode.ABNORMAL, "connection closed without a close frame")
+
+    def _read_frame(self):
+        """(fin, opcode, unmasked payload) of the next complete frame, or None."""
+        if self._header is None:
+            self._header = self._read_header()
+            if self._header is None:
+                return None
+        fin, opcode, length, mask_key, start = self._header
+        end = start + length
+        if len(self._buffer) < end:
+            return None
+        with memoryview(self._buffer) as view:
+            payload = bytes(view[start:end])
+        del self._buffer[:end]
+        self._header = None
+        if mask_key:
+            payload = _ws_mask(payload, mask_key)
+        return fin, opcode, payload
+
+    def _read_header(self):
+        """Parse and check a frame header (§5.2) as soon as its bytes are in; None if incomplete."""
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        fin, rsv, opcode = bool(buf[0] & 0x80), buf[0] & 0x70, buf[0] & 0x0F
+        masked, length = bool(buf[1] & 0x80), buf[1] & 0x7F
+        if rsv:
+            raise WebSocketError("reserved bits set but no extension was negotiated")
+        if opcode not in _WS_KNOWN_OPCODES:
+            raise WebSocketError(f"reserved opcode {opcode:#x}")
+        if opcode >= _WS_OP_CLOSE and not fin:
+            raise WebSocketError("fragmented control frame")
+        if opcode >= _WS_OP_CLOSE and length > _WS_MAX_CONTROL_PAYLOAD:
+            raise WebSocketError("control frame payload over 125 bytes")
+        if masked == self.client:
+            raise WebSocketError("masked frame from the server" if self.client else "unmasked frame from the client")
+        size = 2
+        if length == 126:
+            size = 4
+            if len(buf) < size:
+                return None
+            length = int.from_bytes(buf[2:4], "big")
+        elif length == 127:
+            size = 10
+            if len(buf) < size:
+                return None
+            length = int.from_bytes(buf[2:10], "big")
+            if length >> 63:
+                raise WebSocketError("64-bit payload length with the top bit set")
+        mask_key = None
+        if masked:
+            if len(buf) < size + 4:
+                return None
+            mask_key = bytes(buf[size:size + 4])
+            size += 4
+        if opcode < _WS_OP_CLOSE:
+            self._check_data_frame(opcode, length)
+        return fin, opcode, length, mask_key, size
+
+    def _check_data_frame(self, opcode, length):
+        """Fragment order (§5.4) and the message size limit, before the payload arrives."""
+        if opcode == _WS_OP_CONTINUATION and self._message_opcode is None:
+            raise WebSocketError("continuation frame without a message to continue")
+        if opcode != _WS_OP_CONTINUATION and self._message_opcode is not None:
+            raise WebSocketError("new data frame while a fragmented message is open")
+        size = length + (self._message_size if opcode == _WS_OP_CONTINUATION else 0)
+        if size > self.max_size:
+            raise WebSocketError(f"message over {self.max_size} bytes", CloseCode.MESSAGE_TOO_BIG)
+
+    def _handle_frame(self, fin, opcode, payload):
+        """Turn a complete frame into an event, or None for a non-final fragment."""
+        if opcode == _WS_OP_PING:
+            return Ping(payload)
+        if opcode == _WS_OP_PONG:
+            return Pong(payload)
+        if opcode == _WS_OP_CLOSE:
+            event = _ws_parse_close(payload)
+            self._peer_closed = True
+            self._buffer.clear()
+            self.state = "CLOSED" if self.state == "CLOSING" else "REMOTE_CLOSING"
+            return event
+        if opcode != _WS_OP_CONTINUATION:
+            self._message_opcode = opcode
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == _WS_OP_TEXT else None
+        self._message_size += len(payload)
+        if self._decoder is not None:
+            self._message_parts.append(_ws_decode_utf8(self._decoder, payload, fin))
+        else:
+            self._message_parts.append(payload)
+        if not fin:
+            return None
+        if self._message_opcode == _WS_OP_TEXT:
+            event = TextMessage("".join(self._message_parts))
+        else:
+            event = BytesMessage(b"".join(self._message_parts))
+        self._message_opcode, self._message_parts, self._message_size, self._decoder = None, [], 0, None
+        return event
+
+    # -- sending ----------------------------------------------------------
+
+    def send(self, event):
+        """The bytes that put `event` on the wire. A client masks with a fresh random key."""
+        if self.state in ("CLOSING", "CLOSED"):
+            raise RuntimeError(f"cannot send {type(event).__name__}: connection is {self.state}")
+        if isinstance(event, TextMessage):
+            opcode, payload = _WS_OP_TEXT, event.data.encode("utf-8")
+        elif isinstance(event, BytesMessage):
+            opcode, payload = _WS_OP_BINARY, bytes(event.data)
+        elif isinstance(event, (Ping, Pong)):
+            opcode, payload = (_WS_OP_PING if isinstance(event, Ping) else _WS_OP_PONG), bytes(event.payload)
+            if len(payload) > _WS_MAX_CONTROL_PAYLOAD:
+                raise ValueError("ping/pong payload over 125 bytes")
+        elif isinstance(event, CloseConnection):
+            opcode, payload = _WS_OP_CLOSE, _ws_close_payload(event.code, event.reason)
+            self.state = "CLOSED" if self.state == "REMOTE_CLOSING" else "CLOSING"
+        else:
+            raise TypeError(f"cannot send {event!r}")
+        return _ws_frame(opcode, payload, os.urandom(4) if self.client else None)
+
+
+# ─── Handshake (§4) ───
+
+def ws_accept_key(key):
+    """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (§4.2.2)."""
+    digest = hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _ws_tokens(value):
+    """The lower-case comma-separated tokens of a header value."""
+    return {token.strip().lower() for token in (value or "").split(",")}
+
+
+def _ws_valid_key(key):
+    """True when `key` is base64 of exactly 16 bytes (§4.1)."""
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (ValueError, UnicodeEncodeError):
+        return False
+
+
+def ws_check_handshake(method, headers):
+    """Check an upgrade request (§4.2.1); `headers` has lower-case names.
+
+    Returns the Sec-WebSocket-Accept value, or raises WebSocketHandshakeError
+    (400 for a malformed request, 426 for a missing or unsupported version).
+    The HTTP version and the Origin policy are the caller's to check.
+    """
+    if method != "GET":
+        raise WebSocketHandshakeError(400, "WebSocket upgrade must use GET")
+    if "websocket" not in _ws_tokens(headers.get("upgrade")):
+        raise WebSocketHandshakeError(400, "missing 'Upgrade: websocket' header")
+    if "upgrade" not in _ws_tokens(headers.get("connection")):
+        raise WebSocketHandshakeError(400, "'Connection' header lacks the 'upgrade' token")
+    key = headers.get("sec-websocket-key", "").strip()
+    if not _ws_valid_key(key):
+        raise WebSocketHandshakeError(400, "missing or invalid Sec-WebSocket-Key")
+    if headers.get("sec-websocket-version", "").strip() != "13":
+        raise WebSocketHandshakeError(426, "unsupported WebSocket version (13 required)",
+                                      [("Sec-WebSocket-Version", "13")])
+    return ws_accept_key(key)
+
+
+def ws_handshake_request(host, path, key, origin=None, extra_headers=()):
+    """The bytes of a client's upgrade request (§4.1); `extra_headers` are (name, value) pairs."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    lines.extend(f"{name}: {value}" for name, value in extra_headers)
+    if any("\r" in line or "\n" in line for line in lines):
+        raise ValueError("line break inside a handshake header")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def ws_check_handshake_response(status, headers, key):
+    """Check the server's answer to our upgrade request (§4.2.2); raises WebSocketHandshakeError."""
+    if status != 101:
+        raise WebSocketHandshakeError(status, f"server refused the WebSocket upgrade ({status})",
+                                      list(headers.items()))
+    if "websocket" not in _ws_tokens(headers.get("upgrade")):
+        raise WebSocketHandshakeError(status, "response lacks 'Upgrade: websocket'")
+    if "upgrade" not in _ws_tokens(headers.get("connection")):
+        raise WebSocketHandshakeError(status, "response 'Connection' header lacks 'upgrade'")
+    if headers.get("sec-websocket-accept", "").strip() != ws_accept_key(key):
+        raise WebSocketHandshakeError(status, "wrong Sec-WebSocket-Accept")
+    if headers.get("sec-websocket-extensions") or headers.get("sec-websocket-protocol"):
+        raise WebSocketHandshakeError(status, "server chose an extension or subprotocol we did not offer")
+
+
+# ─── Clients (tests and the benchmark) ───
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed; `code` and `reason` come from the close frame (1006: none came)."""
+
+    def __init__(self, code, reason=""):
+        super().__init__(f"WebSocket closed ({code}){': ' + reason if reason else ''}")
+        self.code = code
+        self.reason = reason
+
+
+def _ws_parse_url(url):
+    """(host, port, path) of a ws:// URL; the path keeps its query string."""
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"not a ws:// URL: {url!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, parts.port or 80, path
+
+
+def _ws_client_request(url, origin, headers):
+    """(host, port, key, request bytes) for connecting to `url`."""
+    host, port, path = _ws_parse_url(url)
+    key = base64.b64encode(os.urandom(16)).decode("ascii")
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
+    host_header = host if port == 80 else f"{host}:{port}"
+    return host, port, key, ws_handshake_request(host_header, path, key, origin, pairs)
+
+
+def _ws_parse_response_head(head):
+    """(status, headers with lower-case names) of a response head without its blank line."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise WebSocketHandshakeError(502, f"malformed handshake response: {lines[0]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise WebSocketHandshakeError(502, f"malformed header line: {line!r}")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return int(parts[1]), headers
+
+
+class _WSClientCore:
+    """What both clients share: the WSConnection and how a client answers its events."""
+
+    def __init__(self, conn, response_headers):
+        self._conn = conn
+        self.response_headers = response_headers
+        self._closed = None            # ConnectionClosed once the connection is over
+
+    def _process(self):
+        """Handle buffered events: (bytes to send, a message or None). Sets `_closed` at the end."""
+        out = bytearray()
+        try:
+            for event in self._conn.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    return bytes(out), event.data
+                if isinstance(event, Ping):
+                    out += self._conn.send(Pong(event.payload))
+                elif isinstance(event, CloseConnection):
+                    if self._conn.state == "REMOTE_CLOSING":
+                        out += self._conn.send(CloseConnection(event.code))
+                    self._closed = ConnectionClosed(event.code, event.reason)
+                    return bytes(out), None
+        except WebSocketError as err:
+            if self._conn.state in ("OPEN", "REMOTE_CLOSING"):
+                out += self._conn.send(CloseConnection(err.close_code, str(err)))
+            self._closed = ConnectionClosed(err.close_code, str(err))
+        return bytes(out), None
+
+    def _raise_if_closed(self):
+        if self._closed is not None:
+            raise ConnectionClosed(self._closed.code, self._closed.reason)
+
+    def _message_event(self, message):
+        if isinstance(message, str):
+            return TextMessage(message)
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            return BytesMessage(bytes(message))
+        raise TypeError(f"can only send str or bytes, not {type(message).__name__}")
+
+
+class WebSocketClient(_WSClientCore):
+    """A blocking WebSocket client: `with WebSocketClient.connect("ws://host:port/path") as ws:`."""
+
+    def __init__(self, sock, conn, response_headers, timeout):
+        super().__init__(conn, response_headers)
+        self._sock = sock
+        self._timeout = timeout
+
+    @classmethod
+    def connect(cls, url, origin=None, headers=None, timeout=10):
+        """Open the TCP connection and do the handshake; raises WebSocketHandshakeError if refused."""
+        host, port, key, request = _ws_client_request(url, origin, headers)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.sendall(request)
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                if len(buffer) > _WS_MAX_RESPONSE_HEAD:
+                    raise WebSocketHandshakeError(502, "handshake response head too large")
+                chunk = sock.recv(_WS_READ_CHUNK)
+                if not chunk:
+                    raise WebSocketHandshakeError(502, "connection closed during the handshake")
+                buffer += chunk
+            head, _, rest = buffer.partition(b"\r\n\r\n")
+            status, response_headers = _ws_parse_response_head(head)
+            ws_check_handshake_response(status, response_headers, key)
+        except BaseException:
+            sock.close()
+            raise
+        conn = WSConnection(client=True)
+        if rest:
+            conn.receive_data(rest)
+        return cls(sock, conn, response_headers, timeout)
+
+    def send(self, message):
+        """Send a text (str) or binary (bytes) message."""
+        self._raise_if_closed()
+        self._write(self._conn.send(self._message_event(message)))
+
+    def ping(self, payload=b""):
+        self._raise_if_closed()
+        self._write(self._conn.send(Ping(payload)))
+
+    def receive(self, timeout=None):
+        """The next message (str or bytes); answers pings; raises ConnectionClosed or TimeoutError."""
+        self._raise_if_closed()
+        while True:
+            out, message = self._process()
+            if out:
+                self._write(out)
+            if message is not None:
+                return message
+            if self._closed is not None:
+                self._sock.close()
+                self._raise_if_closed()
+            self._sock.settimeout(timeout)
+            try:
+                data = self._sock.recv(_WS_READ_CHUNK)
+            except TimeoutError:
+                raise                  # the connection stays usable after a timeout
+            except OSError:
+                data = b""
+            self._conn.receive_data(data)
+
+    def close(self, code=CloseCode.NORMAL, reason=""):
+        """Do the closing handshake (waiting up to the connect timeout for the echo), then close."""
+        if self._closed is not None:
+            return
+        try:
+            self._write(self._conn.send(CloseConnection(code, reason)))
+            while True:
+                self.receive(self._timeout)
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            self._sock.close()
+            if self._closed is None:
+                self._closed = ConnectionClosed(CloseCode.ABNORMAL, "no close frame from the server")
+
+    def _write(self, data):
+        try:
+            self._sock.sendall(data)
+        except OSError as err:
+            self._sock.close()
+            self._closed = ConnectionClosed(CloseCode.ABNORMAL, str(err))
+            self._raise_if_closed()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class AsyncWebSocketClient(_WSClientCore):
+    """The asyncio twin of WebSocketClient: `ws = await AsyncWebSocketClient.connect(url)`."""
+
+    def __init__(self, reader, writer, conn, response_headers, timeout):
+        super().__init__(conn, response_headers)
+        self._reader = reader
+        self._writer = writer
+        self._timeout = timeout
+
+    @classmethod
+    async def connect(cls, url, origin=None, headers=None, timeout=10):
+        """Open the connection and do the handshake; raises WebSocketHandshakeError if refused."""
+        host, port, key, request = _ws_client_request(url, origin, headers)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=_WS_MAX_RESPONSE_HEAD), timeout)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            status, response_headers = _ws_parse_response_head(head[:-4])
+            ws_check_handshake_response(status, response_headers, key)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as err:
+            writer.close()
+            raise WebSocketHandshakeError(502, f"bad handshake response: {err}") from None
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, WSConnection(client=True), response_headers, timeout)
+
+    async def send(self, message):
+        """Send a text (str) or binary (bytes) message."""
+        self._raise_if_closed()
+        await self._write(self._conn.send(self._message_event(message)))
+
+    async def ping(self, payload=b""):
+        self._raise_if_closed()
+        await self._write(self._conn.send(Ping(payload)))
+
+    async def receive(self, timeout=None):
+        """The next message (str or bytes); answers pings; raises ConnectionClosed or TimeoutError."""
+        self._raise_if_closed()
+        while True:
+            out, message = self._process()
+            if out:
+                await self._write(out)
+            if message is not None:
+                return message
+            if self._closed is not None:
+                self._writer.close()
+                self._raise_if_closed()
+            try:
+                data = await asyncio.wait_for(self._reader.read(_WS_READ_CHUNK), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError("no WebSocket message in time") from None
+            except OSError:
+                data = b""
+            self._conn.receive_data(data)
+
+    async def close(self, code=CloseCode.NORMAL, reason=""):
+        """Do the closing handshake (waiting up to the connect timeout for the echo), then close."""
+        if self._closed is not None:
+            return
+        try:
+            await self._write(self._conn.send(CloseConnection(code, reason)))
+            while True:
+                await self.receive(self._timeout)
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            self._writer.close()
+            if self._closed is None:
+                self._closed = ConnectionClosed(CloseCode.ABNORMAL, "no close frame from the server")
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), self._timeout)
+        except OSError:
+            pass
+
+    async def _write(self, data):
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except OSError as err:
+            self._writer.close()
+            self._closed = ConnectionClosed(CloseCode.ABNORMAL, str(err))
+            self._raise_if_closed()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        """Messages until the connection closes; a normal close ends the loop, others raise."""
+        try:
+            return await self.receive()
+        except ConnectionClosed as closed:
+            if closed.code in (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS):
+                raise StopAsyncIteration from None
+            raise
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.close()
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Errors the application raises (HTTP status or live error code)
+# ═══════════════════════════════════════════════════════════════════════
+
+class HTTPError(Exception):
+    """Raise from a handler to answer with `status` and a short `detail`."""
+
+    def __init__(self, status, detail=None, headers=None):
+        self.status = int(status)
+        self.detail = detail or HTTPStatus(self.status).phrase
+        self.headers = list(headers or ())
+        super().__init__(f"{self.status} {self.detail}")
+
+
+class BadSignature(Exception):
+    """A signed value was tampered with, signed for something else, or malformed."""
+
+
+class LiveError(Exception):
+    """A refused live event: `code` is machine-readable, `message` says why."""
+
+    def __init__(self, code, message):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Signing and keys (DESIGN §6)
+# ═══════════════════════════════════════════════════════════════════════
+
+SESSION_ID_BYTES = 32
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{43}\Z")
+
+
+def _b64(raw):
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def derive_key(master, purpose):
+    """A key for one purpose, so a state signature can never pass as a cookie's."""
+    return hmac.new(master, b"asok/" + purpose.encode(), hashlib.sha256).digest()
+
+
+class Signer:
+    """HMAC-SHA256 over `bind` + value; the first key signs, every key verifies (rotation)."""
+
+    def __init__(self, master_keys, purpose):
+        self.purpose = purpose
+        self._keys = [derive_key(k, purpose) for k in master_keys]
+
+    def __repr__(self):
+        return f"<Signer {self.purpose} keys=***>"
+
+    def _mac(self, key, value, bind):
+        return _b64(hmac.new(key, bind.encode() + b"\0" + value.encode(), hashlib.sha256).digest())
+
+    def sign(self, value, bind=""):
+        return value + "." + self._mac(self._keys[0], value, bind)
+
+    def unsign(self, token, bind=""):
+        if not isinstance(token, str) or "." not in token:
+            raise BadSignature("not a signed value")
+        value, _, mac = token.rpartition(".")
+        for key in self._keys:
+            if hmac.compare_digest(mac, self._mac(key, value, bind)):
+                return value
+        raise BadSignature("signature does not match")
+
+
+def _load_master_keys(app_dir, secret_key, debug, fallbacks):
+    """SECRET_KEY, else a deterministic key in debug, else a random key kept in .asok/secret_key."""
+    if secret_key:
+        first = secret_key.encode() if isinstance(secret_key, str) else secret_key
+    elif debug:
+        first = hashlib.sha256(b"asok development key:" + str(app_dir).encode()).digest()
+    else:
+        path = Path(app_dir, ".asok", "secret_key")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            first = path.read_bytes().strip()
+        else:
+            first = secrets.token_hex(32).encode()
+            with os.fdopen(fd, "wb") as f:
+                f.write(first)
+        if len(first) < 32:
+            raise RuntimeError(f"{path} holds a key shorter than 32 bytes; delete it to make a new one")
+    return [first] + [k.encode() if isinstance(k, str) else k for k in fallbacks if k]
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Sessions (DESIGN §6): Session dict, store interface, file-backed store
+# ═══════════════════════════════════════════════════════════════════════
+
+SESSION_LIFETIME = 14 * 24 * 3600
+SESSION_COOKIE = "asok_session"
+SESSION_COLLECT_EVERY = 3600
+_LOCK_STRIPES = 256
+
+
+class Session(dict):
+    """A dict of the user's data. Assigning or deleting a key marks it modified by itself;
+    a nested change needs `session.modified = True`, as in Flask and the seed."""
+
+    def __init__(self, data=None, sid=None):
+        super().__init__(data or ())
+        self.sid = sid
+        self.changed = set()
+        self.deleted = set()
+        self.modified = False
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.changed.add(key)
+        self.deleted.discard(key)
+        self.modified = True
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        self.deleted.add(key)
+        self.changed.discard(key)
+        self.modified = True
+
+    def pop(self, key, *default):
+        if key in self:
+            self.deleted.add(key)
+            self.changed.discard(key)
+            self.modified = True
+        return super().pop(key, *default)
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def clear(self):
+        for key in list(self):
+            del self[key]
+
+    def merge_into(self, data):
+        """Apply this request's changes onto `data` freshly read under the lock,
+        so two processes writing different keys both keep their writes."""
+        keys = self.keys() if self.modified and not (self.changed or self.deleted) else self.changed
+        for key in keys:
+            if key in self:
+                data[key] = dict.__getitem__(self, key)
+        for key in self.deleted:
+            data.pop(key, None)
+        return data
+
+
+class SessionStore:
+    """Where sessions live. A record is a JSON-safe dict: {"data": {...}, "live": {...}}.
+    `update(sid, fn)` is a read-modify-write under a lock shared by every process."""
+
+    def load(self, sid):
+        raise NotImplementedError
+
+    def save(self, sid, record):
+        raise NotImplementedError
+
+    def delete(self, sid):
+        raise NotImplementedError
+
+    def update(self, sid, fn):
+        raise NotImplementedError
+
+    def collect(self, max_age=SESSION_LIFETIME):
+        raise NotImplementedError
+
+
+class FileSessionStore(SessionStore):
+    """One JSON file per session under `folder`, replaced atomically; `flock` on one of
+    _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write."""
+
+    def __init__(self, folder, lifetime=SESSION_LIFETIME):
+        self.folder = Path(folder)
+        self.lifetime = lifetime
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_dir = self.folder / "locks"
+        self._lock_dir.mkdir(exist_ok=True)
+        self._lock_fds = {}
+        self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._fd_lock = threading.Lock()
+
+    def _path(self, sid):
+        if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
+            raise ValueError("malformed session id")
+        return self.folder / (sid + ".json")
+
+    def _stripe(self, sid):
+        return int.from_bytes(hashlib.blake2s(sid.encode(), digest_size=2).digest(), "big") % _LOCK_STRIPES
+
+    def _lock(self, sid):
+        stripe = self._stripe(sid)
+        with self._fd_lock:
+            fd = self._lock_fds.get(stripe)
+            if fd is None:
+                fd = os.open(self._lock_dir / f"{stripe:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock_fds[stripe] = fd
+        return _StoreLock(self._thread_locks[stripe], fd)
+
+    def load(self, sid):
+        try:
+            path = self._path(sid)
+            with open(path, "rb") as f:
+                record = json.loads(f.read())
+        except (ValueError, OSError):
+            return None
+        if not isinstance(record, dict) or record.get("expires", 0) < time.time():
+            return None
+        return record
+
+    def save(self, sid, record):
+        path = self._path(sid)
+        record["expires"] = int(time.time()) + self.lifetime
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(json.dumps(record, separators=(",", ":")).encode())
+        os.replace(tmp, path)
+
+    def delete(self, sid):
+        with self._lock(sid):
+            try:
+                os.unlink(self._path(sid))
+            except FileNotFoundError:
+                pass
+
+    def update(self, sid, fn):
+        """Run fn(record) -> record under the session's lock and write the result."""
+        self._path(sid)
+        with self._lock(sid):
+            record = self.load(sid) or {"data": {}, "live": {}}
+            result = fn(record)
+            self.save(sid, record)
+            return result
+
+    def collect(self, max_age=None):
+        """Delete expired session files; returns how many went."""
+        now = time.time()
+        removed = 0
+        for path in self.folder.glob("*.json"):
+            try:
+                if path.stat().st_mtime + (max_age or self.lifetime) < now:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+        for path in self.folder.glob(".*.tmp"):
+            try:
+                if path.stat().st_mtime + 3600 < now:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+class _StoreLock:
+    __slots__ = ("thread_lock", "fd")
+
+    def __init__(self, thread_lock, fd):
+        self.thread_lock = thread_lock
+        self.fd = fd
+
+    def __enter__(self):
+        self.thread_lock.acquire()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.thread_lock.release()
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Requests, responses, routing
+# ═══════════════════════════════════════════════════════════════════════
+
+DEFAULT_MAX_FORM_FIELDS = 1000
+
+
+class MultiDict(dict):
+    """A dict of first values that also keeps every value: `getlist(key)`."""
+
+    def __init__(self, pairs=()):
+        super().__init__()
+        self._lists = {}
+        for key, value in pairs:
+            self._lists.setdefault(key, []).append(value)
+            dict.setdefault(self, key, value)
+
+    def getlist(self, key):
+        return list(self._lists.get(key, ()))
+
+
+def _parse_qs(text):
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=False,
+                                       max_num_fields=DEFAULT_MAX_FORM_FIELDS)
+    except ValueError as exc:
+        raise HTTPError(400, f"bad query or form data: {exc}")
+    return MultiDict(pairs)
+
+
+class Request:
+    """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient."""
+
+    def __init__(self, method, path, query_string="", headers=None, body=b"",
+                 scheme="http", remote_addr="", app=None):
+        self.method = method.upper()
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers or {}
+        self.body = body
+        self.scheme = scheme
+        self.remote_addr = remote_addr
+        self.app = app
+        self.params = {}
+        self._session = None
+        self._cookies = None
+        self._query = None
+        self._form = None
+        self.uses_live = False
+
+    def __repr__(self):
+        return f"<Request {self.method} {self.path}>"
+
+    @property
+    def query(self):
+        if self._query is None:
+            self._query = _parse_qs(self.query_string)
+        return self._query
+
+    @property
+    def cookies(self):
+        if self._cookies is None:
+            self._cookies = _parse_cookies(self.headers.get("cookie", ""))
+        return self._cookies
+
+    @property
+    def content_type(self):
+        return self.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    @property
+    def form(self):
+        if self._form is None:
+            if self.content_type == "application/x-www-form-urlencoded":
+                try:
+                    text = self.body.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise HTTPError(400, "form data is not valid UTF-8")
+                self._form = _parse_qs(text)
+            else:
+                self._form = MultiDict()
+        return self._form
+
+    @property
+    def json(self):
+        if not self.body:
+            return None
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise HTTPError(400, f"body is not valid JSON: {exc}")
+
+    @property
+    def host(self):
+        return self.headers.get("host", "")
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self.app._open_session(self) if self.app else Session()
+        return self._session
+
+    @property
+    def csrf_token(self):
+        return self.app._csrf_token(self)
+
+
+def _parse_cookies(header):
+    cookies = {}
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    return cookies
+
+
+class Response:
+    """Status, headers, cookies and a body: bytes, or an iterable of bytes to stream."""
+
+    def __init__(self, body=b"", status=200, headers=None, content_type="text/html; charset=utf-8"):
+        self.status = int(status)
+        self.headers = list(headers.items() if isinstance(headers, dict) else headers or ())
+        if content_type and not any(k.lower() == "content-type" for k, _ in self.headers):
+            self.headers.append(("Content-Type", content_type))
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.body = body
+
+    def __repr__(self):
+        return f"<Response {self.status}>"
+
+    def header(self, name, default=None):
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return default
+
+    def set_cookie(self, name, value, max_age=None, path="/", httponly=True,
+                   samesite="Lax", secure=False, expires=None):
+        parts = [f"{name}={value}", f"Path={path}"]
+        if max_age is not None:
+            parts.append(f"Max-Age={int(max_age)}")
+        if expires is not None:
+            parts.append(f"Expires={formatdate(expires, usegmt=True)}")
+        if httponly:
+            parts.append("HttpOnly")
+        if samesite:
+            parts.append(f"SameSite={samesite}")
+        if secure:
+            parts.append("Secure")
+        self.headers.append(("Set-Cookie", "; ".join(parts)))
+
+    def delete_cookie(self, name, path="/"):
+        self.set_cookie(name, "", max_age=0, path=path, expires=0)
+
+    @property
+    def streamed(self):
+        return not isinstance(self.body, (bytes, bytearray, memoryview))
+
+
+def redirect(location, status=302):
+    return Response(b"", status, [("Location", location)], content_type=None)
+
+
+def make_response(rv):
+    """Turn what a handler returned into a Response:
+    Response as is; str -> HTML; bytes -> application/octet-stream; dict or list -> JSON;
+    an iterator or generator of str/bytes -> streamed; (body, status) and
+    (body, status, headers) tuples as in Flask."""
+    status, headers = None, None
+    if isinstance(rv, tuple):
+        if len(rv) == 2:
+            rv, status = rv
+        elif len(rv) == 3:
+            rv, status, headers = rv
+        else:
+            raise TypeError("a handler's tuple must be (body, status) or (body, status, headers)")
+    if isinstance(rv, Response):
+        response = rv
+    elif isinstance(rv, str):
+        response = Response(rv)
+    elif isinstance(rv, (bytes, bytearray)):
+        response = Response(bytes(rv), content_type="application/octet-stream")
+    elif isinstance(rv, (dict, list)):
+        response = Response(json.dumps(rv).encode(), content_type="application/json")
+    elif rv is None:
+        raise TypeError("the handler returned None; return a str, bytes, dict, list or Response")
+    elif hasattr(rv, "__iter__"):
+        response = Response((c.encode() if isinstance(c, str) else c for c in rv))
+    else:
+        raise TypeError(f"a handler cannot return {type(rv).__name__}")
+    if status is not None:
+        response.status = int(status)
+    if headers:
+        response.headers.extend(headers.items() if isinstance(headers, dict) else headers)
+    return response
+
+
+_CONVERTERS = {
+    "str": (r"[^/]+", str),
+    "int": (r"-?\d+", int),
+    "float": (r"-?\d+(?:\.\d+)?", float),
+    "path": (r".+", str),
+}
+
+
+class Route:
+    """A path pattern (`/users/<int:id>`; file pages use `[id]`) bound to a handler."""
+
+    def __init__(self, pattern, handler, methods=("GET",), csrf=True, name=None, page=None):
+        self.pattern = pattern
+        self.handler = handler
+        self.methods = {m.upper() for m in methods}
+        if "GET" in self.methods:
+            self.methods.add("HEAD")
+        self.csrf = csrf
+        self.name = name or getattr(handler, "__name__", pattern)
+        self.page = page
+        self.converters = {}
+        regex = "^"
+        for literal, conv, name_ in re.findall(r"([^<]*)(?:<(?:(\w+):)?(\w+)>)?", pattern):
+            regex += re.escape(literal)
+            if name_:
+                if (conv or "str") not in _CONVERTERS:
+                    raise ValueError(f"route {pattern!r}: unknown converter {conv!r}")
+                part, self.converters[name_] = _CONVERTERS[conv or "str"]
+                regex += f"(?P<{name_}>{part})"
+        self.regex = re.compile(regex + "$")
+        self.static = not self.converters
+        self.wants_request = handler is not None and "request" in _parameters(handler)
+
+    def match(self, path):
+        if self.static:
+            return {} if path == self.pattern else None
+        m = self.regex.match(path)
+        if m is None:
+            return None
+        try:
+            return {k: self.converters[k](v) for k, v in m.groupdict().items()}
+        except ValueError:
+            return None
+
+    def build(self, **params):
+        def fill(m):
+            return urllib.parse.quote(str(params.pop(m.group(2))), safe="" if m.group(1) != "path:" else "/")
+        try:
+            path = re.sub(r"<(\w+:)?(\w+)>", fill, self.pattern)
+        except KeyError as exc:
+            raise ValueError(f"url_for({self.name!r}) needs {exc.args[0]!r}")
+        return path + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+def _parameters(fn):
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Components and the live protocol (DESIGN §4, §5)
+# ═══════════════════════════════════════════════════════════════════════
+
+LIVE_MAX_MESSAGE = 256 * 1024
+LIVE_RECENT_IDS = 16
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
+
+
+def exposed(fn):
+    """Mark a component method as callable from the browser."""
+    fn.__asok_exposed__ = True
+    return fn
+
+
+def _check_json_safe(value, where):
+    if isinstance(value, _JSON_SCALARS):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_safe(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a {type(key).__name__} key {key!r}; state dict keys must be str")
+            _check_json_safe(item, f"{where}[{key!r}]")
+    else:
+        raise TypeError(f"{where} is a {type(value).__name__}; component state must be JSON-safe "
+                        "(str, int, float, bool, None, list, dict)")
+
+
+class Component:
+    """A live component. Public class attributes are its initial state; `@exposed` methods
+    run when the browser asks; `render()` returns its HTML (by default `<name>.html`
+    beside the component's file, lower-cased)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        cls._asok_dir = Path(getattr(module, "__file__", None) or Path.cwd() / "x").parent
+        cls._asok_fields = {}
+        for klass in reversed(cls.__mro__):
+            if klass in (Component, object):
+                continue
+            for name, value in vars(klass).items():
+                if name.startswith("_") or callable(value) or isinstance(
+                        value, (property, classmethod, staticmethod, types.MemberDescriptorType)):
+                    continue
+                cls._asok_fields[name] = value
+        cls._asok_signatures = {}
+
+    def mount(self):
+        """Runs once, on the first render of this component for a session."""
+
+    def render(self):
+        return self.html(type(self).__name__.lower() + ".html")
+
+    def html(self, name, **extra):
+        """Render a template beside the component's file with the state (and `extra`) as context."""
+        template = self._asok_app.templates.get_file(self._asok_dir / name)
+        context = dict(self._asok_app.templates.globals)
+        context.update(self._asok_context)
+        context.update(self.state)
+        context.update(extra)
+        return Markup(template.render(**context))
+
+    @property
+    def session(self):
+        return self._asok_session
+
+    @property
+    def state(self):
+        state = {name: getattr(self, name) for name in self._asok_fields}
+        for name, value in vars(self).items():
+            if not name.startswith("_"):
+                state[name] = value
+        return state
+
+    def _checked_state(self):
+        state = self.state
+        for name, value in state.items():
+            _check_json_safe(value, f"{type(self).__name__}.{name}")
+        return state
+
+    @classmethod
+    def _restore(cls, app, state, session, cid, context):
+        self = cls.__new__(cls)
+        self._asok_app = app
+        self._asok_session = session
+        self._asok_cid = cid
+        self._asok_context = context
+        for name, value in state.items():
+            setattr(self, name, value)
+        return self
+
+    @classmethod
+    def _create(cls, app, props, session, cid, context):
+        for name in props:
+            if name not in cls._asok_fields:
+                raise TypeError(f"{cls.__name__} has no state attribute {name!r} "
+                                f"(it has: {', '.join(cls._asok_fields) or 'none'})")
+        state = json.loads(json.dumps({**cls._asok_fields, **props}, default=_unjsonable(cls)))
+        self = cls._restore(app, state, session, cid, context)
+        self.mount()
+        return self
+
+    @classmethod
+    def _signature(cls, method):
+        sig = cls._asok_signatures.get(method)
+        if sig is None:
+            sig = cls._asok_signatures[method] = inspect.signature(getattr(cls, method))
+        return sig
+
+
+def _unjsonable(cls):
+    def fail(value):
+        raise TypeError(f"{cls.__name__}: {type(value).__name__} value {value!r} in its state is not "
+                        "JSON-safe (str, int, float, bool, None, list, dict)")
+    return fail
+
+
+def _convert_arg(value, annotation, name):
+    """Convert a JSON argument to the parameter's annotated type, or say which argument does not fit."""
+    if annotation is inspect.Parameter.empty or annotation is None:
+        return value
+    target = annotation if isinstance(annotation, type) else None
+    if isinstance(annotation, str):
+        target = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(annotation)
+    if target is None:
+        return value
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "on", "1", "yes", "false", "off", "0", "no", ""):
+                return value.lower() in ("true", "on", "1", "yes")
+            if value in (0, 1):
+                return bool(value)
+        elif target is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value.strip())
+        elif target is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value.strip())
+        elif target is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif isinstance(value, target):
+            return value
+    except ValueError:
+        pass
+    raise LiveError("bad_args", f"argument {name!r} must be {target.__name__}, got {json.dumps(value)[:60]}")
+
+
+def _bind_args(cls, method, args):
+    sig = cls._signature(method)
+    params = list(sig.parameters.values())[1:]
+    try:
+        bound = sig.bind(None, *args)
+    except TypeError as exc:
+        names = ", ".join(p.name for p in params) or "no arguments"
+        raise LiveError("bad_args", f"{cls.__name__}.{method}() takes ({names}); {exc}")
+    converted = []
+    for param in params:
+        if param.name not in bound.arguments:
+            continue
+        value = bound.arguments[param.name]
+        if param.kind is param.VAR_POSITIONAL:
+            converted.extend(value)
+        else:
+            converted.append(_convert_arg(value, param.annotation, param.name))
+    return converted
+
+
+def _model_value(cls, prop, value):
+    if prop.startswith("_") or prop not in cls._asok_fields:
+        raise LiveError("bad_args", f"ws-model names {prop!r}, which is not a state attribute of {cls.__name__}")
+    default = cls._asok_fields[prop]
+    if isinstance(default, (bool, int, float)) and not isinstance(value, type(default)):
+        return _convert_arg(value, type(default), prop)
+    return value
+
+
+class _ComponentRenderer:
+    """The `component(name, **props)` template global for one page render or one live event."""
+
+    def __init__(self, app, request, prefix):
+        self.app = app
+        self.request = request
+        self.prefix = prefix
+        self.counts = {}
+
+    def __call__(self, name, **props):
+        app, request = self.app, self.request
+        cls = app.components.get(name)
+        if cls is None:
+            raise LookupError(f"component({name!r}): no such component "
+                              f"(known: {', '.join(sorted(app.components)) or 'none'}; "
+                              f"they are found in {app.root / 'src' / 'components'})")
+        cid = props.pop("cid", None)
+        if cid is None:
+            n = self.counts.get(name, 0)
+            self.counts[name] = n + 1
+            cid = f"{self.prefix}#{name}-{n}"
+        elif not isinstance(cid, str) or not _CID_RE.match(cid):
+            raise ValueError(f"component({name!r}): cid must be 1-200 letters, digits or _:./#@-")
+        request.uses_live = True
+        session = request.session
+        sid = app._ensure_session(session)
+        context = app._live_context(request, cid)
+        stored = session.live.get(cid)
+        if stored and stored.get("c") == name:
+            comp = cls._restore(app, stored["s"], session, cid, context)
+            version = stored["v"]
+        else:
+            comp = cls._create(app, props, session, cid, context)
+            version = 0
+        return app._wrap_component(comp, name, cid, sid, version)
+
+
+class _LiveContext:
+    """What a live event's re-render sees as `request` in the template context."""
+
+    def __init__(self, app, session, sid):
+        self.app = app
+        self.session = session
+        self.sid = sid
+        self.uses_live = True
+        self.path = None
+
+
+class _LazyToken:
+    """`csrf_token` in templates: computed, and a session created, only when printed."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def __str__(self):
+        return self.request.csrf_token
+
+    __html__ = __str__
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# The application
+# ═══════════════════════════════════════════════════════════════════════
+
+ALIVE_JS = Path(__file__).with_name("alive.js")
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_TRUE = ("1", "true", "yes", "on")
+log = logging.getLogger("asok")
+access_log = logging.getLogger("asok.access")
+
+
+class Asok:
+    """The application: file pages, routes, components, sessions.
+    A WSGI application itself; `app.asgi` is its ASGI 3 application."""
+
+    def __init__(self, app_dir=".", *, debug=None, secret_key=None, secret_key_fallbacks=None,
+                 max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME):
+        root = Path(app_dir).resolve()
+        self.root = root.parent if root.is_file() else root
+        env = os.environ
+        self.debug = env.get("DEBUG", "").lower() in _TRUE if debug is None else bool(debug)
+        if secret_key_fallbacks is None:
+            secret_key_fallbacks = [k for k in env.get("SECRET_KEY_FALLBACKS", "").split(",") if k]
+        keys = _load_master_keys(self.root, secret_key or env.get("SECRET_KEY"), self.debug,
+                                 secret_key_fallbacks)
+        self._state_signer = Signer(keys, "live-state")
+        self._cookie_signer = Signer(keys, "session-cookie")
+        self._csrf_signer = Signer(keys, "csrf")
+        self.max_body = max_body
+        self.session_lifetime = session_lifetime
+        self.sessions = session_store or FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
+        self._last_collect = 0.0
+        self.templates = Templates(self.root / "src", debug=self.debug)
+        self.templates.globals.update(static=self.static_url, url_for=self.url_for)
+        self.routes = []
+        self.ws_routes = []
+        self.components = {}
+        self.pages = self._scan_pages()
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="asok")
+        self.asgi = _ASGIApp(self)
+        self._alive_js = None
+        self._discover_components()
+        self.websocket("/asok/live", max_size=LIVE_MAX_MESSAGE * 4)(self._live_socket)
+
+    def __repr__(self):
+        return f"<Asok {self.root}>"
+
+    def __call__(self, environ, start_response):
+        return self.wsgi_app(environ, start_response)
+
+    def wsgi_app(self, environ, start_response):
+        """PEP 3333: the app served by any WSGI server."""
+        return _wsgi_call(self, environ, start_response)
+
+    def run(self, host="127.0.0.1", port=8000, **options):
+        """Serve with the built-in asyncio server until SIGINT / SIGTERM."""
+        asyncio.run(serve(self, host, port, **options))
+
+    # ── registration ──────────────────────────────────────────────────
+    def route(self, path, methods=("GET",), *, csrf=True, name=None):
+        """`@app.route("/users/<int:id>", methods=["GET", "POST"])`. The handler receives the
+        path parameters as keyword arguments, and the request too if it has a `request` parameter."""
+        def decorator(fn):
+            self.routes.append(Route(path, fn, methods, csrf=csrf, name=name))
+            return fn
+        return decorator
+
+    def websocket(self, path, *, max_size=MAX_WS_MESSAGE, origins=()):
+        """`@app.websocket("/chat")` on `async def handler(ws)`. Same-origin browsers only,
+        unless `origins` lists others (e.g. "https://example.com")."""
+        def decorator(fn):
+            route = Route(path, fn, ("GET",), csrf=False)
+            route.max_size = max_size
+            route.origins = {o.rstrip("/").lower() for o in origins}
+            self.ws_routes.append(route)
+            return fn
+        return decorator
+
+    def template_filter(self, name=None):
+        def decorator(fn):
+            self.templates.filters[name or fn.__name__] = fn
+            return fn
+        return decorator
+
+    def _scan_pages(self):
+        pages_dir = self.root / "src" / "pages"
+        routes = []
+        for file in sorted(pages_dir.rglob("*.html")) if pages_dir.is_dir() else ():
+            rel = file.relative_to(pages_dir).with_suffix("")
+            parts = [p for p in rel.parts]
+            if parts[-1] == "index":
+                parts.pop()
+            pattern = "/" + "/".join(re.sub(r"\[(\w+)\]", r"<\1>", p) for p in parts)
+            routes.append(Route(pattern, None, ("GET", "POST"), page=file.relative_to(self.root / "src").as_posix()))
+        routes.sort(key=lambda r: (not r.static, r.pattern))
+        return routes
+
+    def _discover_components(self):
+        folder = self.root / "src" / "components"
+        for file in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+            name = f"_asok_components_{abs(hash(str(self.root))):x}.{file.stem}"
+            spec = importlib.util.spec_from_file_location(name, file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            for value in vars(module).values():
+                if isinstance(value, type) and issubclass(value, Component) and value.__module__ == name:
+                    self.register_component(value)
+
+    def register_component(self, cls):
+        """Make `cls` available to `component(name)` and the live endpoint (found files do this)."""
+        self.components[cls.__name__] = cls
+        return cls
+
+    # ── keys, sessions, CSRF ──────────────────────────────────────────
+    def _open_session(self, request):
+        token = request.cookies.get(SESSION_COOKIE)
+        sid = None
+        if token:
+            try:
+                sid = self._cookie_signer.unsign(token)
+            except BadSignature:
+                sid = None
+            if sid is not None and not _SESSION_ID_RE.match(sid):
+                sid = None
+        record = self.sessions.load(sid) if sid else None
+        session = Session((record or {}).get("data"), sid)
+        session.live = (record or {}).get("live", {})
+        session.new = False
+        return session
+
+    def _ensure_session(self, session):
+        if session.sid is None:
+            session.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
+            session.new = True
+        return session.sid
+
+    def _csrf_token(self, request):
+        sid = self._ensure_session(request.session)
+        return self._csrf_signer.sign("csrf", bind=sid).rpartition(".")[2]
+
+    def _csrf_ok(self, sid, token):
+        if not sid or not isinstance(token, str):
+            return False
+        return hmac.compare_digest(token, self._csrf_signer.sign("csrf", bind=sid).rpartition(".")[2])
+
+    def _check_csrf(self, request):
+        token = request.headers.get("x-csrf-token") or request.form.get("csrf_token")
+        if not token:
+            raise HTTPError(403, "CSRF token missing: send the csrf_token form field "
+                                 "or an X-CSRF-Token header (templates have it as csrf_token)")
+        sid = request.session.sid
+        if sid is None:
+            raise HTTPError(403, "CSRF token given but the request has no session cookie")
+        if not self._csrf_ok(sid, token):
+            raise HTTPError(403, "CSRF token invalid for this session")
+
+    def _finish_session(self, request, response):
+        session = request._session
+        if session is None or not (session.modified or session.new):
+            return
+        def apply(record):
+            record["data"] = session.merge_into(record.get("data") or {})
+        self.sessions.update(self._ensure_session(session), apply)
+        response.set_cookie(SESSION_COOKIE, self._cookie_signer.sign(session.sid),
+                            max_age=self.session_lifetime, secure=request.scheme == "https")
+        self._maybe_collect()
+
+    def _maybe_collect(self):
+        now = time.monotonic()
+        if now - self._last_collect > SESSION_COLLECT_EVERY:
+            self._last_collect = now
+            threading.Thread(target=self.sessions.collect, name="asok-collect", daemon=True).start()
+
+    # ── URLs ──────────────────────────────────────────────────────────
+    def static_url(self, path):
+        return "/static/" + urllib.parse.quote(str(path).lstrip("/"))
+
+    def url_for(self, name, **params):
+        for route in self.routes:
+            if route.name == name:
+                return route.build(**params)
+        raise LookupError(f"url_for({name!r}): no route has that name")
+
+    # ── handling a request ────────────────────────────────────────────
+    def handle(self, request):
+        """Request in, Response out; never raises."""
+        request.app = self
+        try:
+            response = self._dispatch(request)
+        except HTTPError as exc:
+            response = self.error_response(exc.status, exc.detail, exc.headers)
+        except Exception:
+            log.exception("error handling %s %s", request.method, request.path)
+            response = self.error_response(500, None, tb=traceback.format_exc())
+        try:
+            self._finish_session(request, response)
+        except Exception:
+            log.exception("could not save the session")
+            response = self.error_response(500, "could not save the session")
+        if request.method == "HEAD":
+            if not response.streamed and response.header("content-length") is None:
+                response.headers.append(("Content-Length", str(len(response.body))))
+            response.body = b""
+        return response
+
+    def _dispatch(self, request):
+        path = request.path
+        if path.startswith("/static/"):
+            return self._static(request, self.root / "static", path[len("/static/"):])
+        if path == "/asok/alive.js":
+            return self._alive(request)
+        allowed = set()
+        for route in self.routes:
+            params = route.match(path)
+            if params is None:
+                continue
+            if request.method not in route.methods:
+                allowed |= route.methods
+                continue
+            request.params = params
+            if route.csrf and request.method in UNSAFE_METHODS:
+                self._check_csrf(request)
+            if route.wants_request:
+                params = dict(params, request=request)
+            return make_response(route.handler(**params))
+        for page in self._page_routes():
+            params = page.match(path if path == "/" else path.rstrip("/"))
+            if params is None:
+                continue
+            if request.method not in page.methods:
+                allowed |= page.methods
+                continue
+            request.params = params
+            if request.method in UNSAFE_METHODS:
+                self._check_csrf(request)
+            return self._render_page(request, page.page, params)
+        if allowed:
+            raise HTTPError(405, f"{request.method} is not allowed here; use {', '.join(sorted(allowed))}",
+                            [("Allow", ", ".join(sorted(allowed)))])
+        if any(r.match(path) is not None for r in self.ws_routes):
+            raise HTTPError(426, "this is a WebSocket endpoint", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        raise HTTPError(404, f"nothing at {path}")
+
+    def _page_routes(self):
+        if self.debug:
+            self.pages = self._scan_pages()
+        return self.pages
+
+    def _context(self, request):
+        return {
+            "request": request,
+            "session": request.session,
+            "csrf_token": _LazyToken(request),
+            "component": _ComponentRenderer(self, request, request.path),
+        }
+
+    def render_template(self, request, name, **context):
+        """Render `name` (under src/) for a route handler; adds the page globals and, when a
+        component is on the page, the live runtime."""
+        full = self._context(request)
+        full.update(context)
+        return self._finish_html(request, self.templates.render(name, **full))
+
+    def _render_page(self, request, name, params):
+        return Response(self.render_template(request, name, **params))
+
+    def _finish_html(self, request, text):
+        if not request.uses_live:
+            return text
+        tags = (f'<meta name="csrf-token" content="{request.csrf_token}">'
+                f'<script src="/asok/alive.js" defer></script>')
+        at = text.find("</head>")
+        if at < 0:
+            at = text.find("</body>")
+        return text + tags if at < 0 else text[:at] + tags + text[at:]
+
+    def error_response(self, status, detail=None, headers=(), tb=None):
+        phrase = HTTPStatus(status).phrase
+        body = f"<!doctype html><title>{status} {phrase}</title><h1>{status} {phrase}</h1>"
+        if detail:
+            body += f"<p>{html.escape(detail)}</p>"
+        if tb and self.debug:
+            body += f"<pre>{html.escape(tb)}</pre>"
+        response = Response(body, status, list(headers))
+        return response
+
+    def _static(self, request, folder, rel):
+        rel = urllib.parse.unquote(rel)
+        if "\0" in rel or "\\" in rel:
+            raise HTTPError(400, "bad characters in the file path")
+        try:
+            path = (folder / rel).resolve()
+            inside = path.is_relative_to(folder.resolve())
+        except (OSError, ValueError):
+            inside = False
+        if not inside or not path.is_file():
+            raise HTTPError(404, f"no file {rel!r} in static/")
+        if request.method not in ("GET", "HEAD"):
+            raise HTTPError(405, "static files answer GET and HEAD", [("Allow", "GET, HEAD")])
+        return _file_response(request, path)
+
+    def _alive(self, request):
+        if not ALIVE_JS.is_file():
+            raise HTTPError(404, f"alive.js is missing: copy it beside asok.py ({ALIVE_JS})")
+        return _file_response(request, ALIVE_JS)
+
+    # ── the live endpoint ─────────────────────────────────────────────
+    def _sign_state(self, name, cid, sid, state, version):
+        payload = json.dumps({"s": state, "v": version, "t": int(time.time())},
+                             separators=(",", ":"), sort_keys=True)
+        return self._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
+
+    def _wrap_component(self, comp, name, cid, sid, version):
+        state = comp._checked_state()
+        inner = comp.render()
+        token = self._sign_state(name, cid, sid, state, version)
+        return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
+                      f'data-asok-state="{html.escape(token)}">{inner}</div>')
+
+    def _live_context(self, request, cid):
+        return {"request": request, "session": request.session, "csrf_token": _LazyToken(request),
+                "component": _ComponentRenderer(self, request, cid)}
+
+    async def _live_socket(self, ws):
+        sid = ws.request.session.sid
+        loop = asyncio.get_running_loop()
+        async for message in ws:
+            if not isinstance(message, str):
+                reply = _live_error(None, "bad_message", "live messages are JSON text, not binary")
+            elif len(message) > LIVE_MAX_MESSAGE:
+                rid = re.search(r'"id"\s*:\s*"([^"\\]{1,100})"', message[:300])
+                reply = _live_error(rid and rid.group(1), "too_large",
+                                    f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")
+            else:
+                reply = await loop.run_in_executor(self.executor, self.live_event, sid, message)
+            await ws.send(reply)
+
+    def live_event(self, sid, text):
+        """One live message in (JSON text), one reply out (JSON text). Never raises."""
+        rid = None
+        try:
+            try:
+                message = json.loads(text)
+            except ValueError as exc:
+                raise LiveError("bad_json", f"message is not JSON: {exc}")
+            if not isinstance(message, dict):
+                raise LiveError("bad_message", "message must be a JSON object")
+            rid = message.get("id")
+            return json.dumps(self._live_apply(sid, message), separators=(",", ":"))
+        except LiveError as exc:
+            return _live_error(rid, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("live event failed")
+            detail = f"{type(exc).__name__}: {exc}" if self.debug else "see the server log"
+            return _live_error(rid, "server_error", f"the component raised an error ({detail})")
+
+    def _live_apply(self, sid, message):
+        rid, cid, name, token, method, args, csrf = (
+            message.get(k) for k in ("id", "cid", "component", "state", "method", "args", "csrf"))
+        if args is None:
+            args = []
+        for field, value, kind in (("id", rid, str), ("cid", cid, str), ("component", name, str),
+                                   ("state", token, str), ("method", method, str), ("args", args, list)):
+            if not isinstance(value, kind):
+                raise LiveError("bad_message", f"field {field!r} must be a {kind.__name__}")
+        if not sid:
+            raise LiveError("no_session", "this connection has no session cookie; reload the page")
+        if not self._csrf_ok(sid, csrf):
+            raise LiveError("bad_csrf", "CSRF token missing or invalid for this session; reload the page")
+        cls = self.components.get(name)
+        if cls is None:
+            raise LiveError("unknown_component", f"no component named {name!r}")
+        try:
+            payload = json.loads(self._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}"))
+        except (BadSignature, ValueError):
+            raise LiveError("bad_state", "state signature does not match this component, "
+                                         "cid and session (tampered or foreign state)")
+        if payload["t"] + self.session_lifetime < time.time():
+            raise LiveError("bad_state", "state has expired; reload the page")
+        if method == "$model":
+            if len(args) != 2 or not isinstance(args[0], str):
+                raise LiveError("bad_args", "$model takes [property, value]")
+            call = ("$model", [args[0], _model_value(cls, args[0], args[1])])
+        else:
+            if method.startswith("_"):
+                raise LiveError("private_method", f"{name}.{method} is private")
+            fn = getattr(cls, method, None)
+            if fn is None or not callable(fn):
+                raise LiveError("unknown_method", f"{name} has no method {method!r}")
+            if not getattr(fn, "__asok_exposed__", False):
+                raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
+            call = (method, _bind_args(cls, method, args))
+
+        def apply(record):
+            live = record.setdefault("live", {})
+            stored = live.get(cid)
+            if stored and stored.get("c") != name:
+                stored = None
+            if stored and stored["v"] >= payload["v"]:
+                state, version = stored["s"], stored["v"]
+            else:
+                state, version = payload["s"], payload["v"]
+            session = Session(record.get("data"), sid)
+            session.live = live
+            session.new = False
+            request = _LiveContext(self, session, sid)
+            context = self._live_context(request, cid)
+            comp = cls._restore(self, state, session, cid, context)
+            recent = stored.get("ids", []) if stored else []
+            if rid not in recent:
+                if call[0] == "$model":
+                    setattr(comp, call[1][0], call[1][1])
+                else:
+                    getattr(comp, call[0])(*call[1])
+                version += 1
+                recent = (recent + [rid])[-LIVE_RECENT_IDS:]
+            new_state = comp._checked_state()
+            inner = comp.render()
+            live[cid] = {"c": name, "s": new_state, "v": version, "ids": recent}
+            if session.modified:
+                record["data"] = dict(session)
+            return inner, new_state, version
+
+        inner, state, version = self.sessions.update(sid, apply)
+        return {"id": rid, "html": str(inner), "state": self._sign_state(name, cid, sid, state, version)}
+
+
+def _live_error(rid, code, message):
+    return json.dumps({"id": rid, "error": {"code": code, "message": message}}, separators=(",", ":"))
+
+
+def _http_date(ts):
+    return formatdate(ts, usegmt=True)
+
+
+def _file_response(request, path):
+    st = path.stat()
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers = [("ETag", etag), ("Last-Modified", _http_date(st.st_mtime)), ("Cache-Control", "no-cache")]
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+        ctype += "; charset=utf-8"
+    inm = request.headers.get("if-none-match")
+    ims = request.headers.get("if-modified-since")
+    fresh = False
+    if inm is not None:
+        fresh = etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
+    elif ims:
+        try:
+            fresh = int(st.st_mtime) <= parsedate_to_datetime(ims).timestamp()
+        except (TypeError, ValueError):
+            fresh = False
+    if fresh:
+        return Response(b"", 304, headers, content_type=None)
+    headers.append(("Content-Length", str(st.st_size)))
+    if st.st_size <= 256 * 1024:
+        return Response(path.read_bytes(), 200, headers, content_type=ctype)
+    return Response(_read_chunks(path), 200, headers, content_type=ctype)
+
+
+def _read_chunks(path, size=64 * 1024):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# WebSocket handlers' side: the object an @app.websocket handler receives
+# ═══════════════════════════════════════════════════════════════════════
+
+def _origin_allowed(request, route):
+    """Same origin by default (RFC 6455 §10.2); a route may list other origins.
+    A client that sends no Origin (not a browser) is let through."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    origin = origin.rstrip("/").lower()
+    return origin == f"{request.scheme}://{request.host}".lower() or origin in route.origins
+
+
+class WebSocket:
+    """`await ws.receive()` -> str or bytes, `await ws.send(data)`, `await ws.close(code, reason)`,
+    `async for message in ws` (ends when the peer closes). `ws.request` is the upgrade request."""
+
+    request = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.receive()
+        except ConnectionClosed:
+            raise StopAsyncIteration
+
+
+class _ServerWebSocket(WebSocket):
+    """A WebSocket on the built-in server: events come from _HTTPConnection.data_received."""
+
+    def __init__(self, request, conn):
+        self.request = request
+        self._conn = conn
+        self._queue = asyncio.Queue()
+        self.closed = None
+
+    async def receive(self):
+        if self._queue.empty() and self.closed is not None:
+            raise ConnectionClosed(*self.closed)
+        item = await self._queue.get()
+        if self._queue.qsize() < 8:
+            self._conn._resume_reading()
+        if isinstance(item, ConnectionClosed):
+            self._queue.put_nowait(item)
+            raise item
+        return item
+
+    async def send(self, data):
+        if self.closed is not None:
+            raise ConnectionClosed(*self.closed)
+        event = TextMessage(data) if isinstance(data, str) else BytesMessage(bytes(data))
+        await self._conn._ws_write(event)
+
+    async def close(self, code=1000, reason=""):
+        await self._conn._ws_close(code, reason)
+
+    def _deliver(self, item):
+        self._queue.put_nowait(item)
+
+    def _closed(self, code, reason):
+        if self.closed is None:
+            self.closed = (code, reason)
+            self._queue.put_nowait(ConnectionClosed(code, reason))
+
+
+class _ASGIWebSocket(WebSocket):
+    def __init__(self, request, receive, send):
+        self.request = request
+        self._receive = receive
+        self._send = send
+        self.closed = None
+
+    async def receive(self):
+        if self.closed is not None:
+            raise ConnectionClosed(*self.closed)
+        message = await self._receive()
+        if message["type"] == "websocket.disconnect":
+            self.closed = (message.get("code", 1005), message.get("reason") or "")
+            raise ConnectionClosed(*self.closed)
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def send(self, data):
+        if self.closed is not None:
+            raise ConnectionClosed(*self.closed)
+        key = "text" if isinstance(data, str) else "bytes"
+        await self._send({"type": "websocket.send", key: data})
+
+    async def close(self, code=1000, reason=""):
+        if self.closed is None:
+            self.closed = (code, reason)
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# WSGI (PEP 3333) and ASGI 3 adapters
+# ═══════════════════════════════════════════════════════════════════════
+
+def _wsgi_call(app, environ, start_response):
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-").lower()] = value
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(key):
+            headers[key.replace("_", "-").lower()] = environ[key]
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = -1
+    path = environ.get("PATH_INFO", "") or "/"
+    path = path.encode("latin-1").decode("utf-8", "replace")
+    request = Request(environ["REQUEST_METHOD"], environ.get("SCRIPT_NAME", "") + path,
+                      environ.get("QUERY_STRING", ""), headers, b"", environ.get("wsgi.url_scheme", "http"),
+                      environ.get("REMOTE_ADDR", ""), app)
+    if length < 0:
+        response = app.error_response(400, "Content-Length is not a number")
+    elif length > app.max_body:
+        response = app.error_response(413, f"body of {length} bytes; the limit is {app.max_body}")
+    else:
+        request.body = environ["wsgi.input"].read(length) if length else b""
+        response = app.handle(request)
+    status = f"{response.status} {HTTPStatus(response.status).phrase}"
+    headers = [(k, str(v)) for k, v in response.headers]
+    if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
+        headers.append(("Content-Length", str(len(response.body))))
+    start_response(status, headers)
+    return [bytes(response.body)] if not response.streamed else response.body
+
+
+class _ASGIApp:
+    """ASGI 3: `uvicorn module:app.asgi`. HTTP and WebSocket scopes; lifespan acknowledged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    def _request(self, scope):
+        headers = {}
+        for name, value in scope.get("headers", ()):
+            name = name.decode("latin-1").lower()
+            value = value.decode("latin-1")
+            headers[name] = headers[name] + (";" if name == "cookie" else ", ") + value if name in headers else value
+        client = scope.get("client") or ("", 0)
+        scheme = {"wss": "https", "ws": "http"}.get(scope.get("scheme"), scope.get("scheme", "http"))
+        return Request(scope.get("method", "GET"), scope.get("root_path", "") + scope["path"],
+                       scope.get("query_string", b"").decode("latin-1"), headers, b"", scheme, client[0], self.app)
+
+    async def _http(self, scope, receive, send):
+        app = self.app
+        loop = asyncio.get_running_loop()
+        request = self._request(scope)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > app.max_body or not message.get("more_body"):
+                break
+        if size > app.max_body:
+            response = app.error_response(413, f"body over the limit of {app.max_body} bytes")
+        else:
+            request.body = b"".join(chunks)
+            response = await loop.run_in_executor(app.executor, app.handle, request)
+        headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers]
+        if not response.streamed and response.header("content-length") is None:
+            headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if not response.streamed:
+            await send({"type": "http.response.body", "body": bytes(response.body)})
+            return
+        iterator = iter(response.body)
+        while (chunk := await loop.run_in_executor(app.executor, next, iterator, None)) is not None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _websocket(self, scope, receive, send):
+        app = self.app
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        request = self._request(scope)
+        route, params = _find_ws_route(app, request.path)
+        if route is None or not _origin_allowed(request, route):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        request.params = params
+        await asyncio.get_running_loop().run_in_executor(app.executor, lambda: request.session)
+        await send({"type": "websocket.accept"})
+        ws = _ASGIWebSocket(request, receive, send)
+        await _run_ws_handler(route, ws, params)
+
+
+def _find_ws_route(app, path):
+    for route in app.ws_routes:
+        params = route.match(path)
+        if params is not None:
+            return route, params
+    return None, None
+
+
+async def _run_ws_handler(route, ws, params):
+    try:
+        await route.handler(ws, **params)
+    except ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("WebSocket handler %s failed", route.pattern)
+        if ws.closed is None:
+            await ws.close(1011, "internal error")
+        return
+    if ws.closed is None:
+        await ws.close(1000, "")
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# The asyncio server: one protocol object per connection drives the sans-I/O parsers
+# ═══════════════════════════════════════════════════════════════════════
+
+HEADER_TIMEOUT = 10.0      # the whole request head must arrive within this
+BODY_TIMEOUT = 30.0        # longest pause while a body is arriving
+IDLE_TIMEOUT = 5.0         # keep-alive connection with no request
+WS_PING_INTERVAL = 20.0    # ping a quiet WebSocket; no answer by the next tick ends it
+WS_CLOSE_TIMEOUT = 5.0     # wait this long for the peer's close frame
+SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
+_PAUSE_AT = 256 * 1024
+
+
+class _ServerState:
+    def __init__(self, app, header_timeout, body_timeout, idle_timeout, ping_interval):
+        self.app = app
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.idle_timeout = idle_timeout
+        self.ping_interval = ping_interval
+        self.connections = set()
+        self.stopping = False
+        self._date = (0, "")
+
+    def date(self):
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+
+class _HTTPConnection(asyncio.Protocol):
+    """HTTP/1.1 keep-alive and pipelining; upgrades to WebSocket for @app.websocket routes."""
+
+    def __init__(self, state):
+        self.s = state
+        self.app = state.app
+        self.loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.parser = HTTPParser(max_body=self.app.max_body)
+        self.phase = "idle"
+        self.timer = None
+        self.ws = None
+        self.wsconn = None
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.closed = False
+        self.s.connections.add(self)
+        self._set_timer(self.s.idle_timeout)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.writable.set()
+        self._cancel_timer()
+        self.s.connections.discard(self)
+        if self.ws is not None:
+            self.ws._closed(CloseCode.ABNORMAL, "connection lost")
+
+    def pause_writing(self):
+        self.writable.clear()
+
+    def resume_writing(self):
+        self.writable.set()
+
+    def _pause_reading(self):
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self):
+        if self.paused and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # ── timers ────────────────────────────────────────────────────────
+    def _set_timer(self, seconds):
+        self._cancel_timer()
+        self.timer = self.loop.call_later(seconds, self._timed_out)
+
+    def _cancel_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self):
+        self.timer = None
+        if self.phase == "idle":
+            self.transport.close()
+        elif self.phase in ("head", "body"):
+            self._refuse(408, "request not received in time")
+
+    # ── HTTP ──────────────────────────────────────────────────────────
+    def data_received(self, data):
+        if self.wsconn is not None:
+            self._ws_data(data)
+            return
+        self.parser.receive_data(data)
+        if self.phase == "idle":
+            self.phase = "head"
+            self._set_timer(self.s.header_timeout)
+        elif self.phase == "body":
+            self._set_timer(self.s.body_timeout)
+        if self.phase == "busy":
+            if self.parser.pending_size > _PAUSE_AT:
+                self._pause_reading()
+            return
+        self._advance()
+
+    def eof_received(self):
+        if self.wsconn is not None:
+            self._ws_data(b"")
+            return False
+        self.parser.receive_data(b"")
+        if self.phase != "busy":
+            self._advance()
+        return True
+
+    def _advance(self):
+        while not self.closed:
+            try:
+                event = self.parser.next_event()
+            except HTTPProtocolError as exc:
+                self._refuse(exc.status, exc.message)
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, RequestHead):
+                self.head = event
+                self.body = []
+                self.phase = "body"
+                self._set_timer(self.s.body_timeout)
+                if event.expect_continue:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            elif isinstance(event, Body):
+                self.body.append(event.data)
+            elif isinstance(event, EndOfMessage):
+                self.phase = "busy"
+                self._cancel_timer()
+                self.loop.create_task(self._respond(self.head, b"".join(self.body)))
+                return
+            elif isinstance(event, ConnectionEnded):
+                self.transport.close()
+                return
+
+    def _refuse(self, status, message):
+        """Answer a request we cannot parse or wait for, then close the connection."""
+        body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
+        head = render_response_head(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body))), ("Connection", "close")])
+        if not self.closed:
+            self.transport.write(head + body)
+            self.transport.close()
+        access_log.info('%s "-" %d %d (%s)', self.peer, status, len(body), message)
+        self.closed = True
+
+    def _make_request(self, head, body):
+        target = head.target
+        if target.startswith("/"):
+            raw_path, _, query = target.partition("?")
+        elif target.startswith(("http://", "https://")):
+            split = urllib.parse.urlsplit(target)
+            raw_path, query = split.path or "/", split.query
+        else:
+            raise HTTPError(400, "the request target must be a path starting with /")
+        headers = {}
+        for name, value in head.headers:
+            if name in headers:
+                value = headers[name] + ("; " if name == "cookie" else ", ") + value
+            headers[name] = value
+        return Request(head.method, urllib.parse.unquote(raw_path), query, headers, body,
+                       "http", self.peer.rpartition(":")[0], self.app)
+
+    async def _respond(self, head, body):
+        try:
+            request = self._make_request(head, body)
+        except HTTPError as exc:
+            self._refuse(exc.status, exc.detail)
+            return
+        if "websocket" in request.headers.get("upgrade", "").lower():
+            route, params = _find_ws_route(self.app, request.path)
+            if route is not None:
+                await self._upgrade(head, request, route, params)
+                return
+        started = time.perf_counter()
+        response = await self.loop.run_in_executor(self.app.executor, self.app.handle, request)
+        keep_alive = head.keep_alive and not self.s.stopping
+        sent = await self._write_response(head, response, keep_alive)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info('%s "%s %s %s" %d %d %.1fms', self.peer, head.method, head.target,
+                            head.version, response.status, sent, (time.perf_counter() - started) * 1000)
+        if self.closed:
+            return
+        if not keep_alive:
+            self.transport.close()
+            self.closed = True
+            return
+        self.parser.start_next_cycle()
+        self.phase = "idle"
+        self._resume_reading()
+        if self.parser.pending_size:
+            self.phase = "head"
+            self._set_timer(self.s.header_timeout)
+        else:
+            self._set_timer(self.s.idle_timeout)
+        self._advance()
+
+    async def _write_response(self, head, response, keep_alive):
+        status = response.status
+        headers = [("Date", self.s.date()), *response.headers]
+        no_body = head.method == "HEAD" or status in (204, 304) or status < 200
+        chunked = False
+        if response.streamed:
+            if head.version == "HTTP/1.1" and not no_body and response.header("content-length") is None:
+                headers.append(("Transfer-Encoding", "chunked"))
+                chunked = True
+            elif response.header("content-length") is None:
+                keep_alive = False
+        elif response.header("content-length") is None and status not in (204, 304):
+            headers.append(("Content-Length", str(len(response.body))))
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        elif head.version == "HTTP/1.0":
+            headers.append(("Connection", "keep-alive"))
+        out = render_response_head(status, headers)
+        if not response.streamed:
+            body = b"" if no_body else response.body
+            if not self.closed:
+                self.transport.write(out + body if len(body) < 65536 else out)
+                if len(body) >= 65536:
+                    self.transport.write(body)
+            return len(body)
+        self.transport.write(out)
+        sent = 0
+        iterator = iter(response.body)
+        try:
+            while not self.closed:
+                chunk = await self.loop.run_in_executor(self.app.executor, next, iterator, None)
+                if chunk is None:
+                    break
+                if no_body or not chunk:
+                    continue
+                sent += len(chunk)
+                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await self.writable.wait()
+        finally:
+            close = getattr(iterator, "close", None)
+            if close:
+                close()
+        if chunked and not self.closed:
+            self.transport.write(b"0\r\n\r\n")
+        if not keep_alive and not self.closed:
+            self.transport.close()
+            self.closed = True
+        return sent
+
+    # ── WebSocket ─────────────────────────────────────────────────────
+    async def _upgrade(self, head, request, route, params):
+        if head.version != "HTTP/1.1":
+            self._refuse(400, "a WebSocket upgrade needs HTTP/1.1")
+            return
+        try:
+            accept = ws_check_handshake(head.method, request.headers)
+        except WebSocketHandshakeError as exc:
+            body = f"{exc.status} {HTTPStatus(exc.status).phrase}: {exc}\n".encode()
+            self.transport.write(render_response_head(exc.status, [
+                *exc.headers, ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))), ("Connection", "close")]) + body)
+            self.transport.close()
+            self.closed = True
+            return
+        if not _origin_allowed(request, route):
+            self._refuse(403, f"origin {request.headers.get('origin')} may not open this WebSocket")
+            return
+        await self.loop.run_in_executor(self.app.executor, lambda: request.session)
+        request.params = params
+        self.transport.write(render_response_head(101, [
+            ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]))
+        access_log.info('%s "%s %s %s" 101 websocket', self.peer, head.method, head.target, head.version)
+        self.phase = "ws"
+        self.wsconn = WSConnection(max_size=route.max_size)
+        self.ws = _ServerWebSocket(request, self)
+        self.heard = True
+        self._set_ping_timer()
+        leftover = self.parser.pending_bytes
+        if leftover:
+            self._ws_data(leftover)
+        self._resume_reading()
+        await _run_ws_handler(route, self.ws, params)
+        self._cancel_timer()
+
+    def _set_ping_timer(self):
+        self._cancel_timer()
+        self.timer = self.loop.call_later(self.s.ping_interval, self._ping_tick)
+
+    def _ping_tick(self):
+        self.timer = None
+        if self.closed:
+            return
+        if not self.heard:
+            self.ws._closed(CloseCode.ABNORMAL, "peer stopped answering pings")
+            self.transport.abort()
+            return
+        self.heard = False
+        self.transport.write(self.wsconn.send(Ping(b"asok")))
+        self._set_ping_timer()
+
+    def _ws_data(self, data):
+        self.heard = True
+        conn = self.wsconn
+        conn.receive_data(data)
+        try:
+            for event in conn.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self.ws._deliver(event.data)
+                    if self.ws._queue.qsize() > 64:
+                        self._pause_reading()
+                elif isinstance(event, Ping):
+                    self.transport.write(conn.send(Pong(event.payload)))
+                elif isinstance(event, CloseConnection):
+                    if conn.state != "CLOSED" and event.code != CloseCode.ABNORMAL:
+                        self.transport.write(conn.send(CloseConnection(event.code)))
+                    self.ws._closed(event.code, event.reason)
+                    self.transport.close()
+                    return
+        except WebSocketError as exc:
+            if conn.state == "OPEN":
+                self.transport.write(conn.send(CloseConnection(exc.close_code, str(exc))))
+            self.ws._closed(exc.close_code, str(exc))
+            self.transport.close()
+
+    async def _ws_write(self, event):
+        if self.closed:
+            raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
+        self.transport.write(self.wsconn.send(event))
+        await self.writable.wait()
+
+    async def _ws_close(self, code, reason):
+        if self.closed or self.wsconn.state != "OPEN":
+            return
+        self.transport.write(self.wsconn.send(CloseConnection(code, reason)))
+        self.ws._closed(code, reason)
+        self._cancel_timer()
+        self.timer = self.loop.call_later(WS_CLOSE_TIMEOUT, self.transport.close)
+
+    def shutdown(self):
+        """Close an idle connection now; a busy one closes after its response."""
+        if self.phase in ("idle", "head"):
+            self.transport.close()
+        elif self.phase == "ws" and self.wsconn.state == "OPEN":
+            self.transport.write(self.wsconn.send(CloseConnection(CloseCode.GOING_AWAY, "server shutting down")))
+            self.ws._closed(CloseCode.GOING_AWAY, "server shutting down")
+            self.loop.call_later(1.0, self.transport.close)
+
+
+async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=HEADER_TIMEOUT,
+                body_timeout=BODY_TIMEOUT, idle_timeout=IDLE_TIMEOUT, ping_interval=WS_PING_INTERVAL,
+                stop=None):
+    """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set)."""
+    loop = asyncio.get_running_loop()
+    state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval)
+    server = await loop.create_server(lambda: _HTTPConnection(state), host, port, backlog=1024)
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    bound = server.sockets[0].getsockname()
+    log.info("asok serving %s on http://%s:%d%s", app.root, bound[0], bound[1], " (debug)" if app.debug else "")
+    if ready is not None:
+        ready(bound)
+    await stop.wait()
+    log.info("shutting down: finishing %d connection(s)", len(state.connections))
+    state.stopping = True
+    server.close()
+    for conn in list(state.connections):
+        conn.shutdown()
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while state.connections and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(state.connections):
+        conn.transport.abort()
+    await server.wait_closed()
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Testing
+# ═══════════════════════════════════════════════════════════════════════
+
+class TestResponse:
+    def __init__(self, response):
+        self.status = response.status
+        self.headers = response.headers
+        body = response.body
+        self.body = body if not response.streamed else b"".join(body)
+
+    def header(self, name, default=None):
+        name = name.lower()
+        return next((v for k, v in self.headers if k.lower() == name), default)
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"<TestResponse {self.status}>"
+
+
+class TestClient:
+    """Drive an app without a server: `client.get("/")`, `client.post(path, data={...})`, and
+    `client.live("/", "Counter").call("increment")` for a component on a page. Keeps cookies."""
+
+    __test__ = False
+
+    def __init__(self, app, scheme="http", host="testserver"):
+        self.app = app
+        self.scheme = scheme
+        self.host = host
+        self.cookies = {}
+
+    def request(self, method, path, *, data=None, json_body=None, headers=None, body=b""):
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
+        headers.setdefault("host", self.host)
+        if data is not None:
+            body = urllib.parse.urlencode(data).encode()
+            headers.setdefault("content-type", "application/x-www-form-urlencoded")
+        elif json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers.setdefault("content-type", "application/json")
+        if self.cookies:
+            headers.setdefault("cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        path, _, query = path.partition("?")
+        request = Request(method, urllib.parse.unquote(path), query, headers, body, self.scheme, "127.0.0.1", self.app)
+        response = TestResponse(self.app.handle(request))
+        for name, value in response.headers:
+            if name.lower() == "set-cookie":
+                cookie_name, _, rest = value.partition("=")
+                cookie_value = rest.split(";")[0]
+                if "Max-Age=0" in value:
+                    self.cookies.pop(cookie_name, None)
+                else:
+                    self.cookies[cookie_name] = cookie_value
+        return response
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path, **kwargs):
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path, **kwargs):
+        return self.request("PUT", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    @property
+    def sid(self):
+        token = self.cookies.get(SESSION_COOKIE)
+        return self.app._cookie_signer.unsign(token) if token else None
+
+    def live(self, path, name, index=0):
+        """Load the page at `path` and return a handle on its `index`-th `name` component."""
+        page = self.get(path)
+        if page.status != 200:
+            raise AssertionError(f"GET {path} answered {page.status}")
+        roots = _find_components(page.text)
+        matches = [r for r in roots if r[1] == name]
+        if len(matches) <= index:
+            raise AssertionError(f"no component {name!r} #{index} on {path} (found {[r[1] for r in roots]})")
+        cid, _, state = matches[index]
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]*)"', page.text)
+        return LiveHandle(self, cid, name, state, csrf.group(1) if csrf else "")
+
+
+def _find_components(text):
+    found = re.findall(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">', text)
+    return [(html.unescape(cid), name, html.unescape(state)) for cid, name, state in found]
+
+
+class LiveHandle:
+    """One component on a page, driven through the live protocol without a socket."""
+
+    def __init__(self, client, cid, name, state, csrf):
+        self.client = client
+        self.cid = cid
+        self.name = name
+        self.state_token = state
+        self.csrf = csrf
+        self.html = None
+        self._n = 0
+
+    @property
+    def state(self):
+        return json.loads(self.state_token.rpartition(".")[0])["s"]
+
+    def send(self, message):
+        """Send a raw message (dict or text) and return the reply as a dict."""
+        text = message if isinstance(message, str) else json.dumps(message)
+        return json.loads(self.client.app.live_event(self.client.sid, text))
+
+    def call(self, method, *args, **overrides):
+        self._n += 1
+        message = {"id": f"test:{self._n}", "cid": self.cid, "component": self.name,
+                   "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
+        message.update(overrides)
+        reply = self.send(message)
+        if "error" not in reply:
+            self.state_token = reply["state"]
+            self.html = reply["html"]
+        return reply
+
+
+# ═══════════════════════════════════════════════════════════════════════
+# Command line
+# ═══════════════════════════════════════════════════════════════════════
+
+def load_app(app_dir="."):
+    """The app of a folder: `app` from its app.py if there is one, else a plain Asok(app_dir)."""
+    root = Path(app_dir).resolve()
+    if not root.is_dir():
+        raise SystemExit(f"asok: {root} is not a folder")
+    app_file = root / "app.py"
+    if not app_file.is_file():
+        return Asok(root)
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location("app", app_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("app", module)
+    spec.loader.exec_module(module)
+    app = getattr(module, "app", None)
+    if not isinstance(app, Asok):
+        raise SystemExit(f"asok: {app_file} must define `app = Asok(__file__)`")
+    return app
+
+
+def _watched_files(root):
+    files = {Path(__file__).resolve()}
+    files.update(p for p in Path(root).rglob("*.py") if ".asok" not in p.parts)
+    stamps = {}
+    for path in files:
+        try:
+            stamps[path] = path.stat().st_mtime_ns
+        except OSError:
+            pass
+    return stamps
+
+
+def _run_reloader(argv, root):
+    """Run the server in a child process; restart it when a .py file of the app changes."""
+    args = [a for a in argv if a != "--reload"]
+    while True:
+        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args])
+        stamps = _watched_files(root)
+        try:
+            while child.poll() is None:
+                time.sleep(0.5)
+                if _watched_files(root) != stamps:
+                    log.info("a .py file changed; restarting")
+                    break
+            else:
+                return child.returncode
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGINT)
+            child.wait()
+            return 0
+        child.terminate()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def main(argv=None):
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="asok", description="asok: serve an app folder")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve APP_DIR with the built-in server")
+    serve_cmd.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
+    serve_cmd.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    serve_cmd.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve_cmd.add_argument("--reload", action="store_true", help="restart when a .py file changes")
+    serve_cmd.add_argument("--debug", action="store_true", help="tracebacks, template reload, development key")
+    serve_cmd.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if opts.no_access_log:
+        access_log.setLevel(logging.WARNING)
+    if opts.debug:
+        os.environ["DEBUG"] = "true"
+    if opts.reload:
+        return _run_reloader(argv, opts.app_dir)
+    app = load_app(opts.app_dir)
+    try:
+        asyncio.run(serve(app, opts.host, opts.port))
+    except OSError as exc:
+        raise SystemExit(f"asok: cannot listen on {opts.host}:{opts.port}: {exc.strerror}")
+    return 0
+
+
+_component_module = types.ModuleType("asok.component", "asok's component API (asok is one module).")
+_component_module.Component = Component
+_component_module.exposed = exposed
+sys.modules.setdefault(__name__, sys.modules.get(__name__))
+if __name__ == "__main__":
+    sys.modules.setdefault("asok", sys.modules["__main__"])
+sys.modules.setdefault("asok.component", _component_module)
+
+if __name__ == "__main__":
+    sys.exit(main())

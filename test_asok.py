@@ -1,0 +1,2369 @@
+"""asok's test suite: `python -m pytest` runs it with nothing but pytest installed."""
+from pathlib import Path
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import signal
+import socket
+import socketserver
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+import warnings
+import wsgiref.validate
+
+import pytest
+
+import asok
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# Web core: server, routing, sessions, keys, CSRF
+# ═══════════════════════════════════════════════════════════════════════════
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "examples"
+
+
+# ── helpers: app folders, servers, raw sockets ───────────────────────────────
+
+def make_app(tmp_path, files, **options):
+    """Write `files` ({relative path: text}) under tmp_path and return Asok(tmp_path)."""
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    options.setdefault("secret_key", "k" * 32)
+    return asok.Asok(tmp_path, **options)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app, **options):
+    """Serve `app` in a background thread; yields the port; stops the server afterwards."""
+    ready = threading.Event()
+    holder = {}
+
+    async def main():
+        holder["loop"] = asyncio.get_running_loop()
+        holder["stop"] = asyncio.Event()
+        await asok.serve(app, "127.0.0.1", 0, stop=holder["stop"],
+                         ready=lambda addr: (holder.update(port=addr[1]), ready.set()), **options)
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10), "server did not start"
+    try:
+        yield holder["port"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(15)
+
+
+@contextlib.contextmanager
+def serve_process(app_dir, *args, env=None):
+    """`python asok.py serve APP_DIR --port P` in a subprocess; yields (port, process)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "asok.py"), "serve", str(app_dir), "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("server did not start: " + proc.stdout.read().decode())
+                time.sleep(0.05)
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.stdout.close()
+
+
+class Conn:
+    """A client socket with a read buffer, so pipelined responses can be read one by one."""
+
+    def __init__(self, port, timeout=5):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def settimeout(self, t):
+        self.sock.settimeout(t)
+
+    def recv(self, n):
+        if self.buf:
+            data, self.buf = self.buf[:n], self.buf[n:]
+            return data
+        return self.sock.recv(n)
+
+    def setblocking(self, flag):
+        self.sock.setblocking(flag)
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect(port, timeout=5):
+    return Conn(port, timeout)
+
+
+def read_response(conn, method="GET"):
+    """Read one HTTP response: (status, headers dict with lower-case names, body)."""
+    data = conn.buf
+    conn.buf = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a response head: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+    def more():
+        chunk = conn.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a body")
+        return chunk
+
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        body = b""
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += more()
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(rest) < size + 2:
+                rest += more()
+            body += rest[:size]
+            rest = rest[size + 2:]
+            if size == 0:
+                break
+    elif "content-length" in headers:
+        size = int(headers["content-length"])
+        while len(rest) < size:
+            rest += more()
+        body, rest = rest[:size], rest[size:]
+    else:
+        while chunk := conn.sock.recv(65536):
+            rest += chunk
+        body, rest = rest, b""
+    conn.buf = rest
+    return status, headers, body
+
+
+def exchange(port, raw, method="GET"):
+    with connect(port) as sock:
+        sock.sendall(raw)
+        return read_response(sock, method)
+
+
+def is_closed(sock):
+    try:
+        sock.settimeout(5)
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def get(port, path="/", headers=""):
+    return exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+
+
+PAGES = {
+    "src/pages/index.html": "<h1>home</h1>",
+    "src/pages/about.html": "<h1>about << 1 + 1 >></h1>",
+    "src/pages/docs/index.html": "docs index",
+    "src/pages/blog/[slug].html": "post << slug >>",
+    "static/site.css": "body { color: red }",
+    "app.py": "",
+}
+
+
+# ── the echo example through the CLI ─────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def echo_port():
+    with serve_process(EXAMPLES / "echo") as (port, _):
+        yield port
+
+
+def test_cli_serves_echo_post_body_unchanged(echo_port):
+    body = bytes(range(256)) * 4
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    status, headers, got = exchange(echo_port, raw)
+    assert status == 200 and got == body
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(echo_port):
+    with connect(echo_port) as sock:
+        for n in range(3):
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + str(n).encode())
+            status, headers, body = read_response(sock)
+            assert (status, body) == (200, str(n).encode())
+            assert "close" not in headers.get("connection", "")
+
+
+def test_pipelined_requests_answered_in_order(echo_port):
+    raw = b"".join(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + c for c in (b"a", b"b", b"c"))
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        bodies = []
+        for _ in range(3):
+            bodies.append(read_response(sock)[2])
+        assert bodies == [b"a", b"b", b"c"]
+
+
+def test_chunked_request_body_is_decoded(echo_port):
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
+    assert exchange(echo_port, raw)[2] == b"hello world"
+
+
+def test_connection_close_closes_after_the_response(echo_port):
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
+        status, headers, body = read_response(sock)
+        assert (status, body, headers["connection"]) == (200, b"hi", "close")
+        assert is_closed(sock)
+
+
+def test_http10_closes_unless_keep_alive(echo_port):
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+        assert read_response(sock)[2] == b"hi"
+        assert is_closed(sock)
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi")
+        status, headers, _ = read_response(sock)
+        assert headers["connection"] == "keep-alive"
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nho")
+        assert read_response(sock)[2] == b"ho"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n", 413),
+])
+def test_bad_requests_get_their_status_and_the_connection_closes(echo_port, raw, status):
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        got, headers, body = read_response(sock)
+        assert got == status, body
+        assert headers["connection"] == "close"
+        assert body  # says what was wrong
+        assert is_closed(sock)
+    assert exchange(echo_port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")[2] == b"ok"
+
+
+def test_smuggling_attempt_is_not_treated_as_a_second_request(echo_port):
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        assert read_response(sock)[0] == 400
+        assert is_closed(sock)
+
+
+def test_body_limit_is_configurable(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, max_body=10)
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        return str(len(request.body))
+
+    with running(app) as port:
+        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"a" * 11
+        assert exchange(port, raw)[0] == 413
+        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n" + b"a" * 11 + b"\r\n0\r\n\r\n"
+        assert exchange(port, raw)[0] == 413
+        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"a" * 10)[2] == b"10"
+
+
+def test_head_sends_headers_without_body(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, headers, body = exchange(port, b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\n", "HEAD")
+        assert status == 200 and body == b""
+        assert int(headers["content-length"]) == len(b"<h1>about 2</h1>")
+        # the connection is usable afterwards: nothing of a body was sent
+        with connect(port) as sock:
+            sock.sendall(b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\nGET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock, "HEAD")[2] == b""
+            status, _, body = read_response(sock)
+            assert (status, body) == (200, b"<h1>about 2</h1>")
+
+
+def test_slow_client_is_dropped_and_others_are_served(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, header_timeout=1.0) as port:
+        slow = connect(port, timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\n")
+        dropped = False
+        for _ in range(40):  # one byte every 0.1 s: never a complete head
+            assert get(port, "/about")[0] == 200
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                dropped = True
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                data = slow.recv(4096)
+                if data.startswith(b"HTTP/1.1 408") or data == b"":
+                    dropped = True
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        slow.close()
+        assert dropped
+
+
+def test_idle_keep_alive_connection_is_closed(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, idle_timeout=0.3) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            assert is_closed(sock)
+
+
+def test_slow_handler_does_not_stall_other_clients(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    release = threading.Event()
+
+    @app.route("/slow")
+    def slow():
+        release.wait(10)
+        return "slow done"
+
+    with running(app) as port:
+        slow_sock = connect(port, timeout=15)
+        slow_sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)
+        assert get(port, "/about")[0] == 200  # answered while /slow is still running
+        assert not release.is_set()
+        release.set()
+        assert read_response(slow_sock)[2] == b"slow done"
+        slow_sock.close()
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path):
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import time
+        from asok import Asok
+        app = Asok(__file__, secret_key="k" * 32)
+
+        @app.route("/slow")
+        def slow():
+            time.sleep(1.0)
+            return "finished"
+    """))
+    with serve_process(tmp_path) as (port, proc):
+        sock = connect(port, timeout=15)
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        status, _, body = read_response(sock)
+        assert (status, body) == (200, b"finished")
+        assert proc.wait(15) == 0
+        log = proc.stdout.read().decode()
+        assert '"GET /slow HTTP/1.1" 200' in log  # the access log
+
+
+# ── routing, pages, responses ────────────────────────────────────────────────
+
+def test_file_pages_nested_and_params(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, PAGES))
+    assert client.get("/").text == "<h1>home</h1>"
+    assert client.get("/about").text == "<h1>about 2</h1>"
+    assert client.get("/docs").text == "docs index"
+    assert client.get("/docs/").text == "docs index"
+    assert client.get("/blog/hello-world").text == "post hello-world"
+    assert client.get("/blog/<b>").text == "post &lt;b&gt;"
+
+
+def test_404_405_and_500_pages(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.route("/boom")
+    def boom():
+        raise ValueError("secret detail")
+
+    @app.route("/only-post", methods=["POST"], csrf=False)
+    def only_post():
+        return "posted"
+
+    client = asok.TestClient(app)
+    assert client.get("/missing").status == 404
+    r = client.get("/only-post")
+    assert r.status == 405 and r.header("allow") == "POST"
+    r = client.get("/boom")
+    assert r.status == 500 and "secret detail" not in r.text and "Traceback" not in r.text
+    app.debug = True
+    r = client.get("/boom")
+    assert r.status == 500 and "Traceback" in r.text and "secret detail" in r.text
+
+
+def test_handler_return_values(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/s")(lambda: "text")
+    app.route("/b")(lambda: b"\x00\x01")
+    app.route("/j")(lambda: {"a": [1, 2]})
+    app.route("/t")(lambda: ("made", 201, {"X-Extra": "1"}))
+    app.route("/r")(lambda: asok.Response("teapot", 418, {"X-Tea": "yes"}, content_type="text/plain"))
+    app.route("/g")(lambda: (part for part in ["a", "b", "c"]))
+    app.route("/n")(lambda: None)
+    client = asok.TestClient(app)
+    r = client.get("/s")
+    assert (r.text, r.header("content-type")) == ("text", "text/html; charset=utf-8")
+    assert client.get("/b").header("content-type") == "application/octet-stream"
+    assert client.get("/j").json() == {"a": [1, 2]}
+    r = client.get("/t")
+    assert (r.status, r.text, r.header("x-extra")) == (201, "made", "1")
+    r = client.get("/r")
+    assert (r.status, r.header("x-tea"), r.header("content-type")) == (418, "yes", "text/plain")
+    assert client.get("/g").text == "abc"
+    assert client.get("/n").status == 500
+
+
+def test_streamed_body_is_chunked_on_the_wire(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/stream")(lambda: (f"part{i};" for i in range(3)))
+    with running(app) as port:
+        status, headers, body = get(port, "/stream")
+        assert headers["transfer-encoding"] == "chunked"
+        assert body == b"part0;part1;part2;"
+
+
+def test_request_fields(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/inspect/<int:n>", methods=["POST"], csrf=False)
+    def inspect_(request, n):
+        return {"n": n, "method": request.method, "path": request.path, "q": request.query.getlist("q"),
+                "form": dict(request.form), "cookie": request.cookies.get("c"), "ua": request.headers.get("user-agent")}
+
+    @app.route("/json", methods=["POST"], csrf=False)
+    def json_(request):
+        return {"got": request.json}
+
+    client = asok.TestClient(app)
+    client.cookies["c"] = "cv"
+    r = client.request("POST", "/inspect/7?q=1&q=2", data={"a": "b"}, headers={"User-Agent": "t"})
+    assert r.json() == {"n": 7, "method": "POST", "path": "/inspect/7", "q": ["1", "2"], "form": {"a": "b"},
+                        "cookie": "cv", "ua": "t"}
+    assert client.post("/json", json_body={"x": 1}).json() == {"got": {"x": 1}}
+    r = client.post("/json", body=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "not valid JSON" in r.text
+    assert client.get("/inspect/notanumber").status == 404
+
+
+def test_static_files_etag_last_modified_and_304(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, headers, body = get(port, "/static/site.css")
+        assert status == 200 and body == b"body { color: red }"
+        assert headers["content-type"].startswith("text/css")
+        etag, modified = headers["etag"], headers["last-modified"]
+        assert get(port, "/static/site.css", f"If-None-Match: {etag}\r\n")[0] == 304
+        assert get(port, "/static/site.css", f"If-Modified-Since: {modified}\r\n")[0] == 304
+        assert get(port, "/static/site.css", 'If-None-Match: "other"\r\n')[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
+                                  "/static//etc/passwd", "/static/%00x", "/static/"])
+def test_static_cannot_leave_its_folder(tmp_path, path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, _, body = get(port, path)
+        assert status in (400, 404)
+        assert b"import" not in body and b"root:" not in body
+
+
+def test_wsgi_validator_finds_nothing(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    app.route("/g")(lambda: (p for p in ["a", "b"]))
+
+    @app.route("/echo", methods=["POST"], csrf=False)
+    def echo(request):
+        return asok.Response(request.body, content_type="application/octet-stream")
+
+    validated = wsgiref.validate.validator(app)
+
+    def call(method, path, body=b"", query=""):
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
+                   "SERVER_NAME": "x", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "HTTP_HOST": "x"}
+        if body:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        seen = {}
+
+        def start_response(status, headers, exc_info=None):
+            seen["status"], seen["headers"] = status, headers
+            return lambda data: None
+
+        result = validated(environ, start_response)
+        body = b"".join(result)
+        result.close()
+        return int(seen["status"].split()[0]), body
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert call("GET", "/") == (200, b"<h1>home</h1>")
+        assert call("GET", "/about", query="a=1")[0] == 200
+        assert call("HEAD", "/about") == (200, b"")
+        assert call("POST", "/echo", b"data") == (200, b"data")
+        assert call("GET", "/g") == (200, b"ab")
+        assert call("GET", "/static/site.css")[0] == 200
+        assert call("GET", "/nope")[0] == 404
+        assert call("DELETE", "/about")[0] == 405
+        assert call("POST", "/about")[0] == 403
+
+
+def test_asgi_http_and_lifespan(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.route("/echo", methods=["POST"], csrf=False)
+    def echo(request):
+        return asok.Response(request.body, content_type="text/plain")
+
+    async def call(scope, body_parts=(b"",)):
+        messages = [{"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1}
+                    for i, p in enumerate(body_parts)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await app.asgi(scope, receive, send)
+        return sent
+
+    def scope(method, path):
+        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+
+    sent = asyncio.run(call(scope("GET", "/about")))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"<h1>about 2</h1>"
+    sent = asyncio.run(call(scope("POST", "/echo"), [b"ab", b"cd"]))
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"abcd"
+
+    async def lifespan():
+        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        out = []
+
+        async def receive():
+            return inbox.pop(0)
+
+        async def send(message):
+            out.append(message["type"])
+
+        await app.asgi({"type": "lifespan"}, receive, send)
+        return out
+
+    assert asyncio.run(lifespan()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+# ── sessions, keys, CSRF ─────────────────────────────────────────────────────
+
+def session_app(tmp_path, **options):
+    app = make_app(tmp_path, {"app.py": ""}, **options)
+
+    @app.route("/set/<key>/<value>")
+    def set_(request, key, value):
+        request.session[key] = value
+        return "ok"
+
+    @app.route("/get/<key>")
+    def get_(request, key):
+        return str(request.session.get(key))
+
+    @app.route("/form", methods=["GET", "POST"])
+    def form(request):
+        return request.csrf_token if request.method == "GET" else "accepted"
+
+    @app.route("/hook", methods=["POST"], csrf=False)
+    def hook():
+        return "no token needed"
+
+    return app
+
+
+def test_session_cookie_flags_and_round_trip(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    r = client.get("/set/a/1")
+    cookie = r.header("set-cookie")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    assert client.get("/get/a").text == "1"
+    files = list((tmp_path / ".asok" / "sessions").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["data"] == {"a": "1"}
+    https = asok.TestClient(session_app(tmp_path), scheme="https")
+    assert "Secure" in https.get("/set/a/1").header("set-cookie")
+
+
+@pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
+                                    "../../../etc/passwd.AAAA", ""])
+def test_bad_session_cookie_gets_a_fresh_session(tmp_path, cookie):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    good = client.cookies["asok_session"]
+    client.cookies["asok_session"] = cookie
+    assert client.get("/get/a").text == "None"
+    forged_sid = "A" * 43
+    client.cookies["asok_session"] = forged_sid + "." + good.rpartition(".")[2]
+    assert client.get("/get/a").text == "None"
+    client.cookies["asok_session"] = good
+    assert client.get("/get/a").text == "1"
+    assert not any(p.suffix == ".json" and p.parent != tmp_path / ".asok" / "sessions"
+                   for p in tmp_path.rglob("*.json"))
+
+
+def test_store_refuses_ids_that_would_name_a_path(tmp_path):
+    store = asok.FileSessionStore(tmp_path / "s")
+    for sid in ["../x", "a/b", "", "x" * 43 + "/", None, "é" * 43]:
+        assert store.load(sid) is None
+        with pytest.raises(ValueError):
+            store.save(sid, {"data": {}})
+
+
+def test_expired_sessions_are_collected(tmp_path):
+    store = asok.FileSessionStore(tmp_path / "s", lifetime=60)
+    old, new = "a" * 43, "b" * 43
+    store.save(old, {"data": {"x": 1}})
+    store.save(new, {"data": {"x": 2}})
+    past = time.time() - 3600
+    os.utime(tmp_path / "s" / f"{old}.json", (past, past))
+    assert store.collect() == 1
+    assert store.load(old) is None and store.load(new)["data"] == {"x": 2}
+
+
+def _bump_many(folder, sid, key, n):
+    store = asok.FileSessionStore(folder)
+    for _ in range(n):
+        def bump(record):
+            record["data"][key] = record["data"].get(key, 0) + 1
+            record["data"]["total"] = record["data"].get("total", 0) + 1
+        store.update(sid, bump)
+
+
+def test_two_processes_share_sessions_without_losing_writes(tmp_path):
+    sid = asok.secrets.token_urlsafe(32)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_bump_many, args=(tmp_path, sid, f"p{i}", 200)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    data = asok.FileSessionStore(tmp_path).load(sid)["data"]
+    assert data == {"p0": 200, "p1": 200, "total": 400}
+
+
+def test_concurrent_requests_writing_different_keys_keep_both(tmp_path):
+    app_a, app_b = session_app(tmp_path), session_app(tmp_path)  # two "processes" on one folder
+    client = asok.TestClient(app_a)
+    client.get("/set/a/1")
+    other = asok.TestClient(app_b)
+    other.cookies = dict(client.cookies)
+    client.get("/set/b/2")
+    other.get("/set/c/3")
+    assert [client.get(f"/get/{k}").text for k in "abc"] == ["1", "2", "3"]
+
+
+def test_debug_key_is_deterministic_and_random_key_is_kept_0600(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    a = asok.Asok(tmp_path, debug=True)
+    b = asok.Asok(tmp_path, debug=True)
+    assert a._state_signer.sign("v") == b._state_signer.sign("v")
+    c = asok.Asok(tmp_path, debug=False)
+    key_file = tmp_path / ".asok" / "secret_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    d = asok.Asok(tmp_path, debug=False)
+    assert c._state_signer.sign("v") == d._state_signer.sign("v") != a._state_signer.sign("v")
+    monkeypatch.setenv("SECRET_KEY", "env-key-" + "x" * 30)
+    e = asok.Asok(tmp_path)
+    assert e._state_signer.sign("v") not in (a._state_signer.sign("v"), c._state_signer.sign("v"))
+
+
+def test_keys_are_derived_per_purpose_and_rotate(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    signed = app._state_signer.sign("value", bind="ctx")
+    with pytest.raises(asok.BadSignature):
+        app._cookie_signer.unsign(signed, bind="ctx")
+    with pytest.raises(asok.BadSignature):
+        app._state_signer.unsign(signed, bind="other ctx")
+    rotated = make_app(tmp_path, {}, secret_key="n" * 32, secret_key_fallbacks=["k" * 32])
+    assert rotated._state_signer.unsign(signed, bind="ctx") == "value"
+    assert "k" * 32 not in repr(app._state_signer)
+
+
+def test_csrf_required_for_unsafe_methods(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    r = client.post("/form", data={})
+    assert r.status == 403 and "CSRF token missing" in r.text
+    token = client.get("/form").text
+    assert client.post("/form", data={"csrf_token": token}).text == "accepted"
+    assert client.post("/form", headers={"X-CSRF-Token": token}).text == "accepted"
+    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"})
+    assert r.status == 403 and "invalid" in r.text
+    assert client.post("/hook").text == "no token needed"
+    stranger = asok.TestClient(client.app)
+    r = stranger.post("/form", data={"csrf_token": token})
+    assert r.status == 403 and "no session" in r.text
+
+
+def test_template_reloads_in_debug_mode(tmp_path):
+    app = make_app(tmp_path, {"src/pages/index.html": "one"}, debug=True)
+    client = asok.TestClient(app)
+    assert client.get("/").text == "one"
+    page = tmp_path / "src" / "pages" / "index.html"
+    page.write_text("two")
+    os.utime(page, (time.time() + 5, time.time() + 5))
+    assert client.get("/").text == "two"
+
+
+def test_reload_restarts_when_a_python_file_changes(tmp_path):
+    app_py = tmp_path / "app.py"
+    app_py.write_text('from asok import Asok\napp = Asok(__file__, secret_key="k" * 32)\n'
+                      'app.route("/v")(lambda: "one")\n')
+    with serve_process(tmp_path, "--reload") as (port, proc):
+        assert get(port, "/v")[2] == b"one"
+        app_py.write_text(app_py.read_text().replace('"one"', '"two"'))
+        for _ in range(100):
+            try:
+                if get(port, "/v")[2] == b"two":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert get(port, "/v")[2] == b"two"
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# Templates
+# ═══════════════════════════════════════════════════════════════════════════
+
+def jinja(src):
+    """The same template in the Jinja-like spelling."""
+    for a, b in (('<<', '{{'), ('>>', '}}'), ('<%', '{%'), ('%>', '%}'), ('<#', '{#'), ('#>', '#}')):
+        src = src.replace(a, b)
+    return src
+
+
+@pytest.fixture(params=['native', 'jinja'])
+def S(request):
+    """Spells a native-syntax template in the syntax under test."""
+    return (lambda src: src) if request.param == 'native' else jinja
+
+
+def render(src, **ctx):
+    return asok.Template(src).render(**ctx)
+
+
+def write(root, name, text):
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def frames_of(excinfo):
+    return [(f.filename, f.lineno) for f in traceback.extract_tb(excinfo.value.__traceback__)]
+
+
+# ─── output and escaping ───
+
+def test_output_escapes_html_specials(S):
+    assert render(S('<p><< v >></p>'), v='& < > " \'') == '<p>&amp; &lt; &gt; &#34; &#39;</p>'
+
+
+def test_output_of_non_strings(S):
+    out = render(S('<< i >>|<< n >>|<< xs >>|<< f >>|<< b >>'), i=42, n=None, xs=['<a>', 1], f=1.5, b=True)
+    assert out == "42|None|[&#39;&lt;a&gt;&#39;, 1]|1.5|True"
+
+
+def test_html_objects_are_inserted_as_is(S):
+    class Widget:
+        def __html__(self):
+            return '<b>w</b>'
+    assert render(S('<< w >><< m >>'), w=Widget(), m=asok.Markup('<i>')) == '<b>w</b><i>'
+
+
+def test_safe_filter_and_no_double_escape(S):
+    assert render(S('<< v | safe >>|<< v | e >>|<< v | e | e >>'), v='<a>') == '<a>|&lt;a&gt;|&lt;a&gt;'
+
+
+def test_comments_are_dropped(S):
+    assert render(S('a<# hidden << x >> #>b')) == 'ab'
+
+
+def test_trailing_newline_is_dropped_like_jinja():
+    assert render('line\n') == 'line'
+    assert render('line\n\n') == 'line\n'
+
+
+def test_closers_inside_strings_and_brackets():
+    assert render('{{ "}}" }}|{{ {"a": {"b": 1}}["a"]["b"] }}') == '}}|1'
+    assert render('<< ">>" >>|<< (16 >> 2) >>') == '&gt;&gt;|4'
+
+
+# ─── Markup and escape ───
+
+def test_escape_returns_markup():
+    out = asok.escape('<a href="x">\'&')
+    assert isinstance(out, asok.Markup)
+    assert out == '&lt;a href=&#34;x&#34;&gt;&#39;&amp;'
+    assert asok.escape(None) == 'None'
+    assert asok.escape(asok.Markup('<b>')) == '<b>'
+    assert asok.escape(5) == '5'
+
+
+def test_markup_operators_escape_the_other_operand():
+    m = asok.Markup('<b>%s</b>')
+    assert m % '<i>' == '<b>&lt;i&gt;</b>'
+    assert asok.Markup('<b>%s %d</b>') % ('<', 3) == '<b>&lt; 3</b>'
+    assert asok.Markup('%(a)s') % {'a': '&'} == '&amp;'
+    assert asok.Markup('<p>') + '<' == '<p>&lt;'
+    assert '<' + asok.Markup('<p>') == '&lt;<p>'
+    assert isinstance('x' + asok.Markup('y'), asok.Markup)
+    assert asok.Markup('<br>').join(['<', asok.Markup('<i>')]) == '&lt;<br><i>'
+    assert asok.Markup('<a>{0}</a>{x}').format('<', x='&') == '<a>&lt;</a>&amp;'
+    assert asok.Markup('{0:>3}').format(7) == '  7'
+    assert asok.Markup('<hr>') * 2 == '<hr><hr>'
+    assert asok.Markup.escape('<') == '&lt;'
+    m2 = asok.Markup('<x>')
+    assert m2.__html__() is m2
+    assert repr(m2) == "Markup('<x>')"
+
+
+def test_markup_of_html_object():
+    class Widget:
+        def __html__(self):
+            return '<w>'
+    assert asok.Markup(Widget()) == '<w>'
+
+
+# ─── statements ───
+
+def test_if_elif_else(S):
+    t = asok.Template(S('<% if n > 1 %>many<% elif n == 1 %>one<% else %>none<% endif %>'))
+    assert [t.render(n=n) for n in (0, 1, 5)] == ['none', 'one', 'many']
+
+
+def test_for_loop_variables(S):
+    src = S('<% for x in xs %>[<< loop.index >>/<< loop.index0 >>/<< loop.length >>/'
+            '<< loop.revindex >><< "F" if loop.first else "" >><< "L" if loop.last else "" >><< x >>]<% endfor %>')
+    assert render(src, xs='ab') == '[1/0/2/2Fa][2/1/2/1Lb]'
+
+
+def test_for_over_items_and_generators(S):
+    assert render(S('<% for k, v in d.items() %><< k >>=<< v >>;<% endfor %>'), d={'a': 1, 'b': 2}) == 'a=1;b=2;'
+    assert render(S('<% for x in gen %><< loop.length >><% endfor %>'), gen=(i for i in range(2))) == '22'
+
+
+def test_for_else(S):
+    t = asok.Template(S('<% for x in xs %><< x >><% else %>empty<% endfor %>'))
+    assert t.render(xs=[]) == 'empty'
+    assert t.render(xs=[1, 2]) == '12'
+    t2 = asok.Template(S('<% for x in xs %><< loop.index >><% else %>empty<% endfor %>'))
+    assert t2.render(xs=[]) == 'empty'
+    assert t2.render(xs=[7]) == '1'
+
+
+def test_nested_loops_keep_their_own_loop(S):
+    src = S('<% for a in xs %><% for b in ys %><< loop.index >><% endfor %>:<< loop.index >> <% endfor %>')
+    assert render(src, xs='ab', ys='xyz') == '123:1 123:2 '
+
+
+def test_set(S):
+    src = S('<% set total = xs | length %><% set a, b = 1, 2 %><< total >>,<< a + b >>')
+    assert render(src, xs=[1, 2, 3]) == '3,3'
+
+
+def test_set_after_read_uses_context_first(S):
+    assert render(S('<< x >>,<% set x = 2 %><< x >>'), x=1) == '1,2'
+
+
+def test_raw(S):
+    src = S('<% raw %><< x >> {{ y }} <% if %><% endraw %>!')
+    assert render(src) == S('<< x >>') + ' {{ y }} ' + S('<% if %>') + '!'
+
+
+def test_whitespace_control(S):
+    src = S('<ul>\n  <%- for x in xs -%>\n  <li><< x >></li>\n  <%- endfor -%>\n</ul>')
+    assert render(src, xs=[1, 2]) == '<ul><li>1</li><li>2</li></ul>'
+    assert render(S('a  \n<<- x ->>  \nb'), x=1) == 'a1b'
+    assert render(S('a \n<#- note -#>\n b')) == 'ab'
+
+
+def test_macros(S):
+    src = S('<% macro tag(name, body="x") %><b class="<< name >>"><< body >></b><% endmacro %>'
+            '<% macro twice(v) %><< tag("i", v) >><< tag("j", v) >><% endmacro %>'
+            '<< tag("p") >>|<< twice("<") >>')
+    assert render(src) == '<b class="p">x</b>|<b class="i">&lt;</b><b class="j">&lt;</b>'
+
+
+def test_native_tag_next_to_angle_brackets():
+    assert render('<<< name >>>', name='p') == '<p>'
+
+
+def test_macro_returns_markup(S):
+    t = asok.Template(S('<% macro m() %><br><% endmacro %><% set v = m() %><< v >>'))
+    assert t.render() == '<br>'
+
+
+def test_user_names_starting_with_builtins_and_globals(S, tmp_path):
+    env = asok.Templates(tmp_path)
+    env.globals.update(site='G', who='global')
+    t = env.from_string(S('<< site >> << who >> << len(xs) >> << range(2) | list >>'))
+    assert t.render(xs=[1], who='ctx') == 'G ctx 1 [0, 1]'
+
+
+def test_attribute_falls_back_to_item(S):
+    class User:
+        name = 'obj'
+    assert render(S('<< d.name >> << u.name >> << d.items() | list | length >>'), d={'name': 'dict'}, u=User()) \
+        == 'dict obj 1'
+
+
+# ─── filters ───
+
+@pytest.mark.parametrize('expr,ctx,out', [
+    ('s | upper', {'s': 'ab'}, 'AB'),
+    ('s | lower', {'s': 'AB'}, 'ab'),
+    ('s | title', {'s': 'ab cd'}, 'Ab Cd'),
+    ('s | capitalize', {'s': 'aB'}, 'Ab'),
+    ('s | trim', {'s': '  a '}, 'a'),
+    ('xs | length', {'xs': [1, 2]}, '2'),
+    ('xs | count', {'xs': 'abc'}, '3'),
+    ('missing | default("x")', {}, 'x'),
+    ('missing | d("y")', {}, 'y'),
+    ('s | default("x")', {'s': ''}, ''),
+    ('s | default("x", true)', {'s': ''}, 'x'),
+    ('xs | join(", ")', {'xs': [1, '<']}, '1, &lt;'),
+    ('xs | join', {'xs': ['a', 'b']}, 'ab'),
+    ('v | json', {'v': {'a': "<&'>"}}, '{"a": "\\u003c\\u0026\\u0027\\u003e"}'),
+    ('v | tojson', {'v': [1, None]}, '[1, null]'),
+    ('s | truncate(9)', {'s': 'hello big world'}, 'hello...'),
+    ('s | truncate(9, end="!")', {'s': 'hello big world'}, 'hello!'),
+    ('s | truncate(9)', {'s': 'short'}, 'short'),
+    ('s | replace("a", "<")', {'s': 'banana'}, 'b&lt;n&lt;n&lt;'),
+    ('xs | first', {'xs': [3, 4]}, '3'),
+    ('xs | last', {'xs': [3, 4]}, '4'),
+    ('xs | sort | join', {'xs': ['b', 'C', 'a']}, 'abC'),
+    ('xs | sort(reverse=True) | join', {'xs': [1, 3, 2]}, '321'),
+    ('xs | reverse | join', {'xs': [1, 2]}, '21'),
+    ('s | reverse', {'s': 'ab'}, 'ba'),
+    ('v | round', {'v': 2.7}, '3.0'),
+    ('v | round(1, "floor")', {'v': 2.77}, '2.7'),
+    ('s | int + 1', {'s': '41'}, '42'),
+    ('s | int(7)', {'s': 'x'}, '7'),
+    ('s | float', {'s': '1.5'}, '1.5'),
+    ('v | string | length', {'v': 123}, '3'),
+    ('v | abs', {'v': -3}, '3'),
+    ('-v | abs', {'v': 3}, '3'),
+    ('s | list', {'s': 'ab'}, '[&#39;a&#39;, &#39;b&#39;]'),
+    ('s | striptags', {'s': '<p>a &amp;  <b>b</b></p>'}, 'a &amp; b'),
+    ('s | urlencode', {'s': 'a b/ü'}, 'a%20b/%C3%BC'),
+    ('d | urlencode', {'d': {'q': 'a&b', 'n': 1}}, 'q=a%26b&amp;n=1'),
+    ('s | nl2br', {'s': '<a>\nb'}, '&lt;a&gt;<br>\nb'),
+    ('row.nope | default("none")', {'row': {}}, 'none'),
+])
+def test_filters(expr, ctx, out):
+    assert render('{{ ' + expr + ' }}', **ctx) == out
+
+
+def test_string_filters_keep_markup():
+    assert render('{{ m | upper }}', m=asok.Markup('<b>x</b>')) == '<B>X</B>'
+
+
+def test_filters_in_if_for_and_set(S):
+    src = S('<% if xs | length > 1 %>big<% endif %><% for x in xs | sort %><< x >><% endfor %>'
+            '<% set n = xs | first %><< n >>')
+    assert render(src, xs=[2, 1]) == 'big122'
+
+
+def test_user_filters(S, tmp_path):
+    env = asok.Templates(tmp_path)
+
+    @env.filter()
+    def shout(s, bang='!'):
+        return s.upper() + bang
+
+    @env.filter('rev')
+    def reverse_it(s):
+        return s[::-1]
+
+    @env.filter
+    def plain(s):
+        return f'[{s}]'
+    env.filters['dbl'] = lambda s: s * 2
+    out = env.from_string(S('<< "hi" | shout >> << "ab" | rev | shout("?") >> << "x" | plain >> << "y" | dbl >>')).render()
+    assert out == 'HI! BA? [x] yy'
+
+
+# ─── undefined names ───
+
+def test_undefined_name_raises_at_template_line(tmp_path):
+    write(tmp_path, 'page.html', 'ok\n{{ count }}\n\n{{ nothere }}')
+    env = asok.Templates(tmp_path)
+    with pytest.raises(NameError, match="'nothere' is undefined") as exc:
+        env.render('page.html', count=1)
+    assert (str(tmp_path / 'page.html'), 4) in frames_of(exc)
+
+
+def test_undefined_name_in_condition_and_attribute(S):
+    with pytest.raises(NameError, match="'user' is undefined"):
+        render(S('<% if user %>x<% endif %>'))
+    with pytest.raises(NameError, match="'user' is undefined"):
+        render(S('<< user.name >>'))
+    with pytest.raises(AttributeError, match="'nope'"):
+        render(S('<< row.nope >>'), row={'a': 1})
+
+
+def test_undefined_in_loop_body(S):
+    with pytest.raises(NameError, match="'y' is undefined"):
+        render(S('<% for x in xs %><< y >><% endfor %>'), xs=[1])
+
+
+# ─── inheritance and include ───
+
+def test_three_level_inheritance_with_super(S, tmp_path):
+    write(tmp_path, 'html/base.html', S('<title><% block title %>Site<% endblock %></title>'
+                                        '<main><% block main %>base<% endblock %></main>'))
+    write(tmp_path, 'html/section.html', S('<% extends "html/base.html" %>'
+                                           '<% block title %>Sec - << super() >><% endblock title %>'
+                                           '<% block main %>[section << super() >>]<% endblock %>'))
+    write(tmp_path, 'page.html', S('<# layout #>\n<% extends "html/section.html" %>\n'
+                                   '<% block main %><< super() >>{page << who >>}<% endblock %>'))
+    env = asok.Templates(tmp_path)
+    assert env.render('page.html', who='<me>') == \
+        '<title>Sec - Site</title><main>[section base]{page &lt;me&gt;}</main>'
+    assert env.render('html/section.html', who='x') == '<title>Sec - Site</title><main>[section base]</main>'
+    assert env.render('html/base.html') == '<title>Site</title><main>base</main>'
+
+
+def test_child_set_is_visible_to_parent(S, tmp_path):
+    write(tmp_path, 'base.html', S('<< active >>:<% block b %><% endblock %>'))
+    write(tmp_path, 'child.html', S('<% extends "base.html" %><% set active = "home" %>'
+                                    '<% block b %><< active >><% endblock %>'))
+    assert asok.Templates(tmp_path).render('child.html') == 'home:home'
+
+
+def test_include_sees_context_and_loop_variables(S, tmp_path):
+    write(tmp_path, 'row.html', S('<li><< site >>-<< item >>-<< loop.index >></li>'))
+    write(tmp_path, 'list.html', S('<% for item in items %><% include "row.html" %><% endfor %>'))
+    assert asok.Templates(tmp_path).render('list.html', site='S', items=['a', '<']) == \
+        '<li>S-a-1</li><li>S-&lt;-2</li>'
+
+
+def test_get_file_resolves_includes_under_root_and_beside_file(S, tmp_path):
+    write(tmp_path, 'src/html/part.html', 'root-part')
+    write(tmp_path, 'src/components/part.html', 'local-part')
+    comp = write(tmp_path, 'src/components/counter.html',
+                 S('<% include "html/part.html" %>|<% include "./part.html" %>|<< count >>'))
+    env = asok.Templates(tmp_path / 'src')
+    t = env.get_file(comp)
+    assert t.render(count=3) == 'root-part|local-part|3'
+    assert t.name == 'components/counter.html'
+    assert env.get_file(str(comp)) is t
+
+
+def test_relative_include_may_not_leave_its_folder(tmp_path):
+    write(tmp_path, 'src/secret.html', 'secret')
+    comp = write(tmp_path, 'src/components/c.html', '{% include "./../secret.html" %}')
+    with pytest.raises(asok.TemplateNotFound):
+        asok.Templates(tmp_path / 'src').get_file(comp).render()
+
+
+def test_missing_include_is_template_not_found(tmp_path):
+    write(tmp_path, 'a.html', '{% include "nope.html" %}')
+    with pytest.raises(asok.TemplateNotFound, match='nope.html'):
+        asok.Templates(tmp_path).render('a.html')
+
+
+def test_super_without_parent_block_is_an_error(tmp_path):
+    write(tmp_path, 'a.html', '{% block b %}{{ super() }}{% endblock %}')
+    with pytest.raises(asok.TemplateError, match='no parent block'):
+        asok.Templates(tmp_path).render('a.html')
+
+
+def test_extends_loop_is_reported(tmp_path):
+    write(tmp_path, 'a.html', '{% extends "b.html" %}')
+    write(tmp_path, 'b.html', '{% extends "a.html" %}')
+    with pytest.raises(asok.TemplateError, match='a.html -> b.html -> a.html'):
+        asok.Templates(tmp_path).render('a.html')
+
+
+def test_include_without_loader_is_an_error():
+    with pytest.raises(asok.TemplateError, match='no Templates loader'):
+        render('{% include "x.html" %}')
+
+
+# ─── loader ───
+
+def test_names_may_not_escape_the_root(tmp_path):
+    write(tmp_path, 'secret.txt', 'secret')
+    write(tmp_path, 'root/ok.html', 'ok')
+    env = asok.Templates(tmp_path / 'root')
+    assert env.render('ok.html') == 'ok'
+    for name in ('../secret.txt', 'sub/../../secret.txt', str(tmp_path / 'secret.txt')):
+        with pytest.raises(asok.TemplateNotFound):
+            env.get(name)
+
+
+def test_missing_template_names_where_it_looked(tmp_path):
+    with pytest.raises(asok.TemplateNotFound) as exc:
+        asok.Templates(tmp_path).get('nope.html')
+    assert exc.value.name == 'nope.html'
+    assert str(tmp_path) in str(exc.value)
+    assert isinstance(exc.value, asok.TemplateError)
+
+
+def test_templates_are_cached(tmp_path):
+    path = write(tmp_path, 'a.html', 'one')
+    env = asok.Templates(tmp_path)
+    t = env.get('a.html')
+    path.write_text('two')
+    os.utime(path, ns=(1, 1))
+    assert env.get('a.html') is t
+    assert env.render('a.html') == 'one'
+
+
+def test_debug_mode_recompiles_changed_files(tmp_path):
+    path = write(tmp_path, 'a.html', '{{ x }} one')
+    base = write(tmp_path, 'base.html', '[{% block b %}{% endblock %}]')
+    write(tmp_path, 'child.html', '{% extends "base.html" %}{% block b %}c{% endblock %}')
+    env = asok.Templates(tmp_path, debug=True)
+    assert env.render('a.html', x=1) == '1 one'
+    assert env.render('child.html') == '[c]'
+    path.write_text('{{ x }} two')
+    os.utime(path, ns=(10**9, 10**9))
+    base.write_text('({% block b %}{% endblock %})')
+    os.utime(base, ns=(10**9, 10**9))
+    assert env.render('a.html', x=1) == '1 two'
+    assert env.render('child.html') == '(c)'
+
+
+# ─── errors ───
+
+@pytest.mark.parametrize('src,line,message', [
+    ('a\n<% for x in xs %>\n<< x >>', 3, "expected 'endfor' for 'for' opened at line 2"),
+    ('<% if a %>\n<% for x in xs %>\n<% endif %>', 3, "expected 'endfor' for 'for' opened at line 2, got 'endif'"),
+    ('\n\n<% endif %>', 3, "'endif' without 'if'"),
+    ('<% frobnicate x %>', 1, "unknown statement 'frobnicate'"),
+    ('a\n<< 1 + >>', 2, "invalid expression '1 +'"),
+    ('<% if x = 1 %><% endif %>', 1, 'invalid expression'),
+    ('x\n<% extends "b.html" %>', 2, "'extends' must be the first tag"),
+    ('a\n\n<< x ', 3, 'unclosed'),
+    ('<% else %>', 1, "'else' without 'if' or 'for'"),
+    ('<% block a %><% endblock b %>', 1, "'endblock b' closes block 'a'"),
+    ('<% block a %><% endblock %><% block a %><% endblock %>', 1, "block 'a' defined twice"),
+    ('<< x | nosuch >>', 1, "no filter named 'nosuch'"),
+    ('<% raw %>abc', 1, "expected 'endraw' for 'raw' opened at line 1"),
+    ('<% set 1 = 2 %>', 1, "expected 'set NAME = EXPRESSION'"),
+    ('<% for 1 in xs %><% endfor %>', 1, 'invalid assignment target'),
+    ('<% extends "b.html" %>\nstray', 2, 'content outside of blocks'),
+    ('<<  >>', 1, 'empty expression'),
+    ('<% macro m(a b) %><% endmacro %>', 1, 'invalid macro signature'),
+])
+def test_syntax_errors_name_file_and_line(S, src, line, message):
+    with pytest.raises(asok.TemplateError) as exc:
+        asok.Template(S(src), name='bad.html')
+    err = exc.value
+    assert (err.name, err.lineno) == ('bad.html', line)
+    assert message in err.message
+    assert str(err).startswith(f'bad.html, line {line}: ')
+
+
+def test_unclosed_jinja_output_tag():
+    with pytest.raises(asok.TemplateError, match=r"line 2: unclosed '\{\{' tag: expected '\}\}'"):
+        asok.Template('a\n{{ x', name='c.html')
+
+
+def test_syntax_error_from_a_file_names_it(tmp_path):
+    write(tmp_path, 'html/counter.html', '{% for x in xs %}\n\n')
+    with pytest.raises(asok.TemplateError) as exc:
+        asok.Templates(tmp_path).get('html/counter.html')
+    assert str(exc.value) == "html/counter.html, line 2: expected 'endfor' for 'for' opened at line 1"
+
+
+def test_runtime_error_traceback_shows_template_line(S, tmp_path):
+    write(tmp_path, 'base.html', S('<% block main %><% endblock %>'))
+    path = write(tmp_path, 'page.html', S('<% extends "base.html" %>\n<% block main %>\nfine\n'
+                                          '<% for x in xs %>\n<< 1 // x >>\n<% endfor %><% endblock %>'))
+    with pytest.raises(ZeroDivisionError) as exc:
+        asok.Templates(tmp_path).render('page.html', xs=[1, 0])
+    assert (str(path), 5) in frames_of(exc)
+
+
+def test_template_error_str_without_location():
+    assert str(asok.TemplateError('boom')) == 'boom'
+    assert str(asok.TemplateError('boom', 'a.html')) == 'a.html: boom'
+
+
+def test_runtime_error_inside_macro_points_at_macro_line(tmp_path):
+    path = write(tmp_path, 'm.html', '{% macro m(x) %}\n{{ 10 // x }}\n{% endmacro %}\n{{ m(0) }}')
+    with pytest.raises(ZeroDivisionError) as exc:
+        asok.Templates(tmp_path).render('m.html')
+    frames = frames_of(exc)
+    assert frames.index((str(path), 4)) < frames.index((str(path), 2))
+
+
+def test_render_context_leaves_the_dict_alone(tmp_path):
+    write(tmp_path, 'inc.html', '{{ x }}')
+    t = asok.Templates(tmp_path).from_string('{% set y = 1 %}{% for x in xs %}{% include "inc.html" %}{% endfor %}')
+    ctx = {'xs': [1, 2]}
+    assert t.render_context(ctx) == '12'
+    assert ctx == {'xs': [1, 2]}
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# HTTP/1.1 parser, sans-I/O
+# ═══════════════════════════════════════════════════════════════════════════
+
+SPLITS = ["whole", "bytewise"]
+
+
+def _drain(parser, out):
+    for _ in range(100_000):
+        event = parser.next_event()
+        if event is asok.NEED_DATA:
+            return
+        out.append(event)
+        if isinstance(event, asok.ConnectionEnded):
+            return
+        if isinstance(event, asok.EndOfMessage):
+            parser.start_next_cycle()
+    raise AssertionError("parser produced too many events")
+
+
+def _merge(events):
+    merged = []
+    for event in events:
+        if isinstance(event, asok.Body) and merged and isinstance(merged[-1], asok.Body):
+            merged[-1] = asok.Body(merged[-1].data + event.data)
+        else:
+            merged.append(event)
+    return merged
+
+
+def run(data, split, eof=False, **kwargs):
+    """Feed `data` whole or one byte at a time; return the events, bodies merged."""
+    parser = asok.HTTPParser(**kwargs)
+    pieces = [data] if split == "whole" else [data[i:i + 1] for i in range(len(data))]
+    out = []
+    for piece in filter(None, pieces):
+        parser.receive_data(piece)
+        _drain(parser, out)
+    if eof:
+        parser.receive_data(b"")
+        _drain(parser, out)
+    return _merge(out)
+
+
+def error(data, split, **kwargs):
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        run(data, split, **kwargs)
+    return info.value
+
+
+def head(events):
+    assert isinstance(events[0], asok.RequestHead)
+    return events[0]
+
+
+def body_of(events):
+    return b"".join(e.data for e in events if isinstance(e, asok.Body))
+
+
+# ── request line ────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_simple_get(split):
+    events = run(b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nUser-Agent:  t  \r\n\r\n", split)
+    assert events == [
+        asok.RequestHead("GET", "/a?b=1", "HTTP/1.1", [("host", "x"), ("user-agent", "t")],
+                         keep_alive=True, expect_continue=False),
+        asok.EndOfMessage(),
+    ]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_header_names_lowercased_values_stripped_and_lookup(split):
+    h = head(run(b"GET / HTTP/1.1\r\nHOST: x\r\nX-Foo:\tbar baz \t\r\nx-foo: 2\r\n"
+                 b"X-Latin: caf\xe9\r\n\r\n", split))
+    assert h.headers == [("host", "x"), ("x-foo", "bar baz"), ("x-foo", "2"),
+                         ("x-latin", "caf\xe9")]
+    assert h.header("X-FOO") == "bar baz"
+    assert h.header("missing") is None
+    assert h.header("missing", "d") == "d"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_leading_empty_lines_are_ignored(split):
+    events = run(b"\r\n\n\r\nGET / HTTP/1.0\r\n\r\n", split)
+    assert head(events).target == "/"
+    assert events[1] == asok.EndOfMessage()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_bare_lf_line_endings_are_accepted(split):
+    events = run(b"POST /p HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n\n"
+                 b"3\nabc\n0\nX-T: 1\n\n", split)
+    assert head(events).header("host") == "x"
+    assert body_of(events) == b"abc"
+    assert events[-1] == asok.EndOfMessage()
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /\r HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\rY: 1\r\n\r\n",
+    b"\rGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_bare_cr_is_rejected(split, data):
+    assert error(data, split).status == 400
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_request_line_too_long_is_414_before_the_line_ends(split):
+    parser = asok.HTTPParser()
+    start = b"GET /" + b"a" * (asok.MAX_REQUEST_LINE - 5)
+    pieces = [start] if split == "whole" else [start[i:i + 1] for i in range(len(start))]
+    for piece in pieces:
+        parser.receive_data(piece)
+        assert parser.next_event() is asok.NEED_DATA
+    parser.receive_data(b"aa")
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        parser.next_event()
+    assert (info.value.status, info.value.message) == (414, "request line too long")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_request_line_length_limit_is_exact(split):
+    target = b"/" + b"a" * (asok.MAX_REQUEST_LINE - len(b"GET  HTTP/1.0") - 1)
+    line = b"GET " + target + b" HTTP/1.0"
+    assert len(line) == asok.MAX_REQUEST_LINE
+    assert head(run(line + b"\r\n\r\n", split)).target == target.decode()
+    assert error(b"GET " + target + b"a HTTP/1.0\n\n", split).status == 414
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/2.0\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET / HTTP/1.2\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/0.9\r\n\r\n",
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_unsupported_version_is_505(split, data):
+    assert error(data, split).status == 505
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / http/1.1\r\nHost: x\r\n\r\n",
+    b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1 \r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_malformed_request_line_is_400(split, data):
+    assert error(data, split).status == 400
+
+
+def test_tls_handshake_is_rejected_without_waiting():
+    parser = asok.HTTPParser()
+    parser.receive_data(b"\x16")
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        parser.next_event()
+    assert info.value.status == 400
+
+
+# ── header fields ───────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("data, message", [
+    (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", "whitespace before colon in header"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  continued\r\n\r\n",
+     "obsolete line folding in header"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\tX-A: 1\r\n\r\n", "obsolete line folding in header"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n", "header line without a colon"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX(A): 1\r\n\r\n", "invalid header name"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n: 1\r\n\r\n", "invalid header name"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", "control character in request head"),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x1bb\r\n\r\n", "control character in request head"),
+    (b"GET / HTTP/1.1\r\n\r\n", "missing Host header"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", "several Host headers"),
+    (b"GET / HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n", "several Host headers"),
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_bad_header_fields_are_400(split, data, message):
+    exc = error(data, split)
+    assert (exc.status, exc.message) == (400, message)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_http10_needs_no_host(split):
+    h = head(run(b"GET / HTTP/1.0\r\n\r\n", split))
+    assert (h.version, h.headers) == ("HTTP/1.0", [])
+
+
+def _fields(total):
+    """Header lines (Host first) whose bytes, with the final blank line, make `total`."""
+    lines = [b"Host: x\r\n"]
+    size = len(lines[0]) + 2
+    while total - size > 1000:
+        lines.append(b"X-Pad: " + b"a" * (1000 - 9) + b"\r\n")
+        size += 1000
+    lines.append(b"X-End: " + b"b" * (total - size - 9) + b"\r\n")
+    block = b"".join(lines) + b"\r\n"
+    assert len(block) == total
+    return block
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_header_section_limit_is_exact(split):
+    events = run(b"GET / HTTP/1.1\r\n" + _fields(asok.MAX_HEADER_BYTES), split)
+    assert head(events).header("x-end").startswith("bbb")
+    assert error(b"GET / HTTP/1.1\r\n" + _fields(asok.MAX_HEADER_BYTES + 1), split).status == 431
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_header_section_too_large_is_431_before_it_ends(split):
+    parser = asok.HTTPParser()
+    data = b"GET / HTTP/1.1\r\n" + _fields(asok.MAX_HEADER_BYTES)[:-2]
+    pieces = [data] if split == "whole" else [data[i:i + 1] for i in range(len(data))]
+    for piece in pieces:
+        parser.receive_data(piece)
+        assert parser.next_event() is asok.NEED_DATA
+    parser.receive_data(b"X-More: 1")
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        parser.next_event()
+    assert (info.value.status, info.value.message) == (431, "header section too large")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_header_count_limit_is_exact(split):
+    fields = b"Host: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(asok.MAX_HEADERS - 1))
+    assert len(head(run(b"GET / HTTP/1.1\r\n" + fields + b"\r\n", split)).headers) == 100
+    exc = error(b"GET / HTTP/1.1\r\n" + fields + b"X-Last: v\r\n\r\n", split)
+    assert (exc.status, exc.message) == (431, "too many header fields")
+
+
+# ── body framing ────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_content_length_body(split):
+    events = run(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world", split)
+    assert events[1:] == [asok.Body(b"hello world"), asok.EndOfMessage()]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_content_length_zero_and_no_framing_mean_no_body(split):
+    for data in (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"):
+        assert run(data, split)[1:] == [asok.EndOfMessage()]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_identical_repeated_content_lengths_are_accepted(split):
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n"
+            b"Content-Length: 003\r\n\r\nabcGET")
+    assert body_of(run(data, split)) == b"abc"
+
+
+@pytest.mark.parametrize("value, status", [
+    (b"Content-Length: 3\r\nContent-Length: 4", 400),
+    (b"Content-Length: 3, 4", 400),
+    (b"Content-Length: +3", 400),
+    (b"Content-Length: -1", 400),
+    (b"Content-Length: 3a", 400),
+    (b"Content-Length: 0x3", 400),
+    (b"Content-Length:", 400),
+    (b"Content-Length: 3,", 400),
+    (b"Content-Length: \xd9\xa3", 400),
+    (b"Content-Length: 3\r\nTransfer-Encoding: chunked", 400),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 3", 400),
+    (b"Content-Length: 17", 413),
+    (b"Content-Length: " + b"9" * 5000, 413),
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_bad_content_length(split, value, status):
+    exc = error(b"POST / HTTP/1.1\r\nHost: x\r\n" + value + b"\r\n\r\n", split, max_body=16)
+    assert exc.status == status
+
+
+def test_content_length_and_transfer_encoding_message():
+    exc = error(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n", "whole")
+    assert exc.message == "Content-Length and Transfer-Encoding together"
+
+
+def test_body_too_large_is_413_before_the_body_arrives():
+    parser = asok.HTTPParser(max_body=10)
+    parser.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        parser.next_event()
+    assert info.value.status == 413
+    parser = asok.HTTPParser(max_body=10)
+    parser.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+    assert isinstance(parser.next_event(), asok.RequestHead)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_chunked_body_with_extensions_and_trailers(split):
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n"
+            b"5;name=value\r\nhello\r\nB ; x=\"y\"\r\n 0123456789\r\n"
+            b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n")
+    events = run(data, split)
+    assert body_of(events) == b"hello 0123456789"
+    assert events[-1] == asok.EndOfMessage()
+    assert all(name != "x-checksum" for name, _ in head(events).headers)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_chunked_body_built_with_chunk_helpers(split):
+    body = asok.chunk(b"abc") + asok.chunk(b"") + asok.chunk(b"x" * 300) + asok.LAST_CHUNK
+    data = b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    assert body_of(run(data, split)) == b"abc" + b"x" * 300
+    assert asok.chunk(b"") == b""
+    assert asok.chunk(b"x" * 300).startswith(b"12c\r\n")
+
+
+@pytest.mark.parametrize("chunks, status, message", [
+    (b"g\r\nabc\r\n0\r\n\r\n", 400, "bad chunk size"),
+    (b"\r\nabc\r\n0\r\n\r\n", 400, "bad chunk size"),
+    (b"-3\r\nabc\r\n0\r\n\r\n", 400, "bad chunk size"),
+    (b"3\r\nabcd\r\n0\r\n\r\n", 400, "missing CRLF after chunk data"),
+    (b"3\r\nabc\rx0\r\n\r\n", 400, "missing CRLF after chunk data"),
+    (b"3\rx\r\nabc\r\n0\r\n\r\n", 400, "bare CR in chunk size line"),
+    (b"3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n", 400, "chunk size line too long"),
+    (b"8\r\n12345678\r\n9\r\n", 413, "request body too large"),
+    (b"0\r\nX-Bad : 1\r\n\r\n", 400, "whitespace before colon in header"),
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_bad_chunked_body(split, chunks, status, message):
+    data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    exc = error(data, split, max_body=16)
+    assert (exc.status, exc.message) == (status, message)
+
+
+def test_chunked_total_too_large_is_413_as_soon_as_announced():
+    parser = asok.HTTPParser(max_body=10)
+    parser.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"6\r\nabcdef\r\n")
+    events = [parser.next_event() for _ in range(3)]
+    assert events[1:] == [asok.Body(b"abcdef"), asok.NEED_DATA]
+    parser.receive_data(b"5\r\n")
+    with pytest.raises(asok.HTTPProtocolError) as info:
+        parser.next_event()
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_trailer_section_counts_against_the_header_limit(split):
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            + _fields(asok.MAX_HEADER_BYTES)[len(b"Host: x\r\n"):])
+    exc = error(data, split)
+    assert (exc.status, exc.message) == (431, "trailer section too large")
+
+
+@pytest.mark.parametrize("coding, status, message", [
+    (b"gzip", 400, "final transfer coding is not chunked"),
+    (b"chunked, gzip", 400, "final transfer coding is not chunked"),
+    (b"chunked, chunked", 400, "chunked applied more than once"),
+    (b"gzip, chunked", 501, "unsupported transfer coding 'gzip'"),
+    (b"foo", 501, "unsupported transfer coding 'foo'"),
+    (b"identity", 501, "unsupported transfer coding 'identity'"),
+    (b"", 400, "empty Transfer-Encoding"),
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_transfer_codings(split, coding, status, message):
+    exc = error(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n",
+                split)
+    assert (exc.status, exc.message) == (status, message)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_transfer_encoding_list_over_several_headers(split):
+    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    assert error(data, split).status == 501
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_transfer_encoding_in_http10_is_400(split):
+    data = b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert error(data, split).status == 400
+
+
+# ── connection management ───────────────────────────────────────────────────
+
+@pytest.mark.parametrize("version, connection, keep_alive", [
+    (b"1.1", None, True),
+    (b"1.1", b"close", False),
+    (b"1.1", b"Keep-Alive, CLOSE", False),
+    (b"1.1", b"upgrade", True),
+    (b"1.0", None, False),
+    (b"1.0", b"Keep-Alive", True),
+    (b"1.0", b"foo ,keep-alive", True),
+    (b"1.0", b"keep-alive, close", False),
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_keep_alive(split, version, connection, keep_alive):
+    data = b"GET / HTTP/" + version + b"\r\nHost: x\r\n"
+    if connection is not None:
+        data += b"Connection: " + connection + b"\r\n"
+    assert head(run(data + b"\r\n", split)).keep_alive is keep_alive
+
+
+@pytest.mark.parametrize("version, expect, wanted", [
+    (b"1.1", b"100-continue", True),
+    (b"1.1", b"100-Continue", True),
+    (b"1.1", None, False),
+    (b"1.1", b"something", False),
+    (b"1.0", b"100-continue", False),
+])
+def test_expect_continue(version, expect, wanted):
+    data = b"POST / HTTP/" + version + b"\r\nHost: x\r\nContent-Length: 1\r\n"
+    if expect is not None:
+        data += b"Expect: " + expect + b"\r\n"
+    parser = asok.HTTPParser()
+    parser.receive_data(data + b"\r\n")
+    assert parser.next_event().expect_continue is wanted
+    assert parser.next_event() is asok.NEED_DATA
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_pipelined_requests_come_out_in_order(split):
+    data = (b"POST /one HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /three HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nz\r\n0\r\n\r\n")
+    events = run(data, split, eof=True)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["RequestHead", "Body", "EndOfMessage", "RequestHead", "EndOfMessage",
+                     "RequestHead", "Body", "EndOfMessage", "ConnectionEnded"]
+    assert [e.target for e in events if isinstance(e, asok.RequestHead)] == ["/one", "/two", "/three"]
+    assert [e.data for e in events if isinstance(e, asok.Body)] == [b"abc", b"z"]
+
+
+def test_next_request_waits_for_start_next_cycle():
+    second = b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n"
+    parser = asok.HTTPParser()
+    parser.receive_data(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n" + second)
+    assert parser.next_event().target == "/one"
+    assert parser.next_event() == asok.EndOfMessage()
+    assert parser.next_event() is asok.NEED_DATA
+    assert parser.next_event() is asok.NEED_DATA
+    assert parser.pending_bytes == second
+    parser.start_next_cycle()
+    assert parser.next_event().target == "/two"
+
+
+def test_start_next_cycle_before_end_of_message_is_a_usage_error():
+    parser = asok.HTTPParser()
+    with pytest.raises(RuntimeError):
+        parser.start_next_cycle()
+    parser.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+    parser.next_event()
+    with pytest.raises(RuntimeError):
+        parser.start_next_cycle()
+
+
+def test_pending_bytes_after_upgrade_hold_the_websocket_data():
+    parser = asok.HTTPParser()
+    parser.receive_data(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: websocket\r\n\r\n\x81\x85frame")
+    assert parser.next_event().header("upgrade") == "websocket"
+    assert parser.next_event() == asok.EndOfMessage()
+    assert parser.pending_bytes == b"\x81\x85frame"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_eof_between_requests_is_connection_closed(split):
+    events = run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\r\n", split, eof=True)
+    assert events[-1] == asok.ConnectionEnded()
+    assert run(b"", split, eof=True) == [asok.ConnectionEnded()]
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTT",
+    b"GET / HTTP/1.1\r\nHost: x\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab",
+    b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\r\n",
+])
+@pytest.mark.parametrize("split", SPLITS)
+def test_eof_inside_a_request_is_400(split, data):
+    exc = error(data, split, eof=True)
+    assert (exc.status, exc.message) == (400, "incomplete request")
+
+
+def test_receive_data_after_eof_is_a_usage_error():
+    parser = asok.HTTPParser()
+    parser.receive_data(b"")
+    with pytest.raises(RuntimeError):
+        parser.receive_data(b"GET")
+
+
+def test_protocol_error_is_sticky():
+    parser = asok.HTTPParser()
+    parser.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(asok.HTTPProtocolError) as first:
+        parser.next_event()
+    with pytest.raises(asok.HTTPProtocolError) as second:
+        parser.next_event()
+    assert second.value is first.value
+    assert isinstance(first.value, Exception) and str(first.value) == "missing Host header"
+
+
+# ── responses ───────────────────────────────────────────────────────────────
+
+def test_render_response_head():
+    assert asok.render_response_head(200, [("Content-Type", "text/plain"),
+                                           ("Content-Length", "2")]) == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n")
+    assert asok.render_response_head(404, [], version="HTTP/1.0") == b"HTTP/1.0 404 Not Found\r\n\r\n"
+    assert asok.render_response_head(599, []) == b"HTTP/1.1 599 \r\n\r\n"
+    assert asok.render_response_head(200, [("X-Name", "caf\xe9")]).endswith(b"caf\xe9\r\n\r\n")
+
+
+@pytest.mark.parametrize("status, headers", [
+    (200, [("X-A", "1\r\nSet-Cookie: evil=1")]),
+    (200, [("X-A\r\nEvil", "1")]),
+    (200, [("Bad Name", "1")]),
+    (200, [("X-A", "nul\x00")]),
+    (99, []),
+    ("200", []),
+])
+def test_render_response_head_refuses_header_injection(status, headers):
+    with pytest.raises(ValueError):
+        asok.render_response_head(status, headers)
+
+
+def test_render_switching_protocols_head():
+    raw = asok.render_response_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    assert raw.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n\r\n") == 1
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# WebSocket, sans-I/O and clients
+# ═══════════════════════════════════════════════════════════════════════════
+
+MASK = b"\x37\xfa\x21\x3d"
+
+
+# ─── helpers ───
+
+def frame(opcode, payload=b"", *, fin=True, rsv=0, mask=MASK, length=None, form=None):
+    """A hand-built frame. `form` forces the length encoding ("7", "16", "64");
+    `length` overrides the announced length. Frames to a server are masked by default."""
+    length = len(payload) if length is None else length
+    form = form or ("7" if length < 126 else "16" if length < 65536 else "64")
+    head = bytearray([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if mask else 0
+    if form == "7":
+        head.append(mask_bit | length)
+    elif form == "16":
+        head.append(mask_bit | 126)
+        head += length.to_bytes(2, "big")
+    else:
+        head.append(mask_bit | 127)
+        head += length.to_bytes(8, "big")
+    if mask:
+        head += mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(head) + payload
+
+
+def to_client(opcode, payload=b"", **kw):
+    """A frame as a server sends it: unmasked."""
+    return frame(opcode, payload, mask=None, **kw)
+
+
+def feed(conn, data, bytewise):
+    """Feed `data` whole or one byte at a time, collecting every event."""
+    events = []
+    chunks = [data[i:i + 1] for i in range(len(data))] if bytewise else [data]
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        events.extend(conn.events())
+    return events
+
+
+def fails(conn, data, bytewise, code):
+    with pytest.raises(asok.WebSocketError) as info:
+        feed(conn, data, bytewise)
+    assert info.value.close_code == code
+    return info.value
+
+
+@pytest.fixture(params=[False, True], ids=["whole", "bytewise"])
+def bytewise(request):
+    return request.param
+
+
+# ─── in-memory client <-> server ───
+
+def test_client_and_server_exchange_messages(bytewise):
+    client, server = asok.WSConnection(client=True), asok.WSConnection()
+    wire = client.send(asok.TextMessage("héllo ✓")) + client.send(asok.BytesMessage(b"\x00\xff"))
+    assert wire[1] & 0x80, "client frames are masked"
+    assert feed(server, wire, bytewise) == [asok.TextMessage("héllo ✓"), asok.BytesMessage(b"\x00\xff")]
+    reply = server.send(asok.TextMessage("back"))
+    assert not reply[1] & 0x80, "server frames are not masked"
+    assert feed(client, reply, bytewise) == [asok.TextMessage("back")]
+
+
+def test_ping_and_pong_are_events(bytewise):
+    client, server = asok.WSConnection(client=True), asok.WSConnection()
+    (ping,) = feed(server, client.send(asok.Ping(b"abc")), bytewise)
+    assert ping == asok.Ping(b"abc")
+    assert feed(client, server.send(asok.Pong(ping.payload)), bytewise) == [asok.Pong(b"abc")]
+    assert feed(client, to_client(0xA, b"unsolicited"), bytewise) == [asok.Pong(b"unsolicited")]
+
+
+def test_close_handshake_started_by_client(bytewise):
+    client, server = asok.WSConnection(client=True), asok.WSConnection()
+    wire = client.send(asok.CloseConnection(1000, "bye"))
+    assert client.state == "CLOSING"
+    assert feed(server, wire, bytewise) == [asok.CloseConnection(1000, "bye")]
+    assert server.state == "REMOTE_CLOSING"
+    echo = server.send(asok.CloseConnection(1000))
+    assert server.state == "CLOSED"
+    assert feed(client, echo, bytewise) == [asok.CloseConnection(1000, "")]
+    assert client.state == "CLOSED"
+
+
+def test_data_after_close_frame_is_ignored(bytewise):
+    server = asok.WSConnection()
+    wire = frame(0x8, (1001).to_bytes(2, "big")) + frame(0x1, b"late") + b"\xff\xff garbage"
+    assert feed(server, wire, bytewise) == [asok.CloseConnection(1001, "")]
+    assert feed(server, frame(0x1, b"later"), bytewise) == []
+
+
+def test_messages_still_arrive_while_our_close_is_in_flight(bytewise):
+    server = asok.WSConnection()
+    server.send(asok.CloseConnection(1001))
+    events = feed(server, frame(0x1, b"in flight") + frame(0x8, (1000).to_bytes(2, "big")), bytewise)
+    assert events == [asok.TextMessage("in flight"), asok.CloseConnection(1000, "")]
+    assert server.state == "CLOSED"
+
+
+def test_sending_after_our_close_is_refused():
+    server = asok.WSConnection()
+    server.send(asok.CloseConnection())
+    with pytest.raises(RuntimeError):
+        server.send(asok.TextMessage("x"))
+    with pytest.raises(RuntimeError):
+        server.send(asok.CloseConnection())
+
+
+def test_eof_without_close_frame_reports_1006_once(bytewise):
+    server = asok.WSConnection()
+    assert feed(server, frame(0x1, b"hi") + frame(0x1, b"partial")[:4], bytewise) == [asok.TextMessage("hi")]
+    server.receive_data(b"")
+    events = list(server.events())
+    assert [e.code for e in events] == [1006]
+    assert server.state == "CLOSED"
+    assert list(server.events()) == []
+
+
+def test_eof_after_close_handshake_is_quiet():
+    server = asok.WSConnection()
+    feed(server, frame(0x8, (1000).to_bytes(2, "big")), False)
+    server.send(asok.CloseConnection(1000))
+    server.receive_data(None)
+    assert list(server.events()) == []
+
+
+# ─── frame lengths and masking ───
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_payload_lengths_round_trip(size):
+    client, server = asok.WSConnection(client=True), asok.WSConnection()
+    payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    assert feed(server, client.send(asok.BytesMessage(payload)), False) == [asok.BytesMessage(payload)]
+    assert feed(client, server.send(asok.BytesMessage(payload)), False) == [asok.BytesMessage(payload)]
+
+
+@pytest.mark.parametrize("size, form", [(5, "7"), (300, "16"), (70000, "64"), (5, "16"), (5, "64")])
+def test_hand_built_lengths_including_non_minimal(size, form, bytewise):
+    payload = b"x" * size
+    server = asok.WSConnection()
+    assert feed(server, frame(0x2, payload, form=form), bytewise) == [asok.BytesMessage(payload)]
+
+
+def test_64_bit_length_with_top_bit_is_refused(bytewise):
+    fails(asok.WSConnection(), frame(0x2, b"", length=1 << 63, form="64"), bytewise, 1002)
+
+
+def test_server_refuses_unmasked_frames(bytewise):
+    fails(asok.WSConnection(), frame(0x1, b"hi", mask=None), bytewise, 1002)
+
+
+def test_client_refuses_masked_frames(bytewise):
+    fails(asok.WSConnection(client=True), frame(0x1, b"hi", mask=MASK), bytewise, 1002)
+
+
+def test_sixteen_mib_unmask():
+    size = 16 << 20
+    pattern, key = b"asok", b"\x01\x80\xfe\x5a"
+    masked_pattern = bytes(a ^ b for a, b in zip(pattern, key))
+    wire = bytes([0x82, 0xFF]) + size.to_bytes(8, "big") + key + masked_pattern * (size // 4)
+    server = asok.WSConnection(max_size=size)
+    (event,) = feed(server, wire, False)
+    assert event.data == pattern * (size // 4)
+
+
+def test_client_frames_use_fresh_masks():
+    client = asok.WSConnection(client=True)
+    first, second = (client.send(asok.BytesMessage(b"same payload")) for _ in range(2))
+    assert first[2:6] != second[2:6]
+
+
+# ─── fragmentation ───
+
+def test_fragments_are_joined_with_control_frames_in_between(bytewise):
+    wire = (frame(0x1, b"Hel", fin=False) + frame(0x9, b"p") + frame(0x0, b"lo ", fin=False)
+            + frame(0xA, b"q") + frame(0x0, b"world"))
+    events = feed(asok.WSConnection(), wire, bytewise)
+    assert events == [asok.Ping(b"p"), asok.Pong(b"q"), asok.TextMessage("Hello world")]
+
+
+def test_binary_fragments(bytewise):
+    wire = frame(0x2, b"\x00\x01", fin=False) + frame(0x0, b"", fin=False) + frame(0x0, b"\x02")
+    assert feed(asok.WSConnection(), wire, bytewise) == [asok.BytesMessage(b"\x00\x01\x02")]
+
+
+def test_continuation_without_start_is_refused(bytewise):
+    fails(asok.WSConnection(), frame(0x0, b"x"), bytewise, 1002)
+
+
+def test_new_message_inside_fragmented_one_is_refused(bytewise):
+    wire = frame(0x1, b"a", fin=False) + frame(0x2, b"b")
+    fails(asok.WSConnection(), wire, bytewise, 1002)
+
+
+# ─── control frames, reserved bits and opcodes ───
+
+@pytest.mark.parametrize("opcode", [0x8, 0x9, 0xA])
+def test_control_frame_over_125_bytes_is_refused(opcode, bytewise):
+    fails(asok.WSConnection(), frame(opcode, b"\x03\xe8" + b"x" * 124), bytewise, 1002)
+
+
+@pytest.mark.parametrize("opcode", [0x8, 0x9, 0xA])
+def test_fragmented_control_frame_is_refused(opcode, bytewise):
+    fails(asok.WSConnection(), frame(opcode, b"", fin=False), bytewise, 1002)
+
+
+def test_control_frame_of_exactly_125_bytes_is_fine(bytewise):
+    assert feed(asok.WSConnection(), frame(0x9, b"p" * 125), bytewise) == [asok.Ping(b"p" * 125)]
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 4])
+def test_reserved_bits_are_refused(rsv, bytewise):
+    fails(asok.WSConnection(), frame(0x1, b"x", rsv=rsv), bytewise, 1002)
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF])
+def test_reserved_opcodes_are_refused(opcode, bytewise):
+    fails(asok.WSConnection(), frame(opcode, b"x"), bytewise, 1002)
+
+
+def test_error_is_raised_again_on_next_call():
+    server = asok.WSConnection()
+    fails(server, frame(0x3), False, 1002)
+    with pytest.raises(asok.WebSocketError):
+        server.next_event()
+
+
+# ─── UTF-8 ───
+
+def test_code_point_split_across_fragments(bytewise):
+    encoded = "€uro".encode("utf-8")
+    wire = frame(0x1, encoded[:1], fin=False) + frame(0x0, encoded[1:2], fin=False) + frame(0x0, encoded[2:])
+    assert feed(asok.WSConnection(), wire, bytewise) == [asok.TextMessage("€uro")]
+
+
+def test_invalid_utf8_fails_at_the_bad_fragment(bytewise):
+    # The final fragment never arrives: the error must come from the first one.
+    fails(asok.WSConnection(), frame(0x1, b"ok \xc0\xaf", fin=False), bytewise, 1007)
+
+
+def test_surrogate_bytes_fail_before_the_message_ends(bytewise):
+    fails(asok.WSConnection(), frame(0x1, b"\xed\xa0", fin=False), bytewise, 1007)
+
+
+def test_truncated_code_point_at_message_end_is_invalid(bytewise):
+    fails(asok.WSConnection(), frame(0x1, "€".encode()[:2]), bytewise, 1007)
+
+
+def test_close_reason_must_be_utf8(bytewise):
+    fails(asok.WSConnection(), frame(0x8, (1000).to_bytes(2, "big") + b"\xff"), bytewise, 1007)
+
+
+# ─── close frames ───
+
+def test_empty_close_body_means_1005(bytewise):
+    assert feed(asok.WSConnection(), frame(0x8, b""), bytewise) == [asok.CloseConnection(1005, "")]
+
+
+def test_close_body_of_one_byte_is_refused(bytewise):
+    fails(asok.WSConnection(), frame(0x8, b"\x03"), bytewise, 1002)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999])
+def test_valid_close_codes(code, bytewise):
+    wire = frame(0x8, code.to_bytes(2, "big") + "fin ✓".encode())
+    assert feed(asok.WSConnection(), wire, bytewise) == [asok.CloseConnection(code, "fin ✓")]
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_invalid_close_codes(code, bytewise):
+    fails(asok.WSConnection(), frame(0x8, code.to_bytes(2, "big")), bytewise, 1002)
+
+
+def test_close_reason_is_cut_to_valid_utf8():
+    client = asok.WSConnection(client=True)
+    wire = client.send(asok.CloseConnection(1000, "é" * 100))
+    (event,) = feed(asok.WSConnection(), wire, False)
+    assert event.reason == "é" * 61
+    assert len(event.reason.encode()) == 122
+
+
+@pytest.mark.parametrize("code", [1005, 1006])
+def test_local_only_codes_send_an_empty_close_body(code):
+    server = asok.WSConnection()
+    assert server.send(asok.CloseConnection(code, "ignored")) == b"\x88\x00"
+
+
+def test_unsendable_close_code_is_a_local_error():
+    with pytest.raises(ValueError):
+        asok.WSConnection().send(asok.CloseConnection(999))
+
+
+def test_close_code_enum():
+    assert asok.CloseCode.MESSAGE_TOO_BIG == 1009
+    assert asok.CloseCode.INVALID_DATA == 1007
+
+
+# ─── message size ───
+
+def test_oversized_frame_is_refused_from_its_header(bytewise):
+    header_only = frame(0x2, b"", length=101, form="16")
+    fails(asok.WSConnection(max_size=100), header_only, bytewise, 1009)
+
+
+def test_oversized_64_bit_header_is_refused_before_payload(bytewise):
+    header_only = frame(0x2, b"", length=1 << 40, form="64")
+    fails(asok.WSConnection(), header_only, bytewise, 1009)
+
+
+def test_fragments_adding_up_past_the_limit_are_refused(bytewise):
+    wire = frame(0x1, b"a" * 60, fin=False) + frame(0x0, b"b" * 41, length=41)[:8]
+    fails(asok.WSConnection(max_size=100), wire, bytewise, 1009)
+
+
+def test_message_of_exactly_max_size_is_fine(bytewise):
+    wire = frame(0x2, b"a" * 60, fin=False) + frame(0x0, b"b" * 40)
+    assert feed(asok.WSConnection(max_size=100), wire, bytewise) == [asok.BytesMessage(b"a" * 60 + b"b" * 40)]
+
+
+def test_default_limit_is_max_ws_message(bytewise):
+    header_only = frame(0x1, b"", length=asok.MAX_WS_MESSAGE + 1, form="64")
+    fails(asok.WSConnection(), header_only, bytewise, 1009)
+
+
+# ─── handshake ───
+
+GOOD_HEADERS = {
+    "host": "example.com",
+    "upgrade": "websocket",
+    "connection": "keep-alive, Upgrade",
+    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "sec-websocket-version": "13",
+}
+
+
+def test_accept_key_matches_rfc_example():
+    assert asok.ws_accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_good_handshake_returns_accept_value():
+    headers = dict(GOOD_HEADERS, upgrade="h2c, WebSocket")
+    assert asok.ws_check_handshake("GET", headers) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("method, changes", [
+    ("POST", {}),
+    ("GET", {"upgrade": None}),
+    ("GET", {"upgrade": "h2c"}),
+    ("GET", {"connection": None}),
+    ("GET", {"connection": "keep-alive"}),
+    ("GET", {"sec-websocket-key": None}),
+    ("GET", {"sec-websocket-key": "not base64!"}),
+    ("GET", {"sec-websocket-key": base64.b64encode(b"x" * 15).decode()}),
+])
+def test_malformed_handshake_is_400(method, changes):
+    headers = {k: v for k, v in {**GOOD_HEADERS, **changes}.items() if v is not None}
+    with pytest.raises(asok.WebSocketHandshakeError) as info:
+        asok.ws_check_handshake(method, headers)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("version", [None, "8", "14"])
+def test_missing_or_other_version_is_426(version):
+    headers = {k: v for k, v in {**GOOD_HEADERS, "sec-websocket-version": version}.items() if v is not None}
+    with pytest.raises(asok.WebSocketHandshakeError) as info:
+        asok.ws_check_handshake("GET", headers)
+    assert info.value.status == 426
+    assert ("Sec-WebSocket-Version", "13") in info.value.headers
+
+
+def test_handshake_request_and_response_check():
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    request = asok.ws_handshake_request("h:8000", "/live?x=1", key, "http://h:8000", [("Cookie", "a=b")])
+    lines = request.decode().split("\r\n")
+    assert lines[0] == "GET /live?x=1 HTTP/1.1" and request.endswith(b"\r\n\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    accept = asok.ws_check_handshake("GET", headers)
+    assert headers["origin"] == "http://h:8000" and headers["cookie"] == "a=b"
+    good = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-accept": accept}
+    asok.ws_check_handshake_response(101, good, key)
+    for status, bad in [(403, good), (101, {**good, "sec-websocket-accept": "wrong"}),
+                        (101, {**good, "upgrade": "h2c"}), (101, {**good, "sec-websocket-extensions": "x"})]:
+        with pytest.raises(asok.WebSocketHandshakeError) as info:
+            asok.ws_check_handshake_response(status, bad, key)
+        assert info.value.status == status
+
+
+def test_handshake_request_refuses_header_injection():
+    with pytest.raises(ValueError):
+        asok.ws_handshake_request("h", "/", "k", None, [("X", "a\r\nEvil: 1")])
+
+
+# ─── clients against a tiny threaded echo server ───
+
+class _EchoHandler(socketserver.BaseRequestHandler):
+    """Echoes messages; "cookie?" answers the Cookie header, "ping-me" pings the client
+    and reports its pong, "close-me" closes with 4000."""
+
+    def handle(self):
+        sock = self.request
+        sock.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        if path == "/forbidden":
+            sock.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        accept = asok.ws_check_handshake(method, headers)
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n")
+        conn = asok.WSConnection()
+        if rest:
+            conn.receive_data(rest)
+        for _ in range(1000):
+            for event in conn.events():
+                sock.sendall(self.answer(conn, event, headers))
+            if conn.state == "CLOSED":
+                return
+            conn.receive_data(sock.recv(65536))
+
+    def answer(self, conn, event, headers):
+        if isinstance(event, asok.CloseConnection):
+            self.server.closes.append((event.code, event.reason))
+            self.server.closed.set()
+            return conn.send(asok.CloseConnection(event.code)) if conn.state == "REMOTE_CLOSING" else b""
+        if isinstance(event, asok.Ping):
+            return conn.send(asok.Pong(event.payload))
+        if isinstance(event, asok.Pong):
+            return conn.send(asok.TextMessage("pong:" + event.payload.decode()))
+        if event == asok.TextMessage("cookie?"):
+            return conn.send(asok.TextMessage(headers.get("cookie", "")))
+        if event == asok.TextMessage("ping-me"):
+            return conn.send(asok.Ping(b"check"))
+        if event == asok.TextMessage("close-me"):
+            return conn.send(asok.CloseConnection(4000, "bye"))
+        return conn.send(event)
+
+
+@pytest.fixture
+def echo_url():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _EchoHandler)
+    server.daemon_threads = True
+    server.closes = []
+    server.closed = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"ws://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_sync_client(echo_url):
+    url, server = echo_url
+    with asok.WebSocketClient.connect(url + "/echo", headers={"Cookie": "sid=42"}, timeout=5) as ws:
+        assert "sec-websocket-accept" in ws.response_headers
+        ws.send("héllo")
+        assert ws.receive(timeout=5) == "héllo"
+        ws.send(b"\x00\x01" * 40000)
+        assert ws.receive(timeout=5) == b"\x00\x01" * 40000
+        ws.send("cookie?")
+        assert ws.receive(timeout=5) == "sid=42"
+        ws.send("ping-me")
+        assert ws.receive(timeout=5) == "pong:check"
+        ws.ping(b"ignored")
+        ws.send("after ping")
+        assert ws.receive(timeout=5) == "after ping"
+        ws.close(1000, "done")
+        with pytest.raises(asok.ConnectionClosed) as info:
+            ws.receive(timeout=5)
+        assert info.value.code == 1000
+    assert server.closed.wait(5) and server.closes == [(1000, "done")]
+
+
+def test_sync_client_sees_server_close(echo_url):
+    url, server = echo_url
+    ws = asok.WebSocketClient.connect(url + "/", timeout=5)
+    ws.send("close-me")
+    with pytest.raises(asok.ConnectionClosed) as info:
+        ws.receive(timeout=5)
+    assert (info.value.code, info.value.reason) == (4000, "bye")
+    with pytest.raises(asok.ConnectionClosed):
+        ws.send("too late")
+    ws.close()
+    assert server.closed.wait(5) and server.closes == [(4000, "")]
+
+
+def test_sync_client_refused_upgrade(echo_url):
+    url, _ = echo_url
+    with pytest.raises(asok.WebSocketHandshakeError) as info:
+        asok.WebSocketClient.connect(url + "/forbidden", timeout=5)
+    assert info.value.status == 403
+
+
+def test_client_url_must_be_ws():
+    with pytest.raises(ValueError):
+        asok.WebSocketClient.connect("http://127.0.0.1:1/")
+
+
+def test_async_client(echo_url):
+    url, server = echo_url
+
+    async def scenario():
+        ws = await asok.AsyncWebSocketClient.connect(url + "/echo", headers=[("Cookie", "sid=7")], timeout=5)
+        async with ws:
+            await ws.send("héllo")
+            assert await ws.receive(timeout=5) == "héllo"
+            await ws.send(b"\xff" * 70000)
+            assert await ws.receive(timeout=5) == b"\xff" * 70000
+            await ws.send("cookie?")
+            assert await ws.receive(timeout=5) == "sid=7"
+            await ws.send("ping-me")
+            assert await ws.receive(timeout=5) == "pong:check"
+            await ws.send("one")
+            await ws.send("two")
+            await ws.send("close-me")
+            received = []
+            with pytest.raises(asok.ConnectionClosed) as info:
+                async for message in ws:
+                    received.append(message)
+        return received, info.value.code
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == (["one", "two"], 4000)
+    assert server.closed.wait(5) and server.closes == [(4000, "")]
+
+
+def test_async_client_iteration_ends_on_normal_close(echo_url):
+    url, server = echo_url
+
+    async def scenario():
+        ws = await asok.AsyncWebSocketClient.connect(url + "/", timeout=5)
+        await ws.send("a")
+        await ws.send("b")
+        received = []
+        async for message in ws:
+            received.append(message)
+            if len(received) == 2:
+                await ws.close(1000, "enough")
+        return received
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) == ["a", "b"]
+    assert server.closed.wait(5) and server.closes == [(1000, "enough")]
+
+
+def test_async_client_refused_upgrade(echo_url):
+    url, _ = echo_url
+    with pytest.raises(asok.WebSocketHandshakeError) as info:
+        asyncio.run(asok.AsyncWebSocketClient.connect(url + "/forbidden", timeout=5))
+    assert info.value.status == 403
