@@ -4348,6 +4348,7 @@ class LiveHandle:
         self.state_token = state
         self.csrf = csrf
         self.html = None
+        self._page = secrets.token_hex(4)  # ids are unique per page load, as alive.js makes them
         self._n = 0
 
     @property
@@ -4361,7 +4362,7 @@ class LiveHandle:
 
     def call(self, method, *args, **overrides):
         self._n += 1
-        message = {"id": f"test:{self._n}", "cid": self.cid, "component": self.name,
+        message = {"id": f"{self._page}:{self._n}", "cid": self.cid, "component": self.name,
                    "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
         message.update(overrides)
         reply = self.send(message)

@@ -2367,3 +2367,269 @@ def test_async_client_refused_upgrade(echo_url):
     with pytest.raises(asok.WebSocketHandshakeError) as info:
         asyncio.run(asok.AsyncWebSocketClient.connect(url + "/forbidden", timeout=5))
     assert info.value.status == 403
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# Live components and the live protocol
+# ═══════════════════════════════════════════════════════════════════════════
+
+COMPONENT_FILES = {
+    "src/components/Counter.py": '''
+        from asok import Component
+        from asok.component import exposed
+
+        class Counter(Component):
+            count = 0
+            mounted = 0
+
+            def mount(self):
+                self.mounted += 1
+
+            @exposed
+            def increment(self):
+                self.count += 1
+                self.session["pcount"] = self.session.get("pcount", 0) + 1
+
+            @exposed
+            def add(self, n: int, note: str = ""):
+                self.count += n
+
+            @exposed
+            def scale(self, factor: float, flag: bool = False):
+                self.count = int(self.count * factor) + (1000 if flag else 0)
+
+            @exposed
+            def boom(self):
+                self.count += 1
+                raise RuntimeError("kaboom")
+
+            @exposed
+            def corrupt(self):
+                self.count = object()
+
+            def _internal(self):
+                return 1
+
+            def helper(self):
+                self.count = -1
+    ''',
+    "src/components/counter.html": "<p>Count: {{ count }} / {{ session.get('pcount', 0) }}</p>\n",
+    "src/components/Labels.py": '''
+        from asok import Component, exposed
+
+        class Labels(Component):
+            text = ""
+            size = 1
+            tags = []
+
+            @exposed
+            def tag(self, name: str):
+                self.tags.append(name)
+    ''',
+    "src/components/labels.html": "<b><< text >>:<< size >>:<< tags | join(',') >></b>",
+    "src/pages/index.html": "<html><head></head><body>{{ component('Counter', count=10) }}"
+                            "{{ component('Counter') }}</body></html>",
+    "src/pages/labels.html": "<body><< component('Labels', cid='my-labels') >></body>",
+    "src/pages/plain.html": "<html><head></head><body>no components</body></html>",
+}
+
+
+@pytest.fixture
+def live_app(tmp_path):
+    return make_app(tmp_path, COMPONENT_FILES)
+
+
+def test_component_renders_with_signed_state_and_runtime(live_app):
+    client = asok.TestClient(live_app)
+    page = client.get("/").text
+    assert page.count('data-asok-component="Counter"') == 2
+    assert '<script src="/asok/alive.js" defer></script></head>' in page
+    assert '<meta name="csrf-token" content="' in page
+    assert "Count: 10 / 0" in page and "Count: 0 / 0" in page
+    assert 'id="/#Counter-0"' in page and 'id="/#Counter-1"' in page
+    assert "alive.js" not in client.get("/plain").text
+    js = client.get("/asok/alive.js")
+    assert js.status == 200 and js.header("content-type").startswith("text/javascript")
+
+
+def test_click_increments_and_persists_across_reload_and_restart(live_app, tmp_path):
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    reply = counter.call("increment")
+    assert "Count: 11 / 1" in reply["html"] and counter.state["count"] == 11
+    counter.call("add", 5)
+    assert counter.state["count"] == 16
+    assert "Count: 16 / 1" in client.get("/").text  # a reload renders the persisted state
+    restarted = asok.TestClient(make_app(tmp_path, {}))  # a new process on the same folder and key
+    restarted.cookies = dict(client.cookies)
+    assert "Count: 16 / 1" in restarted.get("/").text
+    assert restarted.live("/", "Counter").state["mounted"] == 1  # mount ran once, on the first render
+
+
+def test_component_props_mount_and_explicit_cid(live_app):
+    client = asok.TestClient(live_app)
+    labels = client.live("/labels", "Labels")
+    assert labels.cid == "my-labels"
+    labels.call("tag", "a")
+    labels.call("tag", "b")
+    assert labels.state == {"text": "", "size": 1, "tags": ["a", "b"]}
+    fresh = asok.TestClient(live_app).live("/labels", "Labels")
+    assert fresh.state["tags"] == []  # class defaults are not shared between sessions
+
+
+def test_arguments_are_converted_to_annotated_types(live_app):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    assert "error" not in counter.call("add", "5")
+    assert counter.state["count"] == 15
+    counter.call("scale", "2", "true")
+    assert counter.state["count"] == 1030
+
+
+@pytest.mark.parametrize("method, args, code, words", [
+    ("helper", [], "not_exposed", "not @exposed"),
+    ("render", [], "not_exposed", "not @exposed"),
+    ("mount", [], "not_exposed", "not @exposed"),
+    ("_internal", [], "private_method", "private"),
+    ("__init__", [], "private_method", "private"),
+    ("nope", [], "unknown_method", "no method 'nope'"),
+    ("add", [], "bad_args", "takes (n, note)"),
+    ("add", [1, "x", 3], "bad_args", "takes (n, note)"),
+    ("add", ["five"], "bad_args", "argument 'n' must be int"),
+    ("add", [1.5], "bad_args", "argument 'n' must be int"),
+    ("add", [True], "bad_args", "argument 'n' must be int"),
+    ("scale", [2, "maybe"], "bad_args", "argument 'flag' must be bool"),
+    ("boom", [], "server_error", "raised an error"),
+    ("corrupt", [], "server_error", "Counter.count is a object"),
+])
+def test_refused_calls_get_an_error_and_change_nothing(live_app, method, args, code, words):
+    live_app.debug = True  # so server_error replies carry the detail
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    counter.call("increment")
+    reply = counter.call(method, *args)
+    assert reply["id"] == f"{counter._page}:2"
+    assert reply["error"]["code"] == code and words in reply["error"]["message"]
+    assert counter.state["count"] == 11
+    assert "Count: 11 / 1" in client.get("/").text
+
+
+def test_tampered_foreign_and_stale_states_are_refused(live_app):
+    client = asok.TestClient(live_app)
+    first = client.live("/", "Counter", 0)
+    second = client.live("/", "Counter", 1)
+    token = first.state_token
+    tampered = token.replace('"count":10', '"count":99')
+    assert first.call("increment", state=tampered)["error"]["code"] == "bad_state"
+    moved = first.call("increment", state=second.state_token)  # a state from another component
+    assert moved["error"]["code"] == "bad_state"
+    other_user = asok.TestClient(live_app)
+    theirs = other_user.live("/", "Counter")
+    theirs.state_token = token  # my state in another session
+    assert theirs.call("increment")["error"]["code"] == "bad_state"
+    assert first.call("increment", cid="/#Counter-1")["error"]["code"] == "bad_state"
+    assert "Count: 10 / 0" in client.get("/").text
+    # a stale (validly signed, older) state cannot roll the stored state back
+    old = first.state_token
+    first.call("increment")
+    first.call("increment")
+    first.state_token = old
+    first.call("increment")
+    assert first.state["count"] == 13
+
+
+def test_two_tabs_apply_clicks_to_the_latest_state(live_app):
+    client = asok.TestClient(live_app)
+    tab_a = client.live("/", "Counter")
+    tab_b = client.live("/", "Counter")
+    for _ in range(3):
+        tab_a.call("increment")
+        tab_b.call("increment")
+    assert tab_b.state["count"] == 16
+    assert "Count: 16 / 6" in client.get("/").text
+
+
+def test_a_resent_event_is_applied_once(live_app):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    message = {"id": "page:1", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+               "method": "increment", "args": [], "csrf": counter.csrf}
+    first = counter.send(message)
+    again = counter.send(message)
+    assert "Count: 11" in first["html"] and "Count: 11" in again["html"]
+
+
+@pytest.mark.parametrize("message, code", [
+    ("{not json", "bad_json"),
+    ("[1, 2]", "bad_message"),
+    ({"id": 1}, "bad_message"),
+    ({"method": 5}, "bad_message"),
+    ({"csrf": "wrong"}, "bad_csrf"),
+    ({"csrf": None}, "bad_csrf"),
+    ({"component": "Nope"}, "unknown_component"),
+    ({"state": "garbage"}, "bad_state"),
+    ({"args": "x"}, "bad_message"),
+])
+def test_malformed_live_messages_are_refused(live_app, message, code):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    if isinstance(message, dict):
+        base = {"id": "m:1", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+                "method": "increment", "args": [], "csrf": counter.csrf}
+        message = {**base, **message}
+    reply = counter.send(message)
+    assert reply["error"]["code"] == code and reply["error"]["message"]
+    assert counter.client.live("/", "Counter").state["count"] == 10
+
+
+def test_ws_model_sets_a_state_attribute_with_its_type(live_app):
+    labels = asok.TestClient(live_app).live("/labels", "Labels")
+    labels.call("$model", "text", "hello")
+    labels.call("$model", "size", "3")
+    assert labels.state["text"] == "hello" and labels.state["size"] == 3
+    assert labels.call("$model", "missing", 1)["error"]["code"] == "bad_args"
+    assert labels.call("$model", "_asok_app", 1)["error"]["code"] == "bad_args"
+    assert labels.call("$model", "size", "big")["error"]["code"] == "bad_args"
+
+
+def test_component_errors_name_the_problem(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES,
+                              "src/pages/typo.html": "{{ component('Counter', cuont=1) }}",
+                              "src/pages/unknown.html": "{{ component('Nope') }}"}, debug=True)
+    client = asok.TestClient(app)
+    r = client.get("/typo")
+    assert r.status == 500 and "Counter has no state attribute &#x27;cuont&#x27;" in r.text
+    r = client.get("/unknown")
+    assert r.status == 500 and "no such component" in r.text
+
+
+def live_socket(port, client, origin=None):
+    headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in client.cookies.items())}
+    return asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/asok/live",
+                                        origin=origin or f"http://127.0.0.1:{port}", headers=headers)
+
+
+def test_live_endpoint_over_a_real_websocket(live_app):
+    client = asok.TestClient(live_app, host="127.0.0.1")
+    counter = client.live("/", "Counter")
+    with running(live_app) as port:
+        client.host = f"127.0.0.1:{port}"
+        with live_socket(port, client) as ws:
+            for n in range(1, 4):
+                ws.send(json.dumps({"id": f"w:{n}", "cid": counter.cid, "component": "Counter",
+                                    "state": counter.state_token, "method": "increment", "args": [],
+                                    "csrf": counter.csrf}))
+                reply = json.loads(ws.receive(timeout=5))
+                assert reply["id"] == f"w:{n}" and f"Count: {10 + n} / {n}" in reply["html"]
+                counter.state_token = reply["state"]
+            ws.send("x" * (asok.LIVE_MAX_MESSAGE + 1))
+            assert json.loads(ws.receive(timeout=5))["error"]["code"] == "too_large"
+            ws.send(b"\x00binary")
+            assert json.loads(ws.receive(timeout=5))["error"]["code"] == "bad_message"
+            ws.send("{}")  # the connection is still usable after refusals
+            assert json.loads(ws.receive(timeout=5))["error"]["code"] == "bad_message"
+        with pytest.raises(asok.WebSocketHandshakeError) as refused:
+            live_socket(port, client, origin="http://evil.example")
+        assert refused.value.status == 403
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/asok/live") as anonymous:
+            anonymous.send(json.dumps({"id": "a", "cid": counter.cid, "component": "Counter",
+                                       "state": counter.state_token, "method": "increment", "args": [],
+                                       "csrf": counter.csrf}))
+            assert json.loads(anonymous.receive(timeout=5))["error"]["code"] == "no_session"
