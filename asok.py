@@ -2414,7 +2414,7 @@ class Signer:
         return f"<Signer {self.purpose} keys=***>"
 
     def _mac(self, key, value, bind):
-        return _b64(hmac.new(key, bind.encode() + b"\0" + value.encode(), hashlib.sha256).digest())
+        return _b64(hmac.digest(key, bind.encode() + b"\0" + value.encode(), "sha256"))
 
     def sign(self, value, bind=""):
         return value + "." + self._mac(self._keys[0], value, bind)
@@ -2459,6 +2459,7 @@ SESSION_LIFETIME = 14 * 24 * 3600
 SESSION_COOKIE = "asok_session"
 SESSION_COLLECT_EVERY = 3600
 _LOCK_STRIPES = 256
+SESSION_LOG_MAX = 16 * 1024   # a session file is compacted to one line past this size
 
 
 class Session(dict):
@@ -2537,8 +2538,13 @@ class SessionStore:
 
 
 class FileSessionStore(SessionStore):
-    """One JSON file per session under `folder`, replaced atomically; `flock` on one of
-    _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write."""
+    """One file per session under `folder`. Each save appends the whole record as one JSON
+    line in a single write(), so a save costs one small append instead of a rename (on ext4 a
+    rename over an existing file forces a block allocation: ~100 µs against ~3 µs). Loading
+    takes the last complete line; a line torn by a crash is skipped. When the file grows past
+    SESSION_LOG_MAX it is rewritten to one line through a temporary file and `os.replace`.
+    `flock` on one of _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write
+    across threads and processes."""
 
     def __init__(self, folder, lifetime=SESSION_LIFETIME):
         self.folder = Path(folder)
@@ -2553,7 +2559,7 @@ class FileSessionStore(SessionStore):
     def _path(self, sid):
         if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
             raise ValueError("malformed session id")
-        return self.folder / (sid + ".json")
+        return f"{self.folder}/{sid}.json"
 
     def _stripe(self, sid):
         return int.from_bytes(hashlib.blake2s(sid.encode(), digest_size=2).digest(), "big") % _LOCK_STRIPES
@@ -2567,39 +2573,137 @@ class FileSessionStore(SessionStore):
                 self._lock_fds[stripe] = fd
         return _StoreLock(self._thread_locks[stripe], fd)
 
+    def _read(self, path):
+        """(record or None, bytes in the file, whether the file ends with a complete line)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return None, 0, True
+        clean_end = raw.endswith(b"\n") or not raw
+        last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+        record = _json_record(raw[last:]) if clean_end else None
+        if record is None:  # the last line is torn: take the newest whole one
+            record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
+        if record is not None and record.get("expires", 0) < time.time():
+            record = None
+        return record, len(raw), clean_end
+
+    def load(self, sid):
+        raise NotImplementedError
+
+    def save(self, sid, record):
+        raise NotImplementedError
+
+    def delete(self, sid):
+        raise NotImplementedError
+
+    def update(self, sid, fn):
+        raise NotImplementedError
+
+    def collect(self, max_age=SESSION_LIFETIME):
+        raise NotImplementedError
+
+
+class FileSessionStore(SessionStore):
+    """One file per session under `folder`. Each save appends the whole record as one JSON
+    line in a single write(), so a save costs one small append instead of a rename (on ext4 a
+    rename over an existing file forces a block allocation: ~100 µs against ~3 µs). Loading
+    takes the last complete line; a line torn by a crash is skipped. When the file grows past
+    SESSION_LOG_MAX it is rewritten to one line through a temporary file and `os.replace`.
+    `flock` on one of _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write
+    across threads and processes."""
+
+    def __init__(self, folder, lifetime=SESSION_LIFETIME):
+        self.folder = Path(folder)
+        self.lifetime = lifetime
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_dir = self.folder / "locks"
+        self._lock_dir.mkdir(exist_ok=True)
+        self._lock_fds = {}
+        self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._fd_lock = threading.Lock()
+
+    def _path(self, sid):
+        if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
+            raise ValueError("malformed session id")
+        return f"{self.folder}/{sid}.json"
+
+    def _stripe(self, sid):
+        return int.from_bytes(hashlib.blake2s(sid.encode(), digest_size=2).digest(), "big") % _LOCK_STRIPES
+
+    def _lock(self, sid):
+        stripe = self._stripe(sid)
+        with self._fd_lock:
+            fd = self._lock_fds.get(stripe)
+            if fd is None:
+                fd = os.open(self._lock_dir / f"{stripe:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+                self._lock_fds[stripe] = fd
+        return _StoreLock(self._thread_locks[stripe], fd)
+
+    def _read(self, path):
+        """(record or None, bytes in the file, whether the file ends with a complete line)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return None, 0, True
+        for line in reversed(raw.split(b"\n")):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                if record.get("expires", 0) < time.time():
+                    record = None
+                return record, len(raw), raw.endswith(b"\n")
+        return None, len(raw), raw.endswith(b"\n") or not raw
+
     def load(self, sid):
         try:
             path = self._path(sid)
-            with open(path, "rb") as f:
-                record = json.loads(f.read())
-        except (ValueError, OSError):
+        except ValueError:
             return None
-        if not isinstance(record, dict) or record.get("expires", 0) < time.time():
-            return None
-        return record
+        return self._read(path)[0]
+
+    def _write(self, path, record, size, clean_end):
+        record["expires"] = int(time.time()) + self.lifetime
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if size + len(line) > SESSION_LOG_MAX:
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(line)
+            os.replace(tmp, path)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, line if clean_end else b"\n" + line)
+        finally:
+            os.close(fd)
 
     def save(self, sid, record):
         path = self._path(sid)
-        record["expires"] = int(time.time()) + self.lifetime
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(record, separators=(",", ":")).encode())
-        os.replace(tmp, path)
+        with self._lock(sid):
+            _, size, clean_end = self._read(path)
+            self._write(path, record, size, clean_end)
 
     def delete(self, sid):
+        path = self._path(sid)
         with self._lock(sid):
             try:
-                os.unlink(self._path(sid))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
     def update(self, sid, fn):
-        """Run fn(record) -> record under the session's lock and write the result."""
-        self._path(sid)
+        """Run fn(record) under the session's lock and save the record it changed;
+        if fn raises, nothing is written."""
+        path = self._path(sid)
         with self._lock(sid):
-            record = self.load(sid) or {"data": {}, "live": {}}
+            record, size, clean_end = self._read(path)
+            record = record or {"data": {}, "live": {}}
             result = fn(record)
-            self.save(sid, record)
+            self._write(path, record, size, clean_end)
             return result
 
     def collect(self, max_age=None):
@@ -2613,13 +2717,21 @@ class FileSessionStore(SessionStore):
                     removed += 1
             except FileNotFoundError:
                 pass
-        for path in self.folder.glob(".*.tmp"):
+        for path in self.folder.glob("*.tmp"):
             try:
                 if path.stat().st_mtime + 3600 < now:
                     path.unlink()
             except FileNotFoundError:
                 pass
         return removed
+
+
+def _json_record(line):
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class _StoreLock:
@@ -3063,6 +3175,8 @@ def _convert_arg(value, annotation, name):
 def _bind_args(cls, method, args):
     sig = cls._signature(method)
     params = list(sig.parameters.values())[1:]
+    if not args and not params:
+        return args
     try:
         bound = sig.bind(None, *args)
     except TypeError as exc:

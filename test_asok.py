@@ -2633,3 +2633,20 @@ def test_live_endpoint_over_a_real_websocket(live_app):
                                        "state": counter.state_token, "method": "increment", "args": [],
                                        "csrf": counter.csrf}))
             assert json.loads(anonymous.receive(timeout=5))["error"]["code"] == "no_session"
+
+
+def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
+    store = asok.FileSessionStore(tmp_path, lifetime=600)
+    sid = "s" * 43
+    for n in range(3):
+        store.update(sid, lambda record: record["data"].update(n=n))
+    path = tmp_path / f"{sid}.json"
+    with open(path, "ab") as f:
+        f.write(b'{"data": {"n": 99')  # a crash in the middle of a write
+    assert store.load(sid)["data"] == {"n": 2}
+    store.update(sid, lambda record: record["data"].update(m=1))
+    assert store.load(sid)["data"] == {"n": 2, "m": 1}
+    for n in range(asok.SESSION_LOG_MAX // 40):
+        store.update(sid, lambda record: record["data"].update(n=n))
+    assert path.stat().st_size < asok.SESSION_LOG_MAX
+    assert store.load(sid)["data"]["n"] == asok.SESSION_LOG_MAX // 40 - 1
