@@ -1,10 +1,10 @@
 // alive.js: the asok browser runtime.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
-const page = Math.random() + ":", bags = new Map; // root -> {queue, sent, held, field, timer, models}
+const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models}
 let socket, retry = 100, counter = 0;
 
-// one FIFO queue per component; a debounced input waits at its tail until its timer or the next event
+// one FIFO queue per component; a debounced input waits at its tail
 function enqueue(root, call, field) {
   const bag = bags.get(root) || bags.set(root, {queue: [], models: {}}).get(root);
   clearTimeout(bag.timer);
@@ -14,27 +14,27 @@ function enqueue(root, call, field) {
   send(root, bag);
 }
 
-// one event in flight per component; made while disconnected, it goes out on reconnect
+// one event in flight per component
 function send(root, bag) {
-  if (bag.sent || bag.queue.length <= !!bag.field) return;
-  const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
-  if (method == "$model") bag.models[args[0]] = args[1];
-  bag.sent = JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
-    method, args, csrf: document.querySelector("meta[name=csrf-token]")?.content});
-  root.classList.add("asok-loading");
-  socket.readyState == 1 && socket.send(bag.sent);
+  if (!bag.sent && bag.queue.length > !!bag.field) {
+    const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
+    if (method == "$model") bag.models[args[0]] = args[1];
+    bag.sent = JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
+      method, args, csrf: document.querySelector("meta[name=csrf-token]")?.content});
+    socket.readyState == 1 && socket.send(bag.sent);
+  }
+  root.classList.toggle("asok-loading", !!bag.sent);
 }
 
 function receive(message) {
   const {id, html, state, error} = JSON.parse(message.data);
   for (const [root, bag] of bags) if (bag.sent && bag.id == id) {
     bag.sent = null;
-    root.classList.remove("asok-loading");
     if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
     else {
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;
-      // ws-model: a focused field takes the state's value only if the server changed what was sent last
+      // ws-model: a focused field only takes a value the server changed
       const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
       for (const el of root.querySelectorAll("[ws-model]")) {
         const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
@@ -45,33 +45,27 @@ function receive(message) {
   }
 }
 
+// morph: update each old node in place if the new one is of the same kind, else insert
 function morph(old, fresh) {
-  let cursor = old.firstChild; // the first old child not yet placed
+  let cursor = old.firstChild;
   for (const next of [...fresh.childNodes]) {
-    // match by id, else the cursor if of the same kind
-    let match = next.id && [...old.children].find(child => child.id == next.id);
-    if (!match && cursor?.nodeName == next.nodeName && !cursor.id) match = cursor;
-    // none: insert
-    if (!match) {
-      old.insertBefore(next, cursor);
+    const match = cursor;
+    if (match?.nodeName != next.nodeName) {
+      old.insertBefore(next, match);
       continue;
     }
-    // the cursor: keep; elsewhere: move here, keeping focus
-    if (match == cursor) cursor = cursor.nextSibling;
-    else old[old.moveBefore ? "moveBefore" : "insertBefore"](match, cursor);
+    cursor = match.nextSibling;
     // text, comment
     if (match.nodeType != 1) {
       match.nodeValue = next.nodeValue;
       continue;
     }
-    // attributes: set, then remove missing; then children
-    for (const {name, value} of next.attributes) if (match.getAttribute(name) != value) match.setAttribute(name, value);
+    // attributes, children, form values (the focused one's is the user's)
+    for (const {name, value} of next.attributes) match.setAttribute(name, value);
     for (const {name} of [...match.attributes]) if (!next.hasAttribute(name)) match.removeAttribute(name);
     morph(match, next);
-    // form values, except the focused element's
     for (const prop of ["value", "checked"]) if (prop in match && match != document.activeElement && match[prop] != next[prop]) match[prop] = next[prop];
   }
-  // leftovers: remove
   while (cursor?.nextSibling) cursor.nextSibling.remove();
   cursor?.remove();
 }
@@ -98,8 +92,8 @@ function handle(event) {
   if (!root || !model && !el) return;
   if (model) return enqueue(root, ["$model", [model, value]], target);
   event.preventDefault();
-  const [, method, list] = el.getAttribute(name).match(/([^(]*)\(?(.*)\)?/); // "add(5)" or "add"
-  enqueue(root, [method, list ? JSON.parse(`[${list}]`) : type == "submit" ? [Object.fromEntries(new FormData(el))] : type[3] == "u" || type == "change" ? [value] : []], type == "input" && el);
+  const [, method, list] = el.getAttribute(name).match(/([^(]*)\(?(.*?)\)?$/); // "add(5)" or "add"
+  enqueue(root, [method, list ? JSON.parse(`[${list}]`) : type == "submit" ? [Object.fromEntries(new FormData(el))] : type == "input" || type == "change" ? [value] : []], type == "input" && el);
 }
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);

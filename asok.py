@@ -2469,6 +2469,8 @@ class Session(dict):
     def __init__(self, data=None, sid=None):
         super().__init__(data or ())
         self.sid = sid
+        self.new = False
+        self.live = {}
         self.changed = set()
         self.deleted = set()
         self.modified = False
@@ -3250,6 +3252,10 @@ class _LiveContext:
         self.uses_live = True
         self.path = None
 
+    @property
+    def csrf_token(self):
+        return self.app._csrf_token(self)
+
 
 class _LazyToken:
     """`csrf_token` in templates: computed, and a session created, only when printed."""
@@ -3391,7 +3397,6 @@ class Asok:
         record = self.sessions.load(sid) if sid else None
         session = Session((record or {}).get("data"), sid)
         session.live = (record or {}).get("live", {})
-        session.new = False
         return session
 
     def _ensure_session(self, session):
@@ -3668,7 +3673,6 @@ class Asok:
                 state, version = payload["s"], payload["v"]
             session = Session(record.get("data"), sid)
             session.live = live
-            session.new = False
             request = _LiveContext(self, session, sid)
             context = self._live_context(request, cid)
             comp = cls._restore(self, state, session, cid, context)

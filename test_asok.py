@@ -2650,3 +2650,26 @@ def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
         store.update(sid, lambda record: record["data"].update(n=n))
     assert path.stat().st_size < asok.SESSION_LOG_MAX
     assert store.load(sid)["data"]["n"] == asok.SESSION_LOG_MAX // 40 - 1
+
+
+def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
+    files = dict(COMPONENT_FILES)
+    files["src/components/Panel.py"] = '''
+        from asok import Component, exposed
+
+        class Panel(Component):
+            opened = 0
+
+            @exposed
+            def open(self):
+                self.opened += 1
+    '''
+    files["src/components/panel.html"] = ("<form><input name=csrf_token value='{{ csrf_token }}'>{{ opened }}"
+                                          "{{ component('Labels') }}</form>")
+    files["src/pages/panel.html"] = "<head></head>{{ component('Panel') }}"
+    client = asok.TestClient(make_app(tmp_path, files))
+    panel = client.live("/panel", "Panel")
+    reply = panel.call("open")
+    assert f"value='{panel.csrf}'" in reply["html"]
+    assert 'id="/panel#Panel-0#Labels-0" data-asok-component="Labels"' in reply["html"]
+    assert asok.TestClient.live(client, "/panel", "Labels").cid == "/panel#Panel-0#Labels-0"

@@ -1,0 +1,995 @@
+"""asok benchmark: `make bench` (or `.venv/bin/python bench.py [--quick] [--client raw|asok]`).
+
+Measures, in one run and beside a baseline each time:
+  1. live events through examples/counter over real WebSockets (1 and 50 connections),
+  2. the same load generator against examples/echo's `/echo` WebSocket (the floor),
+  3. the counter page with wrk (keep-alive, 1 and 10 connections) beside a minimal
+     asyncio HTTP server written below (stdlib only, fixed 1 KB body),
+  4. template renders/s beside Jinja2 (the counter component's template and a 100-row page),
+  5. server RSS per idle WebSocket connection with 1,000 open,
+  6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply.
+Prints one table and writes the same figures to bench-results.json (--json to change).
+
+Servers are subprocesses bound to 127.0.0.1, started on a temporary copy of the example
+folder (so .asok/ data stays out of the repository), with DEBUG unset and a random
+SECRET_KEY, pinned to one core while the load generator (this process, wrk) runs on another,
+and always killed. Every loop is bounded in count and in time.
+"""
+
+import argparse
+import asyncio
+import base64
+import gzip
+import html
+import http.client
+import json
+import os
+import platform
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ASOK = HERE / "asok.py"
+EXAMPLES = HERE / "examples"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+COUNT_RE = re.compile(r"Count: (-?\d+)")
+PCOUNT_RE = re.compile(r"Clicks this session: (\d+)")
+CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
+COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
+
+FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=5, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
+            idle_conns=1000)
+QUICK = dict(live_warm=0.3, live_secs=1.5, wrk_secs=2, wrk_nocookie_secs=1, tpl_secs=0.2, tpl_rounds=2,
+             idle_conns=1000)
+MAX_EVENTS_PER_CLIENT = 1_000_000   # the time window ends a run long before this
+REPLY_TIMEOUT = 5.0                 # an event without a reply after this is lost
+SERVER_START_TIMEOUT = 15.0
+
+TARGETS = {  # key: (comparison, limit, label)
+    "live50_events_per_s": (">=", 10_000, "live events, 50 conns: events/s"),
+    "live50_cpu_us_per_event": ("<=", 100, "live events, 50 conns: server CPU µs/event"),
+    "live50_p99_ms": ("<=", 10, "live events, 50 conns: p99 ms"),
+    "live1_p50_ms": ("<=", 0.25, "live events, 1 conn: p50 ms"),
+    "page10_req_per_s": (">=", 10_000, "counter page, 10 conns: req/s"),
+    "tpl_counter_x_jinja": (">=", 2.0, "template counter / Jinja2"),
+    "tpl_rows_x_jinja": (">=", 1.0, "template 100-row page / Jinja2"),
+    "idle_ws_kib_per_conn": ("<=", 16, "RSS per idle WebSocket, KiB"),
+    "bytes_counter_page": ("<=", 4096, "counter page bytes (body)"),
+    "bytes_alive_js_gz": ("<=", 2048, "alive.js gzip -9 bytes"),
+    "bytes_increment_reply": ("<=", 400, "increment reply bytes (frame)"),
+}
+
+
+# ═══ Cores, processes, /proc ═════════════════════════════════════════════
+
+def pick_cores():
+    """(server core, load core); None when there is only one core to use."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None, None
+    return cores[0], cores[1]
+
+
+SERVER_CORE, LOAD_CORE = pick_cores()
+
+
+def pinned(core):
+    if core is None:
+        return None
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_cpu_seconds(pid):
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_bytes(pid):
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
+
+
+def self_cpu_seconds():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def raise_fd_limit(want=8192):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class Server:
+    """A server subprocess on 127.0.0.1:port, pinned to the server core; `with` kills it."""
+
+    def __init__(self, argv, port, workdir, label):
+        self.argv, self.port, self.workdir, self.label = argv, port, Path(workdir), label
+        self.proc = None
+        self.log = None
+
+    def __enter__(self):
+        env = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "SECRET_KEY_FALLBACKS")}
+        env["SECRET_KEY"] = secrets.token_hex(32)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.log = open(self.workdir / f"{self.label}.log", "wb")
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=pinned(SERVER_CORE))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.label} did not listen on {self.port} within {SERVER_START_TIMEOUT}s")
+
+    def tail(self):
+        self.log.flush()
+        return (self.workdir / f"{self.label}.log").read_bytes()[-2000:].decode(errors="replace")
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def cpu(self):
+        return proc_cpu_seconds(self.proc.pid)
+
+    def rss(self):
+        return proc_rss_bytes(self.proc.pid)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.log is not None:
+            self.log.close()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def asok_server(example, tmp, label):
+    """`python asok.py serve <copy of examples/example>` on a free port."""
+    folder = Path(tmp) / label
+    shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    port = free_port()
+    argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
+    return Server(argv, port, tmp, label)
+
+
+def baseline_server(tmp):
+    port = free_port()
+    return Server([sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(port)],
+                  port, tmp, "baseline-http")
+
+
+# ═══ The minimal asyncio HTTP server (the page baseline) ═════════════════
+
+BASELINE_BODY = (b"<!doctype html><title>baseline</title><p>" + b"x" * 1024)[:1024]
+
+
+class _BaselineHTTP(asyncio.Protocol):
+    """Keep-alive HTTP/1.1 with a fixed 1 KB body; GET requests without bodies only."""
+    date = (0, b"")
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buf = b""
+
+    def data_received(self, data):
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    self.transport.close()
+                return
+            head, self.buf = self.buf[:end], self.buf[end + 4:]
+            now = int(time.time())
+            if _BaselineHTTP.date[0] != now:
+                stamp = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+                _BaselineHTTP.date = (now, stamp)
+            close = b"\r\nconnection: close" in head.lower()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nDate: " + _BaselineHTTP.date[1] +
+                                 b"\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 1024\r\n" +
+                                 (b"Connection: close\r\n" if close else b"") + b"\r\n" + BASELINE_BODY)
+            if close:
+                self.transport.close()
+                return
+
+
+def run_baseline_server(port):
+    async def main():
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_BaselineHTTP, "127.0.0.1", port, backlog=1024)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        async with server:
+            await stop.wait()
+    asyncio.run(main())
+
+
+# ═══ HTTP helpers (setup only) ═══════════════════════════════════════════
+
+def http_get(port, path="/", cookie=None):
+    """(status, headers list, body bytes, raw response size) of one GET."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        headers = {"Cookie": cookie} if cookie else {}
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        head_size = len(f"HTTP/1.1 {resp.status} {resp.reason}\r\n") + sum(
+            len(k) + len(v) + 4 for k, v in resp.getheaders()) + 2
+        return resp.status, resp.getheaders(), body, head_size + len(body)
+    finally:
+        conn.close()
+
+
+class Visitor:
+    """What a browser holds after GET /: the session cookie, the CSRF token, the component."""
+
+    def __init__(self, port):
+        status, headers, body, self.page_wire = http_get(port)
+        if status != 200:
+            raise RuntimeError(f"GET / answered {status}")
+        text = body.decode()
+        self.page_body = len(body)
+        cookies = [v.split(";")[0] for k, v in headers if k.lower() == "set-cookie"]
+        if not cookies:
+            raise RuntimeError("GET / set no session cookie")
+        self.cookie = "; ".join(cookies)
+        self.csrf = CSRF_RE.search(text).group(1)
+        found = COMPONENT_RE.findall(text)
+        counters = [f for f in found if f[1] == "Counter"]
+        if not counters:
+            raise RuntimeError(f"no Counter component on the page (found {found})")
+        cid, self.component, state = counters[0]
+        self.cid, self.state = html.unescape(cid), html.unescape(state)
+        self.count = int(COUNT_RE.search(text).group(1))
+        self.pcount = int(PCOUNT_RE.search(text).group(1))
+
+
+# ═══ WebSocket load generator ════════════════════════════════════════════
+
+class RawWS(asyncio.Protocol):
+    """A lean RFC 6455 client on asyncio.Protocol: masked frames out, one waiter for replies in."""
+
+    def __init__(self, request):
+        self.request = request
+        self.buf = bytearray()
+        self.loop = asyncio.get_running_loop()
+        self.opened = self.loop.create_future()
+        self.handshaken = False
+        self.messages = []
+        self.waiter = None
+        self.closed = False
+        self.fragments = None
+
+    @classmethod
+    async def connect(cls, port, path, cookie=None, timeout=10):
+        key = base64.b64encode(os.urandom(16)).decode()
+        headers = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket",
+                   "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+                   f"Origin: http://127.0.0.1:{port}"]
+        if cookie:
+            headers.append(f"Cookie: {cookie}")
+        request = ("\r\n".join(headers) + "\r\n\r\n").encode()
+        loop = asyncio.get_running_loop()
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: cls(request), "127.0.0.1", port), timeout)
+        try:
+            await asyncio.wait_for(proto.opened, timeout)
+        except BaseException:
+            proto.transport.abort()
+            raise
+        return proto
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(self.request)
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError("closed during the handshake"))
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed"))
+
+    def data_received(self, data):
+        self.buf += data
+        if not self.handshaken:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end])
+            del self.buf[:end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(ConnectionError(head.split(b"\r\n")[0].decode(errors="replace")))
+                self.transport.close()
+                return
+            self.handshaken = True
+            self.opened.set_result(None)
+        buf = self.buf
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            n, off = b1 & 0x7F, 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n, off = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n, off = int.from_bytes(buf[2:10], "big"), 10
+            if b1 & 0x80:
+                self.transport.close()   # a server must not mask
+                return
+            if len(buf) < off + n:
+                return
+            payload = bytes(buf[off:off + n])
+            del buf[:off + n]
+            opcode, fin = b0 & 0x0F, b0 & 0x80
+            if opcode == 9:
+                self.transport.write(frame(0xA, payload))
+            elif opcode == 8:
+                if not self.closed:
+                    self.transport.write(frame(0x8, payload[:2]))
+                    self.transport.close()
+                return
+            elif opcode in (0, 1, 2):
+                if opcode:
+                    self.fragments = [opcode, payload]
+                else:
+                    self.fragments.append(payload)
+                if fin:
+                    kind, *parts = self.fragments
+                    self.fragments = None
+                    data = b"".join(parts)
+                    self._deliver(data.decode() if kind == 1 else data)
+
+    def _deliver(self, message):
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_result(message)
+        else:
+            self.messages.append(message)
+
+    def send(self, text):
+        self.transport.write(frame(0x1, text.encode()))
+
+    async def recv(self, timeout=REPLY_TIMEOUT):
+        if self.messages:
+            return self.messages.pop(0)
+        if self.closed:
+            raise ConnectionError("connection closed")
+        self.waiter = waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+
+    async def close(self):
+        if not self.closed:
+            self.transport.write(frame(0x8, b"\x03\xe8"))
+            self.transport.close()
+
+
+def _expire(waiter):
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no reply in time"))
+
+
+def frame(opcode, payload):
+    """A masked client frame (RFC 6455 §5.2), XOR done on one big integer."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    key = os.urandom(4)
+    if n:
+        keys = (key * (n // 4 + 1))[:n]
+        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(keys, "big")).to_bytes(n, "big")
+    return head + key + payload
+
+
+class AsokWS:
+    """The same interface over asok's own AsyncWebSocketClient."""
+
+    def __init__(self, client):
+        self.client = client
+
+    @classmethod
+    async def connect(cls, port, path, cookie=None, timeout=10):
+        import asok
+        headers = {"Cookie": cookie} if cookie else {}
+        client = await asok.AsyncWebSocketClient.connect(
+            f"ws://127.0.0.1:{port}{path}", origin=f"http://127.0.0.1:{port}", headers=headers,
+            timeout=timeout)
+        return cls(client)
+
+    def send(self, text):
+        # AsyncWebSocketClient.send is a coroutine; the write itself happens before its drain.
+        return self.client.send(text)
+
+    async def recv(self, timeout=REPLY_TIMEOUT):
+        return await self.client.receive(timeout)
+
+    async def close(self):
+        try:
+            await asyncio.wait_for(self.client.close(), 2)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+
+class Stats:
+    def __init__(self):
+        self.latencies = []     # ns, events completed inside the window
+        self.events = 0         # events completed inside the window
+        self.total = 0          # events answered, all phases
+        self.lost = 0           # sent without a good reply
+        self.out_of_order = 0   # count not previous + 1
+        self.final_mismatch = 0  # clients whose last count / session clicks disagree with clicks
+        self.errors = []
+
+
+class Window:
+    measuring = False
+    stopped = False
+
+
+async def send(ws, text):
+    result = ws.send(text)
+    if result is not None:
+        await result
+
+
+async def live_client(ws, visitor, stats, window):
+    """Click increment like alive.js: next event after the reply, with the new state."""
+    page = f"{random.random()}:"
+    state, prev, start, clicks = visitor.state, visitor.count, visitor.count, 0
+    for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
+        if window.stopped:
+            break
+        rid = page + str(n)
+        text = json.dumps({"id": rid, "cid": visitor.cid, "component": visitor.component, "state": state,
+                           "method": "increment", "args": [], "csrf": visitor.csrf}, separators=(",", ":"))
+        t0 = time.perf_counter_ns()
+        await send(ws, text)
+        try:
+            reply = await ws.recv()
+        except (TimeoutError, ConnectionError) as exc:
+            stats.lost += 1
+            stats.errors.append(repr(exc))
+            break
+        t1 = time.perf_counter_ns()
+        data = json.loads(reply)
+        if data.get("id") != rid or "error" in data:
+            stats.lost += 1
+            stats.errors.append(reply[:300])
+            break
+        state = data["state"]
+        count = int(COUNT_RE.search(data["html"]).group(1))
+        if count != prev + 1:
+            stats.out_of_order += 1
+        prev = count
+        clicks += 1
+        stats.total += 1
+        if window.measuring:
+            stats.latencies.append(t1 - t0)
+            stats.events += 1
+        last_html = data["html"]
+    if clicks:
+        pcount = int(PCOUNT_RE.search(last_html).group(1))
+        if prev != start + clicks or pcount != visitor.pcount + clicks:
+            stats.final_mismatch += 1
+            stats.errors.append(f"last count {prev} (expected {start + clicks}), "
+                                f"session clicks {pcount} (expected {visitor.pcount + clicks})")
+
+
+async def echo_client(ws, size, stats, window):
+    for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
+        if window.stopped:
+            break
+        head = f'{{"id":"{random.random()}:{n}","pad":"'
+        text = head + "x" * max(0, size - len(head) - 2) + '"}'
+        t0 = time.perf_counter_ns()
+        await send(ws, text)
+        try:
+            reply = await ws.recv()
+        except (TimeoutError, ConnectionError) as exc:
+            stats.lost += 1
+            stats.errors.append(repr(exc))
+            break
+        t1 = time.perf_counter_ns()
+        if reply != text:
+            stats.lost += 1
+            stats.errors.append("echo differs")
+            break
+        stats.total += 1
+        if window.measuring:
+            stats.latencies.append(t1 - t0)
+            stats.events += 1
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))
+    return values[k]
+
+
+async def ws_run(server, clients, make_task, warm, secs, client_kind):
+    """Run `clients` tasks (made by make_task(ws, stats, window)) for warm + secs seconds."""
+    cls = AsokWS if client_kind == "asok" else RawWS
+    stats, window = Stats(), Window()
+    conns, tasks = [], []
+    try:
+        for ws_args in clients:
+            conns.append(await cls.connect(server.port, *ws_args))
+        tasks = [asyncio.ensure_future(make_task(ws, i, stats, window)) for i, ws in enumerate(conns)]
+        await asyncio.sleep(warm)
+        cpu0, self0, t0 = server.cpu(), self_cpu_seconds(), time.perf_counter()
+        window.measuring = True
+        await asyncio.sleep(secs)
+        window.measuring = False
+        cpu1, self1, t1 = server.cpu(), self_cpu_seconds(), time.perf_counter()
+        window.stopped = True
+        done, pending = await asyncio.wait(tasks, timeout=REPLY_TIMEOUT + 2)
+        for task in pending:
+            task.cancel()
+            stats.errors.append("client did not finish")
+        for task in done:
+            if task.exception() is not None:
+                stats.errors.append(repr(task.exception()))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for ws in conns:
+            await ws.close()
+    wall = t1 - t0
+    lat = stats.latencies
+    return {
+        "connections": len(clients),
+        "events_per_s": stats.events / wall,
+        "p50_ms": percentile(lat, 50) / 1e6,
+        "p99_ms": percentile(lat, 99) / 1e6,
+        "server_cpu_us_per_event": (cpu1 - cpu0) / max(stats.events, 1) * 1e6,
+        "server_cpu_pct": (cpu1 - cpu0) / wall * 100,
+        "client_cpu_pct": (self1 - self0) / wall * 100,
+        "events": stats.events,
+        "events_all_phases": stats.total,
+        "lost": stats.lost,
+        "out_of_order": stats.out_of_order,
+        "final_mismatch": stats.final_mismatch,
+        "errors": stats.errors[:5],
+    }
+
+
+def run_live(tmp, opts, cfg):
+    results = {}
+    with asok_server("counter", tmp, "counter-live") as server:
+        for n in (1, 50):
+            visitors = [Visitor(server.port) for _ in range(n)]
+            clients = [("/asok/live", v.cookie) for v in visitors]
+
+            def task(ws, i, stats, window):
+                return live_client(ws, visitors[i], stats, window)
+            results[f"live{n}"] = asyncio.run(ws_run(server, clients, task, cfg["live_warm"],
+                                                     cfg["live_secs"], opts.client))
+        probe = Visitor(server.port)
+        size = len(json.dumps({"id": f"{random.random()}:1", "cid": probe.cid, "component": probe.component,
+                               "state": probe.state, "method": "increment", "args": [], "csrf": probe.csrf},
+                              separators=(",", ":")))
+    with asok_server("echo", tmp, "echo") as server:
+        for n in (1, 50):
+            clients = [("/echo", None)] * n
+
+            def task(ws, i, stats, window):
+                return echo_client(ws, size, stats, window)
+            results[f"echo{n}"] = asyncio.run(ws_run(server, clients, task, cfg["live_warm"],
+                                                     cfg["live_secs"], opts.client))
+            results[f"echo{n}"]["message_bytes"] = size
+    return results
+
+
+# ═══ Pages: wrk against asok and the baseline ════════════════════════════
+
+def wrk(port, conns, secs, cookie=None):
+    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", "--timeout", "5s"]
+    if cookie:
+        cmd += ["-H", f"Cookie: {cookie}"]
+    cmd.append(f"http://127.0.0.1:{port}/")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30,
+                         preexec_fn=pinned(LOAD_CORE)).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:(.*)", out)
+    return {"req_per_s": rps, "p50_ms": float(p50.group(1)) * scale[p50.group(2)],
+            "p99_ms": float(p99.group(1)) * scale[p99.group(2)],
+            "non_2xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errors.group(1).strip() if errors else ""}
+
+
+def run_pages(tmp, cfg):
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk; `make bench` does it)")
+    results = {}
+    with asok_server("counter", tmp, "counter-page") as server:
+        visitor = Visitor(server.port)
+        http_get(server.port, cookie=visitor.cookie)   # warm: a returning visitor's page
+        results["page_bytes"] = {"body": visitor.page_body, "wire": visitor.page_wire}
+        status, headers, alive, _ = http_get(server.port, "/asok/alive.js")
+        results["alive_js"] = {"status": status, "bytes": len(alive),
+                               "gzip9": len(gzip.compress(alive, compresslevel=9, mtime=0))}
+        for n in (1, 10):
+            results[f"page{n}"] = wrk(server.port, n, cfg["wrk_secs"], visitor.cookie)
+        results["page10_nocookie"] = wrk(server.port, 10, cfg["wrk_nocookie_secs"])
+    with baseline_server(tmp) as server:
+        for n in (1, 10):
+            results[f"baseline{n}"] = wrk(server.port, n, cfg["wrk_secs"])
+    return results
+
+
+# ═══ Templates: asok beside Jinja2 ═══════════════════════════════════════
+
+ROWS_BASE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{% block title %}asok{% endblock %}</title>
+</head>
+<body>
+<header><h1>{% block heading %}Report{% endblock %}</h1></header>
+<main>
+{% block main %}{% endblock %}
+</main>
+<footer>{{ footer }}</footer>
+</body>
+</html>
+"""
+
+ROWS_PAGE = """{% extends "base.html" %}
+{% block title %}{{ title }}{% endblock %}
+{% block main %}
+<table>
+<tr><th>#</th><th>Name</th><th>Email</th><th>Score</th></tr>
+{% for row in rows %}
+<tr class="{% if loop.first %}first{% elif loop.last %}last{% endif %}">
+<td>{{ loop.index }}</td><td>{{ row.name | title }}</td><td>{{ row.email }}</td><td>{{ row.score }}</td>
+</tr>
+{% endfor %}
+</table>
+{% endblock %}
+"""
+
+
+def template_fixture(tmp):
+    folder = Path(tmp) / "templates"
+    folder.mkdir()
+    (folder / "base.html").write_text(ROWS_BASE)
+    (folder / "rows.html").write_text(ROWS_PAGE)
+    shutil.copy(EXAMPLES / "counter" / "src" / "components" / "counter.html", folder / "counter.html")
+    rows = [{"name": f"user {i} o'neil & <co>", "email": f"user{i}@example.com", "score": i * 7 % 101}
+            for i in range(100)]
+    contexts = {
+        "counter.html": {"count": 10, "session": {"pcount": 3}},
+        "rows.html": {"title": "Scores & ranks", "rows": rows, "footer": "made with <3"},
+    }
+    return folder, contexts
+
+
+def time_renders(render, secs, rounds):
+    """Best renders/s over `rounds` rounds of about `secs` seconds each."""
+    best = 0.0
+    render()
+    for _ in range(rounds):
+        n, batch = 0, 50
+        start = time.perf_counter()
+        deadline = start + secs
+        while True:
+            for _ in range(batch):
+                render()
+            n += batch
+            now = time.perf_counter()
+            if now >= deadline or n >= 10_000_000:
+                break
+        best = max(best, n / (now - start))
+    return best
+
+
+def run_templates(tmp, cfg):
+    import asok
+    import jinja2
+    folder, contexts = template_fixture(tmp)
+    ours = asok.Templates(folder)
+    theirs = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), autoescape=True,
+                                auto_reload=False)
+    results = {}
+    for name, ctx in contexts.items():
+        a, j = ours.get(name), theirs.get_template(name)
+        out_a, out_j = a.render(**ctx), j.render(**ctx)
+        same = html.unescape(out_a).split() == html.unescape(out_j).split()
+        asok_rps = time_renders(lambda: a.render(**ctx), cfg["tpl_secs"], cfg["tpl_rounds"])
+        jinja_rps = time_renders(lambda: j.render(**ctx), cfg["tpl_secs"], cfg["tpl_rounds"])
+        results[name] = {"asok_per_s": asok_rps, "jinja2_per_s": jinja_rps, "ratio": asok_rps / jinja_rps,
+                         "same_output": same, "bytes": len(out_a.encode())}
+    results["jinja2_version"] = jinja2.__version__
+    return results
+
+
+# ═══ Memory: RSS per idle WebSocket ══════════════════════════════════════
+
+def run_idle(tmp, cfg):
+    n = cfg["idle_conns"]
+    limit = raise_fd_limit(n * 2 + 512)
+    if limit < n + 256:
+        return {"skipped": f"fd limit {limit} is below {n + 256}"}
+
+    async def main(server, cookie):
+        conns = []
+        try:
+            warm = [await RawWS.connect(server.port, "/asok/live", cookie) for _ in range(20)]
+            for ws in warm:
+                await ws.close()
+            await asyncio.sleep(0.5)
+            before = server.rss()
+            for start in range(0, n, 100):
+                batch = [RawWS.connect(server.port, "/asok/live", cookie) for _ in range(min(100, n - start))]
+                conns += await asyncio.wait_for(asyncio.gather(*batch), 30)
+            await asyncio.sleep(1.0)
+            after = server.rss()
+            alive = sum(not ws.closed for ws in conns)
+            return before, after, alive
+        finally:
+            for ws in conns:
+                await ws.close()
+
+    with asok_server("counter", tmp, "counter-idle") as server:
+        visitor = Visitor(server.port)
+        before, after, alive = asyncio.run(main(server, visitor.cookie))
+    return {"connections": n, "open_at_measure": alive, "rss_before_mib": before / 2**20,
+            "rss_after_mib": after / 2**20, "kib_per_conn": (after - before) / n / 1024}
+
+
+# ═══ Bytes of one increment ══════════════════════════════════════════════
+
+def run_increment_bytes(tmp):
+    async def main(server):
+        v = Visitor(server.port)
+        ws = await RawWS.connect(server.port, "/asok/live", v.cookie)
+        try:
+            text = json.dumps({"id": f"{random.random()}:1", "cid": v.cid, "component": v.component,
+                               "state": v.state, "method": "increment", "args": [], "csrf": v.csrf},
+                              separators=(",", ":"))
+            ws.send(text)
+            reply = await ws.recv()
+        finally:
+            await ws.close()
+        if "error" in json.loads(reply):
+            raise RuntimeError(f"increment refused: {reply}")
+        req, rep = len(text.encode()), len(reply.encode())
+        return {"request": req, "request_frame": len(frame(1, text.encode())),
+                "reply": rep, "reply_frame": rep + (2 if rep < 126 else 4)}
+
+    with asok_server("counter", tmp, "counter-bytes") as server:
+        return asyncio.run(main(server))
+
+
+# ═══ Table ═══════════════════════════════════════════════════════════════
+
+def check(key, value):
+    op, limit, _ = TARGETS[key]
+    ok = value >= limit if op == ">=" else value <= limit
+    return f"{op} {limit:g}", "pass" if ok else "FAIL"
+
+
+def fmt(x, digits=3):
+    if isinstance(x, float):
+        if x != x:
+            return "n/a"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits - 1}f}" if abs(x) < 10 else f"{x:.1f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def build(results):
+    """Table rows (what, figure, baseline / note, target, result) and the flat figures."""
+    rows, figures = [], {}
+
+    def row(what, value, note="", key=None, unit=""):
+        target, verdict = check(key, value) if key else ("", "")
+        if key:
+            figures[key] = value
+        rows.append((what, fmt(value) + unit, note, target, verdict))
+
+    live = results.get("live")
+    if live:
+        for n in (1, 50):
+            r, e = live[f"live{n}"], live[f"echo{n}"]
+            ratio = r["events_per_s"] / e["events_per_s"] if e["events_per_s"] else float("nan")
+            row(f"live {n:>2} conn  events/s", r["events_per_s"],
+                f"echo {fmt(e['events_per_s'])}/s; live/echo {ratio:.2f}",
+                "live50_events_per_s" if n == 50 else None)
+            row(f"live {n:>2} conn  p50 ms", r["p50_ms"], f"echo {fmt(e['p50_ms'])}",
+                "live1_p50_ms" if n == 1 else None)
+            row(f"live {n:>2} conn  p99 ms", r["p99_ms"], f"echo {fmt(e['p99_ms'])}",
+                "live50_p99_ms" if n == 50 else None)
+            row(f"live {n:>2} conn  server CPU µs/event", r["server_cpu_us_per_event"],
+                f"echo {fmt(e['server_cpu_us_per_event'])}; server {r['server_cpu_pct']:.0f}% "
+                f"client {r['client_cpu_pct']:.0f}% of a core",
+                "live50_cpu_us_per_event" if n == 50 else None)
+            row(f"live {n:>2} conn  lost / out-of-order", f"{r['lost']} / {r['out_of_order']}",
+                f"final mismatches {r['final_mismatch']}; echo lost {e['lost']}", None)
+            rows[-1] = rows[-1][:3] + ("= 0 / 0", "pass" if r["lost"] == r["out_of_order"] ==
+                                       r["final_mismatch"] == e["lost"] == 0 else "FAIL")
+            figures[f"live{n}_lost"], figures[f"live{n}_out_of_order"] = r["lost"], r["out_of_order"]
+            figures[f"live{n}_events_per_s"] = r["events_per_s"]
+            figures[f"echo{n}_events_per_s"] = e["events_per_s"]
+    pages = results.get("pages")
+    if pages:
+        for n in (1, 10):
+            p, b = pages[f"page{n}"], pages[f"baseline{n}"]
+            row(f"page {n:>2} conn  req/s", p["req_per_s"],
+                f"baseline {fmt(b['req_per_s'])}/s; ratio {p['req_per_s'] / b['req_per_s']:.2f}"
+                + (f"; non-2xx {p['non_2xx']}" if p["non_2xx"] else ""),
+                "page10_req_per_s" if n == 10 else None)
+            row(f"page {n:>2} conn  p99 ms", p["p99_ms"], f"baseline {fmt(b['p99_ms'])}")
+            figures[f"page{n}_p99_ms"] = p["p99_ms"]
+            figures[f"baseline{n}_req_per_s"] = b["req_per_s"]
+        nc = pages["page10_nocookie"]
+        row("page 10 conn  no cookie req/s", nc["req_per_s"], f"p99 {fmt(nc['p99_ms'])} ms; new session each")
+        figures["page10_nocookie_req_per_s"] = nc["req_per_s"]
+    tpl = results.get("templates")
+    if tpl:
+        for name, key, label in (("counter.html", "tpl_counter_x_jinja", "counter"),
+                                 ("rows.html", "tpl_rows_x_jinja", "100-row page")):
+            t = tpl[name]
+            row(f"template {label} renders/s", t["asok_per_s"], f"Jinja2 {fmt(t['jinja2_per_s'])}/s"
+                + ("" if t["same_output"] else "; OUTPUT DIFFERS"))
+            row(f"template {label} asok/Jinja2", t["ratio"], "", key, "x")
+    idle = results.get("idle")
+    if idle and "kib_per_conn" in idle:
+        row("RSS per idle WebSocket KiB", idle["kib_per_conn"],
+            f"{idle['open_at_measure']} open; {idle['rss_before_mib']:.1f} -> {idle['rss_after_mib']:.1f} MiB",
+            "idle_ws_kib_per_conn")
+    elif idle:
+        rows.append(("RSS per idle WebSocket KiB", "skipped", idle["skipped"], "", ""))
+    if pages:
+        row("counter page bytes", pages["page_bytes"]["body"], f"{pages['page_bytes']['wire']} B with headers",
+            "bytes_counter_page")
+        row("alive.js gzip -9 bytes", pages["alive_js"]["gzip9"], f"{pages['alive_js']['bytes']} B raw",
+            "bytes_alive_js_gz")
+    inc = results.get("increment")
+    if inc:
+        row("increment request bytes", inc["request"], f"{inc['request_frame']} B framed")
+        figures["bytes_increment_request"] = inc["request"]
+        row("increment reply bytes (frame)", inc["reply_frame"], f"{inc['reply']} B payload",
+            "bytes_increment_reply")
+    return rows, figures
+
+
+def print_table(rows):
+    heads = ("measure", "figure", "baseline / note", "target", "")
+    widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(5)]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)))
+    print(line)
+    for r in rows:
+        print("  ".join((str(c).rjust(w) if i == 1 else str(c).ljust(w)) for i, (c, w) in
+                        enumerate(zip(r, widths))).rstrip())
+    print(line)
+
+
+def machine():
+    model = ""
+    try:
+        model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "cpu": model, "cores": os.cpu_count(),
+            "server_core": SERVER_CORE, "load_core": LOAD_CORE, "platform": platform.platform()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument("--client", choices=("raw", "asok"), default="raw",
+                        help="WebSocket load generator: a lean asyncio client (default) or "
+                             "asok.AsyncWebSocketClient")
+    parser.add_argument("--only", default="live,pages,templates,idle,increment",
+                        help="comma-separated parts to run")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    parser.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.baseline_server:
+        return run_baseline_server(opts.baseline_server)
+    cfg = QUICK if opts.quick else FULL
+    if LOAD_CORE is not None:
+        os.sched_setaffinity(0, {LOAD_CORE})
+    raise_fd_limit()
+    parts = set(opts.only.split(","))
+    results, started = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="asok-bench-") as tmp:
+        steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
+                 ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
+                 ("increment", lambda: run_increment_bytes(tmp))]
+        for name, step in steps:
+            if name not in parts:
+                continue
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            results[name] = step()
+            print(f"bench: {name} done in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    rows, figures = build(results)
+    print(f"asok benchmark ({'quick' if opts.quick else 'full'}; client {opts.client}; "
+          f"server on core {SERVER_CORE}, load on core {LOAD_CORE}; {machine()['cpu']})")
+    print_table(rows)
+    failed = [r[0] for r in rows if r[4] == "FAIL"]
+    print(f"{len(failed)} target(s) missed" + (f": {', '.join(failed)}" if failed else "")
+          + f"; {time.perf_counter() - started:.0f}s")
+    out = {"quick": opts.quick, "client": opts.client, "machine": machine(),
+           "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "figures": figures,
+           "targets": {k: {"op": op, "limit": lim, "label": label, "pass": check(k, figures[k])[1] == "pass"}
+                       for k, (op, lim, label) in TARGETS.items() if k in figures},
+           "details": results}
+    Path(opts.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"figures written to {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
