@@ -2408,13 +2408,15 @@ class Signer:
 
     def __init__(self, master_keys, purpose):
         self.purpose = purpose
-        self._keys = [derive_key(k, purpose) for k in master_keys]
+        self._keys = [hmac.new(derive_key(k, purpose), digestmod=hashlib.sha256) for k in master_keys]
 
     def __repr__(self):
         return f"<Signer {self.purpose} keys=***>"
 
     def _mac(self, key, value, bind):
-        return _b64(hmac.digest(key, bind.encode() + b"\0" + value.encode(), "sha256"))
+        mac = key.copy()  # the keyed HMAC state, copied: cheaper than keying it again
+        mac.update(bind.encode() + b"\0" + value.encode())
+        return _b64(mac.digest())
 
     def sign(self, value, bind=""):
         return value + "." + self._mac(self._keys[0], value, bind)
@@ -4341,7 +4343,7 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
         except (NotImplementedError, RuntimeError, ValueError):
             pass
     bound = server.sockets[0].getsockname()
-    log.info("asok serving %s on http://%s:%d%s", app.root, bound[0], bound[1], " (debug)" if app.debug else "")
+    log.info("serving %s on http://%s:%d%s", app.root, bound[0], bound[1], " (debug)" if app.debug else "")
     if ready is not None:
         ready(bound)
     await stop.wait()

@@ -719,7 +719,7 @@ def template_fixture(tmp):
     (folder / "base.html").write_text(ROWS_BASE)
     (folder / "rows.html").write_text(ROWS_PAGE)
     shutil.copy(EXAMPLES / "counter" / "src" / "components" / "counter.html", folder / "counter.html")
-    rows = [{"name": f"user {i} o'neil & <co>", "email": f"user{i}@example.com", "score": i * 7 % 101}
+    rows = [{"name": f"user {i} smith & <co>", "email": f"o'neil{i}@example.com", "score": i * 7 % 101}
             for i in range(100)]
     contexts = {
         "counter.html": {"count": 10, "session": {"pcount": 3}},
@@ -869,7 +869,8 @@ def build(results):
                 "live50_p99_ms" if n == 50 else None)
             row(f"live {n:>2} conn  server CPU µs/event", r["server_cpu_us_per_event"],
                 f"echo {fmt(e['server_cpu_us_per_event'])}; server {r['server_cpu_pct']:.0f}% "
-                f"client {r['client_cpu_pct']:.0f}% of a core",
+                f"client {r['client_cpu_pct']:.0f}% of a core (echo: {e['server_cpu_pct']:.0f}% / "
+                f"{e['client_cpu_pct']:.0f}%)",
                 "live50_cpu_us_per_event" if n == 50 else None)
             row(f"live {n:>2} conn  lost / out-of-order", f"{r['lost']} / {r['out_of_order']}",
                 f"final mismatches {r['final_mismatch']}; echo lost {e['lost']}", None)
