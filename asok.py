@@ -1650,6 +1650,7 @@ def chunk(data):
 #
 # Bad data from the peer raises WebSocketError carrying the close code to send.
 
+WS_CLIENT_MAX_MESSAGE = 64 << 20   # what asok's own clients accept in one message
 MAX_WS_MESSAGE = 1 << 20            # bytes in one (possibly fragmented) message
 _WS_MAX_CONTROL_PAYLOAD = 125       # §5.5
 _WS_MAX_CLOSE_REASON = 123          # §5.5: 125 minus the two-byte code
@@ -2170,7 +2171,7 @@ class WebSocketClient(_WSClientCore):
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, url, origin=None, headers=None, timeout=10):
+    def connect(cls, url, origin=None, headers=None, timeout=10, max_size=WS_CLIENT_MAX_MESSAGE):
         """Open the TCP connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -2190,7 +2191,7 @@ class WebSocketClient(_WSClientCore):
         except BaseException:
             sock.close()
             raise
-        conn = WSConnection(client=True)
+        conn = WSConnection(client=True, max_size=max_size)
         if rest:
             conn.receive_data(rest)
         return cls(sock, conn, response_headers, timeout)
@@ -2265,7 +2266,7 @@ class AsyncWebSocketClient(_WSClientCore):
         self._timeout = timeout
 
     @classmethod
-    async def connect(cls, url, origin=None, headers=None, timeout=10):
+    async def connect(cls, url, origin=None, headers=None, timeout=10, max_size=WS_CLIENT_MAX_MESSAGE):
         """Open the connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         reader, writer = await asyncio.wait_for(
@@ -2281,7 +2282,7 @@ class AsyncWebSocketClient(_WSClientCore):
         except BaseException:
             writer.close()
             raise
-        return cls(reader, writer, WSConnection(client=True), response_headers, timeout)
+        return cls(reader, writer, WSConnection(client=True, max_size=max_size), response_headers, timeout)
 
     async def send(self, message):
         """Send a text (str) or binary (bytes) message."""
@@ -4153,7 +4154,8 @@ class _HTTPConnection(asyncio.Protocol):
         except HTTPError as exc:
             self._refuse(exc.status, exc.detail)
             return
-        if "websocket" in request.headers.get("upgrade", "").lower():
+        headers = request.headers
+        if "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers:
             route, params = _find_ws_route(self.app, request.path)
             if route is not None:
                 await self._upgrade(head, request, route, params)
@@ -4292,7 +4294,8 @@ class _HTTPConnection(asyncio.Protocol):
                     if self.ws._queue.qsize() > 64:
                         self._pause_reading()
                 elif isinstance(event, Ping):
-                    self.transport.write(conn.send(Pong(event.payload)))
+                    if conn.state == "OPEN":  # once our close is out, no pong is owed (RFC 6455 §5.5.2)
+                        self.transport.write(conn.send(Pong(event.payload)))
                 elif isinstance(event, CloseConnection):
                     if conn.state != "CLOSED" and event.code != CloseCode.ABNORMAL:
                         self.transport.write(conn.send(CloseConnection(event.code)))
@@ -4530,6 +4533,11 @@ def _watched_files(root):
 def _run_reloader(argv, root):
     """Run the server in a child process; restart it when a .py file of the app changes."""
     args = [a for a in argv if a != "--reload"]
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     while True:
         child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args])
         stamps = _watched_files(root)

@@ -19,6 +19,7 @@ and always killed. Every loop is bounded in count and in time.
 import argparse
 import asyncio
 import base64
+import gc
 import gzip
 import html
 import http.client
@@ -183,7 +184,12 @@ class Server:
             self.log.close()
 
     def __exit__(self, *exc):
+        died = self.proc is not None and self.proc.poll() is not None
         self.stop()
+        if died:
+            print(f"bench: {self.label} server exited early ({self.proc.returncode}); its log ends:\n"
+                  f"{(self.workdir / f'{self.label}.log').read_bytes()[-3000:].decode(errors='replace')}",
+                  file=sys.stderr)
 
 
 def asok_server(example, tmp, label):
@@ -660,6 +666,16 @@ def wrk(port, conns, secs, cookie=None):
             "socket_errors": errors.group(1).strip() if errors else ""}
 
 
+def wrk_cpu(server, conns, secs, cookie=None):
+    """wrk plus the server's CPU per request (from /proc) and its share of a core."""
+    cpu0, t0 = server.cpu(), time.perf_counter()
+    r = wrk(server.port, conns, secs, cookie)
+    cpu, wall = server.cpu() - cpu0, time.perf_counter() - t0
+    r["server_cpu_pct"] = cpu / wall * 100
+    r["server_cpu_us_per_req"] = cpu / max(r["req_per_s"] * secs, 1) * 1e6
+    return r
+
+
 def run_pages(tmp, cfg):
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk; `make bench` does it)")
@@ -672,11 +688,11 @@ def run_pages(tmp, cfg):
         results["alive_js"] = {"status": status, "bytes": len(alive),
                                "gzip9": len(gzip.compress(alive, compresslevel=9, mtime=0))}
         for n in (1, 10):
-            results[f"page{n}"] = wrk(server.port, n, cfg["wrk_secs"], visitor.cookie)
-        results["page10_nocookie"] = wrk(server.port, 10, cfg["wrk_nocookie_secs"])
+            results[f"page{n}"] = wrk_cpu(server, n, cfg["wrk_secs"], visitor.cookie)
+        results["page10_nocookie"] = wrk_cpu(server, 10, cfg["wrk_nocookie_secs"])
     with baseline_server(tmp) as server:
         for n in (1, 10):
-            results[f"baseline{n}"] = wrk(server.port, n, cfg["wrk_secs"])
+            results[f"baseline{n}"] = wrk_cpu(server, n, cfg["wrk_secs"])
     return results
 
 
@@ -825,6 +841,124 @@ def run_increment_bytes(tmp):
         return asyncio.run(main(server))
 
 
+# ═══ Profile (--profile): py-spy on the server during live-50 and page-10 ═══
+
+def pyspy():
+    found = shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy")
+    if not Path(found).exists():
+        raise RuntimeError("py-spy is not installed: .venv/bin/pip install py-spy")
+    return str(found)
+
+
+def spy_start(pid, out, secs):
+    return subprocess.Popen([pyspy(), "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", "250",
+                             "-d", str(int(secs) + 1), "--gil", "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(LOAD_CORE))
+
+
+def spy_summary(path, top=15):
+    """Top functions by own samples (leaf frames) and by inclusive samples, from py-spy's raw output."""
+    own, incl, total = {}, {}, 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if not f.startswith("thread (")]
+        if not frames:
+            continue
+        total += n
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+
+    def tidy(frame):
+        return re.sub(r"\((/[^:)]*/)?([^/:)]+):(\d+)\)", r"(\2:\3)", frame)
+    pick = lambda d: [(tidy(f), round(100 * n / total, 1)) for f, n in sorted(d.items(), key=lambda x: -x[1])[:top]]
+    return {"samples": total, "own_pct": pick(own), "inclusive_pct": pick(incl)}
+
+
+def run_profile(tmp, cfg):
+    secs = max(cfg["live_secs"], 3)
+    results = {}
+    with asok_server("counter", tmp, "counter-profile") as server:
+        visitors = [Visitor(server.port) for _ in range(50)]
+
+        def task(ws, i, stats, window):
+            return live_client(ws, visitors[i], stats, window)
+        out = Path(tmp) / "live50.txt"
+        spy = spy_start(server.pid, out, secs + 0.5)
+        try:
+            run = asyncio.run(ws_run(server, [("/asok/live", v.cookie) for v in visitors], task, 0.5, secs, "raw"))
+        finally:
+            spy.wait(secs + 20)
+        results["live50"] = dict(spy_summary(out), events_per_s=run["events_per_s"])
+        out = Path(tmp) / "page10.txt"
+        spy = spy_start(server.pid, out, secs)
+        try:
+            page = wrk(server.port, 10, int(secs), visitors[0].cookie)
+        finally:
+            spy.wait(secs + 20)
+        results["page10"] = dict(spy_summary(out), req_per_s=page["req_per_s"])
+    results["handlers"] = run_handler_profile(tmp)
+    return results
+
+
+def run_handler_profile(tmp, n_events=3000, n_pages=2000):
+    """cProfile of the live-event and page handlers called in this process (no server, no socket):
+    what one event or one page costs inside asok, and where."""
+    import asok
+    import cProfile
+    import pstats
+    folder = Path(tmp) / "counter-inproc"
+    shutil.copytree(EXAMPLES / "counter", folder, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    app = asok.Asok(folder, debug=False, secret_key=secrets.token_hex(32))
+    client = asok.TestClient(app)
+    handle = client.live("/", "Counter")
+    results = {}
+    for name, n, fn in (("live_event", n_events, lambda: handle.call("increment")),
+                        ("page", n_pages, lambda: client.get("/"))):
+        for _ in range(200):
+            fn()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        per = (time.perf_counter() - start) / n * 1e6
+        gc.collect()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            fn()
+        prof.disable()
+        st = pstats.Stats(prof)
+        total = sum(v[2] for v in st.stats.values())
+        top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:15]
+        results[name] = {"us_per_call": per, "own_pct": [
+            (f"{func[2]} ({Path(func[0]).name}:{func[1]})", round(100 * v[2] / total, 1), v[1] // n if n else 0)
+            for func, v in top]}
+    app.executor.shutdown(wait=False)
+    return results
+
+
+def print_profile(prof):
+    for name in ("live_event", "page"):
+        h = prof.get("handlers", {}).get(name)
+        if not h:
+            continue
+        print(f"\nin-process cProfile of {name} (no server): {h['us_per_call']:.0f} µs per call "
+              f"without the profiler; top functions by own time (% of all, calls per {name})")
+        for f, pct, calls in h["own_pct"]:
+            print(f"  {pct:5.1f}%  x{calls:<3} {f}")
+    prof = {k: v for k, v in prof.items() if k != "handlers"}
+    for name, p in prof.items():
+        rate = p.get("events_per_s") or p.get("req_per_s")
+        print(f"\nprofile of the server during {name} ({p['samples']} samples, {fmt(rate)}/s under py-spy)")
+        print("  own time                                                         | inclusive")
+        for (f1, p1), (f2, p2) in zip(p["own_pct"], p["inclusive_pct"]):
+            print(f"  {p1:5.1f}% {f1[:58]:58} | {p2:5.1f}% {f2[:58]}")
+
+
 # ═══ Table ═══════════════════════════════════════════════════════════════
 
 def check(key, value):
@@ -888,6 +1022,10 @@ def build(results):
                 + (f"; non-2xx {p['non_2xx']}" if p["non_2xx"] else ""),
                 "page10_req_per_s" if n == 10 else None)
             row(f"page {n:>2} conn  p99 ms", p["p99_ms"], f"baseline {fmt(b['p99_ms'])}")
+            row(f"page {n:>2} conn  server CPU µs/req", p["server_cpu_us_per_req"],
+                f"baseline {fmt(b['server_cpu_us_per_req'])}; server {p['server_cpu_pct']:.0f}% of a core "
+                f"(baseline {b['server_cpu_pct']:.0f}%)")
+            figures[f"page{n}_server_cpu_us_per_req"] = p["server_cpu_us_per_req"]
             figures[f"page{n}_p99_ms"] = p["p99_ms"]
             figures[f"baseline{n}_req_per_s"] = b["req_per_s"]
         nc = pages["page10_nocookie"]
@@ -953,6 +1091,9 @@ def main(argv=None):
                              "asok.AsyncWebSocketClient")
     parser.add_argument("--only", default="live,pages,templates,idle,increment",
                         help="comma-separated parts to run")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run py-spy on the server during live-50 and page-10 and print the top "
+                             "functions (pip install py-spy into .venv first)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -967,7 +1108,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="asok-bench-") as tmp:
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
-                 ("increment", lambda: run_increment_bytes(tmp))]
+                 ("increment", lambda: run_increment_bytes(tmp)), ("profile", lambda: run_profile(tmp, cfg))]
+        if opts.profile:
+            parts.add("profile")
         for name, step in steps:
             if name not in parts:
                 continue
@@ -979,6 +1122,8 @@ def main(argv=None):
     print(f"asok benchmark ({'quick' if opts.quick else 'full'}; client {opts.client}; "
           f"server on core {SERVER_CORE}, load on core {LOAD_CORE}; {machine()['cpu']})")
     print_table(rows)
+    if "profile" in results:
+        print_profile(results["profile"])
     failed = [r[0] for r in rows if r[4] == "FAIL"]
     print(f"{len(failed)} target(s) missed" + (f": {', '.join(failed)}" if failed else "")
           + f"; {time.perf_counter() - started:.0f}s")

@@ -5,9 +5,12 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import multiprocessing
 import os
+import queue
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -2673,3 +2676,831 @@ def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
     assert f"value='{panel.csrf}'" in reply["html"]
     assert 'id="/panel#Panel-0#Labels-0" data-asok-component="Labels"' in reply["html"]
     assert asok.TestClient.live(client, "/panel", "Labels").cid == "/panel#Panel-0#Labels-0"
+
+
+# ═══════════════════════════════════════════════════════════════════════════
+# WebSocket through real sockets: examples/echo, @app.websocket, uvicorn
+# ═══════════════════════════════════════════════════════════════════════════
+#
+# Uses from the web-core helpers above: make_app, free_port, running, serve_process,
+# exchange, ROOT, EXAMPLES and the `echo_port` fixture (`python asok.py serve examples/echo`). Test names carry the Autobahn|Testsuite
+# case family they belong to: framing, pings/pongs, reserved bits, opcodes,
+# fragmentation, UTF-8 handling, limits, closing handshake, opening handshake.
+
+WSI_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+WSI_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="       # RFC 6455 §1.3's example answer to WSI_KEY
+WSI_MASK = b"\x5a\xc3\x0f\x91"
+WSI_ECHO_LIMIT = 16 * 1024 * 1024                # examples/echo's max_size
+
+
+def wsi_mask(data, key=WSI_MASK):
+    """XOR with the repeated 4-byte key (RFC 6455 §5.3), written here independently of asok."""
+    if not data:
+        return b""
+    stream = (key * (len(data) // 4 + 1))[:len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
+
+
+def wsi_frame(opcode, payload=b"", *, fin=True, rsv=0, masked=True, length=None):
+    """One frame built by hand: FIN, RSV1-3, opcode, MASK bit, 7/16/64-bit length, masked payload."""
+    size = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 1 << 16:
+        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
+    return head + (WSI_MASK + wsi_mask(payload) if masked else payload)
+
+
+def wsi_close_body(code, reason=b""):
+    return code.to_bytes(2, "big") + reason
+
+
+def wsi_upgrade(path="/echo", host="127.0.0.1", extra="", method="GET", version="HTTP/1.1"):
+    """The bytes of an upgrade request; `extra` holds more header lines (each ending in CRLF)."""
+    return (f"{method} {path} {version}\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {WSI_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+class RawWebSocket:
+    """A hand-driven client socket: sends frames as given, parses the server's frames itself."""
+
+    def __init__(self, port, path="/echo", extra="", timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.sendall(wsi_upgrade(path, f"127.0.0.1:{port}", extra))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            assert chunk, f"closed during the handshake: {data!r}"
+            data += chunk
+        head, _, self.buf = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        assert lines[0].startswith("HTTP/1.1 101 "), lines[0]
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+
+    def send(self, *frames):
+        self.sock.sendall(b"".join(frames))
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise EOFError(f"stream ended with {self.buf!r} buffered")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def read_frame(self):
+        """(fin, rsv, opcode, payload, header length) of the next frame from the server."""
+        b0, b1 = self._read(2)
+        assert not b1 & 0x80, "the server masked a frame"
+        size, header = b1 & 0x7F, 2
+        if size == 126:
+            size, header = int.from_bytes(self._read(2), "big"), 4
+        elif size == 127:
+            size, header = int.from_bytes(self._read(8), "big"), 10
+        return bool(b0 & 0x80), b0 >> 4 & 7, b0 & 0x0F, self._read(size), header
+
+    def read_message(self):
+        """(opcode, payload) of the next final data frame; fails on anything else."""
+        fin, rsv, opcode, payload, _ = self.read_frame()
+        assert (fin, rsv) == (True, 0) and opcode in (1, 2), (fin, rsv, opcode, payload[:80])
+        return opcode, payload
+
+    def read_close(self):
+        """(code or None, reason bytes) of the server's close frame, which must come next;
+        then checks that the server closes the TCP connection."""
+        fin, rsv, opcode, payload, _ = self.read_frame()
+        assert (fin, rsv, opcode) == (True, 0, 0x8), (fin, rsv, opcode, payload[:80])
+        assert self.at_eof()
+        if not payload:
+            return None, b""
+        return int.from_bytes(payload[:2], "big"), payload[2:]
+
+    def at_eof(self):
+        if self.buf:
+            return False
+        try:
+            self.sock.settimeout(5)
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def wsi_still_serving(port):
+    """The server still upgrades and echoes, and still answers plain HTTP."""
+    with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo", timeout=10) as ws:
+        ws.send("still here")
+        assert ws.receive(10) == "still here"
+    status, _, body = exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+    assert (status, body) == (200, b"ok")
+
+
+def wsi_refused_with(port, frames, code):
+    """Send `frames` after a good handshake: the server closes with `code`, then ends TCP."""
+    with RawWebSocket(port) as ws:
+        ws.send(*frames)
+        got, _ = ws.read_close()
+    assert got == code
+    wsi_still_serving(port)
+
+
+# ── framing ─────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("size, header", [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])
+@pytest.mark.parametrize("opcode, payload_of", [(1, lambda n: ("é" * (n // 2) + "a" * (n % 2)).encode()),
+                                                (2, lambda n: bytes(range(256)) * (n // 256) + bytes(n % 256))],
+                         ids=["text", "binary"])
+def test_autobahn_framing_echo_keeps_type_and_uses_minimal_lengths(echo_port, size, header, opcode, payload_of):
+    payload = payload_of(size)
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(opcode, payload))
+        fin, rsv, got_opcode, got, got_header = ws.read_frame()
+        assert (fin, rsv, got_opcode, got) == (True, 0, opcode, payload)
+        assert got_header == header
+
+
+def test_autobahn_framing_frames_chopped_into_single_bytes(echo_port):
+    data = wsi_frame(1, b"one byte at a time") + wsi_frame(2, b"\x00\xff" * 100)
+    with RawWebSocket(echo_port) as ws:
+        ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(data)):
+            ws.send(data[i:i + 1])
+        assert ws.read_message() == (1, b"one byte at a time")
+        assert ws.read_message() == (2, b"\x00\xff" * 100)
+
+
+def test_autobahn_framing_handshake_and_first_frame_in_one_packet(echo_port):
+    with socket.create_connection(("127.0.0.1", echo_port), timeout=10) as sock:
+        sock.sendall(wsi_upgrade() + wsi_frame(1, b"early"))
+        data = b""
+        while not data.endswith(b"early"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 101 ") and data.endswith(b"\r\n\r\n\x81\x05early")
+
+
+def test_autobahn_framing_many_messages_in_one_write_are_echoed_in_order(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(*(wsi_frame(1, f"m{i}".encode()) for i in range(100)))
+        assert [ws.read_message()[1] for _ in range(100)] == [f"m{i}".encode() for i in range(100)]
+
+
+def test_autobahn_framing_unmasked_client_frame_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(1, b"plain", masked=False)], 1002)
+
+
+# ── pings/pongs ─────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("payload", [b"", b"ping!", bytes(range(125))])
+def test_autobahn_pings_pongs_ping_is_answered_with_same_payload(echo_port, payload):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(0x9, payload))
+        assert ws.read_frame()[:4] == (True, 0, 0xA, payload)
+
+
+def test_autobahn_pings_pongs_unsolicited_pong_is_ignored(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(0xA, b"nobody asked"), wsi_frame(1, b"after"))
+        assert ws.read_message() == (1, b"after")
+
+
+def test_autobahn_pings_pongs_ten_pings_in_a_row_get_ten_pongs(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(*(wsi_frame(0x9, b"%d" % i) for i in range(10)))
+        assert [ws.read_frame()[2:4] for _ in range(10)] == [(0xA, b"%d" % i) for i in range(10)]
+
+
+def test_autobahn_pings_pongs_ping_over_125_bytes_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(0x9, b"x" * 126)], 1002)
+
+
+# ── reserved bits ───────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("rsv", range(1, 8))
+def test_autobahn_reserved_bits_on_a_text_frame_are_1002(echo_port, rsv):
+    wsi_refused_with(echo_port, [wsi_frame(1, b"hello", rsv=rsv)], 1002)
+
+
+def test_autobahn_reserved_bits_offered_compression_is_declined_so_rsv1_is_1002(echo_port):
+    offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    with RawWebSocket(echo_port, extra=offer) as ws:
+        assert "sec-websocket-extensions" not in ws.headers
+        ws.send(wsi_frame(1, b"\xf2H\xcd\xc9\xc9\x07\x00", rsv=4))
+        assert ws.read_close()[0] == 1002
+
+
+def test_autobahn_reserved_bits_on_a_ping_after_a_good_message_are_1002(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(1, b"fine"))
+        assert ws.read_message() == (1, b"fine")
+        ws.send(wsi_frame(0x9, b"", rsv=4))
+        assert ws.read_close()[0] == 1002
+
+
+# ── opcodes ─────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF])
+def test_autobahn_opcodes_reserved_opcode_is_1002(echo_port, opcode):
+    wsi_refused_with(echo_port, [wsi_frame(opcode, b"data")], 1002)
+
+
+# ── fragmentation ───────────────────────────────────────────────────────────
+
+def test_autobahn_fragmentation_text_fragments_are_one_message(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(1, b"frag", fin=False), wsi_frame(0, b"", fin=False),
+                wsi_frame(0, b"men", fin=False), wsi_frame(0, b"ted"))
+        assert ws.read_message() == (1, b"fragmented")
+
+
+def test_autobahn_fragmentation_binary_fragments_sent_one_by_one(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(2, b"\x00" * 70000, fin=False))
+        ws.send(wsi_frame(0, b"\x01" * 3, fin=False))
+        ws.send(wsi_frame(0, b"\x02"))
+        assert ws.read_message() == (2, b"\x00" * 70000 + b"\x01" * 3 + b"\x02")
+
+
+def test_autobahn_fragmentation_ping_between_fragments_is_answered_first(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(1, b"hel", fin=False), wsi_frame(0x9, b"mid"), wsi_frame(0xA, b"stray"),
+                wsi_frame(0, b"lo"))
+        assert ws.read_frame()[2:4] == (0xA, b"mid")
+        assert ws.read_message() == (1, b"hello")
+
+
+@pytest.mark.parametrize("opcode", [0x8, 0x9, 0xA], ids=["close", "ping", "pong"])
+def test_autobahn_fragmentation_fragmented_control_frame_is_1002(echo_port, opcode):
+    wsi_refused_with(echo_port, [wsi_frame(opcode, b"", fin=False), wsi_frame(0, b"")], 1002)
+
+
+def test_autobahn_fragmentation_continuation_without_a_start_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(0, b"orphan")], 1002)
+
+
+def test_autobahn_fragmentation_new_message_inside_a_fragmented_one_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(1, b"a", fin=False), wsi_frame(1, b"b")], 1002)
+
+
+# ── UTF-8 handling ──────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"ok\x80"],
+                         ids=["ff", "overlong", "surrogate", "over-max", "lone-continuation"])
+def test_autobahn_utf8_invalid_text_is_1007(echo_port, bad):
+    wsi_refused_with(echo_port, [wsi_frame(1, b"valid " + bad)], 1007)
+
+
+@pytest.mark.parametrize("text", ["\x00\x7f", "\x80\u07ff", "\u0800\ud7ff\ue000\ufffd\uffff", "\U00010000\U0010ffff",
+                                  "κόσμε"], ids=["1-byte", "2-byte", "3-byte", "4-byte", "greek"])
+def test_autobahn_utf8_valid_boundary_code_points_are_echoed(echo_port, text):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(1, text.encode()))
+        assert ws.read_message() == (1, text.encode())
+
+
+def test_autobahn_utf8_invalid_first_fragment_fails_fast(echo_port):
+    # The message never ends; the server must not wait for the rest to refuse it.
+    wsi_refused_with(echo_port, [wsi_frame(1, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80",
+                                           fin=False)], 1007)
+
+
+def test_autobahn_utf8_code_points_split_across_fragments_are_accepted(echo_port):
+    text = "κόσμε €𝄞".encode()
+    with RawWebSocket(echo_port) as ws:
+        ws.send(*(wsi_frame(1 if i == 0 else 0, text[i:i + 1], fin=i == len(text) - 1) for i in range(len(text))))
+        assert ws.read_message() == (1, text)
+
+
+def test_autobahn_utf8_invalid_close_reason_is_1007(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(0x8, wsi_close_body(1000, b"\xff"))], 1007)
+
+
+# ── limits ──────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("opcode, size", [(1, 8 << 20), (2, 8 << 20), (2, WSI_ECHO_LIMIT)],
+                         ids=["text-8MiB", "binary-8MiB", "binary-16MiB"])
+def test_autobahn_limits_large_messages_up_to_max_size_are_echoed(echo_port, opcode, size):
+    payload = b"0123456789abcdef" * (size // 16)
+    with RawWebSocket(echo_port, timeout=30) as ws:
+        ws.send(wsi_frame(opcode, payload))
+        assert ws.read_message() == (opcode, payload)
+
+
+def test_autobahn_limits_header_announcing_over_max_size_is_1009_at_once(echo_port):
+    # Only the header is sent: the refusal must not wait for 16 MiB of payload.
+    wsi_refused_with(echo_port, [wsi_frame(2, length=WSI_ECHO_LIMIT + 1)], 1009)
+
+
+def test_autobahn_limits_fragments_adding_up_past_max_size_are_1009(echo_port):
+    half = b"\x00" * (WSI_ECHO_LIMIT // 2)
+    frames = [wsi_frame(2, half, fin=False), wsi_frame(0, half, fin=False)]
+    wsi_refused_with(echo_port, frames + [wsi_frame(0, b"!")], 1009)
+
+
+def test_autobahn_limits_asok_client_receives_what_the_route_allows(echo_port):
+    with asok.WebSocketClient.connect(f"ws://127.0.0.1:{echo_port}/echo", timeout=30) as ws:
+        ws.send(b"\x07" * (2 * 1024 * 1024))
+        assert ws.receive(30) == b"\x07" * (2 * 1024 * 1024)
+
+
+# ── closing handshake ───────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999])
+def test_autobahn_closing_handshake_valid_code_is_echoed_then_tcp_closes(echo_port, code):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(0x8, wsi_close_body(code, b"bye")))
+        assert ws.read_close()[0] == code
+
+
+def test_autobahn_closing_handshake_empty_close_gets_an_empty_close(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(0x8))
+        assert ws.read_close() == (None, b"")
+
+
+def test_autobahn_closing_handshake_reason_of_123_bytes_is_fine(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(0x8, wsi_close_body(1000, "é".encode() * 61 + b"x")))
+        assert ws.read_close()[0] == 1000
+
+
+def test_autobahn_closing_handshake_nothing_is_echoed_after_the_close(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        ws.send(wsi_frame(1, b"before"))
+        assert ws.read_message() == (1, b"before")
+        ws.send(wsi_frame(0x8, wsi_close_body(1000)), wsi_frame(1, b"after"), wsi_frame(0x9, b"after"))
+        assert ws.read_close()[0] == 1000
+
+
+def test_autobahn_closing_handshake_asok_client_close_completes(echo_port):
+    ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{echo_port}/echo", timeout=10)
+    ws.send("x")
+    assert ws.receive(10) == "x"
+    ws.close(1000, "done")
+    with pytest.raises(asok.ConnectionClosed) as closed:
+        ws.receive(1)
+    assert closed.value.code == 1000
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535])
+def test_autobahn_closing_handshake_invalid_close_code_is_1002(echo_port, code):
+    wsi_refused_with(echo_port, [wsi_frame(0x8, wsi_close_body(code))], 1002)
+
+
+def test_autobahn_closing_handshake_close_body_of_one_byte_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(0x8, b"\x03")], 1002)
+
+
+def test_autobahn_closing_handshake_close_over_125_bytes_is_1002(echo_port):
+    wsi_refused_with(echo_port, [wsi_frame(0x8, wsi_close_body(1000, b"r" * 124))], 1002)
+
+
+# ── opening handshake ───────────────────────────────────────────────────────
+
+WSI_K = f"Sec-WebSocket-Key: {WSI_KEY}\r\n"
+WSI_BAD_HANDSHAKES = {
+    "no-key": f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              f"Sec-WebSocket-Version: 13\r\n\r\n",
+    "short-key": f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    "key-not-base64": f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: !!!!not*base64!!!!!!!==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    "post": f"POST /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{WSI_K}"
+            f"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
+    "connection-without-upgrade": f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                  f"Connection: keep-alive\r\n{WSI_K}Sec-WebSocket-Version: 13\r\n\r\n",
+    "http-1.0": f"GET /echo HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{WSI_K}"
+                f"Sec-WebSocket-Version: 13\r\n\r\n",
+}
+
+
+def test_autobahn_opening_handshake_101_carries_the_rfc_accept_value(echo_port):
+    with RawWebSocket(echo_port) as ws:
+        assert ws.headers["sec-websocket-accept"] == WSI_ACCEPT
+        assert ws.headers["upgrade"].lower() == "websocket"
+        assert "upgrade" in ws.headers["connection"].lower()
+        assert "sec-websocket-extensions" not in ws.headers
+
+
+@pytest.mark.parametrize("name", list(WSI_BAD_HANDSHAKES))
+def test_autobahn_opening_handshake_malformed_is_400(echo_port, name):
+    status, headers, _ = exchange(echo_port, WSI_BAD_HANDSHAKES[name].encode())
+    assert status == 400 and "sec-websocket-accept" not in headers
+    wsi_still_serving(echo_port)
+
+
+def test_autobahn_opening_handshake_without_upgrade_header_is_400(echo_port):
+    raw = f"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n{WSI_K}Sec-WebSocket-Version: 13\r\n\r\n"
+    assert exchange(echo_port, raw.encode())[0] == 400
+
+
+@pytest.mark.parametrize("version", ["8", "12", "14", ""])
+def test_autobahn_opening_handshake_other_version_is_426_naming_13(echo_port, version):
+    raw = (f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{WSI_K}"
+           f"Sec-WebSocket-Version: {version}\r\n\r\n")
+    status, headers, _ = exchange(echo_port, raw.encode())
+    assert status == 426 and headers["sec-websocket-version"] == "13"
+    wsi_still_serving(echo_port)
+
+
+def test_autobahn_opening_handshake_cross_origin_is_403(echo_port):
+    raw = wsi_upgrade(host=f"127.0.0.1:{echo_port}", extra="Origin: http://evil.example\r\n")
+    status, headers, _ = exchange(echo_port, raw)
+    assert status == 403 and "sec-websocket-accept" not in headers
+    raw = wsi_upgrade(host=f"127.0.0.1:{echo_port}", extra=f"Origin: http://127.0.0.1:{echo_port + 1}\r\n")
+    assert exchange(echo_port, raw)[0] == 403
+    wsi_still_serving(echo_port)
+
+
+@pytest.mark.parametrize("origin", ["http://127.0.0.1:{port}", "HTTP://127.0.0.1:{port}", None])
+def test_autobahn_opening_handshake_same_origin_or_no_origin_is_accepted(echo_port, origin):
+    extra = f"Origin: {origin.format(port=echo_port)}\r\n" if origin else ""
+    with RawWebSocket(echo_port, extra=extra) as ws:
+        ws.send(wsi_frame(1, b"hi"))
+        assert ws.read_message() == (1, b"hi")
+
+
+def test_autobahn_opening_handshake_asok_client_sees_the_refusal(echo_port):
+    with pytest.raises(asok.WebSocketHandshakeError) as refused:
+        asok.WebSocketClient.connect(f"ws://127.0.0.1:{echo_port}/echo", origin="https://elsewhere.example")
+    assert refused.value.status == 403
+
+
+# ── many connections at once ────────────────────────────────────────────────
+
+def test_two_hundred_connections_each_echo_twenty_messages(echo_port):
+    url = f"ws://127.0.0.1:{echo_port}/echo"
+
+    async def one(n):
+        ws = await asok.AsyncWebSocketClient.connect(url, timeout=30)
+        got = []
+        for i in range(20):
+            message = f"{n}:{i}" if i % 2 else f"{n}:{i}".encode()
+            await ws.send(message)
+            got.append(await ws.receive(30) == message)
+        await ws.close()
+        return all(got)
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(200))), 60)
+
+    assert asyncio.run(main()) == [True] * 200
+
+
+# ── @app.websocket routes on the built-in server ───────────────────────────
+
+def wsi_route_app(tmp_path, seen):
+    """An app whose handlers report what they saw into `seen` (a queue read by the test)."""
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.websocket("/iterate")
+    async def iterate(ws):
+        async for message in ws:
+            await ws.send(message * 2)
+        seen.put(("iterate", ws.closed))
+
+    @app.websocket("/types")
+    async def kinds(ws):
+        first, second = await ws.receive(), await ws.receive()
+        await ws.send(f"{type(first).__name__} {type(second).__name__}")
+        await ws.send(second[::-1])
+
+    @app.websocket("/close")
+    async def closes(ws):
+        await ws.receive()
+        await ws.close(4001, "go away")
+        seen.put(("close", ws.closed))
+
+    @app.websocket("/room/<name>")
+    async def room(ws, name):
+        await ws.send(f"room {name}, path {ws.request.path}")
+        await ws.close()
+
+    @app.websocket("/partners", origins=["https://partner.example", "http://other.example:8080/"])
+    async def partners(ws):
+        await ws.send("welcome")
+        await ws.close()
+
+    @app.websocket("/wait")
+    async def wait(ws):
+        try:
+            while True:
+                await ws.receive()
+        except asok.ConnectionClosed as closed:
+            seen.put(("wait", closed.code))
+
+    @app.websocket("/fails")
+    async def fails(ws):
+        await ws.receive()
+        raise RuntimeError("handler bug")
+
+    @app.websocket("/small", max_size=10)
+    async def small(ws):
+        async for message in ws:
+            await ws.send(message)
+        seen.put(("small", ws.closed[0]))
+
+    return app
+
+
+def wsi_seen(seen, name):
+    """The next report from handler `name` (other handlers' reports are not expected here)."""
+    got_name, value = seen.get(timeout=10)
+    assert got_name == name
+    return value
+
+
+def test_route_async_for_ends_when_the_client_closes(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ab")
+            assert ws.receive(10) == "abab"
+            ws.send(b"\x01")
+            assert ws.receive(10) == b"\x01\x01"
+            ws.close(1000, "bye now")
+        assert wsi_seen(seen, "iterate") == (1000, "bye now")
+
+
+def test_route_receive_returns_str_for_text_and_bytes_for_binary(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/types") as ws:
+            ws.send("text")
+            ws.send(b"\x00bin")
+            assert ws.receive(10) == "str bytes"
+            assert ws.receive(10) == b"nib\x00"
+
+
+def test_route_close_code_and_reason_reach_the_client(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/close")
+        ws.send("anything")
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert (closed.value.code, closed.value.reason) == (4001, "go away")
+        assert wsi_seen(seen, "close") == (4001, "go away")
+
+
+def test_route_server_close_then_client_echo_ends_tcp(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        with RawWebSocket(port, "/close") as ws:
+            ws.send(wsi_frame(1, b"x"))
+            fin, _, opcode, payload, _ = ws.read_frame()
+            assert (opcode, payload) == (0x8, wsi_close_body(4001, b"go away"))
+            ws.send(wsi_frame(0x8, wsi_close_body(4001)))
+            assert ws.at_eof()
+
+
+def test_route_ping_while_server_close_is_in_flight_is_harmless(tmp_path, caplog):
+    seen = queue.Queue()
+    with caplog.at_level(logging.ERROR), running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/close") as ws:
+            ws.send(wsi_frame(1, b"x"))
+            assert ws.read_frame()[2] == 0x8
+            ws.send(wsi_frame(0x9, b"late"), wsi_frame(1, b"late too"), wsi_frame(0x8, wsi_close_body(4001)))
+            assert ws.at_eof()
+        assert wsi_seen(seen, "close") == (4001, "go away")
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ok")
+            assert ws.receive(10) == "okok"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_route_path_parameters_and_request(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/room/blue")
+        assert ws.receive(10) == "room blue, path /room/blue"
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert closed.value.code == 1000
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("https://partner.example", 101), ("http://other.example:8080", 101), ("http://127.0.0.1:{port}", 101),
+    ("https://evil.example", 403), ("http://partner.example", 403), ("https://partner.example:444", 403),
+])
+def test_route_may_list_other_allowed_origins(tmp_path, origin, status):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        origin = origin.format(port=port)
+        if status == 101:
+            ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/partners", origin=origin)
+            assert ws.receive(10) == "welcome"
+            ws.close()
+        else:
+            raw = wsi_upgrade("/partners", f"127.0.0.1:{port}", f"Origin: {origin}\r\n")
+            assert exchange(port, raw)[0] == status
+        # the listed origins belong to that route only
+        raw = wsi_upgrade("/iterate", f"127.0.0.1:{port}", "Origin: https://partner.example\r\n")
+        assert exchange(port, raw)[0] == 403
+
+
+def test_route_server_ping_finds_a_dead_peer(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen), ping_interval=0.5) as port:
+        with RawWebSocket(port, "/wait") as ws:
+            # The peer never answers: first a ping comes, then the server gives up on us.
+            assert ws.read_frame()[2:4] == (0x9, b"asok")
+            assert wsi_seen(seen, "wait") == 1006
+            with pytest.raises(EOFError):
+                while True:
+                    assert ws.read_frame()[2] == 0x9
+        with RawWebSocket(port, "/wait") as ws:
+            # A peer that answers stays connected through several pings.
+            for _ in range(3):
+                fin, _, opcode, payload, _ = ws.read_frame()
+                assert opcode == 0x9
+                ws.send(wsi_frame(0xA, payload))
+            assert seen.empty()
+            ws.send(wsi_frame(0x8, wsi_close_body(1000)))
+            assert ws.read_close()[0] == 1000
+        assert wsi_seen(seen, "wait") == 1000
+
+
+def test_route_peer_vanishing_without_close_frame_ends_handler_with_1006(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/iterate") as ws:
+            ws.send(wsi_frame(1, b"hi"))
+            assert ws.read_message() == (1, b"hihi")
+        assert wsi_seen(seen, "iterate")[0] == 1006
+        with RawWebSocket(port, "/wait") as ws:
+            ws.send(wsi_frame(1, b"half a message", fin=False))
+            ws.sock.shutdown(socket.SHUT_WR)
+            assert ws.at_eof()
+        assert wsi_seen(seen, "wait") == 1006
+
+
+def test_route_handler_error_closes_with_1011_and_server_lives_on(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/fails")
+        ws.send("boom")
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert closed.value.code == 1011
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ok")
+            assert ws.receive(10) == "okok"
+
+
+def test_route_max_size_is_per_route(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/small") as ws:
+            ws.send(wsi_frame(1, b"0123456789"))
+            assert ws.read_message() == (1, b"0123456789")
+            ws.send(wsi_frame(1, b"0123456789!"))
+            assert ws.read_close()[0] == 1009
+        assert wsi_seen(seen, "small") == 1009
+
+
+def test_route_unknown_websocket_path_is_404(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        assert exchange(port, wsi_upgrade("/nowhere", f"127.0.0.1:{port}"))[0] == 404
+
+
+# ── graceful shutdown ──────────────────────────────────────────────────────
+
+def test_serve_shutdown_sends_1001_to_open_websockets(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        ws = RawWebSocket(port, "/iterate")
+        ws.send(wsi_frame(1, b"x"))
+        assert ws.read_message() == (1, b"xx")
+    # running() has stopped the server: the close frame is waiting in our socket.
+    with ws:
+        code, reason = ws.read_close()
+    assert code == 1001
+    assert wsi_seen(seen, "iterate")[0] == 1001
+
+
+def test_cli_sigterm_sends_1001_to_open_websockets():
+    with serve_process(EXAMPLES / "echo") as (port, proc):
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo", timeout=10)
+        ws.send("before")
+        assert ws.receive(10) == "before"
+        proc.terminate()
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert closed.value.code == 1001
+        assert proc.wait(15) == 0
+
+
+# ── under uvicorn, through app.asgi ─────────────────────────────────────────
+
+def wsi_start_uvicorn(command, cwd):
+    """Start `command` plus --host/--port in `cwd`; returns (process, port) once it accepts."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("uvicorn did not start: " + proc.communicate()[0].decode())
+            time.sleep(0.1)
+
+
+def wsi_stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def uvicorn_echo_port():
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi",
+                                    "--app-dir", str(EXAMPLES / "echo")], ROOT)
+    try:
+        yield port
+    finally:
+        wsi_stop(proc)
+
+
+def test_uvicorn_post_echo_returns_the_body(uvicorn_echo_port):
+    body = bytes(range(256))
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: 256\r\n\r\n" + body)
+    status, headers, got = exchange(uvicorn_echo_port, raw)
+    assert (status, got) == (200, body) and headers["content-type"] == "application/octet-stream"
+
+
+def test_uvicorn_websocket_echo_with_the_websockets_client(uvicorn_echo_port):
+    from websockets.sync.client import connect as websockets_connect
+    with websockets_connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", open_timeout=10) as ws:
+        ws.send("héllo")
+        assert ws.recv(timeout=10) == "héllo"
+        ws.send(b"\x00\xffbinary")
+        assert ws.recv(timeout=10) == b"\x00\xffbinary"
+        ws.send(["frag", "mented"])
+        assert ws.recv(timeout=10) == "fragmented"
+        payload = b"\x01" * 200_000
+        ws.send(payload)
+        assert ws.recv(timeout=10) == payload
+
+
+def test_uvicorn_websocket_echo_with_asok_clients(uvicorn_echo_port):
+    url = f"ws://127.0.0.1:{uvicorn_echo_port}/echo"
+    with asok.WebSocketClient.connect(url) as ws:
+        ws.send("text")
+        assert ws.receive(10) == "text"
+        ws.send(b"\x00bytes")
+        assert ws.receive(10) == b"\x00bytes"
+
+    async def main():
+        async with await asok.AsyncWebSocketClient.connect(url) as ws:
+            await ws.send("async text")
+            await ws.send(b"async bytes")
+            return [await ws.receive(10), await ws.receive(10)]
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == ["async text", b"async bytes"]
+
+
+def test_uvicorn_refuses_a_cross_origin_websocket(uvicorn_echo_port):
+    with pytest.raises(asok.WebSocketHandshakeError) as refused:
+        asok.WebSocketClient.connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", origin="https://evil.example")
+    assert refused.value.status == 403
+
+
+def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    uvicorn = shutil.which("uvicorn", path=os.path.dirname(sys.executable)) or shutil.which("uvicorn")
+    if uvicorn is None:
+        pytest.skip("no uvicorn script")
+    proc, port = wsi_start_uvicorn([uvicorn, "app:app.asgi"], EXAMPLES / "echo")
+    try:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo") as ws:
+            ws.send("plain uvicorn")
+            assert ws.receive(10) == "plain uvicorn"
+    finally:
+        wsi_stop(proc)

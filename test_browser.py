@@ -1,0 +1,411 @@
+"""Real-browser tests: alive.js and the live endpoint, driven by Debian's chromium through Playwright.
+
+Run by `make test` as its own pytest invocation (sync Playwright and asyncio do not share a
+process): `.venv/bin/python -m pytest -q test_browser.py -p no:cacheprovider`. Each test copies an
+example app into tmp_path (its runtime data under .asok/ stays out of the repository) and serves it
+with `python asok.py serve` in a subprocess with DEBUG=true. Without chromium or playwright the tier
+skips, saying how to install them; with CI=true it fails instead.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = HERE / "test-artifacts"
+TIMEOUT_MS = 10_000
+
+# every page records the codes of the live errors it is told about
+RECORD_ERRORS = ("window.asokErrors = [];"
+                 "document.addEventListener('asok:error', e => asokErrors.push(e.detail.code));")
+TWO_COUNTERS = """{% extends "html/base.html" %}
+{% block main %}
+{{ component('Counter', count=1) }}
+{{ component('Counter', count=100) }}
+{% endblock %}
+"""
+
+
+def _missing():
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed: run `make deps`"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} is missing: run `apt-get install chromium` (or `make browser`)"
+    return None
+
+
+# ── the server under test ────────────────────────────────────────────
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python asok.py serve APP_DIR` in a subprocess, stopped and started again on the same port."""
+
+    def __init__(self, app_dir):
+        self.app_dir = app_dir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(app_dir.parent / f"{app_dir.name}-server.log", "ab")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "asok.py"), "serve", str(self.app_dir), "--port", str(self.port)],
+            env=dict(os.environ, DEBUG="true"), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start; see {self.log.name}")
+                time.sleep(0.05)
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve("counter", {"src/pages/two.html": "..."}) copies the example, adds the files, serves it."""
+    servers = []
+
+    def start(example, files=None):
+        app_dir = tmp_path / example
+        shutil.copytree(HERE / "examples" / example, app_dir, ignore=shutil.ignore_patterns(".asok"))
+        for name, text in (files or {}).items():
+            (app_dir / name).write_text(text)
+        servers.append(Server(app_dir))
+        return servers[-1].start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+            server.log.close()
+
+
+# ── the browser ──────────────────────────────────────────────────────
+
+@pytest.fixture(scope="session")
+def browser():
+    missing = _missing()
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"browser tests cannot run under CI=true: {missing}")
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def context(browser):
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    context.add_init_script(RECORD_ERRORS)
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(context):
+    return context.new_page()
+
+
+def expect(locator):
+    from playwright.sync_api import expect
+    return expect(locator)
+
+
+def counts(page):
+    """The counts shown by the page's counters, in page order."""
+    return [int(text.removeprefix("Count: ")) for text in page.locator("h3").all_inner_texts()]
+
+
+def expect_count(page, count, index=0):
+    expect(page.locator("h3").nth(index)).to_have_text(f"Count: {count}", timeout=TIMEOUT_MS)
+
+
+def expect_error(page, code):
+    page.wait_for_function("code => asokErrors.includes(code)", arg=code, timeout=TIMEOUT_MS)
+
+
+def burst(page, selector, times):
+    """Click `selector` `times` times within one task: all of them before any reply can arrive."""
+    page.evaluate("([selector, times]) => { for (let i = 0; i < times; i++) "
+                  "document.querySelector(selector).click(); }", [selector, times])
+
+
+def expect_connected(page, connected):
+    html = expect(page.locator("html"))
+    if connected:
+        html.not_to_have_class("asok-disconnected", timeout=TIMEOUT_MS)
+    else:
+        html.to_have_class("asok-disconnected", timeout=TIMEOUT_MS)
+
+
+INCREMENT = "[ws-click=increment]"
+
+
+# ── counter: clicks, reloads, restarts ───────────────────────────────
+
+def test_a_click_increments(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    expect_count(page, 10)
+    page.click(INCREMENT)
+    expect_count(page, 11)
+    page.click("[ws-click=decrement]")
+    expect_count(page, 10)
+    expect(page.locator("p")).to_have_text("Clicks this session: 1")
+
+
+def test_thirty_clicks_faster_than_the_round_trip_add_thirty(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    expect_count(page, 10)
+    burst(page, INCREMENT, 30)
+    expect_count(page, 40)
+    expect(page.locator("p")).to_have_text("Clicks this session: 30")
+    page.reload()
+    expect_count(page, 40)
+    assert page.evaluate("asokErrors") == []
+
+
+def test_reload_and_restart_keep_the_count_and_the_page_stays_live(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    burst(page, INCREMENT, 3)
+    expect_count(page, 13)
+    page.reload()
+    expect_count(page, 13)
+    server.stop()
+    expect_connected(page, False)
+    server.start()
+    expect_connected(page, True)
+    page.click(INCREMENT)
+    expect_count(page, 14)
+    page.reload()
+    expect_count(page, 14)
+
+
+def test_kill_9_right_after_an_acknowledged_click_loses_nothing(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    page.click(INCREMENT)
+    expect_count(page, 11)  # the reply is in: the click is acknowledged
+    server.stop(signal.SIGKILL)
+    server.start()
+    page.reload()
+    expect_count(page, 11)
+    expect(page.locator("p")).to_have_text("Clicks this session: 1")
+
+
+def test_a_socket_dropped_by_the_server_reconnects_and_sends_what_was_made_meanwhile(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    page.click(INCREMENT)
+    expect_count(page, 11)
+    server.stop()  # the server closes the socket (1001, going away)
+    expect_connected(page, False)
+    page.click(INCREMENT)  # made while disconnected
+    expect(page.locator("[data-asok-component]")).to_have_class("asok-loading")
+    server.start()
+    expect_connected(page, True)
+    expect_count(page, 12)
+    expect(page.locator("[data-asok-component]")).not_to_have_class("asok-loading")
+    page.click(INCREMENT)
+    expect_count(page, 13)
+    page.reload()
+    expect_count(page, 13)
+
+
+def test_two_tabs_clicking_alternately_end_at_the_sum(serve, context):
+    server = serve("counter")
+    tabs = [context.new_page(), context.new_page()]
+    for tab in tabs:
+        tab.goto(server.url)
+        expect_count(tab, 10)
+    for _ in range(8):
+        for tab in tabs:
+            tab.click(INCREMENT)
+    for tab in tabs:
+        expect(tab.locator("[data-asok-component]")).not_to_have_class("asok-loading")
+    assert max(counts(tabs[0]) + counts(tabs[1])) == 26
+    for tab in tabs:
+        tab.reload()
+        expect_count(tab, 26)
+
+
+def test_each_component_has_its_own_queue(serve, page):
+    server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
+    page.goto(server.url + "/two")
+    assert counts(page) == [1, 100]
+    first, second = (f"[data-asok-component]:nth-of-type({n}) {INCREMENT}" for n in (1, 2))
+    in_flight = page.evaluate("([first, second]) => { for (let i = 0; i < 10; i++) {"
+                              "document.querySelector(first).click(); document.querySelector(second).click(); }"
+                              "return document.querySelectorAll('.asok-loading').length; }", [first, second])
+    assert in_flight == 2  # one event in flight per component, not one per page
+    expect_count(page, 11, 0)
+    expect_count(page, 110, 1)
+    page.reload()
+    assert counts(page) == [11, 110]
+
+
+# ── refusals ─────────────────────────────────────────────────────────
+
+def test_a_tampered_state_is_refused_and_changes_nothing(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    page.evaluate("""() => {
+        const root = document.querySelector("[data-asok-component]"), token = root.dataset.asokState;
+        const cut = token.lastIndexOf("."), payload = JSON.parse(token.slice(0, cut));
+        payload.s.count = 1000;
+        root.dataset.asokState = JSON.stringify(payload) + token.slice(cut);
+    }""")
+    page.click(INCREMENT)
+    expect_error(page, "bad_state")
+    assert counts(page) == [10]
+    page.reload()
+    expect_count(page, 10)
+
+
+def test_a_state_taken_from_another_component_is_refused_and_changes_nothing(serve, page):
+    server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
+    page.goto(server.url + "/two")
+    page.evaluate("""() => {
+        const [first, second] = document.querySelectorAll("[data-asok-component]");
+        first.dataset.asokState = second.dataset.asokState;
+    }""")
+    page.locator(INCREMENT).first.click()
+    expect_error(page, "bad_state")
+    assert counts(page) == [1, 100]
+    page.reload()
+    assert counts(page) == [1, 100]
+
+
+@pytest.mark.parametrize("method, code", [("_internal_calculation", "private_method"),
+                                          ("render", "not_exposed")])
+def test_a_call_to_a_method_that_is_not_exposed_is_refused_and_changes_nothing(serve, page, method, code):
+    server = serve("counter")
+    page.goto(server.url)
+    page.evaluate("method => document.querySelector('[ws-click=increment]').setAttribute('ws-click', method)",
+                  method)
+    page.click(f"[ws-click={method}]")
+    expect_error(page, code)
+    assert counts(page) == [10]
+    page.reload()
+    expect_count(page, 10)
+
+
+# ── inputs: ws-input, ws-model, ws-submit ────────────────────────────
+
+def test_typing_while_the_component_rerenders_loses_nothing_and_keeps_focus_and_caret(serve, page):
+    server = serve("search")
+    replies = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: replies.append(frame)))
+    page.goto(server.url)
+    page.locator("input[ws-input]").focus()
+    head, middle, tail = "pineapple and a mango", "watermelon, kiwi", "grape"  # 21 + 16 + 5 = 42
+    for n, char in enumerate(head + tail):
+        page.keyboard.type(char)
+        if n % 4 == 3:  # pause past the debounce: the component re-renders while we type on
+            page.wait_for_timeout(200)
+    for _ in tail:
+        page.keyboard.press("ArrowLeft")
+    for n, char in enumerate(middle):
+        page.keyboard.type(char)
+        if n % 4 == 3:
+            page.wait_for_timeout(200)
+    text = head + middle + tail
+    renders_while_typing = len(replies)
+    state = page.evaluate("() => { const el = document.activeElement;"
+                          "return [el.getAttribute('ws-input'), el.value, el.selectionStart, el.selectionEnd]; }")
+    assert state == ["search", text, len(head + middle), len(head + middle)]
+    assert renders_while_typing >= 5
+    expect(page.locator("li")).to_have_text(f"No fruit matches \u201c{text}\u201d.")
+    assert page.evaluate("document.activeElement.value") == text
+    page.reload()
+    expect(page.locator("input[ws-input]")).to_have_value(text)
+
+
+def test_todo_ws_model_and_enter_add_an_item_and_clear_the_input(serve, page):
+    server = serve("todo")
+    page.goto(server.url)
+    draft = page.locator("input[ws-model=draft]")
+    draft.click()
+    page.keyboard.type("buy milk")
+    page.keyboard.press("Enter")
+    expect(page.locator("li span")).to_have_text(["buy milk"])
+    expect(draft).to_have_value("")
+    expect(draft).to_be_focused()
+    # typed right after Enter, while the reply may still be in flight: nothing is lost
+    page.keyboard.type("call mum")
+    expect(draft).to_have_value("call mum")
+    page.keyboard.press("Enter")
+    expect(page.locator("li span")).to_have_text(["buy milk", "call mum"])
+    expect(draft).to_have_value("")
+    page.locator("li input[type=checkbox]").first.check()
+    expect(page.locator("li span").first).to_have_attribute("style", "text-decoration: line-through")
+    page.reload()
+    expect(page.locator("li span")).to_have_text(["buy milk", "call mum"])
+    expect(page.locator("li input[type=checkbox]").first).to_be_checked()
+
+
+def test_form_submit_shows_validation_errors_then_succeeds(serve, page):
+    server = serve("form")
+    page.goto(server.url)
+    page.fill("input[name=name]", "a")
+    page.fill("input[name=email]", "not an address")
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_have_text(["Please give a name of at least 2 characters.",
+                                                 "That does not look like an email address."])
+    assert page.url.rstrip("/") == server.url  # the submit was taken over, not sent as a form
+    page.fill("input[name=name]", "Ada")
+    page.fill("input[name=email]", "ada@example.org")
+    page.click("button[type=submit]")
+    expect(page.locator(".ok")).to_have_text("Thanks, Ada! We will write to ada@example.org.")
+
+
+# ── artifact ─────────────────────────────────────────────────────────
+
+def test_counter_page_screenshot_is_saved(serve, page):
+    server = serve("counter")
+    page.set_viewport_size({"width": 800, "height": 420})
+    page.goto(server.url)
+    page.click(INCREMENT)
+    expect_count(page, 11)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "counter.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
