@@ -1,79 +1,73 @@
 // alive.js: the asok browser runtime.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
-const page = Math.random() + ":", queue = []; // [root, method, args]
-let socket, retry = 100, counter = 0, sent, typing, timer;
+const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models: last sent per ws-model}
+let socket, retry = 100, counter = 0;
 
-// debounced input waits at the tail
-function enqueue(el, [method, args], input) {
-  clearTimeout(timer);
-  if (input && input == typing) queue.pop();
-  queue.push([el.closest(COMPONENT), method, args]);
-  typing = input;
-  if (input) timer = setTimeout(() => pump(typing = 0), DEBOUNCE_MS);
-  pump();
+// one FIFO queue per component; a debounced input waits at its tail
+function enqueue(root, call, field) {
+  const bag = bags.get(root) || bags.set(root, {queue: [], models: {}}).get(root);
+  clearTimeout(bag.timer);
+  if (field && field == bag.field) bag.queue.pop();
+  if (call) bag.queue.push(call);
+  if (bag.field = field) bag.timer = setTimeout(() => enqueue(root), DEBOUNCE_MS);
+  send(root, bag);
 }
 
-function pump() {
-  if (sent || queue.length <= !!typing || socket.readyState != 1) return;
-  const [root, method, args] = queue.shift(), id = page + ++counter, data = root.dataset;
-  sent = {root, id, text: JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
-    method, args, csrf: document.querySelector("meta[name=csrf-token]")?.content})};
-  root.classList.add("asok-loading");
-  socket.send(sent.text);
+// one event in flight per component
+function send(root, bag) {
+  if (!bag.sent && bag.queue.length > !!bag.field) {
+    const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
+    if (method == "$model") bag.models[args[0]] = args[1];
+    bag.sent = JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
+      method, args, csrf: document.querySelector("meta[name=csrf-token]")?.content});
+    socket.readyState == 1 && socket.send(bag.sent);
+  }
+  root.classList.toggle("asok-loading", !!bag.sent);
 }
 
 function receive(message) {
-  const reply = JSON.parse(message.data), error = reply.error, {root, id} = sent || {};
-  if (reply.id != id) return;
-  sent = null;
-  root.classList.remove("asok-loading");
-  if (error) {
-    root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
-    console.error("asok:", error.code, error.message);
-  } else {
-    morph(root, Object.assign(document.createElement("template"), {innerHTML: reply.html}).content);
-    root.dataset.asokState = reply.state;
-    syncModels(root);
-  }
-  pump();
-}
-
-function syncModels(root) {
-  const state = root.dataset.asokState, values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
-  for (const el of root.querySelectorAll("[ws-model]")) {
-    const prop = el.getAttribute("ws-model");
-    if (el != document.activeElement && prop in values) el[el.type == "checkbox" ? "checked" : "value"] = values[prop];
+  const {id, html, state, error} = JSON.parse(message.data);
+  for (const [root, bag] of bags) if (bag.sent && bag.id == id) {
+    bag.sent = null;
+    if (error) {
+      root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
+      console.error("asok:", error.code, error.message);
+    } else {
+      morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
+      root.dataset.asokState = state;
+      // ws-model: a focused field takes a value the server changed, if it shows what was sent
+      const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
+      for (const el of root.querySelectorAll("[ws-model]")) {
+        const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
+        if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == bag.models[prop])) el[key] = values[prop];
+      }
+    }
+    send(root, bag);
   }
 }
 
+// morph: update each old node in place if the new one is of the same kind, else insert
 function morph(old, fresh) {
-  let cursor = old.firstChild; // the first old child not yet placed
+  let cursor = old.firstChild;
   for (const next of [...fresh.childNodes]) {
-    // match by id, else the cursor if of the same kind
-    let match = next.id && [...old.children].find(child => child.id == next.id);
-    if (!match && cursor?.nodeName == next.nodeName && !cursor.id) match = cursor;
-    // none: insert
-    if (!match) {
-      old.insertBefore(next, cursor);
+    const match = cursor;
+    if (match?.nodeName != next.nodeName) {
+      old.insertBefore(next, match);
       continue;
     }
-    // the cursor: keep; elsewhere: move here, keeping focus
-    if (match == cursor) cursor = cursor.nextSibling;
-    else old[old.moveBefore ? "moveBefore" : "insertBefore"](match, cursor);
+    cursor = match.nextSibling;
     // text, comment
     if (match.nodeType != 1) {
       match.nodeValue = next.nodeValue;
       continue;
     }
-    // attributes: set, then remove missing; then children
-    for (const {name, value} of next.attributes) if (match.getAttribute(name) != value) match.setAttribute(name, value);
+    // attributes, children, form values (the focused one's is the user's)
+    for (const {name, value} of next.attributes) match.setAttribute(name, value);
     for (const {name} of [...match.attributes]) if (!next.hasAttribute(name)) match.removeAttribute(name);
     morph(match, next);
-    // form values, except the focused element's
     for (const prop of ["value", "checked"]) if (prop in match && match != document.activeElement && match[prop] != next[prop]) match[prop] = next[prop];
   }
-  // leftovers: remove
   while (cursor?.nextSibling) cursor.nextSibling.remove();
   cursor?.remove();
 }
@@ -84,7 +78,7 @@ function connect() {
   socket.onopen = () => {
     retry = 100;
     document.documentElement.classList.remove("asok-disconnected");
-    sent ? socket.send(sent.text) : pump();
+    bags.forEach(bag => bag.sent && socket.send(bag.sent)); // resent with the same id
   };
   socket.onclose = () => {
     document.documentElement.classList.add("asok-disconnected");
@@ -94,18 +88,16 @@ function connect() {
 }
 
 function handle(event) {
-  const {type, target} = event, value = target[target.type == "checkbox" ? "checked" : "value"], model = target.getAttribute("ws-model");
-  const name = type == "keydown" ? "ws-keydown." + event.key?.toLowerCase() : "ws-" + type;
-  const el = target.closest(`[${CSS.escape(name)}]`);
-  if (type == "input" && model) return enqueue(target, ["$model", [model, value]], target);
-  if (!el?.closest(COMPONENT)) return;
+  const {type, target} = event, root = target.closest(COMPONENT), value = target[target.type == "checkbox" ? "checked" : "value"];
+  const name = type == "keydown" ? "ws-keydown." + event.key?.toLowerCase() : "ws-" + type, el = target.closest(`[${CSS.escape(name)}]`);
+  const model = type == "input" && target.getAttribute("ws-model");
+  if (!root || !model && !el) return;
+  if (model) return enqueue(root, ["$model", [model, value]], target);
   event.preventDefault();
-  const fallback = type == "submit" ? [Object.fromEntries(new FormData(el))] : type == "click" || type == "keydown" ? [] : [value];
-  const call = el.getAttribute(name), open = call.indexOf("("); // "add(5)" or "add"
-  enqueue(el, open < 0 ? [call, fallback] : [call.slice(0, open), JSON.parse(`[${call.slice(open + 1, -1)}]`)], type == "input" && el);
+  const [, method, list] = el.getAttribute(name).match(/([^(]*)\(?(.*?)\)?$/); // "add(5)" or "add"
+  enqueue(root, [method, list ? JSON.parse(`[${list}]`) : type == "submit" ? [Object.fromEntries(new FormData(el))] : type == "input" || type == "change" ? [value] : []], type == "input" && el);
 }
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);
 connect();
-document.querySelectorAll(COMPONENT).forEach(syncModels);
 })();

@@ -2462,6 +2462,7 @@ SESSION_LIFETIME = 14 * 24 * 3600
 SESSION_COOKIE = "asok_session"
 SESSION_COLLECT_EVERY = 3600
 _LOCK_STRIPES = 256
+SESSION_CACHE_SIZE = 4096     # session records a process keeps parsed
 SESSION_LOG_MAX = 16 * 1024   # a session file is compacted to one line past this size
 
 
@@ -2549,7 +2550,8 @@ class FileSessionStore(SessionStore):
     takes the last complete line; a line torn by a crash is skipped. When the file grows past
     SESSION_LOG_MAX it is rewritten to one line through a temporary file and `os.replace`.
     `flock` on one of _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write
-    across threads and processes."""
+    across threads and processes. A file unchanged since this process last read or wrote it
+    (same inode, size and mtime) is not read again."""
 
     def __init__(self, folder, lifetime=SESSION_LIFETIME):
         self.folder = Path(folder)
@@ -2560,6 +2562,7 @@ class FileSessionStore(SessionStore):
         self._lock_fds = {}
         self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._fd_lock = threading.Lock()
+        self._cache = {}  # path -> ((inode, size, mtime_ns), record)
 
     def _path(self, sid):
         if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
@@ -2581,20 +2584,36 @@ class FileSessionStore(SessionStore):
     def _read(self, path):
         """(record or None, bytes in the file, whether the file ends with a complete line)."""
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            st = os.stat(path)
         except OSError:
             return None, 0, True
-        for line in reversed(raw.split(b"\n")):
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            record, size, clean_end = cached[1], st.st_size, True
+        else:
             try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                if record.get("expires", 0) < time.time():
-                    record = None
-                return record, len(raw), raw.endswith(b"\n")
-        return None, len(raw), raw.endswith(b"\n") or not raw
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                return None, 0, True
+            size, clean_end = len(raw), raw.endswith(b"\n") or not raw
+            last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+            record = _json_record(raw[last:]) if clean_end else None
+            if record is None:  # the last line is torn: take the newest whole one
+                record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
+            if record is not None:
+                self._remember(path, stamp, record)
+        if record is not None and record.get("expires", 0) < time.time():
+            record = None
+        return record, size, clean_end
+
+    def _remember(self, path, stamp, record):
+        cache = self._cache
+        cache.pop(path, None)
+        cache[path] = (stamp, record)
+        if len(cache) > SESSION_CACHE_SIZE:
+            del cache[next(iter(cache))]
 
     def load(self, sid):
         try:
@@ -2607,16 +2626,21 @@ class FileSessionStore(SessionStore):
         record["expires"] = int(time.time()) + self.lifetime
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         if size + len(line) > SESSION_LOG_MAX:
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(line)
-            os.replace(tmp, path)
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            target = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        else:
+            target = None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if not clean_end:
+                line = b"\n" + line
         try:
-            os.write(fd, line if clean_end else b"\n" + line)
+            os.write(fd, line)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        if target:
+            os.replace(target, path)
+        self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), record)
 
     def save(self, sid, record):
         path = self._path(sid)
@@ -2627,6 +2651,7 @@ class FileSessionStore(SessionStore):
     def delete(self, sid):
         path = self._path(sid)
         with self._lock(sid):
+            self._cache.pop(path, None)
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -2639,7 +2664,11 @@ class FileSessionStore(SessionStore):
         with self._lock(sid):
             record, size, clean_end = self._read(path)
             record = record or {"data": {}, "live": {}}
-            result = fn(record)
+            try:
+                result = fn(record)
+            except BaseException:
+                self._cache.pop(path, None)  # fn may have changed the cached record in place
+                raise
             self._write(path, record, size, clean_end)
             return result
 
@@ -2997,6 +3026,7 @@ class Component:
                     continue
                 cls._asok_fields[name] = value
         cls._asok_signatures = {}
+        cls._asok_paths = {}
 
     def mount(self):
         """Runs once, on the first render of this component for a session."""
@@ -3006,7 +3036,10 @@ class Component:
 
     def html(self, name, **extra):
         """Render a template beside the component's file with the state (and `extra`) as context."""
-        template = self._asok_app.templates.get_file(self._asok_dir / name)
+        path = self._asok_paths.get(name)
+        if path is None:
+            path = self._asok_paths[name] = self._asok_dir / name
+        template = self._asok_app.templates.get_file(path)
         context = dict(self._asok_app.templates.globals)
         context.update(self._asok_context)
         context.update(self.state)
@@ -3232,6 +3265,7 @@ class Asok:
         self._state_signer = Signer(keys, "live-state")
         self._cookie_signer = Signer(keys, "session-cookie")
         self._csrf_signer = Signer(keys, "csrf")
+        self._csrf_tokens = {}
         self.max_body = max_body
         self.session_lifetime = session_lifetime
         self.sessions = session_store or FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
@@ -3341,13 +3375,20 @@ class Asok:
         return session.sid
 
     def _csrf_token(self, request):
-        sid = self._ensure_session(request.session)
-        return self._csrf_signer.sign("csrf", bind=sid).rpartition(".")[2]
+        return self._csrf_for(self._ensure_session(request.session))
 
     def _csrf_ok(self, sid, token):
         if not sid or not isinstance(token, str):
             return False
-        return hmac.compare_digest(token, self._csrf_signer.sign("csrf", bind=sid).rpartition(".")[2])
+        return hmac.compare_digest(token, self._csrf_for(sid))
+
+    def _csrf_for(self, sid):
+        token = self._csrf_tokens.get(sid)
+        if token is None:
+            if len(self._csrf_tokens) > SESSION_CACHE_SIZE:
+                self._csrf_tokens.clear()
+            token = self._csrf_tokens[sid] = self._csrf_signer.sign("csrf", bind=sid).rpartition(".")[2]
+        return token
 
     def _check_csrf(self, request):
         token = request.headers.get("x-csrf-token") or request.form.get("csrf_token")

@@ -409,3 +409,8 @@ def test_counter_page_screenshot_is_saved(serve, page):
     shot = ARTIFACTS / "counter.png"
     page.screenshot(path=str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_alive_js_fits_in_2048_bytes_after_gzip_9():
+    packed = subprocess.run(["gzip", "-9c", "alive.js"], cwd=HERE, capture_output=True, check=True).stdout
+    assert len(packed) <= 2048, f"alive.js is {len(packed)} bytes after gzip -9; the budget is 2048"
