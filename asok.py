@@ -2463,7 +2463,8 @@ SESSION_COOKIE = "asok_session"
 SESSION_COLLECT_EVERY = 3600
 _LOCK_STRIPES = 256
 SESSION_CACHE_SIZE = 4096     # session records a process keeps parsed
-SESSION_LOG_MAX = 16 * 1024   # a session file is compacted to one line past this size
+SESSION_OPEN_FILES = 256      # session files a process keeps open for appending
+SESSION_LOG_MAX = 64 * 1024   # a session file is compacted to one line past this size
 
 
 class Session(dict):
@@ -2563,6 +2564,7 @@ class FileSessionStore(SessionStore):
         self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._fd_lock = threading.Lock()
         self._cache = {}  # path -> ((inode, size, mtime_ns), record)
+        self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
 
     def _path(self, sid):
         if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
@@ -2628,19 +2630,32 @@ class FileSessionStore(SessionStore):
         if size + len(line) > SESSION_LOG_MAX:
             target = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        else:
-            target = None
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            if not clean_end:
-                line = b"\n" + line
-        try:
-            os.write(fd, line)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if target:
+            try:
+                os.write(fd, line)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
             os.replace(target, path)
+        else:
+            fd = self._append_fd(path, size)
+            os.write(fd, line if clean_end else b"\n" + line)
+            st = os.fstat(fd)
         self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), record)
+
+    def _append_fd(self, path, size):
+        """An O_APPEND descriptor for path, kept open while the file is the same inode."""
+        entry = self._append_fds.pop(path, None)
+        cached = self._cache.get(path)
+        if entry is not None and size and cached is not None and cached[0][0] == entry[0]:
+            self._append_fds[path] = entry
+            return entry[1]
+        if entry is not None:
+            os.close(entry[1])
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._append_fds[path] = (os.fstat(fd).st_ino, fd)
+        if len(self._append_fds) > SESSION_OPEN_FILES:
+            os.close(self._append_fds.pop(next(iter(self._append_fds)))[1])
+        return fd
 
     def save(self, sid, record):
         path = self._path(sid)
@@ -2652,6 +2667,9 @@ class FileSessionStore(SessionStore):
         path = self._path(sid)
         with self._lock(sid):
             self._cache.pop(path, None)
+            entry = self._append_fds.pop(path, None)
+            if entry is not None:
+                os.close(entry[1])
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -2980,7 +2998,7 @@ def _parameters(fn):
 # ═══════════════════════════════════════════════════════════════════════
 
 LIVE_MAX_MESSAGE = 256 * 1024
-LIVE_RECENT_IDS = 16
+LIVE_RECENT_IDS = 8
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
