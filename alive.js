@@ -35,15 +35,18 @@ function receive(message) {
       console.error("asok:", error.code, error.message);
     } else {
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
-      root.dataset.asokState = state;
-      // ws-model: a focused field takes a value the server changed, if it shows what was sent
-      const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
-      for (const el of root.querySelectorAll("[ws-model]")) {
-        const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
-        if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == bag.models[prop])) el[key] = values[prop];
-      }
+      sync(root, bag.models, root.dataset.asokState = state);
     }
     send(root, bag);
+  }
+}
+
+// ws-model: a focused field takes a value the server changed, if it shows what was sent
+function sync(root, sent, state) {
+  const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
+  for (const el of root.querySelectorAll("[ws-model]")) {
+    const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
+    if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
   }
 }
 
@@ -100,4 +103,5 @@ function handle(event) {
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);
 connect();
+document.querySelectorAll(COMPONENT).forEach(root => sync(root, {}, root.dataset.asokState));
 })();

@@ -3971,6 +3971,7 @@ BODY_TIMEOUT = 30.0        # longest pause while a body is arriving
 IDLE_TIMEOUT = 5.0         # keep-alive connection with no request
 WS_PING_INTERVAL = 20.0    # ping a quiet WebSocket; no answer by the next tick ends it
 WS_CLOSE_TIMEOUT = 5.0     # wait this long for the peer's close frame
+SWITCH_INTERVAL = 0.0002   # GIL hand-off between the event loop and handler threads (default 5 ms)
 SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
 _PAUSE_AT = 256 * 1024
 
@@ -4328,6 +4329,7 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
                 stop=None):
     """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set)."""
     loop = asyncio.get_running_loop()
+    sys.setswitchinterval(SWITCH_INTERVAL)
     state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval)
     server = await loop.create_server(lambda: _HTTPConnection(state), host, port, backlog=1024)
     stop = stop or asyncio.Event()
