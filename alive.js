@@ -1,7 +1,7 @@
 // alive.js: the asok browser runtime.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
-const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models: last sent per ws-model}
+const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models}
 let socket, retry = 100, counter = 0;
 
 // one FIFO queue per component; a debounced input waits at its tail
@@ -30,10 +30,8 @@ function receive(message) {
   const {id, html, state, error} = JSON.parse(message.data);
   for (const [root, bag] of bags) if (bag.sent && bag.id == id) {
     bag.sent = null;
-    if (error) {
-      root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
-      console.error("asok:", error.code, error.message);
-    } else {
+    if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
+    else {
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       sync(root, bag.models, root.dataset.asokState = state);
     }
@@ -41,7 +39,7 @@ function receive(message) {
   }
 }
 
-// ws-model: a focused field takes a value the server changed, if it shows what was sent
+// ws-model: a focused field takes a value the server changed, if it shows what it sent last
 function sync(root, sent, state) {
   const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
   for (const el of root.querySelectorAll("[ws-model]")) {
@@ -69,7 +67,7 @@ function morph(old, fresh) {
     for (const {name, value} of next.attributes) match.setAttribute(name, value);
     for (const {name} of [...match.attributes]) if (!next.hasAttribute(name)) match.removeAttribute(name);
     morph(match, next);
-    for (const prop of ["value", "checked"]) if (prop in match && match != document.activeElement && match[prop] != next[prop]) match[prop] = next[prop];
+    for (const prop of ["value", "checked"]) if (match != document.activeElement && match[prop] != next[prop]) match[prop] = next[prop];
   }
   while (cursor?.nextSibling) cursor.nextSibling.remove();
   cursor?.remove();

@@ -3597,7 +3597,7 @@ class Asok:
                 reply = _live_error(rid and rid.group(1), "too_large",
                                     f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")
             else:
-                reply = await loop.run_in_executor(self.executor, self.live_event, sid, message)
+                reply = await _in_thread(loop, self.executor, self.live_event, sid, message)
             await ws.send(reply)
 
     def live_event(self, sid, text):
@@ -3972,11 +3972,14 @@ IDLE_TIMEOUT = 5.0         # keep-alive connection with no request
 WS_PING_INTERVAL = 20.0    # ping a quiet WebSocket; no answer by the next tick ends it
 WS_CLOSE_TIMEOUT = 5.0     # wait this long for the peer's close frame
 SWITCH_INTERVAL = 0.0002   # GIL hand-off between the event loop and handler threads (default 5 ms)
+SWEEP_EVERY = 1.0          # deadlines are checked at least this often (a quarter of the shortest timeout)
 SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
 _PAUSE_AT = 256 * 1024
 
 
 class _ServerState:
+    """What every connection of one server shares: the app, the limits, the open connections."""
+
     def __init__(self, app, header_timeout, body_timeout, idle_timeout, ping_interval):
         self.app = app
         self.header_timeout = header_timeout
@@ -3993,9 +3996,39 @@ class _ServerState:
             self._date = (now, formatdate(now, usegmt=True))
         return self._date[1]
 
+    def sweep(self, now):
+        """Run by a periodic timer: act on each connection whose deadline has passed.
+        One timer for the server is cheaper than a timer per connection per request."""
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn._timed_out(now)
+
+
+def _in_thread(loop, executor, fn, *args):
+    """Run fn(*args) in the executor; an asyncio future for its result (lighter than
+    run_in_executor: no wrapping of a concurrent future in an asyncio one)."""
+    waiter = loop.create_future()
+
+    def done(future):
+        loop.call_soon_threadsafe(_settle, waiter, future)
+
+    executor.submit(fn, *args).add_done_callback(done)
+    return waiter
+
+
+def _settle(waiter, future):
+    if waiter.cancelled():
+        return
+    exc = future.exception()
+    if exc is None:
+        waiter.set_result(future.result())
+    else:
+        waiter.set_exception(exc)
+
 
 class _HTTPConnection(asyncio.Protocol):
-    """HTTP/1.1 keep-alive and pipelining; upgrades to WebSocket for @app.websocket routes."""
+    """HTTP/1.1 keep-alive and pipelining; upgrades to WebSocket for @app.websocket routes.
+    `phase` is idle (between requests), head, body, busy (the app has the request) or ws;
+    `deadline` is when the current phase times out (checked by _ServerState.sweep)."""
 
     def __init__(self, state):
         self.s = state
@@ -4008,7 +4041,7 @@ class _HTTPConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.parser = HTTPParser(max_body=self.app.max_body)
         self.phase = "idle"
-        self.timer = None
+        self.deadline = self.loop.time() + self.s.idle_timeout
         self.ws = None
         self.wsconn = None
         self.paused = False
@@ -4016,12 +4049,10 @@ class _HTTPConnection(asyncio.Protocol):
         self.writable.set()
         self.closed = False
         self.s.connections.add(self)
-        self._set_timer(self.s.idle_timeout)
 
     def connection_lost(self, exc):
         self.closed = True
         self.writable.set()
-        self._cancel_timer()
         self.s.connections.discard(self)
         if self.ws is not None:
             self.ws._closed(CloseCode.ABNORMAL, "connection lost")
@@ -4042,22 +4073,18 @@ class _HTTPConnection(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
-    # ── timers ────────────────────────────────────────────────────────
-    def _set_timer(self, seconds):
-        self._cancel_timer()
-        self.timer = self.loop.call_later(seconds, self._timed_out)
-
-    def _cancel_timer(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _timed_out(self):
-        self.timer = None
+    def _timed_out(self, now):
+        self.deadline = math.inf
+        if self.closed:
+            return
         if self.phase == "idle":
             self.transport.close()
         elif self.phase in ("head", "body"):
             self._refuse(408, "request not received in time")
+        elif self.phase == "ws":
+            self._ws_tick(now)
+        elif self.phase == "ws-closing":
+            self.transport.close()
 
     # ── HTTP ──────────────────────────────────────────────────────────
     def data_received(self, data):
@@ -4067,10 +4094,10 @@ class _HTTPConnection(asyncio.Protocol):
         self.parser.receive_data(data)
         if self.phase == "idle":
             self.phase = "head"
-            self._set_timer(self.s.header_timeout)
+            self.deadline = self.loop.time() + self.s.header_timeout
         elif self.phase == "body":
-            self._set_timer(self.s.body_timeout)
-        if self.phase == "busy":
+            self.deadline = self.loop.time() + self.s.body_timeout
+        elif self.phase == "busy":
             if self.parser.pending_size > _PAUSE_AT:
                 self._pause_reading()
             return
@@ -4098,15 +4125,15 @@ class _HTTPConnection(asyncio.Protocol):
                 self.head = event
                 self.body = []
                 self.phase = "body"
-                self._set_timer(self.s.body_timeout)
+                self.deadline = self.loop.time() + self.s.body_timeout
                 if event.expect_continue:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, Body):
                 self.body.append(event.data)
             elif isinstance(event, EndOfMessage):
                 self.phase = "busy"
-                self._cancel_timer()
-                self.loop.create_task(self._respond(self.head, b"".join(self.body)))
+                self.deadline = math.inf
+                self._start(self.head, b"".join(self.body))
                 return
             elif isinstance(event, ConnectionEnded):
                 self.transport.close()
@@ -4137,10 +4164,11 @@ class _HTTPConnection(asyncio.Protocol):
             if name in headers:
                 value = headers[name] + ("; " if name == "cookie" else ", ") + value
             headers[name] = value
-        return Request(head.method, urllib.parse.unquote(raw_path), query, headers, body,
-                       "http", self.peer.rpartition(":")[0], self.app)
+        path = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
+        return Request(head.method, path, query, headers, body, "http", self.peer.rpartition(":")[0], self.app)
 
-    async def _respond(self, head, body):
+    def _start(self, head, body):
+        """A whole request has arrived: upgrade it, or hand it to the app in a thread."""
         try:
             request = self._make_request(head, body)
         except HTTPError as exc:
@@ -4150,12 +4178,46 @@ class _HTTPConnection(asyncio.Protocol):
         if "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers:
             route, params = _find_ws_route(self.app, request.path)
             if route is not None:
-                await self._upgrade(head, request, route, params)
+                self.loop.create_task(self._upgrade(head, request, route, params))
                 return
         started = time.perf_counter()
-        response = await self.loop.run_in_executor(self.app.executor, self.app.handle, request)
+        loop = self.loop
+
+        def done(future):
+            loop.call_soon_threadsafe(self._handled, head, future.result(), started)
+
+        self.app.executor.submit(self.app.handle, request).add_done_callback(done)
+
+    def _handled(self, head, response, started):
         keep_alive = head.keep_alive and not self.s.stopping
-        sent = await self._write_response(head, response, keep_alive)
+        if response.streamed:
+            self.loop.create_task(self._stream(head, response, keep_alive, started))
+            return
+        no_body = head.method == "HEAD" or response.status in (204, 304)
+        body = b"" if no_body else response.body
+        if not self.closed:
+            out = self._head(head, response, keep_alive, False)
+            if len(body) < 65536:
+                self.transport.write(out + body)
+            else:
+                self.transport.write(out)
+                self.transport.write(body)
+        self._finished(head, response, len(body), keep_alive, started)
+
+    def _head(self, head, response, keep_alive, chunked):
+        headers = [("Date", self.s.date()), *response.headers]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        elif not response.streamed and response.status not in (204, 304) and response.header("content-length") is None:
+            headers.append(("Content-Length", str(len(response.body))))
+        if not keep_alive:
+            headers.append(("Connection", "close"))
+        elif head.version == "HTTP/1.0":
+            headers.append(("Connection", "keep-alive"))
+        return render_response_head(response.status, headers)
+
+    def _finished(self, head, response, sent, keep_alive, started):
+        """Log the request, then close or wait for the next one (perhaps already buffered)."""
         if access_log.isEnabledFor(logging.INFO):
             access_log.info('%s "%s %s %s" %d %d %.1fms', self.peer, head.method, head.target,
                             head.version, response.status, sent, (time.perf_counter() - started) * 1000)
@@ -4166,46 +4228,29 @@ class _HTTPConnection(asyncio.Protocol):
             self.closed = True
             return
         self.parser.start_next_cycle()
-        self.phase = "idle"
         self._resume_reading()
         if self.parser.pending_size:
             self.phase = "head"
-            self._set_timer(self.s.header_timeout)
+            self.deadline = self.loop.time() + self.s.header_timeout
         else:
-            self._set_timer(self.s.idle_timeout)
+            self.phase = "idle"
+            self.deadline = self.loop.time() + self.s.idle_timeout
         self._advance()
 
-    async def _write_response(self, head, response, keep_alive):
-        status = response.status
-        headers = [("Date", self.s.date()), *response.headers]
-        no_body = head.method == "HEAD" or status in (204, 304) or status < 200
-        chunked = False
-        if response.streamed:
-            if head.version == "HTTP/1.1" and not no_body and response.header("content-length") is None:
-                headers.append(("Transfer-Encoding", "chunked"))
-                chunked = True
-            elif response.header("content-length") is None:
-                keep_alive = False
-        elif response.header("content-length") is None and status not in (204, 304):
-            headers.append(("Content-Length", str(len(response.body))))
-        if not keep_alive:
-            headers.append(("Connection", "close"))
-        elif head.version == "HTTP/1.0":
-            headers.append(("Connection", "keep-alive"))
-        out = render_response_head(status, headers)
-        if not response.streamed:
-            body = b"" if no_body else response.body
-            if not self.closed:
-                self.transport.write(out + body if len(body) < 65536 else out)
-                if len(body) >= 65536:
-                    self.transport.write(body)
-            return len(body)
-        self.transport.write(out)
+    async def _stream(self, head, response, keep_alive, started):
+        """Send an iterable body, chunked on HTTP/1.1 (closing the connection on HTTP/1.0);
+        each next() runs in a thread, as the generator is application code."""
+        no_body = head.method == "HEAD" or response.status in (204, 304)
+        chunked = head.version == "HTTP/1.1" and not no_body and response.header("content-length") is None
+        if not chunked and response.header("content-length") is None:
+            keep_alive = False
+        if not self.closed:
+            self.transport.write(self._head(head, response, keep_alive, chunked))
         sent = 0
         iterator = iter(response.body)
         try:
             while not self.closed:
-                chunk = await self.loop.run_in_executor(self.app.executor, next, iterator, None)
+                chunk = await _in_thread(self.loop, self.app.executor, next, iterator, None)
                 if chunk is None:
                     break
                 if no_body or not chunk:
@@ -4213,16 +4258,17 @@ class _HTTPConnection(asyncio.Protocol):
                 sent += len(chunk)
                 self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 await self.writable.wait()
+        except Exception:
+            log.exception("streaming the response to %s %s failed", head.method, head.target)
+            keep_alive = False
+            chunked = False
         finally:
             close = getattr(iterator, "close", None)
             if close:
                 close()
         if chunked and not self.closed:
             self.transport.write(b"0\r\n\r\n")
-        if not keep_alive and not self.closed:
-            self.transport.close()
-            self.closed = True
-        return sent
+        self._finished(head, response, sent, keep_alive, started)
 
     # ── WebSocket ─────────────────────────────────────────────────────
     async def _upgrade(self, head, request, route, params):
@@ -4242,7 +4288,9 @@ class _HTTPConnection(asyncio.Protocol):
         if not _origin_allowed(request, route):
             self._refuse(403, f"origin {request.headers.get('origin')} may not open this WebSocket")
             return
-        await self.loop.run_in_executor(self.app.executor, lambda: request.session)
+        await _in_thread(self.loop, self.app.executor, lambda: request.session)
+        if self.closed:
+            return
         request.params = params
         self.transport.write(render_response_head(101, [
             ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]))
@@ -4251,29 +4299,24 @@ class _HTTPConnection(asyncio.Protocol):
         self.wsconn = WSConnection(max_size=route.max_size)
         self.ws = _ServerWebSocket(request, self)
         self.heard = True
-        self._set_ping_timer()
+        self.deadline = self.loop.time() + self.s.ping_interval
         leftover = self.parser.pending_bytes
         if leftover:
             self._ws_data(leftover)
         self._resume_reading()
         await _run_ws_handler(route, self.ws, params)
-        self._cancel_timer()
 
-    def _set_ping_timer(self):
-        self._cancel_timer()
-        self.timer = self.loop.call_later(self.s.ping_interval, self._ping_tick)
-
-    def _ping_tick(self):
-        self.timer = None
-        if self.closed:
-            return
+    def _ws_tick(self, now):
+        """Every ping_interval: a peer heard from since the last tick gets a ping; one that
+        stayed silent (no pong, no data) is taken for dead and the handler sees 1006."""
         if not self.heard:
             self.ws._closed(CloseCode.ABNORMAL, "peer stopped answering pings")
             self.transport.abort()
             return
         self.heard = False
-        self.transport.write(self.wsconn.send(Ping(b"asok")))
-        self._set_ping_timer()
+        if self.wsconn.state == "OPEN":
+            self.transport.write(self.wsconn.send(Ping(b"asok")))
+        self.deadline = now + self.s.ping_interval
 
     def _ws_data(self, data):
         self.heard = True
@@ -4304,15 +4347,16 @@ class _HTTPConnection(asyncio.Protocol):
         if self.closed:
             raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
         self.transport.write(self.wsconn.send(event))
-        await self.writable.wait()
+        if not self.writable.is_set():
+            await self.writable.wait()
 
     async def _ws_close(self, code, reason):
         if self.closed or self.wsconn.state != "OPEN":
             return
         self.transport.write(self.wsconn.send(CloseConnection(code, reason)))
         self.ws._closed(code, reason)
-        self._cancel_timer()
-        self.timer = self.loop.call_later(WS_CLOSE_TIMEOUT, self.transport.close)
+        self.phase = "ws-closing"
+        self.deadline = self.loop.time() + WS_CLOSE_TIMEOUT
 
     def shutdown(self):
         """Close an idle connection now; a busy one closes after its response."""
@@ -4338,6 +4382,13 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
+    tick = min(SWEEP_EVERY, header_timeout, body_timeout, idle_timeout, ping_interval) / 4
+
+    def sweep():
+        state.sweep(loop.time())
+        sweeper[0] = loop.call_later(tick, sweep)
+
+    sweeper = [loop.call_later(tick, sweep)]
     bound = server.sockets[0].getsockname()
     log.info("serving %s on http://%s:%d%s", app.root, bound[0], bound[1], " (debug)" if app.debug else "")
     if ready is not None:
@@ -4351,6 +4402,7 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
     deadline = loop.time() + SHUTDOWN_GRACE
     while state.connections and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    sweeper[0].cancel()
     for conn in list(state.connections):
         conn.transport.abort()
     await server.wait_closed()
