@@ -414,3 +414,34 @@ def test_counter_page_screenshot_is_saved(serve, page):
 def test_alive_js_fits_in_2048_bytes_after_gzip_9():
     packed = subprocess.run(["gzip", "-9c", "alive.js"], cwd=HERE, capture_output=True, check=True).stdout
     assert len(packed) <= 2048, f"alive.js is {len(packed)} bytes after gzip -9; the budget is 2048"
+
+
+# ── raw WebSocket: examples/echo ─────────────────────────────────────
+
+ECHO_IN_BROWSER = """async (url) => {
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  const replies = [];
+  const done = new Promise((resolve, reject) => {
+    ws.onmessage = (e) => {
+      replies.push(typeof e.data == "string" ? "text:" + e.data : "bytes:" + [...new Uint8Array(e.data)].join(","));
+      if (replies.length == 3) resolve();
+    };
+    ws.onerror = () => reject(new Error("websocket error"));
+  });
+  await new Promise((resolve) => ws.onopen = resolve);
+  ws.send("hello");
+  ws.send(new Uint8Array([0, 1, 255]));
+  ws.send("é".repeat(70000));
+  await done;
+  ws.close(1000, "bye");
+  await new Promise((resolve) => ws.onclose = (e) => resolve(replies.push("close:" + e.code)));
+  return replies;
+}"""
+
+
+def test_chromium_websocket_gets_its_messages_back_from_echo(serve, page):
+    server = serve("echo")
+    page.goto(server.url + "/static-or-not")  # any page of that origin: the socket is same-origin
+    replies = page.evaluate(ECHO_IN_BROWSER, server.url.replace("http", "ws") + "/echo")
+    assert replies == ["text:hello", "bytes:0,1,255", "text:" + "é" * 70000, "close:1000"]
