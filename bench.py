@@ -50,7 +50,7 @@ PCOUNT_RE = re.compile(r"Clicks this session: (\d+)")
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
 
-FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=5, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
+FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=10, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
             idle_conns=1000)
 QUICK = dict(live_warm=0.3, live_secs=1.5, wrk_secs=2, wrk_nocookie_secs=1, tpl_secs=0.2, tpl_rounds=2,
              idle_conns=1000)
@@ -660,7 +660,10 @@ def wrk(port, conns, secs, cookie=None):
     scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:(.*)", out)
-    return {"req_per_s": rps, "p50_ms": float(p50.group(1)) * scale[p50.group(2)],
+    total = re.search(r"(\d+) requests in", out)
+    return {"secs": secs, "requests": int(total.group(1)) if total else 0,
+            "errors": (int(bad.group(1)) if bad else 0) + sum(map(int, re.findall(r"\d+", errors.group(1) if errors else ""))),
+            "req_per_s": rps, "p50_ms": float(p50.group(1)) * scale[p50.group(2)],
             "p99_ms": float(p99.group(1)) * scale[p99.group(2)],
             "non_2xx": int(bad.group(1)) if bad else 0,
             "socket_errors": errors.group(1).strip() if errors else ""}
@@ -1022,6 +1025,10 @@ def build(results):
                 + (f"; non-2xx {p['non_2xx']}" if p["non_2xx"] else ""),
                 "page10_req_per_s" if n == 10 else None)
             row(f"page {n:>2} conn  p99 ms", p["p99_ms"], f"baseline {fmt(b['p99_ms'])}")
+            row(f"page {n:>2} conn  errors", p["errors"],
+                f"{fmt(p['requests'])} requests in {p['secs']} s (socket errors and non-2xx)")
+            rows[-1] = rows[-1][:3] + ("= 0", "pass" if p["errors"] == 0 else "FAIL")
+            figures[f"page{n}_errors"] = p["errors"]
             row(f"page {n:>2} conn  server CPU µs/req", p["server_cpu_us_per_req"],
                 f"baseline {fmt(b['server_cpu_us_per_req'])}; server {p['server_cpu_pct']:.0f}% of a core "
                 f"(baseline {b['server_cpu_pct']:.0f}%)")
