@@ -3423,9 +3423,13 @@ class Asok:
         session = request._session
         if session is None or not (session.modified or session.new):
             return
-        def apply(record):
-            record["data"] = session.merge_into(record.get("data") or {})
-        self.sessions.update(self._ensure_session(session), apply)
+        sid = self._ensure_session(session)
+        if session.modified:  # a new session with nothing in it needs a cookie, not a file
+
+            def apply(record):
+                record["data"] = session.merge_into(record.get("data") or {})
+
+            self.sessions.update(sid, apply)
         response.set_cookie(SESSION_COOKIE, self._cookie_signer.sign(session.sid),
                             max_age=self.session_lifetime, secure=request.scheme == "https")
         self._maybe_collect()
