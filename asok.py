@@ -2998,7 +2998,8 @@ def _parameters(fn):
 # ═══════════════════════════════════════════════════════════════════════
 
 LIVE_MAX_MESSAGE = 256 * 1024
-LIVE_RECENT_IDS = 8
+LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
+LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -3684,7 +3685,10 @@ class Asok:
                 recent = (recent + [rid])[-LIVE_RECENT_IDS:]
             new_state = comp._checked_state()
             inner = comp.render()
+            live.pop(cid, None)  # newest last, so the oldest component goes first past the limit
             live[cid] = {"c": name, "s": new_state, "v": version, "ids": recent}
+            while len(live) > LIVE_MAX_PER_SESSION:
+                del live[next(iter(live))]
             if session.modified:
                 record["data"] = dict(session)
             return inner, new_state, version

@@ -3504,3 +3504,16 @@ def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
             assert ws.receive(10) == "plain uvicorn"
     finally:
         wsi_stop(proc)
+
+
+def test_a_session_keeps_a_bounded_number_of_component_states(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 2)
+    client = asok.TestClient(live_app)
+    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
+    labels = client.live("/labels", "Labels")
+    first.call("increment")
+    second.call("increment")
+    first.call("increment")  # used again: now the newest
+    labels.call("tag", "x")  # a third: the least recently used (second) goes
+    assert list(live_app.sessions.load(client.sid)["live"]) == ["/#Counter-0", "my-labels"]
+    assert "Count: 12 / 3" in client.get("/").text
