@@ -2476,6 +2476,7 @@ class Session(dict):
         self.sid = sid
         self.new = False
         self.live = {}
+        self.seq = 0
         self.changed = set()
         self.deleted = set()
         self.modified = False
@@ -2604,7 +2605,7 @@ class FileSessionStore(SessionStore):
             record = _json_record(raw[last:]) if clean_end else None
             if record is None:  # the last line is torn: take the newest whole one
                 record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
-            if record is not None:
+            if record is not None and clean_end:  # a torn file is re-read (and mended) by the next save
                 self._remember(path, stamp, record)
         if record is not None and record.get("expires", 0) < time.time():
             record = None
@@ -2997,7 +2998,8 @@ def _parameters(fn):
 # Components and the live protocol (DESIGN §4, §5)
 # ═══════════════════════════════════════════════════════════════════════
 
-LIVE_MAX_MESSAGE = 256 * 1024
+LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
+LIVE_SOCKET_MAX = 16 << 20      # ...up to this; past it the socket closes with 1009 (RFC 6455)
 LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -3100,7 +3102,10 @@ class Component:
             if name not in cls._asok_fields:
                 raise TypeError(f"{cls.__name__} has no state attribute {name!r} "
                                 f"(it has: {', '.join(cls._asok_fields) or 'none'})")
-        state = json.loads(json.dumps({**cls._asok_fields, **props}, default=_unjsonable(cls)))
+        state = {**cls._asok_fields, **props}
+        for name, value in state.items():
+            _check_json_safe(value, f"{cls.__name__}.{name}")
+        state = json.loads(json.dumps(state))  # a private copy: class defaults are shared
         self = cls._restore(app, state, session, cid, context)
         self.mount()
         return self
@@ -3111,13 +3116,6 @@ class Component:
         if sig is None:
             sig = cls._asok_signatures[method] = inspect.signature(getattr(cls, method))
         return sig
-
-
-def _unjsonable(cls):
-    def fail(value):
-        raise TypeError(f"{cls.__name__}: {type(value).__name__} value {value!r} in its state is not "
-                        "JSON-safe (str, int, float, bool, None, list, dict)")
-    return fail
 
 
 def _convert_arg(value, annotation, name):
@@ -3222,11 +3220,11 @@ class _ComponentRenderer:
         stored = session.live.get(cid)
         if stored and stored.get("c") == name:
             comp = cls._restore(app, stored["s"], session, cid, context)
-            version = stored["v"]
+            version, seq = stored["v"], stored.get("q", 0)
         else:
             comp = cls._create(app, props, session, cid, context)
-            version = 0
-        return app._wrap_component(comp, name, cid, sid, version)
+            version, seq = 0, session.seq
+        return app._wrap_component(comp, name, cid, sid, version, seq)
 
 
 class _LiveContext:
@@ -3299,7 +3297,7 @@ class Asok:
         self.asgi = _ASGIApp(self)
         self._alive_js = None
         self._discover_components()
-        self.websocket("/asok/live", max_size=LIVE_MAX_MESSAGE * 4)(self._live_socket)
+        self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX)(self._live_socket)
 
     def __repr__(self):
         return f"<Asok {self.root}>"
@@ -3384,7 +3382,11 @@ class Asok:
                 sid = None
         record = self.sessions.load(sid) if sid else None
         session = Session((record or {}).get("data"), sid)
-        session.live = (record or {}).get("live", {})
+        if record:
+            session.live = record.get("live", {})
+            session.seq = record.get("seq", 0)
+            if session:  # a private copy: the store's cache must not see unsaved nested changes
+                dict.update(session, json.loads(json.dumps(record["data"])))
         return session
 
     def _ensure_session(self, session):
@@ -3445,7 +3447,7 @@ class Asok:
     def static_url(self, path):
         return "/static/" + urllib.parse.quote(str(path).lstrip("/"))
 
-    def url_for(self, name, **params):
+    def url_for(self, name, /, **params):
         for route in self.routes:
             if route.name == name:
                 return route.build(**params)
@@ -3459,9 +3461,9 @@ class Asok:
             response = self._dispatch(request)
         except HTTPError as exc:
             response = self.error_response(exc.status, exc.detail, exc.headers)
-        except Exception:
+        except Exception as exc:
             log.exception("error handling %s %s", request.method, request.path)
-            response = self.error_response(500, None, tb=traceback.format_exc())
+            response = self.error_response(500, _describe(exc) if self.debug else None, tb=traceback.format_exc())
         try:
             self._finish_session(request, response)
         except Exception:
@@ -3524,7 +3526,7 @@ class Asok:
             "component": _ComponentRenderer(self, request, request.path),
         }
 
-    def render_template(self, request, name, **context):
+    def render_template(self, request, name, /, **context):
         """Render `name` (under src/) for a route handler; adds the page globals and, when a
         component is on the page, the live runtime."""
         full = self._context(request)
@@ -3535,6 +3537,7 @@ class Asok:
         return Response(self.render_template(request, name, **params))
 
     def _finish_html(self, request, text):
+        text = str.__str__(text)  # plain str: the tags below are HTML, not text to escape
         if not request.uses_live:
             return text
         tags = (f'<meta name="csrf-token" content="{request.csrf_token}">'
@@ -3575,15 +3578,17 @@ class Asok:
         return _file_response(request, ALIVE_JS)
 
     # ── the live endpoint ─────────────────────────────────────────────
-    def _sign_state(self, name, cid, sid, state, version):
-        payload = json.dumps({"s": state, "v": version, "t": int(time.time())},
+    def _sign_state(self, name, cid, sid, state, version, seq):
+        """The signed state token: the state, its version, the session-wide sequence number of
+        the save it came from (see _live_apply) and the issue time, bound to name, cid, session."""
+        payload = json.dumps({"s": state, "v": version, "q": seq, "t": int(time.time())},
                              separators=(",", ":"), sort_keys=True)
         return self._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
 
-    def _wrap_component(self, comp, name, cid, sid, version):
+    def _wrap_component(self, comp, name, cid, sid, version, seq):
         state = comp._checked_state()
         inner = comp.render()
-        token = self._sign_state(name, cid, sid, state, version)
+        token = self._sign_state(name, cid, sid, state, version, seq)
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
                       f'data-asok-state="{html.escape(token)}">{inner}</div>')
 
@@ -3618,10 +3623,11 @@ class Asok:
             rid = message.get("id")
             return json.dumps(self._live_apply(sid, message), separators=(",", ":"))
         except LiveError as exc:
+            log.warning("live event refused: %s: %s", exc.code, exc.message)
             return _live_error(rid, exc.code, exc.message)
         except Exception as exc:
             log.exception("live event failed")
-            detail = f"{type(exc).__name__}: {exc}" if self.debug else "see the server log"
+            detail = _describe(exc) if self.debug else "see the server log"
             return _live_error(rid, "server_error", f"the component raised an error ({detail})")
 
     def _live_apply(self, sid, message):
@@ -3668,6 +3674,9 @@ class Asok:
                 stored = None
             if stored and stored["v"] >= payload["v"]:
                 state, version = stored["s"], stored["v"]
+            elif stored is None and payload.get("q", 0) < record.get("floor", 0):
+                raise LiveError("bad_state", "this page's state is older than what the session keeps; "
+                                             "reload the page")
             else:
                 state, version = payload["s"], payload["v"]
             session = Session(record.get("data"), sid)
@@ -3685,16 +3694,29 @@ class Asok:
                 recent = (recent + [rid])[-LIVE_RECENT_IDS:]
             new_state = comp._checked_state()
             inner = comp.render()
+            # Every save gets the session's next sequence number. States dropped past the limit
+            # leave a floor: a token older than it, for a component no longer stored, is refused,
+            # so replaying an old page can never bring a dropped state back.
+            seq = record["seq"] = record.get("seq", 0) + 1
             live.pop(cid, None)  # newest last, so the oldest component goes first past the limit
-            live[cid] = {"c": name, "s": new_state, "v": version, "ids": recent}
+            live[cid] = {"c": name, "s": new_state, "v": version, "q": seq, "ids": recent}
             while len(live) > LIVE_MAX_PER_SESSION:
                 del live[next(iter(live))]
+                record["floor"] = seq
             if session.modified:
                 record["data"] = dict(session)
-            return inner, new_state, version
+            return inner, new_state, version, seq
 
-        inner, state, version = self.sessions.update(sid, apply)
-        return {"id": rid, "html": str(inner), "state": self._sign_state(name, cid, sid, state, version)}
+        inner, state, version, seq = self.sessions.update(sid, apply)
+        return {"id": rid, "html": str(inner), "state": self._sign_state(name, cid, sid, state, version, seq)}
+
+
+def _describe(exc):
+    """`NameError: 'x' is undefined (src/pages/index.html, line 3)`: the error and the last
+    place outside Python files it passed through, which for a template is its file and line."""
+    where = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(".py")]
+    place = f" ({where[-1].filename}, line {where[-1].lineno})" if where else ""
+    return f"{type(exc).__name__}: {exc}{place}"
 
 
 def _live_error(rid, code, message):
@@ -3920,7 +3942,7 @@ class _ASGIApp:
             request.body = b"".join(chunks)
             response = await loop.run_in_executor(app.executor, app.handle, request)
         headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers]
-        if not response.streamed and response.header("content-length") is None:
+        if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
             headers.append((b"content-length", str(len(response.body)).encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         if not response.streamed:
@@ -4053,6 +4075,7 @@ class _HTTPConnection(asyncio.Protocol):
         self.ws = None
         self.wsconn = None
         self.paused = False
+        self.draining = None  # the phase to go back to once a client that stopped reading reads again
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = False
@@ -4070,6 +4093,11 @@ class _HTTPConnection(asyncio.Protocol):
 
     def resume_writing(self):
         self.writable.set()
+        if self.phase == "draining":
+            self.phase = self.draining
+            self.deadline = self.loop.time() + (self.s.idle_timeout if self.phase == "idle" else self.s.header_timeout)
+            self._resume_reading()
+            self._advance()
 
     def _pause_reading(self):
         if not self.paused and not self.closed:
@@ -4091,8 +4119,8 @@ class _HTTPConnection(asyncio.Protocol):
             self._refuse(408, "request not received in time")
         elif self.phase == "ws":
             self._ws_tick(now)
-        elif self.phase == "ws-closing":
-            self.transport.close()
+        elif self.phase in ("ws-closing", "draining"):
+            self.transport.abort()
 
     # ── HTTP ──────────────────────────────────────────────────────────
     def data_received(self, data):
@@ -4105,7 +4133,7 @@ class _HTTPConnection(asyncio.Protocol):
             self.deadline = self.loop.time() + self.s.header_timeout
         elif self.phase == "body":
             self.deadline = self.loop.time() + self.s.body_timeout
-        elif self.phase == "busy":
+        elif self.phase in ("busy", "draining"):
             if self.parser.pending_size > _PAUSE_AT:
                 self._pause_reading()
             return
@@ -4116,7 +4144,7 @@ class _HTTPConnection(asyncio.Protocol):
             self._ws_data(b"")
             return False
         self.parser.receive_data(b"")
-        if self.phase != "busy":
+        if self.phase not in ("busy", "draining"):
             self._advance()
         return True
 
@@ -4163,7 +4191,10 @@ class _HTTPConnection(asyncio.Protocol):
         if target.startswith("/"):
             raw_path, _, query = target.partition("?")
         elif target.startswith(("http://", "https://")):
-            split = urllib.parse.urlsplit(target)
+            try:
+                split = urllib.parse.urlsplit(target)
+            except ValueError as exc:
+                raise HTTPError(400, f"malformed request target: {exc}")
             raw_path, query = split.path or "/", split.query
         else:
             raise HTTPError(400, "the request target must be a path starting with /")
@@ -4201,10 +4232,15 @@ class _HTTPConnection(asyncio.Protocol):
         if response.streamed:
             self.loop.create_task(self._stream(head, response, keep_alive, started))
             return
+        try:
+            out = self._head(head, response, keep_alive, False)
+        except ValueError as exc:  # a header value with CR/LF or a control character
+            log.error("%s %s: the response cannot be sent: %s", head.method, head.target, exc)
+            response = self.app.error_response(500, "the response had an invalid header")
+            out = self._head(head, response, keep_alive, False)
         no_body = head.method == "HEAD" or response.status in (204, 304)
         body = b"" if no_body else response.body
         if not self.closed:
-            out = self._head(head, response, keep_alive, False)
             if len(body) < 65536:
                 self.transport.write(out + body)
             else:
@@ -4236,13 +4272,19 @@ class _HTTPConnection(asyncio.Protocol):
             self.closed = True
             return
         self.parser.start_next_cycle()
-        self._resume_reading()
         if self.parser.pending_size:
             self.phase = "head"
             self.deadline = self.loop.time() + self.s.header_timeout
         else:
             self.phase = "idle"
             self.deadline = self.loop.time() + self.s.idle_timeout
+        if not self.writable.is_set():  # the client is not reading: answer no more until it does
+            self.draining = self.phase
+            self.phase = "draining"
+            self.deadline = self.loop.time() + self.s.body_timeout
+            self._pause_reading()
+            return
+        self._resume_reading()
         self._advance()
 
     async def _stream(self, head, response, keep_alive, started):
@@ -4252,8 +4294,14 @@ class _HTTPConnection(asyncio.Protocol):
         chunked = head.version == "HTTP/1.1" and not no_body and response.header("content-length") is None
         if not chunked and response.header("content-length") is None:
             keep_alive = False
+        try:
+            out = self._head(head, response, keep_alive, chunked)
+        except ValueError as exc:
+            log.error("%s %s: the response cannot be sent: %s", head.method, head.target, exc)
+            self._handled(head, self.app.error_response(500, "the response had an invalid header"), started)
+            return
         if not self.closed:
-            self.transport.write(self._head(head, response, keep_alive, chunked))
+            self.transport.write(out)
         sent = 0
         iterator = iter(response.body)
         try:

@@ -3517,3 +3517,131 @@ def test_a_session_keeps_a_bounded_number_of_component_states(live_app, monkeypa
     labels.call("tag", "x")  # a third: the least recently used (second) goes
     assert list(live_app.sessions.load(client.sid)["live"]) == ["/#Counter-0", "my-labels"]
     assert "Count: 12 / 3" in client.get("/").text
+
+
+# ── found in review ──────────────────────────────────────────────────────────
+
+def test_pipelined_requests_wait_while_the_client_does_not_read(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    handled = []
+
+    @app.route("/big")
+    def big():
+        handled.append(1)
+        return b"x" * (1 << 20)
+
+    with running(app) as port:
+        with connect(port, timeout=20) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+            time.sleep(1.0)
+            assert len(handled) < 30  # not 100 MiB of responses piled up in the server's memory
+            for _ in range(100):
+                assert len(read_response(sock)[2]) == 1 << 20
+        assert len(handled) == 100
+
+
+def test_session_write_after_a_torn_line_survives_a_restart(tmp_path):
+    sid = "t" * 43
+    store = asok.FileSessionStore(tmp_path)
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    with open(tmp_path / f"{sid}.json", "ab") as f:
+        f.write(b'{"data":{"n":')  # a crash tore the next append
+    restarted = asok.FileSessionStore(tmp_path)
+    assert restarted.load(sid)["data"] == {"n": 1}
+    restarted.save(sid, {"data": {"n": 2}, "live": {}})
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 2}
+
+
+def test_a_response_header_with_a_line_break_gets_a_500_not_a_hang(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/go")(lambda request: asok.redirect(request.query["next"]))
+    with running(app) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /go?next=/a%0d%0aX-Evil:%201 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = read_response(sock)
+            assert status == 500 and "x-evil" not in headers
+            sock.sendall(b"GET /go?next=/fine HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[:2][0] == 302
+
+
+def test_a_malformed_absolute_target_gets_400(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        assert exchange(port, b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 400
+        assert exchange(port, b"GET http://x/about HTTP/1.1\r\nHost: x\r\n\r\n")[2] == b"<h1>about 2</h1>"
+
+
+def test_an_old_state_of_a_dropped_component_cannot_come_back(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
+    client = asok.TestClient(live_app)
+    counter, labels = client.live("/", "Counter"), client.live("/labels", "Labels")
+    counter.call("add", 5)
+    old = counter.state_token  # count 15
+    counter.call("add", -15)  # spent down to 0
+    labels.call("tag", "x")  # the counter's state is dropped past the limit
+    counter.state_token = old
+    reply = counter.call("increment")
+    assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
+    fresh = client.live("/", "Counter")  # a reload starts from the props again, and works
+    assert fresh.state["count"] == 10 and "error" not in fresh.call("increment")
+
+
+def test_nested_session_change_without_modified_is_not_kept(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/add")
+    def add(request):
+        request.session.setdefault("items", [])
+        request.session["items"].append(1)  # nested change, not marked modified
+        return str(len(request.session["items"]))
+
+    client = asok.TestClient(app)
+    assert [client.get("/add").text for _ in range(3)] == ["1", "2", "2"]  # the append of #2 is not saved
+
+
+def test_asgi_304_has_no_content_length(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    app.route("/nm")(lambda: asok.Response(b"", 304))
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/nm", "query_string": b"", "headers": [(b"host", b"x")]}
+    asyncio.run(app.asgi(scope, receive, send))
+    assert sent[0]["status"] == 304 and b"content-length" not in dict(sent[0]["headers"])
+
+
+def test_url_for_and_render_template_take_a_parameter_called_name(tmp_path):
+    app = make_app(tmp_path, {"src/hello.html": "<a href='<< url_for(\"hello\", name=name) >>'>x</a>"})
+
+    @app.route("/hello/<name>")
+    def hello(name):
+        return f"Hello, {name}"
+
+    app.route("/page")(lambda request: app.render_template(request, "hello.html", name="bob"))
+    assert asok.TestClient(app).get("/page").text == "<a href='/hello/bob'>x</a>"
+
+
+def test_runtime_is_injected_into_a_page_without_head_or_body(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES, "src/pages/bare.html": "{{ component('Counter') }}"})
+    page = asok.TestClient(app).get("/bare").text
+    assert page.endswith('<script src="/asok/alive.js" defer></script>') and "&lt;" not in page
+
+
+def test_a_non_json_class_attribute_is_named(tmp_path):
+    files = {"src/components/Bad.py": "from asok import Component\nclass Bad(Component):\n    tags = set()\n",
+             "src/components/bad.html": "x", "src/pages/index.html": "{{ component('Bad') }}"}
+    app = make_app(tmp_path, files, debug=True)
+    r = asok.TestClient(app).get("/")
+    assert r.status == 500 and "Bad.tags is a set" in r.text
+
+
+def test_debug_error_page_names_the_error_and_the_template_line(tmp_path):
+    app = make_app(tmp_path, {"src/pages/index.html": "line one\n<< nothere >>\n"}, debug=True)
+    r = asok.TestClient(app).get("/")
+    assert r.status == 500
+    assert "NameError: &#x27;nothere&#x27; is undefined" in r.text and "index.html, line 2)" in r.text
