@@ -46,7 +46,7 @@ EXAMPLES = HERE / "examples"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 COUNT_RE = re.compile(r"Count: (-?\d+)")
-PCOUNT_RE = re.compile(r"Clicks this session: (\d+)")
+PCOUNT_RE = re.compile(r"clicks this session: (\d+)")
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
 

@@ -187,7 +187,7 @@ def test_a_click_increments(serve, page):
     expect_count(page, 11)
     page.click("[ws-click=decrement]")
     expect_count(page, 10)
-    expect(page.locator("p")).to_have_text("Clicks this session: 1")
+    expect(page.locator("p")).to_have_text("\"Add 1\" clicks this session: 1")
 
 
 def test_thirty_clicks_faster_than_the_round_trip_add_thirty(serve, page):
@@ -196,7 +196,7 @@ def test_thirty_clicks_faster_than_the_round_trip_add_thirty(serve, page):
     expect_count(page, 10)
     burst(page, INCREMENT, 30)
     expect_count(page, 40)
-    expect(page.locator("p")).to_have_text("Clicks this session: 30")
+    expect(page.locator("p")).to_have_text("\"Add 1\" clicks this session: 30")
     page.reload()
     expect_count(page, 40)
     assert page.evaluate("asokErrors") == []
@@ -228,7 +228,7 @@ def test_kill_9_right_after_an_acknowledged_click_loses_nothing(serve, page):
     server.start()
     page.reload()
     expect_count(page, 11)
-    expect(page.locator("p")).to_have_text("Clicks this session: 1")
+    expect(page.locator("p")).to_have_text("\"Add 1\" clicks this session: 1")
 
 
 def test_a_socket_dropped_by_the_server_reconnects_and_sends_what_was_made_meanwhile(serve, page):

@@ -8,12 +8,15 @@ FRUITS = ["apple", "apricot", "banana", "blackberry", "blueberry", "cherry", "gr
 class Search(Component):
     query = ""
     results = []
+    matches = 0
 
     def mount(self):
-        self.results = FRUITS[:5]
+        self.search("")
 
     @exposed
     def search(self, query: str):
         self.query = query
         needle = query.strip().lower()
-        self.results = [f for f in FRUITS if needle in f][:10]
+        found = [f for f in FRUITS if needle in f]
+        self.matches = len(found)
+        self.results = found[:10]
