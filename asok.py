@@ -3055,7 +3055,7 @@ class Component:
     def render(self):
         return self.html(type(self).__name__.lower() + ".html")
 
-    def html(self, name, **extra):
+    def html(self, name, /, **extra):
         """Render a template beside the component's file with the state (and `extra`) as context."""
         path = self._asok_paths.get(name)
         if path is None:
@@ -3199,7 +3199,7 @@ class _ComponentRenderer:
         self.prefix = prefix
         self.counts = {}
 
-    def __call__(self, name, **props):
+    def __call__(self, name, /, **props):
         app, request = self.app, self.request
         cls = app.components.get(name)
         if cls is None:

@@ -3645,3 +3645,9 @@ def test_debug_error_page_names_the_error_and_the_template_line(tmp_path):
     r = asok.TestClient(app).get("/")
     assert r.status == 500
     assert "NameError: &#x27;nothere&#x27; is undefined" in r.text and "index.html, line 2)" in r.text
+
+
+def test_a_prop_called_name(tmp_path):
+    files = {"src/components/Greeter.py": "from asok import Component\nclass Greeter(Component):\n    name = ''\n",
+             "src/components/greeter.html": "Hi << name >>", "src/pages/index.html": "{{ component('Greeter', name='Ann') }}"}
+    assert "Hi Ann" in asok.TestClient(make_app(tmp_path, files)).get("/").text
