@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from enum import IntEnum
 from http import HTTPStatus
-from http.cookies import SimpleCookie, CookieError
 from pathlib import Path
 from urllib.parse import urlsplit
 import ast
@@ -39,7 +38,6 @@ import asyncio
 import base64
 import builtins
 import codecs
-import contextvars
 import fcntl
 import functools
 import hashlib

@@ -9,7 +9,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
