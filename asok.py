@@ -2583,11 +2583,11 @@ class FileSessionStore(SessionStore):
         return _StoreLock(self._thread_locks[stripe], fd)
 
     def _read(self, path):
-        """(record or None, bytes in the file, whether the file ends with a complete line)."""
+        """(record or None, bytes in the file, whether it ends with a complete line, its inode)."""
         try:
             st = os.stat(path)
         except OSError:
-            return None, 0, True
+            return None, 0, True, 0
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._cache.get(path)
         if cached is not None and cached[0] == stamp:
@@ -2597,7 +2597,7 @@ class FileSessionStore(SessionStore):
                 with open(path, "rb") as f:
                     raw = f.read()
             except OSError:
-                return None, 0, True
+                return None, 0, True, 0
             size, clean_end = len(raw), raw.endswith(b"\n") or not raw
             last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
             record = _json_record(raw[last:]) if clean_end else None
@@ -2607,7 +2607,7 @@ class FileSessionStore(SessionStore):
                 self._remember(path, stamp, record)
         if record is not None and record.get("expires", 0) < time.time():
             record = None
-        return record, size, clean_end
+        return record, size, clean_end, st.st_ino
 
     def _remember(self, path, stamp, record):
         cache = self._cache
@@ -2623,7 +2623,7 @@ class FileSessionStore(SessionStore):
             return None
         return self._read(path)[0]
 
-    def _write(self, path, record, size, clean_end):
+    def _write(self, path, record, size, clean_end, ino):
         record["expires"] = int(time.time()) + self.lifetime
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         if size + len(line) > SESSION_LOG_MAX:
@@ -2636,16 +2636,16 @@ class FileSessionStore(SessionStore):
                 os.close(fd)
             os.replace(target, path)
         else:
-            fd = self._append_fd(path, size)
+            fd = self._append_fd(path, ino)
             os.write(fd, line if clean_end else b"\n" + line)
             st = os.fstat(fd)
         self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), record)
 
-    def _append_fd(self, path, size):
-        """An O_APPEND descriptor for path, kept open while the file is the same inode."""
+    def _append_fd(self, path, ino):
+        """An O_APPEND descriptor for path, kept open while path is still that inode (`ino`,
+        just stat'ed under the lock; 0 when the file does not exist yet)."""
         entry = self._append_fds.pop(path, None)
-        cached = self._cache.get(path)
-        if entry is not None and size and cached is not None and cached[0][0] == entry[0]:
+        if entry is not None and ino and entry[0] == ino:
             self._append_fds[path] = entry
             return entry[1]
         if entry is not None:
@@ -2659,8 +2659,8 @@ class FileSessionStore(SessionStore):
     def save(self, sid, record):
         path = self._path(sid)
         with self._lock(sid):
-            _, size, clean_end = self._read(path)
-            self._write(path, record, size, clean_end)
+            _, size, clean_end, ino = self._read(path)
+            self._write(path, record, size, clean_end, ino)
 
     def delete(self, sid):
         path = self._path(sid)
@@ -2679,14 +2679,14 @@ class FileSessionStore(SessionStore):
         if fn raises, nothing is written."""
         path = self._path(sid)
         with self._lock(sid):
-            record, size, clean_end = self._read(path)
+            record, size, clean_end, ino = self._read(path)
             record = record or {"data": {}, "live": {}}
             try:
                 result = fn(record)
             except BaseException:
                 self._cache.pop(path, None)  # fn may have changed the cached record in place
                 raise
-            self._write(path, record, size, clean_end)
+            self._write(path, record, size, clean_end, ino)
             return result
 
     def collect(self, max_age=None):
@@ -3000,6 +3000,7 @@ LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = 16 << 20      # ...up to this; past it the socket closes with 1009 (RFC 6455)
 LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
+LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -3670,9 +3671,10 @@ class Asok:
             stored = live.get(cid)
             if stored and stored.get("c") != name:
                 stored = None
-            if stored and stored["v"] >= payload["v"]:
+            dropped = record.setdefault("dropped", {})
+            if stored:  # the saved state is the latest: two tabs add up, an old page cannot roll back
                 state, version = stored["s"], stored["v"]
-            elif stored is None and payload.get("q", 0) < record.get("floor", 0):
+            elif payload.get("q", 0) <= dropped.get(cid, -1) or payload.get("q", 0) < record.get("floor", 0):
                 raise LiveError("bad_state", "this page's state is older than what the session keeps; "
                                              "reload the page")
             else:
@@ -3692,15 +3694,20 @@ class Asok:
                 recent = (recent + [rid])[-LIVE_RECENT_IDS:]
             new_state = comp._checked_state()
             inner = comp.render()
-            # Every save gets the session's next sequence number. States dropped past the limit
-            # leave a floor: a token older than it, for a component no longer stored, is refused,
-            # so replaying an old page can never bring a dropped state back.
+            # Every save gets the session's next sequence number, carried by the tokens it issues.
+            # A state dropped past the limit leaves its number in `dropped`: tokens for that cid
+            # up to it are refused, so replaying an old page never brings a dropped state back
+            # (a fresh render afterwards gets a higher number). Past LIVE_MAX_DROPPED, the oldest
+            # entries fold into one session-wide floor.
             seq = record["seq"] = record.get("seq", 0) + 1
             live.pop(cid, None)  # newest last, so the oldest component goes first past the limit
+            dropped.pop(cid, None)
             live[cid] = {"c": name, "s": new_state, "v": version, "q": seq, "ids": recent}
             while len(live) > LIVE_MAX_PER_SESSION:
-                del live[next(iter(live))]
-                record["floor"] = seq
+                gone = next(iter(live))
+                dropped[gone] = live.pop(gone).get("q", 0)
+            while len(dropped) > LIVE_MAX_DROPPED:
+                record["floor"] = max(record.get("floor", 0), dropped.pop(next(iter(dropped))))
             if session.modified:
                 record["data"] = dict(session)
             return inner, new_state, version, seq
@@ -3714,7 +3721,7 @@ def _describe(exc):
     place outside Python files it passed through, which for a template is its file and line."""
     where = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(".py")]
     place = f" ({where[-1].filename}, line {where[-1].lineno})" if where else ""
-    return f"{type(exc).__name__}: {exc}{place}"
+    return traceback.format_exception_only(type(exc), exc)[-1].strip() + place
 
 
 def _live_error(rid, code, message):
@@ -4073,6 +4080,7 @@ class _HTTPConnection(asyncio.Protocol):
         self.ws = None
         self.wsconn = None
         self.paused = False
+        self.stall = None  # write-buffer size when the client was last seen reading, while we wait on it
         self.draining = None  # the phase to go back to once a client that stopped reading reads again
         self.writable = asyncio.Event()
         self.writable.set()
@@ -4092,6 +4100,7 @@ class _HTTPConnection(asyncio.Protocol):
     def resume_writing(self):
         self.writable.set()
         if self.phase == "draining":
+            self.stall = None
             self.phase = self.draining
             self.deadline = self.loop.time() + (self.s.idle_timeout if self.phase == "idle" else self.s.header_timeout)
             self._resume_reading()
@@ -4109,6 +4118,14 @@ class _HTTPConnection(asyncio.Protocol):
 
     def _timed_out(self, now):
         self.deadline = math.inf
+        if self.stall is not None:  # waiting for the client to read what was written
+            left = self.transport.get_write_buffer_size()
+            if left and left < self.stall:  # it is reading, however slowly: give it more time
+                self.stall = left
+                self.deadline = now + self.s.body_timeout
+            elif left:
+                self.transport.abort()
+            return
         if self.closed:
             return
         if self.phase == "idle":
@@ -4117,8 +4134,20 @@ class _HTTPConnection(asyncio.Protocol):
             self._refuse(408, "request not received in time")
         elif self.phase == "ws":
             self._ws_tick(now)
-        elif self.phase in ("ws-closing", "draining"):
+        elif self.phase == "ws-closing":
             self.transport.abort()
+
+    def _watch_writes(self):
+        """Until the write buffer drains, a client that stops reading for body_timeout is dropped."""
+        self.stall = self.transport.get_write_buffer_size() + 1
+        self.deadline = self.loop.time() + self.s.body_timeout
+
+    async def _drained(self):
+        if not self.writable.is_set():
+            self._watch_writes()
+            await self.writable.wait()
+            self.stall = None
+            self.deadline = math.inf
 
     # ── HTTP ──────────────────────────────────────────────────────────
     def data_received(self, data):
@@ -4221,7 +4250,13 @@ class _HTTPConnection(asyncio.Protocol):
         loop = self.loop
 
         def done(future):
-            loop.call_soon_threadsafe(self._handled, head, future.result(), started)
+            exc = future.exception()
+            if exc is None:
+                response = future.result()
+            else:  # handle() answers every error itself; this is a last resort
+                log.error("handling %s %s failed", head.method, head.target, exc_info=exc)
+                response = Response("500 Internal Server Error", 500, content_type="text/plain")
+            loop.call_soon_threadsafe(self._handled, head, response, started)
 
         self.app.executor.submit(self.app.handle, request).add_done_callback(done)
 
@@ -4268,6 +4303,8 @@ class _HTTPConnection(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
             self.closed = True
+            if not self.writable.is_set():
+                self._watch_writes()
             return
         self.parser.start_next_cycle()
         if self.parser.pending_size:
@@ -4279,7 +4316,7 @@ class _HTTPConnection(asyncio.Protocol):
         if not self.writable.is_set():  # the client is not reading: answer no more until it does
             self.draining = self.phase
             self.phase = "draining"
-            self.deadline = self.loop.time() + self.s.body_timeout
+            self._watch_writes()
             self._pause_reading()
             return
         self._resume_reading()
@@ -4311,7 +4348,7 @@ class _HTTPConnection(asyncio.Protocol):
                     continue
                 sent += len(chunk)
                 self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-                await self.writable.wait()
+                await self._drained()
         except Exception:
             log.exception("streaming the response to %s %s failed", head.method, head.target)
             keep_alive = False

@@ -3650,3 +3650,85 @@ def test_a_prop_called_name(tmp_path):
     files = {"src/components/Greeter.py": "from asok import Component\nclass Greeter(Component):\n    name = ''\n",
              "src/components/greeter.html": "Hi << name >>", "src/pages/index.html": "{{ component('Greeter', name='Ann') }}"}
     assert "Hi Ann" in asok.TestClient(make_app(tmp_path, files)).get("/").text
+
+
+def test_a_fresh_component_works_after_another_state_was_dropped(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
+    client = asok.TestClient(live_app)
+    tab1 = client.live("/", "Counter", 0)  # open, not clicked yet
+    client.live("/labels", "Labels").call("tag", "x")
+    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
+    assert "error" not in second.call("increment")  # drops Labels
+    assert "error" not in first.call("increment")  # never stored, rendered before the drop
+    assert "Count: 12" in tab1.call("increment")["html"]  # another tab: the saved state, not its own
+
+
+def test_a_process_whose_session_file_was_compacted_by_another_keeps_its_writes(tmp_path):
+    sid, path = "s" * 43, tmp_path / ("s" * 43 + ".json")
+    one, other = asok.FileSessionStore(tmp_path), asok.FileSessionStore(tmp_path)
+    one.save(sid, {"data": {"n": 1}, "live": {}})  # `one` keeps an append descriptor on this inode
+    inode = path.stat().st_ino
+    for _ in range(100):
+        if path.stat().st_ino != inode:
+            break
+        other.update(sid, lambda r: r["data"].update(pad="x" * 9000))  # grows the log until compacted
+    assert path.stat().st_ino != inode
+    with open(path, "ab") as f:
+        f.write(b'{"data":{"n":')  # and a crash tore an append
+    one.update(sid, lambda r: r["data"].update(n=3))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 3
+    one.update(sid, lambda r: r["data"].update(n=4))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 4
+
+
+def _read_until_closed(sock, limit):
+    got = 0
+    sock.settimeout(5)
+    try:
+        while got < limit and (data := sock.recv(1 << 16)):
+            got += len(data)
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return got
+
+
+@pytest.mark.parametrize("path, request_headers", [("/big", "Connection: close\r\n"), ("/big", ""), ("/stream", "")])
+def test_a_client_that_stops_reading_is_dropped(tmp_path, path, request_headers):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/big")(lambda: b"x" * (32 << 20))
+    app.route("/stream")(lambda: (b"y" * 65536 for _ in range(512)))
+    with running(app, body_timeout=0.5) as port:
+        with connect(port) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{request_headers}\r\n".encode())
+            time.sleep(2.0)  # never read meanwhile: the server gives up on what it still holds
+            assert _read_until_closed(sock.sock, 32 << 20) < 32 << 20  # what the kernel had, then the end
+
+
+def test_a_slow_but_steady_reader_gets_the_whole_response(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/big")(lambda: b"x" * (2 << 20))
+    with running(app, body_timeout=0.3) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while len(got) < (2 << 20) + 100 and (data := sock.sock.recv(1 << 15)):
+                got += data
+                if b"\r\n\r\n" in got and len(got) - got.index(b"\r\n\r\n") - 4 >= 2 << 20:
+                    break
+                time.sleep(0.01)  # ~3 MB/s: the whole body takes longer than body_timeout
+            assert len(got) - got.index(b"\r\n\r\n") - 4 == 2 << 20
+
+
+def test_an_exception_that_cannot_be_printed_still_gets_a_500(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, debug=True)
+
+    class Weird(Exception):
+        def __str__(self):
+            raise RuntimeError("no str")
+
+    def boom():
+        raise Weird()
+
+    app.route("/boom")(boom)
+    with running(app) as port:
+        assert get(port, "/boom")[0] == 500
