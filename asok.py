@@ -3215,7 +3215,7 @@ class _ComponentRenderer:
         request.uses_live = True
         session = request.session
         sid = app._ensure_session(session)
-        context = app._live_context(request, cid)
+        context = app._context(request, cid)
         stored = session.live.get(cid)
         if stored and stored.get("c") == name:
             comp = cls._restore(app, stored["s"], session, cid, context)
@@ -3517,18 +3517,16 @@ class Asok:
             self.pages = self._scan_pages()
         return self.pages
 
-    def _context(self, request):
-        return {
-            "request": request,
-            "session": request.session,
-            "csrf_token": _LazyToken(request),
-            "component": _ComponentRenderer(self, request, request.path),
-        }
+    def _context(self, request, prefix):
+        """The template globals of one render; components inside get cids under `prefix`
+        (the page path, or the cid of the component being rendered)."""
+        return {"request": request, "session": request.session, "csrf_token": _LazyToken(request),
+                "component": _ComponentRenderer(self, request, prefix)}
 
     def render_template(self, request, name, /, **context):
         """Render `name` (under src/) for a route handler; adds the page globals and, when a
         component is on the page, the live runtime."""
-        full = self._context(request)
+        full = self._context(request, request.path)
         full.update(context)
         return self._finish_html(request, self.templates.render(name, **full))
 
@@ -3590,10 +3588,6 @@ class Asok:
         token = self._sign_state(name, cid, sid, state, version, seq)
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
                       f'data-asok-state="{html.escape(token)}">{inner}</div>')
-
-    def _live_context(self, request, cid):
-        return {"request": request, "session": request.session, "csrf_token": _LazyToken(request),
-                "component": _ComponentRenderer(self, request, cid)}
 
     async def _live_socket(self, ws):
         sid = ws.request.session.sid
@@ -3682,7 +3676,7 @@ class Asok:
             session = Session(record.get("data"), sid)
             session.live = live
             request = _LiveContext(self, session, sid)
-            context = self._live_context(request, cid)
+            context = self._context(request, cid)
             comp = cls._restore(self, state, session, cid, context)
             recent = stored.get("ids", []) if stored else []
             if rid not in recent:
@@ -3728,14 +3722,10 @@ def _live_error(rid, code, message):
     return json.dumps({"id": rid, "error": {"code": code, "message": message}}, separators=(",", ":"))
 
 
-def _http_date(ts):
-    return formatdate(ts, usegmt=True)
-
-
 def _file_response(request, path):
     st = path.stat()
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = [("ETag", etag), ("Last-Modified", _http_date(st.st_mtime)), ("Cache-Control", "no-cache")]
+    headers = [("ETag", etag), ("Last-Modified", formatdate(st.st_mtime, usegmt=True)), ("Cache-Control", "no-cache")]
     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
         ctype += "; charset=utf-8"

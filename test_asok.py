@@ -2724,11 +2724,11 @@ def wsi_upgrade(path="/echo", host="127.0.0.1", extra="", method="GET", version=
             f"Sec-WebSocket-Key: {WSI_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
 
 
-class RawWebSocket:
+class RawWebSocket(Conn):
     """A hand-driven client socket: sends frames as given, parses the server's frames itself."""
 
     def __init__(self, port, path="/echo", extra="", timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        super().__init__(port, timeout)
         self.sock.sendall(wsi_upgrade(path, f"127.0.0.1:{port}", extra))
         data = b""
         while b"\r\n\r\n" not in data:
@@ -2777,28 +2777,11 @@ class RawWebSocket:
         then checks that the server closes the TCP connection."""
         fin, rsv, opcode, payload, _ = self.read_frame()
         assert (fin, rsv, opcode) == (True, 0, 0x8), (fin, rsv, opcode, payload[:80])
-        assert self.at_eof()
+        assert is_closed(self)
         if not payload:
             return None, b""
         return int.from_bytes(payload[:2], "big"), payload[2:]
 
-    def at_eof(self):
-        if self.buf:
-            return False
-        try:
-            self.sock.settimeout(5)
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self):
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def wsi_still_serving(port):
@@ -3265,7 +3248,7 @@ def test_route_server_close_then_client_echo_ends_tcp(tmp_path):
             fin, _, opcode, payload, _ = ws.read_frame()
             assert (opcode, payload) == (0x8, wsi_close_body(4001, b"go away"))
             ws.send(wsi_frame(0x8, wsi_close_body(4001)))
-            assert ws.at_eof()
+            assert is_closed(ws)
 
 
 def test_route_ping_while_server_close_is_in_flight_is_harmless(tmp_path, caplog):
@@ -3275,7 +3258,7 @@ def test_route_ping_while_server_close_is_in_flight_is_harmless(tmp_path, caplog
             ws.send(wsi_frame(1, b"x"))
             assert ws.read_frame()[2] == 0x8
             ws.send(wsi_frame(0x9, b"late"), wsi_frame(1, b"late too"), wsi_frame(0x8, wsi_close_body(4001)))
-            assert ws.at_eof()
+            assert is_closed(ws)
         assert wsi_seen(seen, "close") == (4001, "go away")
         with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
             ws.send("ok")
@@ -3343,7 +3326,7 @@ def test_route_peer_vanishing_without_close_frame_ends_handler_with_1006(tmp_pat
         with RawWebSocket(port, "/wait") as ws:
             ws.send(wsi_frame(1, b"half a message", fin=False))
             ws.sock.shutdown(socket.SHUT_WR)
-            assert ws.at_eof()
+            assert is_closed(ws)
         assert wsi_seen(seen, "wait") == 1006
 
 
