@@ -46,6 +46,7 @@ import html
 import importlib.util
 import inspect
 import io
+import ipaddress
 import json
 import keyword
 import logging
@@ -2777,6 +2778,8 @@ class Request:
         self.remote_addr = remote_addr
         self.app = app
         self.params = {}
+        if app is not None and app.trusted_proxies and _ip_in(remote_addr, app.trusted_proxies):
+            self._trust_proxy(app.trusted_proxies)
         self._session = None
         self._cookies = None
         self._query = None
@@ -2785,6 +2788,37 @@ class Request:
 
     def __repr__(self):
         return f"<Request {self.method} {self.path}>"
+
+    def _trust_proxy(self, trusted):
+        """The peer is a proxy the app trusts (`Asok(trusted_proxies=...)`): take the client's
+        scheme, host and address from `Forwarded` (RFC 7239 §4) or, without it, from
+        X-Forwarded-Proto / -Host / -For. Values are read right to left, past every trusted hop,
+        so a client cannot choose them by sending the headers itself."""
+        headers = self.headers
+        hops = []
+        if "forwarded" in headers:
+            for element in headers["forwarded"].split(","):
+                pairs = (part.strip().partition("=") for part in element.split(";"))
+                hops.append({k.strip().lower(): v.strip().strip('"') for k, _, v in pairs if k})
+        else:  # one list (For); Proto and Host belong to the nearest hop
+            hops = [{"for": a.strip()} for a in headers.get("x-forwarded-for", "").split(",") if a.strip()]
+            nearest = {name: headers[f"x-forwarded-{name}"].rpartition(",")[2].strip()
+                       for name in ("proto", "host") if f"x-forwarded-{name}" in headers}
+            hops[-1:] = [{**(hops[-1] if hops else {}), **nearest}]
+        for hop in reversed(hops):
+            address = hop.get("for", "")
+            if address.startswith("["):  # '"[2001:db8::1]:4711"'
+                address = address[1:].partition("]")[0]
+            elif address.count(":") == 1:  # "192.0.2.1:4711"
+                address = address.partition(":")[0]
+            if hop.get("proto", "").lower() in ("http", "https"):
+                self.scheme = hop["proto"].lower()
+            if hop.get("host") and _HOST_RE.match(hop["host"]):
+                self.headers = headers = {**headers, "host": hop["host"]}
+            if address:
+                self.remote_addr = address
+            if not address or not _ip_in(address, trusted):
+                break
 
     @property
     def query(self):
@@ -2837,6 +2871,36 @@ class Request:
     @property
     def csrf_token(self):
         return self.app._csrf_token(self)
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+def _proxy_networks(spec):
+    """`"127.0.0.1, 10.0.0.0/8"`, a list of addresses or networks, or `"*"` (trust any peer)."""
+    if not spec:
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else spec
+    networks = []
+    for item in (str(i).strip() for i in items):
+        if item == "*":
+            return ("*",)
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"trusted proxy {item!r} is not an IP address or network (e.g. 10.0.0.0/8)")
+    return tuple(networks)
+
+
+def _ip_in(address, networks):
+    if networks == ("*",):
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def _parse_cookies(header):
@@ -3269,7 +3333,8 @@ class Asok:
     A WSGI application itself; `app.asgi` is its ASGI 3 application."""
 
     def __init__(self, app_dir=".", *, debug=None, secret_key=None, secret_key_fallbacks=None,
-                 max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME):
+                 max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME,
+                 trusted_proxies=None, live_origins=()):
         root = Path(app_dir).resolve()
         self.root = root.parent if root.is_file() else root
         env = os.environ
@@ -3278,11 +3343,17 @@ class Asok:
             secret_key_fallbacks = [k for k in env.get("SECRET_KEY_FALLBACKS", "").split(",") if k]
         keys = _load_master_keys(self.root, secret_key or env.get("SECRET_KEY"), self.debug,
                                  secret_key_fallbacks)
+        self.key_source = ("the secret_key argument" if secret_key else "the SECRET_KEY environment variable"
+                           if env.get("SECRET_KEY") else "the development key (debug mode)" if self.debug
+                           else str(self.root / ".asok" / "secret_key"))
         self._state_signer = Signer(keys, "live-state")
         self._cookie_signer = Signer(keys, "session-cookie")
         self._csrf_signer = Signer(keys, "csrf")
         self._csrf_tokens = {}
         self.max_body = max_body
+        if trusted_proxies is None:
+            trusted_proxies = env.get("FORWARDED_ALLOW_IPS", "")
+        self.trusted_proxies = _proxy_networks(trusted_proxies)
         self.session_lifetime = session_lifetime
         self.sessions = session_store or FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
         self._last_collect = 0.0
@@ -3295,8 +3366,9 @@ class Asok:
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="asok")
         self.asgi = _ASGIApp(self)
         self._alive_js = None
+        self._wsgi_warned = False
         self._discover_components()
-        self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX)(self._live_socket)
+        self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
 
     def __repr__(self):
         return f"<Asok {self.root}>"
@@ -3369,6 +3441,12 @@ class Asok:
         return cls
 
     # ── keys, sessions, CSRF ──────────────────────────────────────────
+    def log_startup(self):
+        """One line at start-up (outside debug mode): where the signing key came from."""
+        if not self.debug:
+            log.info("signing key from %s; every process and machine serving this app must share it "
+                     "(set the same SECRET_KEY on each)", self.key_source)
+
     def _open_session(self, request):
         token = request.cookies.get(SESSION_COOKIE)
         sid = None
@@ -3854,7 +3932,18 @@ class _ASGIWebSocket(WebSocket):
 # WSGI (PEP 3333) and ASGI 3 adapters
 # ═══════════════════════════════════════════════════════════════════════
 
+# RFC 9110 §7.6.1: connection-specific fields, which PEP 3333 forbids an application to send.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                         "te", "trailer", "transfer-encoding", "upgrade"})
+
+
 def _wsgi_call(app, environ, start_response):
+    if not app._wsgi_warned:
+        app._wsgi_warned = True
+        if app.components:
+            log.warning("asok is running under WSGI (%s): pages render, but live components need a "
+                        "WebSocket, which WSGI cannot carry; serve with `python asok.py serve` or an "
+                        "ASGI server (uvicorn) for them to respond", environ.get("SERVER_SOFTWARE", "?"))
     headers = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -3879,7 +3968,7 @@ def _wsgi_call(app, environ, start_response):
         request.body = environ["wsgi.input"].read(length) if length else b""
         response = app.handle(request)
     status = f"{response.status} {HTTPStatus(response.status).phrase}"
-    headers = [(k, str(v)) for k, v in response.headers]
+    headers = [(k, str(v)) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
     if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
         headers.append(("Content-Length", str(len(response.body))))
     start_response(status, headers)
@@ -3902,6 +3991,7 @@ class _ASGIApp:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self.app.log_startup()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
@@ -4472,6 +4562,7 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
     sweeper = [loop.call_later(tick, sweep)]
     bound = server.sockets[0].getsockname()
     log.info("serving %s on http://%s:%d%s", app.root, bound[0], bound[1], " (debug)" if app.debug else "")
+    app.log_startup()
     if ready is not None:
         ready(bound)
     await stop.wait()
@@ -4642,6 +4733,19 @@ def load_app(app_dir="."):
     if not isinstance(app, Asok):
         raise SystemExit(f"asok: {app_file} must define `app = Asok(__file__)`")
     return app
+
+
+_folder_apps = {}
+
+
+def __getattr__(name):
+    """`APP_DIR=myapp uvicorn asok:asgi` (or `gunicorn asok:wsgi`): serve a folder app with no
+    app.py of one's own. The folder comes from APP_DIR (default: the current folder)."""
+    if name not in ("asgi", "wsgi"):
+        raise AttributeError(f"module 'asok' has no attribute {name!r}")
+    app_dir = os.environ.get("APP_DIR", ".")
+    app = _folder_apps.get(app_dir) or _folder_apps.setdefault(app_dir, load_app(app_dir))
+    return app.asgi if name == "asgi" else app
 
 
 def _watched_files(root):

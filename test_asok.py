@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import textwrap
 import threading
 import time
 import traceback
+import urllib.request
 import warnings
 import wsgiref.validate
 
@@ -570,6 +572,19 @@ def test_wsgi_validator_finds_nothing(tmp_path):
         assert call("GET", "/nope")[0] == 404
         assert call("DELETE", "/about")[0] == 405
         assert call("POST", "/about")[0] == 403
+        status, body = call("GET", "/asok/live")  # a WebSocket endpoint: 426 with no hop-by-hop field
+        assert status == 426 and b"WebSocket" in body
+
+
+def test_wsgi_warns_once_that_live_components_need_a_websocket_server(tmp_path, caplog):
+    app = make_app(tmp_path, {"src/components/C.py": "from asok import Component\nclass C(Component):\n"
+                                                      "    def render(self):\n        return '<p></p>'\n"})
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/nope", "wsgi.input": io.BytesIO(), "SERVER_SOFTWARE": "gunicorn"}
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        for _ in range(3):
+            app(environ, lambda status, headers: None)
+    warned = [r for r in caplog.records if "WSGI" in r.getMessage()]
+    assert len(warned) == 1 and "live components need a WebSocket" in warned[0].getMessage()
 
 
 def test_asgi_http_and_lifespan(tmp_path):
@@ -656,6 +671,74 @@ def test_session_cookie_flags_and_round_trip(tmp_path):
     assert "Secure" in https.get("/set/a/1").header("set-cookie")
 
 
+# ── proxies ──────────────────────────────────────────────────────────────────
+
+def proxy_view(tmp_path, trusted, headers, remote="127.0.0.1", **options):
+    """What a route sees of scheme, host and client address behind `trusted` proxies."""
+    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies=trusted, **options)
+
+    @app.route("/who")
+    def who(request):
+        request.session["seen"] = 1
+        return f"{request.scheme} {request.host} {request.remote_addr}"
+
+    request = asok.Request("GET", "/who", "", {"host": "internal:8000", **headers}, b"", "http", remote, app)
+    response = app.handle(request)
+    return response.body.decode(), response.header("set-cookie")
+
+
+def test_a_trusted_proxy_gives_scheme_host_and_client_and_the_cookie_is_secure(tmp_path):
+    seen, cookie = proxy_view(tmp_path, "127.0.0.1", {"x-forwarded-proto": "https",
+                                                    "x-forwarded-host": "example.com",
+                                                    "x-forwarded-for": "203.0.113.7"})
+    assert seen == "https example.com 203.0.113.7" and "Secure" in cookie
+
+
+def test_forwarded_header_is_read_right_to_left_past_trusted_hops(tmp_path):
+    headers = {"forwarded": 'for=198.51.100.1;proto=http, for="[2001:db8::1]:4711";proto=https;host=a.example, '
+                            'for=10.0.0.2;proto=http'}
+    seen, _ = proxy_view(tmp_path, ["127.0.0.1", "10.0.0.0/8"], headers)
+    # 10.0.0.2 is a trusted hop, so the element before it names the client; 198.51.100.1 is
+    # what the client itself claimed and is not believed.
+    assert seen == "https a.example 2001:db8::1"
+
+
+@pytest.mark.parametrize("trusted, remote", [(None, "127.0.0.1"), ("10.0.0.0/8", "127.0.0.1")])
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored(tmp_path, trusted, remote):
+    seen, cookie = proxy_view(tmp_path, trusted, {"x-forwarded-proto": "https", "x-forwarded-host": "evil.example",
+                                                  "x-forwarded-for": "1.2.3.4"}, remote)
+    assert seen == "http internal:8000 127.0.0.1" and "Secure" not in cookie
+
+
+def test_a_forwarded_host_with_bad_characters_is_not_taken(tmp_path):
+    seen, _ = proxy_view(tmp_path, "*", {"x-forwarded-host": "a.example/<script>", "x-forwarded-proto": "ftp"})
+    assert seen == "http internal:8000 127.0.0.1"
+
+
+def test_trusted_proxies_from_the_environment_and_a_bad_entry_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    seen, _ = proxy_view(tmp_path, None, {"x-forwarded-proto": "https"})
+    assert seen.startswith("https ")
+    with pytest.raises(ValueError, match="'nope' is not an IP address"):
+        make_app(tmp_path, {}, trusted_proxies="127.0.0.1, nope")
+
+
+def test_live_socket_origin_check_uses_the_forwarded_scheme_and_live_origins(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies="127.0.0.1", live_origins=["https://other.example"])
+    route, _ = asok._find_ws_route(app, "/asok/live")
+
+    def allowed(origin, headers):
+        request = asok.Request("GET", "/asok/live", "", {"host": "internal", "origin": origin, **headers},
+                               b"", "http", "127.0.0.1", app)
+        return asok._origin_allowed(request, route)
+
+    behind_tls = {"x-forwarded-proto": "https", "x-forwarded-host": "site.example"}
+    assert allowed("https://site.example", behind_tls)
+    assert not allowed("http://site.example", behind_tls)
+    assert allowed("https://other.example", {})
+    assert not allowed("https://third.example", {})
+
+
 @pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
                                     "../../../etc/passwd.AAAA", ""])
 def test_bad_session_cookie_gets_a_fresh_session(tmp_path, cookie):
@@ -738,6 +821,19 @@ def test_debug_key_is_deterministic_and_random_key_is_kept_0600(tmp_path, monkey
     monkeypatch.setenv("SECRET_KEY", "env-key-" + "x" * 30)
     e = asok.Asok(tmp_path)
     assert e._state_signer.sign("v") not in (a._state_signer.sign("v"), c._state_signer.sign("v"))
+
+
+def test_start_up_says_where_the_key_came_from_outside_debug_mode(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    with caplog.at_level(logging.INFO, logger="asok"):
+        asok.Asok(tmp_path, debug=False).log_startup()
+        asok.Asok(tmp_path, debug=True).log_startup()
+        monkeypatch.setenv("SECRET_KEY", "e" * 32)
+        asok.Asok(tmp_path, debug=False).log_startup()
+    lines = [r.getMessage() for r in caplog.records if "signing key" in r.getMessage()]
+    assert len(lines) == 2
+    assert str(tmp_path / ".asok" / "secret_key") in lines[0] and "SECRET_KEY environment" in lines[1]
+    assert all("must share it" in line for line in lines)
 
 
 def test_keys_are_derived_per_purpose_and_rotate(tmp_path):
@@ -3414,6 +3510,68 @@ def wsi_stop(proc):
             proc.kill()
             proc.wait()
     proc.stdout.close()
+
+
+class SocketTab:
+    """A browser tab over real sockets: the page over HTTP (cookies kept in `jar`, a dict shared
+    by the tabs of one browser), then the live socket, as alive.js speaks it."""
+
+    def __init__(self, port, jar, path="/"):
+        self.port, self.jar, self.n = port, jar, 0
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
+                                    timeout=10) as r:
+            page = r.read().decode()
+            for value in r.headers.get_all("Set-Cookie") or ():
+                name, _, rest = value.partition("=")
+                jar[name] = rest.split(";")[0]
+        self.csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
+        self.components = {name: [cid, state] for cid, name, state in asok._find_components(page)}
+        self.ws = asok.WebSocketClient.connect(
+            f"ws://127.0.0.1:{port}/asok/live", origin=f"http://127.0.0.1:{port}",
+            headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())})
+
+    def call(self, name, method, *args, rid=None):
+        """Send one event and return its reply, skipping any push that arrives before it."""
+        self.n += 1
+        cid, state = self.components[name]
+        rid = rid or f"{id(self)}:{self.n}"
+        self.ws.send(json.dumps({"id": rid, "cid": cid, "component": name, "state": state,
+                                 "method": method, "args": list(args), "csrf": self.csrf}))
+        for _ in range(100):
+            reply = json.loads(self.ws.receive(timeout=10))
+            if reply.get("id") == rid:
+                if "state" in reply:
+                    self.components[name][1] = reply["state"]
+                return reply
+        raise AssertionError("no reply")
+
+    def close(self):
+        self.ws.close()
+
+
+def test_uvicorn_serves_a_folder_app_as_asok_asgi_with_two_workers(tmp_path):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    os.environ["APP_DIR"] = str(app_dir)
+    try:
+        proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
+    finally:
+        del os.environ["APP_DIR"]
+    try:
+        jar = {}
+        for n in range(6):  # a new connection each time, so both workers take some
+            tab = SocketTab(port, jar)
+            reply = tab.call("Counter", "increment")
+            tab.close()
+            assert f"Count: {11 + n}" in reply["html"], reply
+        assert "Count: 16" in urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
+            timeout=10).read().decode()
+    finally:
+        wsi_stop(proc)
 
 
 @pytest.fixture(scope="module")
