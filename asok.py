@@ -23,7 +23,7 @@ __all__ = [
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
     "Session", "SessionStore", "FileSessionStore", "Signer", "BadSignature", "LiveError",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
-    "TestClient", "serve", "load_app", "main",
+    "TestClient", "serve", "serve_workers", "load_app", "main",
 ]
 
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +38,7 @@ import asyncio
 import base64
 import builtins
 import codecs
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -4541,12 +4542,14 @@ class _HTTPConnection(asyncio.Protocol):
 
 async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=HEADER_TIMEOUT,
                 body_timeout=BODY_TIMEOUT, idle_timeout=IDLE_TIMEOUT, ping_interval=WS_PING_INTERVAL,
-                stop=None):
-    """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set)."""
+                stop=None, sock=None):
+    """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set), on host:port or
+    on `sock`, a listening socket already bound (how `--workers` shares one)."""
     loop = asyncio.get_running_loop()
     sys.setswitchinterval(SWITCH_INTERVAL)
     state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval)
-    server = await loop.create_server(lambda: _HTTPConnection(state), host, port, backlog=1024)
+    where = {"sock": sock} if sock is not None else {"host": host, "port": port}
+    server = await loop.create_server(lambda: _HTTPConnection(state), backlog=1024, **where)
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -4748,6 +4751,87 @@ def __getattr__(name):
     return app.asgi if name == "asgi" else app
 
 
+WORKER_QUICK_DEATH = 2.0    # a worker that dies sooner than this after its start counts as a crash
+WORKER_MAX_CRASHES = 5      # crashes in a row after which `--workers` gives up
+
+
+def serve_workers(app_dir, host="127.0.0.1", port=8000, workers=2):
+    """`python asok.py serve --workers N`: this process binds the socket and forks N workers;
+    each loads the app and serves on the shared socket (the kernel hands each connection to
+    one of them). A worker that dies is replaced; SIGTERM or SIGINT stops them all, each
+    draining its connections as a single server does. Returns the exit status."""
+    try:
+        sock = socket.create_server((host, port), backlog=1024)
+    except OSError as exc:
+        raise SystemExit(f"asok: cannot listen on {host}:{port}: {exc.strerror}")
+    children, crashes, stopping = {}, 0, []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    def spawn():
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            status = 1
+            try:
+                asyncio.run(serve(load_app(app_dir), sock=sock))
+                status = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(status)
+        children[pid] = time.monotonic()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("asok: %d workers on http://%s:%d (pid %d)", workers, host, sock.getsockname()[1], os.getpid())
+    for _ in range(workers):
+        spawn()
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        crashes = crashes + 1 if time.monotonic() - started < WORKER_QUICK_DEATH else 0
+        log.warning("worker %d exited (%s); starting another", pid, _exit_text(status))
+        if crashes >= WORKER_MAX_CRASHES:
+            log.error("workers keep dying at start-up; stopping")
+            stop(signal.SIGTERM, None)
+            stopping.append("crashes")
+            continue
+        time.sleep(min(crashes * 0.5, 2.0))
+        spawn()
+    sock.close()
+    return 1 if "crashes" in stopping else 0
+
+
+def _exit_text(status):
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"status {os.waitstatus_to_exitcode(status)}"
+
+
+def _worker_count(value):
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"--workers takes a number of processes (1 or more) or 'auto', not {value!r}")
+    return count
+
+
 def _watched_files(root):
     files = {Path(__file__).resolve()}
     files.update(p for p in Path(root).rglob("*.py") if ".asok" not in p.parts)
@@ -4802,6 +4886,8 @@ def main(argv=None):
     serve_cmd.add_argument("--reload", action="store_true", help="restart when a .py file changes")
     serve_cmd.add_argument("--debug", action="store_true", help="tracebacks, template reload, development key")
     serve_cmd.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    serve_cmd.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                           help="processes sharing the socket, or 'auto' for one per core (default: 1)")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if opts.no_access_log:
@@ -4810,6 +4896,8 @@ def main(argv=None):
         os.environ["DEBUG"] = "true"
     if opts.reload:
         return _run_reloader(argv, opts.app_dir)
+    if opts.workers > 1:
+        return serve_workers(opts.app_dir, opts.host, opts.port, opts.workers)
     app = load_app(opts.app_dir)
     try:
         asyncio.run(serve(app, opts.host, opts.port))

@@ -3481,6 +3481,61 @@ def test_cli_sigterm_sends_1001_to_open_websockets():
         assert proc.wait(15) == 0
 
 
+# ── serve --workers ──────────────────────────────────────────────────────────
+
+def worker_pids(parent):
+    """The pids whose parent is `parent`, read from /proc."""
+    pids = set()
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat_file.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == parent:
+                pids.add(int(stat_file.parent.name))
+    return pids
+
+
+def wait_for(predicate, seconds=15):
+    """Poll `predicate` until it is true (or fail after `seconds`); returns its value."""
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
+
+
+def test_serve_workers_share_the_socket_replace_a_dead_worker_and_stop_on_sigterm(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    with serve_process(app_dir, "--workers", "2") as (port, proc):
+        def two_workers(without=None):
+            pids = worker_pids(proc.pid)
+            return pids if len(pids) == 2 and without not in pids else None
+
+        first = wait_for(two_workers)
+        jar = {}
+        for n in range(4):
+            tab = SocketTab(port, jar)
+            assert f"Count: {11 + n}" in tab.call("Counter", "increment")["html"]
+            tab.close()
+        victim = sorted(first)[0]
+        os.kill(victim, signal.SIGKILL)
+        now = wait_for(lambda: two_workers(without=victim))
+        assert len(now - first) == 1  # one new worker took the dead one's place
+        tab = SocketTab(port, jar)
+        assert "Count: 15" in tab.call("Counter", "increment")["html"]
+        tab.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not worker_pids(proc.pid)
+        assert b"exited (killed by signal 9); starting another" in proc.stdout.read()
+
+
+def test_serve_workers_refuses_a_bad_count_by_name(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "asok.py"), "serve", str(tmp_path), "--workers", "0"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--workers takes a number of processes" in result.stderr
+
+
 # ── under uvicorn, through app.asgi ─────────────────────────────────────────
 
 def wsi_start_uvicorn(command, cwd):
