@@ -26,6 +26,7 @@ __all__ = [
     "TestClient", "serve", "serve_workers", "load_app", "main",
 ]
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
@@ -44,6 +45,7 @@ import functools
 import hashlib
 import hmac
 import html
+import html.parser
 import importlib.util
 import inspect
 import io
@@ -4587,116 +4589,493 @@ async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=
 # Testing
 # ═══════════════════════════════════════════════════════════════════════
 
+TEST_MAX_REDIRECTS = 20  # TestClient(follow_redirects=True) gives up past this many hops
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+class Headers(Mapping):
+    """A response's header fields as a read-only mapping whose keys ignore case:
+    `headers["content-type"]`, `"etag" in headers`, `headers.get("x-a", "")`. A field sent
+    more than once reads as its values joined with ", " (RFC 9110 §5.3); `getlist(name)` gives
+    them one by one (Set-Cookie, say). `raw` is the (name, value) pairs as sent."""
+
+    def __init__(self, raw=()):
+        self.raw = list(raw)
+
+    def getlist(self, name):
+        """Every value of the field `name`, in the order sent; [] when there is none."""
+        name = name.lower()
+        return [v for k, v in self.raw if k.lower() == name]
+
+    def __getitem__(self, name):
+        values = self.getlist(name)
+        if not values:
+            raise KeyError(name)
+        return ", ".join(values)
+
+    def __iter__(self):
+        return iter(dict.fromkeys(k.lower() for k, _ in self.raw))
+
+    def __len__(self):
+        return len({k.lower() for k, _ in self.raw})
+
+    def __repr__(self):
+        return f"Headers({self.raw!r})"
+
+
 class TestResponse:
-    def __init__(self, response):
+    """What a TestClient call returns: `status` (or `status_code`), `headers` (a case-insensitive
+    `Headers`), the body as `body` / `content` / `data` (bytes), `text` and `json()`; `url` is the
+    path that answered, `history` the redirects followed to get here."""
+
+    __test__ = False  # a class named Test... is not a test class: pytest must not collect it
+
+    def __init__(self, response, url="", history=()):
         self.status = response.status
-        self.headers = response.headers
+        self.headers = Headers(response.headers)
         body = response.body
         self.body = body if not response.streamed else b"".join(body)
+        self.url = url
+        self.history = list(history)
+
+    @property
+    def status_code(self):
+        """The status, under the name Flask, Starlette and requests use."""
+        return self.status
+
+    @property
+    def content(self):
+        """The body as bytes (httpx's and Starlette's name)."""
+        return self.body
+
+    @property
+    def data(self):
+        """The body as bytes (Flask's name)."""
+        return self.body
 
     def header(self, name, default=None):
-        name = name.lower()
-        return next((v for k, v in self.headers if k.lower() == name), default)
+        """The first value of the header field `name` (any case), or `default`."""
+        values = self.headers.getlist(name)
+        return values[0] if values else default
 
     @property
     def text(self):
+        """The body decoded as UTF-8."""
         return self.body.decode("utf-8")
 
     def json(self):
+        """The body parsed as JSON."""
         return json.loads(self.body)
+
+    def get_json(self):
+        """The body parsed as JSON (Flask's name)."""
+        return self.json()
 
     def __repr__(self):
         return f"<TestResponse {self.status}>"
 
 
+def _test_body(data, json_value, content):
+    """(body bytes, content type or None) from the data= / json= / content= a test passed."""
+    given = [name for name, v in (("data", data), ("json", json_value), ("content", content)) if v is not None]
+    if len(given) > 1:
+        raise TypeError(f"give one of data=, json= and content=, not {' and '.join(given)}")
+    if json_value is not None:
+        return json.dumps(json_value).encode(), "application/json"
+    if isinstance(data, (str, bytes)):
+        content, data = data, None
+    if data is not None:
+        return urllib.parse.urlencode(data, doseq=True).encode(), "application/x-www-form-urlencoded"
+    if content is not None:
+        return content.encode() if isinstance(content, str) else bytes(content), None
+    return None, None
+
+
 class TestClient:
-    """Drive an app without a server: `client.get("/")`, `client.post(path, data={...})`, and
-    `client.live("/", "Counter").call("increment")` for a component on a page. Keeps cookies."""
+    """Drive an app without a server, as Flask's and Starlette's test clients do:
+    `client.get("/", params={"q": "x"})`, `client.post(url, data={...})` or `json=...`,
+    `follow_redirects=True`, `headers={...}` on every method; cookies are kept between calls.
+    `client.live("/", "Counter")` is a handle on a component of that page (see LiveHandle)."""
 
     __test__ = False
 
-    def __init__(self, app, scheme="http", host="testserver"):
+    def __init__(self, app, scheme="http", host="testserver", *, follow_redirects=False):
         self.app = app
         self.scheme = scheme
         self.host = host
+        self.follow_redirects = follow_redirects
         self.cookies = {}
 
-    def request(self, method, path, *, data=None, json_body=None, headers=None, body=b""):
-        headers = {k.lower(): v for k, v in (headers or {}).items()}
-        headers.setdefault("host", self.host)
-        if data is not None:
-            body = urllib.parse.urlencode(data).encode()
-            headers.setdefault("content-type", "application/x-www-form-urlencoded")
-        elif json_body is not None:
-            body = json.dumps(json_body).encode()
-            headers.setdefault("content-type", "application/json")
-        if self.cookies:
-            headers.setdefault("cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
-        path, _, query = path.partition("?")
-        request = Request(method, urllib.parse.unquote(path), query, headers, body, self.scheme, "127.0.0.1", self.app)
-        response = TestResponse(self.app.handle(request))
-        for name, value in response.headers:
-            if name.lower() == "set-cookie":
-                cookie_name, _, rest = value.partition("=")
-                cookie_value = rest.split(";")[0]
-                if "Max-Age=0" in value:
-                    self.cookies.pop(cookie_name, None)
-                else:
-                    self.cookies[cookie_name] = cookie_value
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.cookies.clear()
+
+    def request(self, method, url, *, params=None, data=None, json=None, content=None, headers=None,
+                follow_redirects=None, json_body=None, body=b""):
+        """Send one request through the app and return a TestResponse. `url` is a path (with a
+        query string if you like) or a full URL; `params` (a dict or pairs) is added to its query;
+        `data` is form fields (a dict) or a raw body, `json` a value sent as JSON, `content` raw bytes.
+        Redirects are followed when `follow_redirects` (default: the client's) is true, as a browser
+        does: 301, 302 and 303 become a GET without a body (a HEAD stays a HEAD), 307 and 308 repeat
+        the request; a redirect to another host is not followed but returned."""
+        payload, content_type = _test_body(data, json if json is not None else json_body, content)
+        fields = {k.lower(): v for k, v in (headers.items() if isinstance(headers, dict) else headers or ())}
+        if content_type:
+            fields.setdefault("content-type", content_type)
+        if payload is None:
+            payload = body
+        parts = urlsplit(url)
+        scheme, host = parts.scheme or self.scheme, parts.netloc or fields.get("host", self.host)
+        query = parts.query
+        if params:
+            extra = urllib.parse.urlencode(params, doseq=True)
+            query = f"{query}&{extra}" if query else extra
+        follow = self.follow_redirects if follow_redirects is None else follow_redirects
+        history = []
+        while True:
+            response = self._send(method.upper(), scheme, host, parts.path or "/", query, fields, payload)
+            location = response.header("location")
+            if not (follow and response.status in _REDIRECT_CODES and location):
+                break
+            target = urlsplit(urllib.parse.urljoin(f"{scheme}://{host}{response.url}", location))
+            if target.netloc != host:
+                break  # off the app: the test sees the redirect
+            if len(history) == TEST_MAX_REDIRECTS:
+                raise AssertionError(f"more than {TEST_MAX_REDIRECTS} redirects from {method} {url}")
+            history.append(response)
+            if response.status == 303 and method.upper() != "HEAD" or response.status in (301, 302) and \
+                    method.upper() not in ("GET", "HEAD"):
+                method, payload = "GET", b""
+                fields.pop("content-type", None)
+            scheme, parts, query = target.scheme, target, target.query
+        response.history = history
         return response
 
-    def get(self, path, **kwargs):
-        return self.request("GET", path, **kwargs)
+    def _send(self, method, scheme, host, path, query, fields, payload):
+        headers = dict(fields, host=host)
+        if self.cookies:
+            headers.setdefault("cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        request = Request(method, urllib.parse.unquote(path), query, headers, payload, scheme, "127.0.0.1", self.app)
+        response = TestResponse(self.app.handle(request), path + (f"?{query}" if query else ""))
+        for value in response.headers.getlist("set-cookie"):
+            cookie_name, _, rest = value.partition("=")
+            if "Max-Age=0" in value:
+                self.cookies.pop(cookie_name, None)
+            else:
+                self.cookies[cookie_name] = rest.split(";")[0]
+        return response
 
-    def post(self, path, **kwargs):
-        return self.request("POST", path, **kwargs)
+    def get(self, url, **kwargs):
+        """GET `url`; keyword arguments as for `request`."""
+        return self.request("GET", url, **kwargs)
 
-    def put(self, path, **kwargs):
-        return self.request("PUT", path, **kwargs)
+    def post(self, url, **kwargs):
+        """POST to `url`; keyword arguments as for `request`."""
+        return self.request("POST", url, **kwargs)
 
-    def delete(self, path, **kwargs):
-        return self.request("DELETE", path, **kwargs)
+    def put(self, url, **kwargs):
+        """PUT to `url`; keyword arguments as for `request`."""
+        return self.request("PUT", url, **kwargs)
+
+    def patch(self, url, **kwargs):
+        """PATCH `url`; keyword arguments as for `request`."""
+        return self.request("PATCH", url, **kwargs)
+
+    def delete(self, url, **kwargs):
+        """DELETE `url`; keyword arguments as for `request`."""
+        return self.request("DELETE", url, **kwargs)
+
+    def head(self, url, **kwargs):
+        """HEAD `url`: the status and headers of a GET, no body."""
+        return self.request("HEAD", url, **kwargs)
+
+    def options(self, url, **kwargs):
+        """OPTIONS `url`; keyword arguments as for `request`."""
+        return self.request("OPTIONS", url, **kwargs)
 
     @property
     def sid(self):
+        """The id of the session the client's cookie names, or None."""
         token = self.cookies.get(SESSION_COOKIE)
         return self.app._cookie_signer.unsign(token) if token else None
 
     def live(self, path, name, index=0):
-        """Load the page at `path` and return a handle on its `index`-th `name` component."""
+        """Load the page at `path` and return a LiveHandle on its `index`-th `name` component."""
         page = self.get(path)
         if page.status != 200:
             raise AssertionError(f"GET {path} answered {page.status}")
-        roots = _find_components(page.text)
-        matches = [r for r in roots if r[1] == name]
+        roots = [el for el in _parse_html(page.text).walk() if "data-asok-component" in el.attrs]
+        matches = [el for el in roots if el.attrs["data-asok-component"] == name]
         if len(matches) <= index:
-            raise AssertionError(f"no component {name!r} #{index} on {path} (found {[r[1] for r in roots]})")
-        cid, _, state = matches[index]
+            found = [el.attrs["data-asok-component"] for el in roots]
+            raise AssertionError(f"no component {name!r} #{index} on {path} (found {found})")
+        root = matches[index]
         csrf = re.search(r'<meta name="csrf-token" content="([^"]*)"', page.text)
-        return LiveHandle(self, cid, name, state, csrf.group(1) if csrf else "")
+        return LiveHandle(self, root.attrs.get("id", ""), name, root.attrs.get("data-asok-state", ""),
+                          csrf.group(1) if csrf else "", html=root.inner_html)
 
 
-def _find_components(text):
-    found = re.findall(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">', text)
-    return [(html.unescape(cid), name, html.unescape(state)) for cid, name, state in found]
+# ── a small HTML tree and CSS selectors, for LiveHandle's user actions ───────
+
+_VOID_TAGS = frozenset("area base br col embed hr img input link meta source track wbr".split())
+_SELF_CLOSING = frozenset("li option p tr td th dt dd".split())  # `<li>a<li>b`: the second closes the first
+_BLOCK_TAGS = frozenset("address article aside blockquote br dd div dl dt fieldset figure footer form "
+                        "h1 h2 h3 h4 h5 h6 header hr li main nav ol p pre section table td th tr ul".split())
+
+
+class _Node:
+    """An element of a parsed fragment: tag, attrs (a dict), children (nodes and strings), parent,
+    and `inner_html`, the source text between its tags."""
+
+    def __init__(self, tag, attrs, parent, source="", inner=0):
+        self.tag, self.attrs, self.parent, self.children = tag, attrs, parent, []
+        self._source, self._inner, self._end = source, inner, None
+
+    @property
+    def inner_html(self):
+        return self._source[self._inner:self._end]
+
+    def walk(self, into_components=True):
+        """The elements below this one, in document order; `into_components=False` skips the
+        insides of nested components (their events go to them, not to this one)."""
+        for child in self.children:
+            if isinstance(child, _Node):
+                yield child
+                if into_components or "data-asok-component" not in child.attrs:
+                    yield from child.walk(into_components)
+
+    @property
+    def text(self):
+        """The text content, with runs of white space (and element breaks) as one space."""
+        parts = []
+
+        def collect(node):
+            for child in node.children:
+                if isinstance(child, str):
+                    parts.append(child)
+                elif child.tag not in ("script", "style", "template"):
+                    gap = " " if child.tag in _BLOCK_TAGS else ""
+                    parts.append(gap)
+                    collect(child)
+                    parts.append(gap)
+
+        collect(self)
+        return " ".join("".join(parts).split())
+
+    def closest(self, attr):
+        """This element or its nearest ancestor having `attr`, within the component; else None."""
+        node = self
+        while node is not None and node.tag is not None:
+            if attr in node.attrs:
+                return node
+            if "data-asok-component" in node.attrs:
+                return None
+            node = node.parent
+        return None
+
+    def describe(self):
+        attrs = "".join(f' {k}="{v}"' if v else f" {k}" for k, v in self.attrs.items())
+        text = self.text
+        return f"<{self.tag}{attrs}>" + (f" {text[:40]!r}" if text else "")
+
+
+class _TreeBuilder(html.parser.HTMLParser):
+    def __init__(self, source):
+        super().__init__(convert_charrefs=True)
+        self.source = source
+        self.line_starts = [0] + [m.end() for m in re.finditer("\n", source)]
+        self.root = self.node = _Node(None, {}, None, source, 0)
+        self.root._end = len(source)
+
+    def _offset(self):
+        line, col = self.getpos()
+        return self.line_starts[line - 1] + col
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _SELF_CLOSING and self.node.tag == tag:
+            self._close(self.node, self._offset())
+        inner = self._offset() + len(self.get_starttag_text())
+        node = _Node(tag, {k: v or "" for k, v in attrs}, self.node, self.source, inner)
+        self.node.children.append(node)
+        if tag not in _VOID_TAGS:
+            self.node = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in _VOID_TAGS:  # `<div/>`: nothing inside
+            self._close(self.node, self.node._inner)
+
+    def handle_endtag(self, tag):
+        open_node = self.node
+        while open_node.tag is not None and open_node.tag != tag:
+            open_node = open_node.parent
+        if open_node.tag is not None:  # an end tag with nothing open to close is ignored
+            end = self._offset()
+            node = self.node
+            while node is not open_node:
+                node = self._close(node, end)
+            self._close(open_node, end)
+
+    def _close(self, node, end):
+        node._end = end
+        self.node = node.parent
+        return node.parent
+
+    def handle_data(self, data):
+        self.node.children.append(data)
+
+
+def _parse_html(source):
+    """The element tree of an HTML fragment or page (the root node has tag None)."""
+    builder = _TreeBuilder(source)
+    builder.feed(source)
+    builder.close()
+    node = builder.node
+    while node is not builder.root:  # elements left open end where the source ends
+        node = builder._close(node, len(source))
+    return builder.root
+
+
+_CSS_TOKEN = re.compile(r"""(?P<comb>[>,])|(?P<tag>[a-zA-Z][\w-]*|\*)|\#(?P<id>[\w-]+)|\.(?P<cls>[\w-]+)
+    |\[\s*(?P<attr>[\w.:-]+)\s*(?:(?P<op>[~^$*]?=)\s*(?:"(?P<dq>[^"]*)"|'(?P<sq>[^']*)'|(?P<bare>[^\]\s]+))\s*)?\]""",
+                        re.X)
+
+
+def _parse_selector(selector):
+    """A selector group as [[(combinator, [test, ...]), ...], ...]: tags, #id, .class, [attr],
+    [attr=v] (also ~= ^= $= *=), the descendant and `>` combinators and `,`. Raises ValueError."""
+    groups, chain, tests, comb, pos, text = [], [], [], None, 0, selector.strip()
+    bad = ValueError(f"not a CSS selector this test client reads: {selector!r}")
+    while pos < len(text):
+        space = text[pos].isspace()
+        while text[pos].isspace():
+            pos += 1
+        m = _CSS_TOKEN.match(text, pos)
+        if not m:
+            raise bad
+        pos = m.end()
+        if m.group("comb"):
+            if not tests:
+                raise bad
+            chain.append((comb, tests))
+            tests, comb = [], m.group("comb")
+            if comb == ",":
+                groups.append(chain)
+                chain, comb = [], None
+            continue
+        if space and tests:
+            chain.append((comb, tests))
+            tests, comb = [], " "
+        if m.group("tag"):
+            tests.append(("tag", m.group("tag").lower()))
+        elif m.group("id"):
+            tests.append(("attr", "id", "=", m.group("id")))
+        elif m.group("cls"):
+            tests.append(("attr", "class", "~=", m.group("cls")))
+        else:
+            value = next((v for v in m.group("dq", "sq", "bare") if v is not None), None)
+            tests.append(("attr", m.group("attr").lower(), m.group("op"), value))
+    if not tests:
+        raise bad
+    chain.append((comb, tests))
+    groups.append(chain)
+    return groups
+
+
+def _css_test(node, test):
+    if test[0] == "tag":
+        return test[1] in ("*", node.tag)
+    _, name, op, value = test
+    have = node.attrs.get(name)
+    if have is None:
+        return False
+    return {None: True, "=": have == value, "~=": value in have.split(), "^=": have.startswith(value or "\0"),
+            "$=": have.endswith(value or "\0"), "*=": bool(value) and value in have}[op]
+
+
+def _css_match(node, chain):
+    *rest, (comb, tests) = chain
+    if node.tag is None or not all(_css_test(node, t) for t in tests):
+        return False
+    if not rest:
+        return True
+    parent = node.parent
+    if comb == ">":
+        return parent is not None and _css_match(parent, rest)
+    while parent is not None:
+        if _css_match(parent, rest):
+            return True
+        parent = parent.parent
+    return False
+
+
+def _directive_call(node, attr):
+    """(method, args) written in a directive: "increment" -> ("increment", []), "add(5)" -> ("add", [5])."""
+    method, _, rest = node.attrs[attr].strip().partition("(")
+    try:
+        args = json.loads(f"[{rest.rstrip().removesuffix(')')}]") if rest else []
+    except ValueError:
+        raise AssertionError(f"{attr}={node.attrs[attr]!r} on {node.describe()}: the arguments are not JSON")
+    return method.strip(), args
+
+
+def _form_fields(form):
+    """What the browser's FormData would hold for `form` (as alive.js sends it: the last value of
+    a repeated name), and the names of all its fields."""
+    values, names = {}, set()
+    for node in form.walk():
+        name, kind = node.attrs.get("name"), node.attrs.get("type", "text").lower()
+        if not name or node.tag not in ("input", "select", "textarea") or "disabled" in node.attrs:
+            continue
+        if node.tag == "input" and kind in ("submit", "button", "reset", "image", "file"):
+            continue
+        names.add(name)
+        if node.tag == "textarea":
+            values[name] = html.unescape(node.inner_html)
+        elif node.tag == "select":
+            options = [o for o in node.walk() if o.tag == "option"]
+            chosen = [o for o in options if "selected" in o.attrs] or options[:1]
+            if chosen:
+                values[name] = chosen[-1].attrs.get("value", chosen[-1].text)
+        elif kind not in ("checkbox", "radio") or "checked" in node.attrs:
+            values[name] = node.attrs.get("value", "on" if kind in ("checkbox", "radio") else "")
+    return values, names
 
 
 class LiveHandle:
-    """One component on a page, driven through the live protocol without a socket."""
+    """One component on a page, driven through the live protocol without a socket or a browser.
+    Read it as a user's actions, like LiveViewTest's `element(view, "button", "Add 1") |> render_click()`:
 
-    def __init__(self, client, cid, name, state, csrf):
+        counter = client.live("/", "Counter")
+        counter.click("Add 1")                  # the element with that text, or a CSS selector
+        counter.type("input[name=q]", "kiwi")   # its ws-model, ws-input or ws-change
+        counter.submit("form", {"email": "a@b.c"})
+        assert "Count: 11" in counter.text      # also .html, .state
+
+    Each action sends the event alive.js would send and returns the reply ({id, html, state} or
+    {id, error: {code, message}}); `call(method, *args)` sends any method by name."""
+
+    def __init__(self, client, cid, name, state, csrf, html=None):
         self.client = client
         self.cid = cid
         self.name = name
         self.state_token = state
         self.csrf = csrf
-        self.html = None
+        self.html = html  # the component's inner HTML, as last rendered
         self._page = secrets.token_hex(4)  # ids are unique per page load, as alive.js makes them
         self._n = 0
 
     @property
     def state(self):
+        """The component's state, as signed into its last render."""
         return json.loads(self.state_token.rpartition(".")[0])["s"]
+
+    @property
+    def text(self):
+        """The component's text as a user reads it: tags dropped, white space collapsed."""
+        return _parse_html(self.html or "").text
 
     def send(self, message):
         """Send a raw message (dict or text) and return the reply as a dict."""
@@ -4704,6 +5083,7 @@ class LiveHandle:
         return json.loads(self.client.app.live_event(self.client.sid, text))
 
     def call(self, method, *args, **overrides):
+        """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""
         self._n += 1
         message = {"id": f"{self._page}:{self._n}", "cid": self.cid, "component": self.name,
                    "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
@@ -4713,6 +5093,82 @@ class LiveHandle:
             self.state_token = reply["state"]
             self.html = reply["html"]
         return reply
+
+    def find(self, selector):
+        """The elements of this component matching the CSS `selector`, in document order."""
+        groups = _parse_selector(selector)
+        return [n for n in _parse_html(self.html or "").walk(into_components=False)
+                if any(_css_match(n, chain) for chain in groups)]
+
+    def _one(self, selector, attrs, action):
+        """The one element `selector` finds, resolved to itself or the ancestor carrying one of `attrs`."""
+        found = self.find(selector)
+        targets = list({id(t): t for t in (next(filter(None, (n.closest(a) for a in attrs)), None)
+                                             for n in found) if t is not None}.values())
+        if len(targets) == 1:
+            return targets[0]
+        if not found:
+            raise AssertionError(f"{action}: nothing in {self.name} matches {selector!r}")
+        if not targets:
+            raise AssertionError(f"{action}: {found[0].describe()} has no {' or '.join(attrs)} (nor has an ancestor)")
+        raise AssertionError(f"{action}: {len(targets)} elements match {selector!r}: "
+                             + ", ".join(t.describe() for t in targets) + "; give a selector that finds one")
+
+    def click(self, target):
+        """Click the element whose text is `target` (or that the CSS selector `target` finds):
+        send the `ws-click` of it or of its nearest ancestor with one, with its written arguments."""
+        tree = _parse_html(self.html or "")
+        wanted = " ".join(target.split())
+        by_text = [n for n in tree.walk(into_components=False) if n.text == wanted and n.closest("ws-click")]
+        targets = list({id(t): t for t in (n.closest("ws-click") for n in by_text)}.values())
+        if len(targets) > 1:
+            raise AssertionError(f"click({target!r}): {len(targets)} clickable elements have that text: "
+                                 + ", ".join(t.describe() for t in targets) + "; give a CSS selector")
+        if not targets:
+            try:
+                found = self.find(target)
+            except ValueError:
+                found = []
+            if not found:
+                clickable = [n.describe() for n in tree.walk(into_components=False) if "ws-click" in n.attrs]
+                raise AssertionError(f"click({target!r}): no clickable element in {self.name} has that text "
+                                     f"or matches it as a selector; there are: {', '.join(clickable) or 'none'}")
+            targets = [self._one(target, ("ws-click",), f"click({target!r})")]
+        method, args = _directive_call(targets[0], "ws-click")
+        return self.call(method, *args)
+
+    def type(self, selector, text):
+        """Type `text` into the field `selector` finds, as its events would send it: its `ws-model`
+        property is set, or its `ws-input` (else `ws-change`) method is called with its written
+        arguments and then the text."""
+        found = self.find(selector)
+        if len(found) == 1 and "ws-model" in found[0].attrs:
+            return self.call("$model", found[0].attrs["ws-model"], text)
+        field = self._one(selector, ("ws-input", "ws-change"), f"type({selector!r})")
+        attr = "ws-input" if "ws-input" in field.attrs else "ws-change"
+        method, args = _directive_call(field, attr)
+        return self.call(method, *args, text)
+
+    def submit(self, selector="form", fields=None):
+        """Submit the form `selector` finds (or the form around it), as alive.js does for
+        `ws-submit`: its method gets the form's fields as a dict, the values in the rendered
+        HTML with `fields` put over them. Naming a field the form does not have is an error."""
+        form = self._one(selector, ("ws-submit",), f"submit({selector!r})")
+        values, names = _form_fields(form)
+        unknown = sorted(set(fields or ()) - names)
+        if unknown:
+            raise AssertionError(f"submit({selector!r}): the form has no field {', '.join(map(repr, unknown))} "
+                                 f"(it has {', '.join(sorted(names)) or 'none'})")
+        values.update(fields or {})
+        method, args = _directive_call(form, "ws-submit")
+        return self.call(method, *(args or [values]))
+
+    def press(self, selector, key):
+        """Press `key` ("Enter", "Escape", ...) in the element `selector` finds: its
+        `ws-keydown.<key>` (or its nearest ancestor's) is called with its written arguments."""
+        attr = "ws-keydown." + key.lower()
+        method, args = _directive_call(self._one(selector, (attr,), f"press({selector!r}, {key!r})"), attr)
+        return self.call(method, *args)
 
 
 # ═══════════════════════════════════════════════════════════════════════

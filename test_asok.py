@@ -510,6 +510,94 @@ def test_request_fields(tmp_path):
     assert client.get("/inspect/notanumber").status == 404
 
 
+# ── the test client: what Flask and Starlette users type ─────────────────────
+
+def probe_app(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/probe", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], csrf=False)
+    def probe(request):
+        return asok.Response(json.dumps({"method": request.method, "probe": request.headers.get("x-probe"),
+                                         "query": {k: request.query.getlist(k) for k in request.query},
+                                         "type": request.content_type, "body": request.body.decode()}),
+                             headers=[("X-Twice", "a"), ("X-Twice", "b")], content_type="application/json")
+
+    return app
+
+
+def test_client_response_has_status_code_headers_mapping_and_json(tmp_path):
+    r = asok.TestClient(probe_app(tmp_path)).get("/probe")
+    assert r.status_code == r.status == 200
+    assert r.headers["content-type"] == r.headers["Content-Type"] == "application/json"
+    assert "CONTENT-TYPE" in r.headers and "x-missing" not in r.headers and r.headers.get("x-missing", "-") == "-"
+    assert r.headers["x-twice"] == "a, b" and r.headers.getlist("X-Twice") == ["a", "b"]
+    assert list(r.headers) == ["x-twice", "content-type"] and len(r.headers) == 2
+    assert r.header("x-twice") == "a"
+    assert r.json() == r.get_json() == {"method": "GET", "probe": None, "query": {}, "type": "", "body": ""}
+    assert r.content == r.data == r.body and json.loads(r.text)["method"] == "GET"
+    with pytest.raises(KeyError):
+        r.headers["x-missing"]
+
+
+def test_client_methods_take_headers_params_json_and_data(tmp_path):
+    client = asok.TestClient(probe_app(tmp_path))
+    for verb in ("get", "post", "put", "patch", "delete", "options"):
+        r = getattr(client, verb)("/probe?a=1", params={"b": ["2", "3"]}, headers={"X-Probe": verb})
+        assert r.json()["method"] == verb.upper() and r.json()["probe"] == verb
+        assert r.json()["query"] == {"a": ["1"], "b": ["2", "3"]}
+    head = client.head("/probe", headers={"X-Probe": "h"})
+    assert head.status_code == 200 and head.body == b"" and head.headers["content-length"] != "0"
+    sent = client.post("/probe", json={"x": [1, None]}).json()
+    assert (sent["type"], json.loads(sent["body"])) == ("application/json", {"x": [1, None]})
+    sent = client.patch("/probe", data={"a": "b c", "n": ["1", "2"]}).json()
+    assert (sent["type"], sent["body"]) == ("application/x-www-form-urlencoded", "a=b+c&n=1&n=2")
+    assert client.put("/probe", content=b"raw").json()["body"] == "raw"
+    assert client.post("http://testserver/probe", params=[("q", "x")]).json()["query"] == {"q": ["x"]}
+    with pytest.raises(TypeError, match="give one of data=, json= and content="):
+        client.post("/probe", data={"a": 1}, json={"a": 1})
+
+
+def test_client_follows_redirects_as_a_browser_does(tmp_path):
+    app = probe_app(tmp_path)
+    app.route("/go", methods=["GET", "POST"], csrf=False)(lambda: asok.redirect("/probe?via=go", 303))
+    app.route("/keep", methods=["POST"], csrf=False)(lambda: asok.redirect("/probe", 307))
+    app.route("/hop/<int:n>")(lambda n: asok.redirect(f"/hop/{n - 1}" if n else "/probe"))
+    app.route("/away")(lambda: asok.redirect("https://elsewhere.example/x"))
+    app.route("/loop")(lambda: asok.redirect("/loop"))
+    client = asok.TestClient(app)
+    assert client.post("/go", data={"a": "1"}).status_code == 303  # not followed unless asked
+    r = client.post("/go", data={"a": "1"}, follow_redirects=True)
+    assert r.status_code == 200 and r.json()["method"] == "GET" and r.json()["body"] == ""
+    assert r.url == "/probe?via=go" and [h.status_code for h in r.history] == [303]
+    r = client.post("/keep", content=b"again", headers={"content-type": "text/plain"}, follow_redirects=True)
+    assert (r.json()["method"], r.json()["body"], r.json()["type"]) == ("POST", "again", "text/plain")
+    r = asok.TestClient(app, follow_redirects=True).get("/hop/3")
+    assert r.json()["method"] == "GET" and [h.url for h in r.history] == ["/hop/3", "/hop/2", "/hop/1", "/hop/0"]
+    r = client.get("/away", follow_redirects=True)
+    assert r.status_code == 302 and r.headers["location"] == "https://elsewhere.example/x"
+    with pytest.raises(AssertionError, match=f"more than {asok.TEST_MAX_REDIRECTS} redirects"):
+        client.get("/loop", follow_redirects=True)
+
+
+def test_client_as_a_context_manager_keeps_cookies_inside_the_block(live_app):
+    with asok.TestClient(live_app) as client:
+        client.live("/", "Counter").call("increment")
+        assert client.sid and client.get("/").text.count("Count: 11 / 1") == 1
+    assert client.cookies == {} and client.sid is None
+
+
+def test_importing_the_testing_classes_into_a_test_module_gives_pytest_no_warning(tmp_path):
+    (tmp_path / "test_uses_asok.py").write_text(
+        "from asok import TestClient, TestResponse, Headers, LiveHandle\n\n"
+        "def test_nothing_to_see():\n    assert TestClient and TestResponse and Headers and LiveHandle\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                          "error::pytest.PytestCollectionWarning", "test_uses_asok.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+    assert "warning" not in run.stdout.lower(), run.stdout
+
+
 def test_static_files_etag_last_modified_and_304(tmp_path):
     app = make_app(tmp_path, PAGES)
     with running(app) as port:
@@ -2685,6 +2773,144 @@ def test_ws_model_sets_a_state_attribute_with_its_type(live_app):
     assert labels.call("$model", "missing", 1)["error"]["code"] == "bad_args"
     assert labels.call("$model", "_asok_app", 1)["error"]["code"] == "bad_args"
     assert labels.call("$model", "size", "big")["error"]["code"] == "bad_args"
+
+
+# ── the test client's user actions: click, type, submit, press ───────────────
+
+ACTION_FILES = {
+    "src/components/Panel.py": '''
+        from asok import Component, exposed
+
+        class Panel(Component):
+            count = 0
+            note = ""
+            query = ""
+            seen = []
+            form = {}
+
+            @exposed
+            def add(self, n: int = 1):
+                self.count += n
+
+            @exposed
+            def search(self, where: str, text: str):
+                self.query = f"{where}:{text}"
+
+            @exposed
+            def save(self, fields: dict):
+                self.form = fields
+
+            @exposed
+            def done(self):
+                self.seen = self.seen + ["enter"]
+    ''',
+    "src/components/panel.html": '''\
+        <section>
+          <h3>Count: << count >></h3>
+          <button ws-click="add"><span>Add</span> 1</button>
+          <button class="big" ws-click="add(5)">Add 5</button>
+          <button ws-click="add(5)">Twin</button><button ws-click="add(5)">Twin</button>
+          <p>Just text</p>
+          <input ws-model="note" value="<< note >>" ws-keydown.enter="done">
+          <input name="q" ws-input='search("top")'>
+          <p>Query: << query >> &amp; note: << note >></p>
+          <form ws-submit="save">
+            <input type="hidden" name="token" value="t1">
+            <input name="email" value="old@example.org">
+            <input type="checkbox" name="agree">
+            <input type="checkbox" name="news" value="weekly" checked>
+            <select name="size"><option value="s">S</option><option value="m" selected>M</option></select>
+            <textarea name="bio">Hi &lt;there&gt;</textarea>
+            <input name="off" value="x" disabled>
+            <button type="submit">Save</button>
+          </form>
+          << component("Labels") >>
+        </section>
+    ''',
+    "src/components/Labels.py": '''
+        from asok import Component, exposed
+
+        class Labels(Component):
+            @exposed
+            def add(self):
+                pass
+    ''',
+    "src/components/labels.html": '<button ws-click="add">Inner</button>',
+    "src/pages/index.html": "<html><head></head><body><< component('Panel') >></body></html>",
+}
+
+
+@pytest.fixture
+def panel(tmp_path):
+    return asok.TestClient(make_app(tmp_path, ACTION_FILES)).live("/", "Panel")
+
+
+def test_live_html_and_text_read_the_component_as_rendered(panel):
+    assert panel.html.startswith("<section>") and panel.html.rstrip().endswith("</section>")
+    assert 'data-asok-component="Labels"' in panel.html  # a nested component is part of the HTML
+    assert panel.text.startswith("Count: 0 Add 1 Add 5 TwinTwin Just text Query: & note:")
+    assert "Inner" in panel.text
+
+
+def test_live_click_finds_the_element_by_its_text_or_a_selector_and_sends_its_arguments(panel):
+    assert "error" not in panel.click("Add 1")  # the text spans a <span> and the button's own text
+    assert panel.state["count"] == 1 and "Count: 1" in panel.text
+    panel.click("Add 5")
+    assert panel.state["count"] == 6
+    panel.click("button.big")
+    panel.click("section > button[ws-click='add(5)'].big")
+    assert "Count: 16" in panel.text
+
+
+def test_live_click_says_what_it_could_not_click(panel):
+    with pytest.raises(AssertionError, match=r"2 clickable elements have that text"):
+        panel.click("Twin")
+    with pytest.raises(AssertionError, match=r"no clickable element in Panel has that text or matches it as a "
+                                             r"selector; there are: <button ws-click=\"add\"> 'Add 1'"):
+        panel.click("Add 2")
+    with pytest.raises(AssertionError, match=r"<p> 'Just text' has no ws-click"):
+        panel.click("section > p")
+    with pytest.raises(AssertionError, match="nothing in Panel matches 'button.missing'"):
+        panel.type("button.missing", "x")
+    with pytest.raises(AssertionError, match="no clickable element"):
+        panel.click("Inner")  # inside the nested Labels: its events go to Labels, not Panel
+    assert panel.state["count"] == 0
+
+
+def test_live_type_sets_a_model_or_calls_ws_input_with_the_value_last(panel):
+    panel.type("[ws-model=note]", "milk")
+    panel.type("input[name=q]", "kiwi")
+    assert (panel.state["note"], panel.state["query"]) == ("milk", "top:kiwi")
+    assert "Query: top:kiwi & note: milk" in panel.text
+    with pytest.raises(AssertionError, match="has no ws-input or ws-change"):
+        panel.type("h3", "x")
+
+
+def test_live_submit_sends_the_form_fields_with_the_given_ones_over_them(panel):
+    panel.submit("form", {"email": "new@example.org", "agree": "on"})
+    assert panel.state["form"] == {"token": "t1", "email": "new@example.org", "agree": "on", "news": "weekly",
+                                   "size": "m", "bio": "Hi <there>"}
+    panel.submit("button[type=submit]")  # the form around the button; the rendered values
+    assert panel.state["form"]["email"] == "old@example.org" and "agree" not in panel.state["form"]
+    with pytest.raises(AssertionError, match=r"the form has no field 'emial' \(it has agree, bio, email"):
+        panel.submit("form", {"emial": "x"})
+
+
+def test_live_press_sends_the_keydown_directive_of_that_key(panel):
+    panel.press("[ws-model=note]", "Enter")
+    assert panel.state["seen"] == ["enter"]
+    with pytest.raises(AssertionError, match="has no ws-keydown.escape"):
+        panel.press("[ws-model=note]", "Escape")
+
+
+def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
+    shutil.copytree(EXAMPLES / "counter", tmp_path / "counter", ignore=shutil.ignore_patterns(".asok"))
+    counter = asok.TestClient(asok.Asok(tmp_path / "counter", secret_key="k" * 32)).live("/", "Counter")
+    assert "Count: 10" in counter.text
+    counter.click("Add 1")
+    counter.click("Add 1")
+    counter.click("Remove 1")
+    assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
 
 
 def test_component_errors_name_the_problem(tmp_path):
