@@ -4817,6 +4817,12 @@ class TestClient:
                           csrf.group(1) if csrf else "", html=root.inner_html)
 
 
+def _find_components(text):
+    """(cid, name, signed state) of each component root on a page, in page order."""
+    return [(el.attrs.get("id", ""), el.attrs["data-asok-component"], el.attrs.get("data-asok-state", ""))
+            for el in _parse_html(text).walk() if "data-asok-component" in el.attrs]
+
+
 # ── a small HTML tree and CSS selectors, for LiveHandle's user actions ───────
 
 _VOID_TAGS = frozenset("area base br col embed hr img input link meta source track wbr".split())
