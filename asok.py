@@ -22,6 +22,7 @@ __all__ = [
     "Asok", "Component", "exposed", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
     "Session", "SessionStore", "FileSessionStore", "Signer", "BadSignature", "LiveError",
+    "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
     "TestClient", "serve", "serve_workers", "load_app", "main",
 ]
@@ -60,8 +61,10 @@ import re
 import secrets
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tokenize
@@ -1491,7 +1494,7 @@ class HTTPParser:
             raise HTTPProtocolError(400, "conflicting Content-Length values")
         number = numbers.pop()
         if len(number) > len(str(self.max_body)) or int(number) > self.max_body:
-            raise HTTPProtocolError(413, "request body too large")
+            raise HTTPProtocolError(413, f"request body too large: the limit is {self.max_body} bytes")
         return int(number)
 
     def _read_length_body(self):
@@ -1552,7 +1555,7 @@ class HTTPParser:
         size = int(size, 16)
         self._body_seen += size
         if self._body_seen > self.max_body:
-            raise HTTPProtocolError(413, "request body too large")
+            raise HTTPProtocolError(413, f"request body too large: the limit is {self.max_body} bytes")
         self._state = _HTTP_CHUNK_DATA if size else _HTTP_TRAILERS
         self._remaining = size
 
@@ -2381,7 +2384,8 @@ class BadSignature(Exception):
 
 
 class LiveError(Exception):
-    """A refused live event: `code` is machine-readable, `message` says why."""
+    """A refused live event: `code` is machine-readable, `message` says why. Raise it from a
+    component method or `authorize()`: nothing changes and the browser gets both."""
 
     def __init__(self, code, message):
         self.code = code
@@ -2742,6 +2746,13 @@ class _StoreLock:
 # ═══════════════════════════════════════════════════════════════════════
 
 DEFAULT_MAX_FORM_FIELDS = 1000
+BODY_MEMORY = 256 * 1024            # a request body past this waits in a temporary file
+MULTIPART_SPOOL = 64 * 1024         # an uploaded file past this waits in a temporary file
+MULTIPART_MAX_HEADER = 8 * 1024     # one part's header section, else 413
+DEFAULT_MAX_FORM_PARTS = 1000       # parts in one multipart body, else 413 (Asok(max_form_parts=))
+DEFAULT_MAX_FIELD_SIZE = 1 << 20    # one form field that is not a file (kept in memory), else 413
+DEFAULT_MAX_PART_SIZE = 16 << 20    # one uploaded file, else 413 (Asok(max_part_size=))
+_READ_CHUNK = 64 * 1024
 
 
 class MultiDict(dict):
@@ -2767,8 +2778,305 @@ def _parse_qs(text):
     return MultiDict(pairs)
 
 
+class _BodyBuffer:
+    """A request body as it arrives: in memory up to BODY_MEMORY bytes, then in an unnamed
+    temporary file, so a large upload costs the server disk, not memory."""
+
+    def __init__(self):
+        self.chunks = []
+        self.size = 0
+        self.file = None
+
+    def write(self, data):
+        """Raises OSError when the disk refuses (the caller answers 503)."""
+        self.size += len(data)
+        if self.file is None:
+            self.chunks.append(data)
+            if self.size <= BODY_MEMORY:
+                return
+            self.file = tempfile.TemporaryFile(prefix="asok-body-")
+            data = b"".join(self.chunks)
+            self.chunks = []
+        self.file.write(data)
+
+    def finish(self):
+        """The body: bytes, or for a large one the temporary file at its start."""
+        if self.file is None:
+            return b"".join(self.chunks)
+        self.file.flush()
+        self.file.seek(0)
+        return self.file
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+# ── multipart/form-data (RFC 7578 on RFC 2046 §5.1) ──────────────────────
+# MultipartParser is sans-I/O: feed() takes any slice of the body and returns events;
+# _read_multipart drives it from a stream and applies the limits.
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;]*))')
+
+
+def _header_params(value):
+    """`form-data; name="a"; filename="b.png"` -> ("form-data", {"name": "a", "filename": "b.png"}).
+    Inside quotes only \\" and \\\\ are escapes (browsers send Windows paths with bare backslashes);
+    `filename*=UTF-8''...` (RFC 8187) wins over `filename`."""
+    kind = value.split(";", 1)[0].strip().lower()
+    params = {}
+    for m in _HEADER_PARAM.finditer(value):
+        key, quoted, bare = m.group(1).lower(), m.group(2), m.group(3)
+        text = re.sub(r'\\(["\\])', r"\1", quoted) if quoted is not None else bare.strip()
+        if key.endswith("*"):
+            charset, _, rest = text.partition("'")
+            _, _, text = rest.partition("'")
+            try:
+                text = urllib.parse.unquote(text, encoding=charset or "utf-8", errors="strict")
+            except (LookupError, UnicodeDecodeError):
+                continue
+            key = key[:-1]
+        elif key in params:
+            continue
+        params[key] = text
+    return kind, params
+
+
+def _safe_filename(name):
+    """The client's file name reduced to a base name that is safe to show and to put in a
+    folder: no folders, no NUL or control characters, no leading or trailing dots; may be ""."""
+    name = re.split(r"[/\\]", name)[-1]
+    name = _CONTROL_CHARS.sub("", name).strip().strip(".").strip()
+    while len(name.encode("utf-8")) > 255:
+        name = name[:-1]
+    return name
+
+
+class MultipartParser:
+    """Bytes of a multipart body in, events out. `feed(data)` returns a list of
+    ("part", headers) · ("data", bytes) · ("end", None) for each part, and ("close", None)
+    after the closing boundary; `feed(b"")` says the body ended. Bad input raises
+    HTTPError (400 malformed, 413 past a limit). Preamble and epilogue are ignored."""
+
+    def __init__(self, boundary, max_parts=DEFAULT_MAX_FORM_PARTS):
+        if isinstance(boundary, str):
+            boundary = boundary.encode("latin-1", "replace")
+        if not 1 <= len(boundary) <= 70:  # RFC 2046 §5.1.1
+            raise HTTPError(400, "multipart boundary must be 1 to 70 characters")
+        self.max_parts = max_parts
+        self.parts = 0
+        self._delim = b"\r\n--" + boundary
+        self._buf = b"\r\n"  # the first boundary may open the body: it then follows this CRLF
+        self._state = "preamble"
+
+    def feed(self, data):
+        events = []
+        self._buf += data
+        delim = self._delim
+        while True:
+            buf, state = self._buf, self._state
+            if state in ("preamble", "data"):
+                at = buf.find(delim)
+                if at < 0:  # keep what could be the start of a boundary split across feeds
+                    keep = len(delim) - 1
+                    if state == "data" and len(buf) > keep:
+                        events.append(("data", buf[:-keep]))
+                    self._buf = buf[-keep:]
+                    break
+                if state == "data":
+                    if at:
+                        events.append(("data", buf[:at]))
+                    events.append(("end", None))
+                self._buf, self._state = buf[at + len(delim):], "boundary"
+            elif state == "boundary":  # after a delimiter: "--" closes, else padding and CRLF
+                line = buf.lstrip(b" \t")
+                if buf[:2] == b"--":
+                    events.append(("close", None))
+                    self._buf, self._state = b"", "epilogue"
+                elif line[:2] == b"\r\n":
+                    self.parts += 1
+                    if self.parts > self.max_parts:
+                        raise HTTPError(413, f"multipart body has more than {self.max_parts} parts (the limit)")
+                    self._buf, self._state = line[2:], "headers"
+                elif len(buf) < 2 or line in (b"", b"\r"):
+                    if len(buf) > 256:
+                        raise HTTPError(400, "malformed multipart body: a boundary line does not end")
+                    break
+                else:
+                    raise HTTPError(400, "malformed multipart body: text after a boundary on its line")
+            elif state == "headers":
+                end = -2 if buf[:2] == b"\r\n" else buf.find(b"\r\n\r\n", 0, MULTIPART_MAX_HEADER + 4)
+                if end < 0:
+                    if len(buf) > MULTIPART_MAX_HEADER:
+                        raise HTTPError(413, f"a multipart part's headers are over {MULTIPART_MAX_HEADER} bytes (the limit)")
+                    break
+                events.append(("part", _multipart_headers(buf[:max(end, 0)])))
+                self._buf, self._state = buf[end + 4:], "data"
+            else:  # epilogue
+                self._buf = b""
+                break
+        if not data and self._state != "epilogue":
+            raise HTTPError(400, "malformed multipart body: it ends before the closing boundary")
+        return events
+
+
+def _multipart_headers(block):
+    headers = {}
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        name = name.decode("latin-1").strip().lower()
+        if not sep or not name or not _HTTP_TOKEN_TEXT.fullmatch(name):
+            raise HTTPError(400, "malformed multipart body: a part header line is not `Name: value`")
+        headers[name] = value.strip().decode("utf-8", "replace")
+    return headers
+
+
+class UploadedFile:
+    """A file from a multipart form (`request.files`) or a live upload (in the fields dict).
+    `filename` is the client's name reduced to a safe base name (no folders, `..`, NUL or
+    control characters; "" if nothing is left); `raw_filename` is what the client sent.
+    The content sits in memory up to MULTIPART_SPOOL bytes, then in a temporary file."""
+
+    def __init__(self, name, raw_filename, content_type, file, size, path=None):
+        self.name = name
+        self.raw_filename = raw_filename
+        self.filename = _safe_filename(raw_filename)
+        self.content_type = content_type
+        self.file = file
+        self.size = size
+        self._path = path    # a live upload's file under .asok/uploads, deleted unless saved
+        self.saved = None
+
+    def __repr__(self):
+        return f"<UploadedFile {self.name}={self.filename!r} {self.content_type} {self.size} bytes>"
+
+    def read(self, size=-1):
+        return self.file.read(size)
+
+    def seek(self, offset, whence=0):
+        return self.file.seek(offset, whence)
+
+    def save(self, dest):
+        """Write the content to `dest`, a file path or a folder (then `filename` inside it).
+        Written beside it and renamed into place, so `dest` is complete or untouched; the
+        OSError of a full disk reaches the caller. Returns the path written."""
+        dest = Path(dest)
+        if dest.is_dir():
+            if not self.filename:
+                raise ValueError(f"upload {self.name!r} has no usable file name; give save() a file path")
+            dest = dest / self.filename
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+        try:
+            if self._path is not None:
+                try:  # a live upload already is a file on disk: move it when it is on the same device
+                    os.replace(self._path, dest)
+                    self._path = None
+                    self.saved = dest
+                    return dest
+                except OSError:
+                    pass
+            with open(tmp, "wb") as out:
+                self.file.seek(0)
+                shutil.copyfileobj(self.file, out, _READ_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self.file.seek(0)
+        self.saved = dest
+        return dest
+
+    def close(self):
+        """Close the content; a live upload not saved is deleted."""
+        self.file.close()
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
+
+
+def _read_multipart(stream, content_type, limits):
+    """Parse a multipart/form-data body from `stream` -> (fields, files) as MultiDicts.
+    `limits` is (max_parts, max_field_size, max_part_size, max_body)."""
+    max_parts, max_field, max_part, max_body = limits
+    boundary = _header_params(content_type)[1].get("boundary")
+    if not boundary:
+        raise HTTPError(400, "multipart/form-data needs a boundary parameter in its Content-Type")
+    parser = MultipartParser(boundary, max_parts)
+    fields, files, total = [], [], 0
+    name = sink = None
+    try:
+        while True:
+            data = stream.read(_READ_CHUNK)
+            total += len(data)
+            if total > max_body:
+                raise HTTPError(413, f"request body too large: the limit is {max_body} bytes")
+            for kind, value in parser.feed(data):
+                if kind == "part":
+                    disposition, params = _header_params(value.get("content-disposition", ""))
+                    if disposition != "form-data" or "name" not in params:
+                        raise HTTPError(400, "malformed multipart body: a part needs "
+                                             "Content-Disposition: form-data; name=...")
+                    name, filename, size = params["name"], params.get("filename"), 0
+                    ctype = value.get("content-type", "text/plain" if filename is None else "application/octet-stream")
+                    sink = io.BytesIO() if filename is None else tempfile.SpooledTemporaryFile(MULTIPART_SPOOL)
+                    if filename is not None:
+                        files.append(UploadedFile(name, filename, ctype, sink, 0))
+                elif kind == "data":
+                    size += len(value)
+                    if filename is None and size > max_field:
+                        raise HTTPError(413, f"form field {name!r} is over {max_field} bytes (the limit for a field)")
+                    if filename is not None and size > max_part:
+                        raise HTTPError(413, f"file {name!r} is over {max_part} bytes (the limit for a file)")
+                    try:
+                        sink.write(value)
+                    except OSError as exc:
+                        raise HTTPError(503, f"the server has no room for file {name!r} ({exc.strerror})")
+                elif kind == "end":
+                    if filename is None:
+                        try:
+                            fields.append((name, sink.getvalue().decode("utf-8")))
+                        except UnicodeDecodeError:
+                            raise HTTPError(400, f"form field {name!r} is not valid UTF-8")
+                    elif not filename and not size:  # an empty file input: nothing was chosen
+                        files.pop().close()
+                    else:
+                        sink.seek(0)
+                        files[-1].size = size
+                    sink = None
+            if not data:
+                break
+    except BaseException:
+        for upload in files:
+            upload.close()
+        raise
+    return MultiDict(fields), MultiDict((f.name, f) for f in files)
+
+
+def _multipart_body(fields=None, files=None):
+    """Encode (body, content_type) for tests and scripts: fields {name: str}, files
+    {name: (filename, bytes, content_type)}."""
+    boundary = "asok" + secrets.token_hex(12)
+    out = []
+    for name, value in (fields or {}).items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+                   + str(value).encode() + b"\r\n")
+    for name, (filename, data, ctype) in (files or {}).items():
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                   f'Content-Type: {ctype}\r\n\r\n'.encode() + data + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+
 class Request:
-    """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient."""
+    """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient.
+    `body` is given as bytes or, for a large body, as a binary file at its start."""
 
     def __init__(self, method, path, query_string="", headers=None, body=b"",
                  scheme="http", remote_addr="", app=None):
@@ -2776,7 +3084,7 @@ class Request:
         self.path = path
         self.query_string = query_string
         self.headers = headers or {}
-        self.body = body
+        self._body = body
         self.scheme = scheme
         self.remote_addr = remote_addr
         self.app = app
@@ -2787,6 +3095,7 @@ class Request:
         self._cookies = None
         self._query = None
         self._form = None
+        self._files = None
         self.uses_live = False
 
     def __repr__(self):
@@ -2840,7 +3149,26 @@ class Request:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
     @property
+    def body(self):
+        """The body as bytes (a large body is read from its temporary file when asked for)."""
+        if not isinstance(self._body, (bytes, bytearray)):
+            self._body.seek(0)
+            self._body = self._body.read()
+        return self._body
+
+    @body.setter
+    def body(self, value):
+        self._body = value
+
+    def _stream(self):
+        if isinstance(self._body, (bytes, bytearray)):
+            return io.BytesIO(self._body)
+        self._body.seek(0)
+        return self._body
+
+    @property
     def form(self):
+        """Form fields of an urlencoded or a multipart/form-data body (a MultiDict of str)."""
         if self._form is None:
             if self.content_type == "application/x-www-form-urlencoded":
                 try:
@@ -2848,9 +3176,32 @@ class Request:
                 except UnicodeDecodeError:
                     raise HTTPError(400, "form data is not valid UTF-8")
                 self._form = _parse_qs(text)
+            elif self.content_type == "multipart/form-data":
+                app = self.app
+                limits = ((app.max_form_parts, app.max_field_size, app.max_part_size, app.max_body) if app else
+                          (DEFAULT_MAX_FORM_PARTS, DEFAULT_MAX_FIELD_SIZE, DEFAULT_MAX_PART_SIZE, DEFAULT_MAX_BODY))
+                self._form, self._files = _read_multipart(self._stream(), self.headers.get("content-type", ""), limits)
             else:
                 self._form = MultiDict()
         return self._form
+
+    @property
+    def files(self):
+        """Files of a multipart/form-data body: a MultiDict of UploadedFile by field name.
+        They are closed (and their temporary files removed) when the handler returns."""
+        if self._files is None:
+            self.form
+            if self._files is None:
+                self._files = MultiDict()
+        return self._files
+
+    def close(self):
+        """Release the body's temporary file and the uploaded files."""
+        for uploads in (self._files._lists.values() if self._files else ()):
+            for upload in uploads:
+                upload.close()
+        if not isinstance(self._body, (bytes, bytearray)):
+            self._body.close()
 
     @property
     def json(self):
@@ -3118,6 +3469,12 @@ class Component:
     def mount(self):
         """Runs once, on the first render of this component for a session."""
 
+    def authorize(self, method, args):
+        """Runs before every call from the browser (`method` is "$model" for ws-model) with
+        the state restored; return False to refuse with `forbidden`, or raise
+        LiveError(code, message) to refuse with your own. Default: allow."""
+        return True
+
     def render(self):
         return self.html(type(self).__name__.lower() + ".html")
 
@@ -3337,7 +3694,9 @@ class Asok:
 
     def __init__(self, app_dir=".", *, debug=None, secret_key=None, secret_key_fallbacks=None,
                  max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME,
-                 trusted_proxies=None, live_origins=()):
+                 trusted_proxies=None, live_origins=(),
+                 max_form_parts=DEFAULT_MAX_FORM_PARTS, max_field_size=DEFAULT_MAX_FIELD_SIZE,
+                 max_part_size=DEFAULT_MAX_PART_SIZE):
         root = Path(app_dir).resolve()
         self.root = root.parent if root.is_file() else root
         env = os.environ
@@ -3357,12 +3716,16 @@ class Asok:
         if trusted_proxies is None:
             trusted_proxies = env.get("FORWARDED_ALLOW_IPS", "")
         self.trusted_proxies = _proxy_networks(trusted_proxies)
+        self.max_form_parts = max_form_parts
+        self.max_field_size = max_field_size
+        self.max_part_size = max_part_size
         self.session_lifetime = session_lifetime
         self.sessions = session_store or FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
         self._last_collect = 0.0
         self.templates = Templates(self.root / "src", debug=self.debug)
         self.templates.globals.update(static=self.static_url, url_for=self.url_for)
         self.routes = []
+        self.before_request_hooks = []
         self.ws_routes = []
         self.components = {}
         self.pages = self._scan_pages()
@@ -3395,6 +3758,13 @@ class Asok:
             self.routes.append(Route(path, fn, methods, csrf=csrf, name=name))
             return fn
         return decorator
+
+    def before_request(self, fn):
+        """`@app.before_request` on `fn(request)`: runs before every page and route (not static
+        files, not the live socket), in the order registered; a return value other than None
+        is the response (e.g. `redirect("/signin")`) and the page or route does not run."""
+        self.before_request_hooks.append(fn)
+        return fn
 
     def websocket(self, path, *, max_size=MAX_WS_MESSAGE, origins=()):
         """`@app.websocket("/chat")` on `async def handler(ws)`. Same-origin browsers only,
@@ -3544,6 +3914,8 @@ class Asok:
         except Exception as exc:
             log.exception("error handling %s %s", request.method, request.path)
             response = self.error_response(500, _describe(exc) if self.debug else None, tb=traceback.format_exc())
+        finally:
+            request.close()
         try:
             self._finish_session(request, response)
         except Exception:
@@ -3561,6 +3933,10 @@ class Asok:
             return self._static(request, self.root / "static", path[len("/static/"):])
         if path == "/asok/alive.js":
             return self._alive(request)
+        for hook in self.before_request_hooks:
+            rv = hook(request)
+            if rv is not None:
+                return make_response(rv)
         allowed = set()
         for route in self.routes:
             params = route.match(path)
@@ -3761,6 +4137,8 @@ class Asok:
             comp = cls._restore(self, state, session, cid, context)
             recent = stored.get("ids", []) if stored else []
             if rid not in recent:
+                if comp.authorize(call[0], list(call[1])) is False:
+                    raise LiveError("forbidden", f"{name}.{call[0]} is not allowed")
                 if call[0] == "$model":
                     setattr(comp, call[1][0], call[1][1])
                 else:
@@ -3968,7 +4346,10 @@ def _wsgi_call(app, environ, start_response):
     elif length > app.max_body:
         response = app.error_response(413, f"body of {length} bytes; the limit is {app.max_body}")
     else:
-        request.body = environ["wsgi.input"].read(length) if length else b""
+        body, stream = _BodyBuffer(), environ["wsgi.input"]
+        while length > body.size and (data := stream.read(min(_READ_CHUNK, length - body.size))):
+            body.write(data)
+        request.body = body.finish()
         response = app.handle(request)
     status = f"{response.status} {HTTPStatus(response.status).phrase}"
     headers = [(k, str(v)) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
@@ -4015,19 +4396,20 @@ class _ASGIApp:
         app = self.app
         loop = asyncio.get_running_loop()
         request = self._request(scope)
-        chunks, size = [], 0
+        body = _BodyBuffer()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                body.close()
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > app.max_body or not message.get("more_body"):
+            body.write(message.get("body", b""))
+            if body.size > app.max_body or not message.get("more_body"):
                 break
-        if size > app.max_body:
+        if body.size > app.max_body:
+            body.close()
             response = app.error_response(413, f"body over the limit of {app.max_body} bytes")
         else:
-            request.body = b"".join(chunks)
+            request.body = body.finish()
             response = await loop.run_in_executor(app.executor, app.handle, request)
         headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers]
         if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
@@ -4174,6 +4556,8 @@ class _HTTPConnection(asyncio.Protocol):
         self.closed = True
         self.writable.set()
         self.s.connections.discard(self)
+        if self.phase == "body":  # a body cut off: its temporary file goes
+            self.body.close()
         if self.ws is not None:
             self.ws._closed(CloseCode.ABNORMAL, "connection lost")
 
@@ -4269,17 +4653,28 @@ class _HTTPConnection(asyncio.Protocol):
                 return
             if isinstance(event, RequestHead):
                 self.head = event
-                self.body = []
+                self.body = _BodyBuffer()
                 self.phase = "body"
                 self.deadline = self.loop.time() + self.s.body_timeout
                 if event.expect_continue:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, Body):
-                self.body.append(event.data)
+                try:
+                    self.body.write(event.data)
+                except OSError as exc:
+                    self.body.close()
+                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    return
             elif isinstance(event, EndOfMessage):
                 self.phase = "busy"
                 self.deadline = math.inf
-                self._start(self.head, b"".join(self.body))
+                try:
+                    body = self.body.finish()
+                except OSError as exc:
+                    self.body.close()
+                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    return
+                self._start(self.head, body)
                 return
             elif isinstance(event, ConnectionEnded):
                 self.transport.close()
@@ -4713,14 +5108,19 @@ class TestClient:
         self.cookies.clear()
 
     def request(self, method, url, *, params=None, data=None, json=None, content=None, headers=None,
-                follow_redirects=None, json_body=None, body=b""):
+                follow_redirects=None, json_body=None, body=b"", files=None):
         """Send one request through the app and return a TestResponse. `url` is a path (with a
         query string if you like) or a full URL; `params` (a dict or pairs) is added to its query;
         `data` is form fields (a dict) or a raw body, `json` a value sent as JSON, `content` raw bytes.
         Redirects are followed when `follow_redirects` (default: the client's) is true, as a browser
         does: 301, 302 and 303 become a GET without a body (a HEAD stays a HEAD), 307 and 308 repeat
-        the request; a redirect to another host is not followed but returned."""
-        payload, content_type = _test_body(data, json if json is not None else json_body, content)
+        the request; a redirect to another host is not followed but returned.
+        `files={"avatar": ("me.png", b"...", "image/png")}` sends `data` and the files as
+        multipart/form-data."""
+        if files is not None:
+            payload, content_type = _multipart_body(data, files)
+        else:
+            payload, content_type = _test_body(data, json if json is not None else json_body, content)
         fields = {k.lower(): v for k, v in (headers.items() if isinstance(headers, dict) else headers or ())}
         if content_type:
             fields.setdefault("content-type", content_type)

@@ -3,6 +3,8 @@ from pathlib import Path
 import asyncio
 import base64
 import contextlib
+import hashlib
+import html
 import io
 import json
 import logging
@@ -596,6 +598,230 @@ def test_importing_the_testing_classes_into_a_test_module_gives_pytest_no_warnin
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
     assert "warning" not in run.stdout.lower(), run.stdout
+
+
+# ── multipart/form-data, uploads, before_request ─────────────────────────────
+
+MP_BODY = (b"preamble to ignore\r\n"
+           b"--XyZ\r\n"
+           b'Content-Disposition: form-data; name="title"\r\n\r\n'
+           b"caf\xc3\xa9 --XyZ not a boundary\r\n"
+           b"--XyZ  \r\n"  # transport padding after a boundary is allowed (RFC 2046 5.1.1)
+           b'Content-Disposition: form-data; name="doc"; filename="notes.txt"\r\n'
+           b"Content-Type: text/plain\r\n\r\n"
+           b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"
+           b"\r\n--XyZ--\r\nepilogue to ignore")
+
+
+def mp_events(body, splits):
+    """Feed `body` to a MultipartParser in pieces; return the events with data pieces joined."""
+    parser = asok.MultipartParser("XyZ")
+    events = []
+    for piece in [body[i:j] for i, j in zip([0] + splits, splits + [len(body)])] + [b""]:
+        for kind, value in parser.feed(piece):
+            if kind == "data" and events and events[-1][0] == "data":
+                events[-1] = ("data", events[-1][1] + value)
+            else:
+                events.append((kind, value))
+    return events
+
+
+def test_multipart_parser_byte_by_byte_and_in_one_piece():
+    whole = mp_events(MP_BODY, [])
+    assert whole == [
+        ("part", {"content-disposition": 'form-data; name="title"'}), ("data", "café --XyZ not a boundary".encode()),
+        ("end", None),
+        ("part", {"content-disposition": 'form-data; name="doc"; filename="notes.txt"', "content-type": "text/plain"}),
+        ("data", b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"), ("end", None), ("close", None)]
+    assert mp_events(MP_BODY, list(range(1, len(MP_BODY)))) == whole
+    for cut in range(1, len(MP_BODY)):
+        assert mp_events(MP_BODY, [cut]) == whole, cut
+
+
+def test_multipart_fields_and_files_reach_request_form_and_files(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        doc = request.files["doc"]
+        return {"form": dict(request.form), "files": list(request.files),
+                "doc": [doc.name, doc.filename, doc.content_type, doc.size, doc.read().decode()]}
+
+    client = asok.TestClient(app)
+    r = client.post("/up", body=MP_BODY, headers={"Content-Type": 'multipart/form-data; boundary="XyZ"'})
+    assert r.json() == {"form": {"title": "café --XyZ not a boundary"}, "files": ["doc"],
+                        "doc": ["doc", "notes.txt", "text/plain", 34, "line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"]}
+    # an empty file input (no file chosen) sends a part with no name and no bytes: not a file
+    app.route("/names", methods=["POST"], csrf=False)(lambda request: [dict(request.form), list(request.files)])
+    r = client.post("/names", data={"a": "1"}, files={"doc": ("", b"", "application/octet-stream")})
+    assert r.json() == [{"a": "1"}, []]
+
+
+@pytest.mark.parametrize("body, ctype, words", [
+    (MP_BODY[:-30], "boundary=XyZ", "ends before the closing boundary"),
+    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--XyZ junk\r\n", "boundary=XyZ",
+     "text after a boundary"),
+    (b"--XyZ\r\nno colon here\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "is not `Name: value`"),
+    (b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "needs Content-Disposition"),
+    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\n\xff\r\n--XyZ--\r\n", "boundary=XyZ",
+     "'a' is not valid UTF-8"),
+    (b"--XyZ--\r\n", "charset=utf-8", "needs a boundary parameter"),
+    (b"--" + b"b" * 71 + b"--\r\n", "boundary=" + "b" * 71, "1 to 70 characters"),
+    (b"just text", "boundary=XyZ", "ends before the closing boundary"),
+])
+def test_malformed_multipart_bodies_get_400_naming_the_problem(tmp_path, body, ctype, words):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/up", methods=["POST"], csrf=False)(lambda request: dict(request.form))
+    r = asok.TestClient(app).post("/up", body=body, headers={"Content-Type": "multipart/form-data; " + ctype})
+    assert r.status == 400 and words in html.unescape(r.text)
+
+
+def test_multipart_limits_hold_at_their_edge(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, max_form_parts=3, max_field_size=10, max_part_size=20, max_body=400)
+    app.route("/up", methods=["POST"], csrf=False)(
+        lambda request: {"n": len(request.form) + len(request.files), "sizes": [f.size for f in request.files.values()]})
+    client = asok.TestClient(app)
+
+    def post(fields=None, files=None):
+        body, ctype = asok._multipart_body(fields, files)
+        return client.post("/up", body=body, headers={"Content-Type": ctype})
+
+    assert post({"a": "1", "b": "2", "c": "3"}).json()["n"] == 3
+    r = post({"a": "1", "b": "2", "c": "3", "d": "4"})
+    assert r.status == 413 and "more than 3 parts (the limit)" in html.unescape(r.text)
+    assert post({"a": "x" * 10}).status == 200
+    r = post({"a": "x" * 11})
+    assert r.status == 413 and "form field 'a' is over 10 bytes" in html.unescape(r.text)
+    assert post(files={"f": ("f.bin", b"y" * 20, "application/octet-stream")}).json()["sizes"] == [20]
+    r = post(files={"f": ("f.bin", b"y" * 21, "application/octet-stream")})
+    assert r.status == 413 and "file 'f' is over 20 bytes" in html.unescape(r.text)
+    body, ctype = asok._multipart_body({"a": "1"})
+    padded = b"p" * (400 - len(body)) + b"\r\n" + body  # the preamble brings it to the limit
+    assert client.post("/up", body=padded[2:], headers={"Content-Type": ctype}).status == 200
+    r = client.post("/up", body=b"p" + padded[2:], headers={"Content-Type": ctype})
+    assert r.status == 413 and "the limit is 400 bytes" in html.unescape(r.text)
+    # a part's header section
+    head = b'Content-Disposition: form-data; name="a"\r\nX-Pad: '
+    for pad, status in ((asok.MULTIPART_MAX_HEADER - len(head), 200), (asok.MULTIPART_MAX_HEADER - len(head) + 1, 413)):
+        big = b"--XyZ\r\n" + head + b"p" * pad + b"\r\n\r\nv\r\n--XyZ--\r\n"
+        parser = asok.MultipartParser("XyZ")
+        if status == 200:
+            assert parser.feed(big)[0][0] == "part"
+        else:
+            with pytest.raises(asok.HTTPError) as info:
+                parser.feed(big)
+            assert info.value.status == 413 and "headers are over 8192 bytes" in info.value.detail
+
+
+@pytest.mark.parametrize("raw, safe", [
+    ("../../etc/passwd", "passwd"), ("..\\..\\boot.ini", "boot.ini"), ("C:\\Users\\me\\photo.png", "photo.png"),
+    ("a\x00.png", "a.png"), ("evil.php\x00.png", "evil.php.png"), ("..", ""), ("../", ""), ("/", ""),
+    (".bashrc", "bashrc"), ("new\nline.txt", "newline.txt"), ("ok name.txt", "ok name.txt"), ("é.png", "é.png"),
+])
+def test_an_uploaded_filename_is_never_a_path(tmp_path, raw, safe):
+    app = make_app(tmp_path, {"app.py": ""})
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        upload = request.files["f"]
+        try:
+            where = upload.save(folder)
+        except ValueError as exc:
+            where = str(exc)
+        return {"filename": upload.filename, "raw": upload.raw_filename, "where": str(where)}
+
+    body, ctype = asok._multipart_body(files={"f": ("PLACEHOLDER", b"data", "text/plain")})
+    quoted = raw.replace("\\", "\\\\").replace('"', '\\"').encode()
+    r = asok.TestClient(app).post("/up", body=body.replace(b"PLACEHOLDER", quoted), headers={"Content-Type": ctype})
+    got = r.json()
+    assert got["filename"] == safe and got["raw"] == raw
+    if safe:
+        assert got["where"] == str(folder / safe) and (folder / safe).read_bytes() == b"data"
+    else:
+        assert "no usable file name" in got["where"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder) == ["app.py"]
+
+
+def test_csrf_token_is_read_from_a_multipart_body(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    token = client.get("/form").text
+    r = client.post("/form", data={"csrf_token": token}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 200 and r.text == "accepted"
+    r = client.post("/form", data={"other": "1"}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 403 and "CSRF token missing" in html.unescape(r.text)
+    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 403 and "invalid" in html.unescape(r.text)
+
+
+def test_a_large_upload_through_the_server_waits_on_disk_and_arrives_whole(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    seen = {}
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        upload = request.files["f"]
+        seen["body_on_disk"] = not isinstance(request._body, bytes)
+        seen["file_on_disk"] = upload.file._rolled
+        return hashlib.sha256(upload.read()).hexdigest()
+
+    data = os.urandom(3 << 20)
+    body, ctype = asok._multipart_body({"x": "1"}, {"f": ("big.bin", data, "application/octet-stream")})
+    with running(app) as port:
+        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        status, _, answer = exchange(port, raw + body)
+        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
+        assert seen == {"body_on_disk": True, "file_on_disk": True}
+        chunked = b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + 70000]), body[i:i + 70000]) for i in range(0, len(body), 70000))
+        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        status, _, answer = exchange(port, raw + chunked + b"0\r\n\r\n")
+        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
+
+
+def test_a_body_the_disk_cannot_hold_gets_503_and_the_server_goes_on(tmp_path, monkeypatch):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/up", methods=["POST"], csrf=False)(lambda request: str(len(request.body)))
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(asok.tempfile, "TemporaryFile", lambda **kw: FullDisk())
+    with running(app) as port:
+        size = asok.BODY_MEMORY + 1
+        status, _, answer = exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size)
+        assert status == 503 and b"no room for the request body (No space left on device)" in answer
+        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")[2] == b"3"
+
+
+def test_before_request_may_answer_instead_of_pages_and_routes(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    calls = []
+
+    @app.before_request
+    def require_sign_in(request):
+        calls.append(request.path)
+        if request.path != "/signin" and not request.session.get("user"):
+            return asok.redirect("/signin")
+
+    @app.route("/signin")
+    def signin(request):
+        request.session["user"] = "ann"
+        return "signed in"
+
+    app.route("/api")(lambda: {"ok": True})
+    client = asok.TestClient(app)
+    for path in ("/", "/about", "/api", "/blog/x"):
+        r = client.get(path)
+        assert (r.status, r.header("location")) == (302, "/signin")
+    assert client.get("/static/site.css").status == 200  # static files do not pass through it
+    assert "/static/site.css" not in calls
+    assert client.get("/signin").text == "signed in"
+    assert client.get("/about").text == "<h1>about 2</h1>" and client.get("/api").json() == {"ok": True}
 
 
 def test_static_files_etag_last_modified_and_304(tmp_path):
@@ -1780,7 +2006,7 @@ def test_chunked_body_built_with_chunk_helpers(split):
     (b"3\r\nabc\rx0\r\n\r\n", 400, "missing CRLF after chunk data"),
     (b"3\rx\r\nabc\r\n0\r\n\r\n", 400, "bare CR in chunk size line"),
     (b"3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n", 400, "chunk size line too long"),
-    (b"8\r\n12345678\r\n9\r\n", 413, "request body too large"),
+    (b"8\r\n12345678\r\n9\r\n", 413, "request body too large: the limit is 16 bytes"),
     (b"0\r\nX-Bad : 1\r\n\r\n", 400, "whitespace before colon in header"),
 ])
 @pytest.mark.parametrize("split", SPLITS)
@@ -2697,6 +2923,53 @@ def test_refused_calls_get_an_error_and_change_nothing(live_app, method, args, c
     assert reply["error"]["code"] == code and words in reply["error"]["message"]
     assert counter.state["count"] == 11
     assert "Count: 11 / 1" in client.get("/").text
+
+
+def test_authorize_and_live_error_refuse_with_their_message_and_change_nothing(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Vault.py": '''
+            from asok import Component, LiveError, exposed
+
+            class Vault(Component):
+                gold = 5
+                note = ""
+                calls = []
+
+                def authorize(self, method, args):
+                    self.calls.append(method)  # state changes made here are dropped with the refusal
+                    if method == "take" and not self.session.get("user"):
+                        raise LiveError("sign_in", "sign in to take gold")
+                    return method != "melt"
+
+                @exposed
+                def take(self, n: int):
+                    if n > self.gold:
+                        raise LiveError("too_much", f"only {self.gold} left")
+                    self.gold -= n
+
+                @exposed
+                def melt(self):
+                    self.gold = 0
+
+                @exposed
+                def look(self):
+                    pass
+        ''',
+        "src/components/vault.html": "<p><< gold >> <input ws-model='note'></p>",
+        "src/pages/index.html": "<body><< component('Vault') >></body>",
+    })
+    app.route("/signin")(lambda request: request.session.update(user="ann") or "ok")
+    client = asok.TestClient(app)
+    vault = client.live("/", "Vault")
+    assert vault.call("take", 2)["error"] == {"code": "sign_in", "message": "sign in to take gold"}
+    assert vault.call("melt")["error"] == {"code": "forbidden", "message": "Vault.melt is not allowed"}
+    assert vault.state["gold"] == 5 and vault.state["calls"] == []
+    assert "<p>5 " in client.get("/").text
+    assert "error" not in vault.call("look") and vault.state["calls"] == ["look"]
+    assert "error" not in vault.call("$model", "note", "x") and vault.state["calls"] == ["look", "$model"]
+    client.get("/signin")
+    assert vault.call("take", 9)["error"] == {"code": "too_much", "message": "only 5 left"}
+    assert "error" not in vault.call("take", 2) and vault.state["gold"] == 3
 
 
 def test_tampered_foreign_and_stale_states_are_refused(live_app):
