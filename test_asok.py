@@ -4080,7 +4080,8 @@ class SocketTab:
                 name, _, rest = value.partition("=")
                 jar[name] = rest.split(";")[0]
         self.csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
-        self.components = {name: [cid, state] for cid, name, state in asok._find_components(page)}
+        self.components = {el.attrs["data-asok-component"]: [el.attrs["id"], el.attrs["data-asok-state"]]
+                           for el in asok._parse_html(page).walk() if "data-asok-component" in el.attrs}
         self.ws = asok.WebSocketClient.connect(
             f"ws://127.0.0.1:{port}/asok/live", origin=f"http://127.0.0.1:{port}",
             headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())})
