@@ -18,6 +18,7 @@ deps: $(VENV)/.deps
 
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx-light; }
 
 test: deps browser
 	$(VPY) -m pytest -q test_asok.py

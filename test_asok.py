@@ -3980,6 +3980,93 @@ def test_cli_sigterm_sends_1001_to_open_websockets():
         assert proc.wait(15) == 0
 
 
+# ── behind nginx terminating TLS, as README's "Deploying" shows ──────────────
+
+NGINX_SITE = """
+    # Host as the browser sent it, the WebSocket upgrade passed on, the scheme for Secure cookies
+    map $http_upgrade $connection_upgrade { default upgrade; '' close; }
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        ssl_certificate %(dir)s/cert.pem;
+        ssl_certificate_key %(dir)s/key.pem;
+        location / {
+            proxy_pass http://127.0.0.1:%(upstream)d;
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+        }
+    }
+"""
+
+
+@contextlib.contextmanager
+def nginx_tls_proxy(tmp_path, upstream):
+    """Debian's nginx on a free port, TLS with a throw-away certificate, in front of `upstream`."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if exe is None or shutil.which("openssl") is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("nginx or openssl is missing under CI (make test installs nginx-light)")
+        pytest.skip("nginx is not installed (make test installs nginx-light with apt-get)")
+    folder = tmp_path / "nginx"
+    folder.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    site = NGINX_SITE % {"port": port, "dir": folder, "upstream": upstream}
+    (folder / "nginx.conf").write_text(
+        f"daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; client_body_temp_path {folder}; proxy_temp_path {folder};\n{site}}}\n")
+    proc = subprocess.Popen([exe, "-c", str(folder / "nginx.conf"), "-p", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None or _accepts(port))
+        assert proc.poll() is None, (folder / "error.log").read_text()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_behind_a_tls_proxy_the_cookie_is_secure_and_the_live_socket_works(tmp_path):
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect as websockets_connect
+    import ssl
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    with serve_process(app_dir, env={"FORWARDED_ALLOW_IPS": "127.0.0.1"}) as (upstream, _), \
+            nginx_tls_proxy(tmp_path, upstream) as port:
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/", context=tls, timeout=10) as r:
+            page, cookie = r.read().decode(), r.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie
+        (cid, name, state), = asok._find_components(page)
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
+        with websockets_connect(f"wss://127.0.0.1:{port}/asok/live", ssl=tls, open_timeout=10,
+                                origin=f"https://127.0.0.1:{port}",
+                                additional_headers={"Cookie": cookie.split(";")[0]}) as ws:
+            ws.send(json.dumps({"id": "t:1", "cid": cid, "component": name, "state": state,
+                                "method": "increment", "args": [], "csrf": csrf}))
+            for _ in range(10):
+                reply = json.loads(ws.recv(timeout=10))
+                if reply.get("id") == "t:1":
+                    break
+            assert "Count: 11" in reply["html"]
+
+
 # ── serve --workers ──────────────────────────────────────────────────────────
 
 def worker_pids(parent):
