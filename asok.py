@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Asok", "Component", "exposed", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
-    "Session", "SessionStore", "FileSessionStore", "Signer", "BadSignature", "LiveError",
-    "UploadedFile", "MultipartParser",
+    "Session", "SessionStore", "FileSessionStore", "StoreUnavailable", "SessionTooLarge",
+    "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
     "TestClient", "serve", "serve_workers", "load_app", "main",
 ]
@@ -41,6 +41,7 @@ import base64
 import builtins
 import codecs
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -2393,6 +2394,20 @@ class LiveError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+class StoreUnavailable(Exception):
+    """The session store could not read or write (a full disk, an I/O error, a read-only
+    folder), so nothing was saved. A live event answers `store_unavailable`, a page or a
+    route 503. `reason` is the storage problem in a few words."""
+
+    def __init__(self, message, reason):
+        self.reason = reason
+        super().__init__(message)
+
+
+class SessionTooLarge(ValueError):
+    """A session record would be larger than the store's `max_record` bytes; it was not saved."""
+
+
 # ═══════════════════════════════════════════════════════════════════════
 # Signing and keys (DESIGN §6)
 # ═══════════════════════════════════════════════════════════════════════
@@ -2438,6 +2453,23 @@ class Signer:
         raise BadSignature("signature does not match")
 
 
+# The one place the key file and the session store write through: tests put a full disk here.
+_os_write = os.write
+_os_fsync = os.fsync
+KEY_FILE_WAIT = 1.0   # seconds a reader waits for a short key file to fill before judging it
+
+
+def _write_all(fd, data):
+    """Write every byte of `data` or raise OSError: os.write may write less than asked (a
+    nearly full disk does), so the rest is written again; a write of nothing is ENOSPC."""
+    view = memoryview(data)
+    while view:
+        written = _os_write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
 def _load_master_keys(app_dir, secret_key, debug, fallbacks):
     """SECRET_KEY, else a deterministic key in debug, else a random key kept in .asok/secret_key."""
     if secret_key:
@@ -2445,19 +2477,70 @@ def _load_master_keys(app_dir, secret_key, debug, fallbacks):
     elif debug:
         first = hashlib.sha256(b"asok development key:" + str(app_dir).encode()).digest()
     else:
-        path = Path(app_dir, ".asok", "secret_key")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            first = path.read_bytes().strip()
-        else:
-            first = secrets.token_hex(32).encode()
-            with os.fdopen(fd, "wb") as f:
-                f.write(first)
-        if len(first) < 32:
-            raise RuntimeError(f"{path} holds a key shorter than 32 bytes; delete it to make a new one")
+        first = _key_from_file(Path(app_dir, ".asok", "secret_key"))
     return [first] + [k.encode() if isinstance(k, str) else k for k in fallbacks if k]
+
+
+def _key_from_file(path):
+    """The key in `path`, made on first use. A new key is written to a temporary file, fsynced
+    and linked into place, so nobody reads half a key and processes starting together agree
+    on one. A short key (something writing it in place) is read again for KEY_FILE_WAIT; an
+    empty file left by a start that could not write is replaced; a short one is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + KEY_FILE_WAIT
+    for _ in range(1000):
+        try:
+            key = path.read_bytes().strip()
+        except FileNotFoundError:
+            try:
+                return _new_key_file(path, replace=False)
+            except FileExistsError:
+                continue  # another process linked its key first: read that one
+        if len(key) >= 32:
+            return key
+        if time.monotonic() < deadline:
+            time.sleep(0.02)
+        elif key:
+            break
+        elif (key := _replace_empty_key_file(path)) is not None:
+            return key
+    raise RuntimeError(f"{path} holds a key shorter than 32 bytes; delete it to make a new one")
+
+
+def _new_key_file(path, replace):
+    key = secrets.token_hex(32).encode()
+    temp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _write_all(fd, key)
+            _os_fsync(fd)
+        finally:
+            os.close(fd)
+        (os.replace if replace else os.link)(temp, path)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            raise
+        raise RuntimeError(f"cannot create the secret key file {path}: {exc.strerror or exc}") from exc
+    finally:
+        temp.unlink(missing_ok=True)
+    return key
+
+
+def _replace_empty_key_file(path):
+    """Replace an empty key file with a new key, under flock on the empty file so that of
+    several processes finding it only one replaces it; None if someone else did."""
+    with open(path, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        st = os.fstat(f.fileno())
+        try:
+            still_there = os.stat(path).st_ino == st.st_ino
+        except FileNotFoundError:
+            still_there = False
+        if st.st_size or not still_there:
+            return None
+        log.warning("%s is empty (a start that could not write it left it); making a new key", path)
+        return _new_key_file(path, replace=True)
 
 
 # ═══════════════════════════════════════════════════════════════════════
@@ -2471,11 +2554,14 @@ _LOCK_STRIPES = 256
 SESSION_CACHE_SIZE = 4096     # session records a process keeps parsed
 SESSION_OPEN_FILES = 256      # session files a process keeps open for appending
 SESSION_LOG_MAX = 64 * 1024   # a session file is compacted to one line past this size
+SESSION_MAX_RECORD = 1 << 20  # bytes of one saved session record; a larger save is refused
 
 
 class Session(dict):
     """A dict of the user's data. Assigning or deleting a key marks it modified by itself;
-    a nested change needs `session.modified = True`, as in Flask and the seed."""
+    a nested change needs `session.modified = True`, as in Flask and the seed.
+    `regenerate()` gives it a new id (call it at sign-in); `clear()` empties it, component
+    states included (sign-out)."""
 
     def __init__(self, data=None, sid=None):
         super().__init__(data or ())
@@ -2486,6 +2572,8 @@ class Session(dict):
         self.changed = set()
         self.deleted = set()
         self.modified = False
+        self.cleared = False
+        self.previous_sid = None  # the id regenerate() replaced, deleted when the session is saved
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -2516,12 +2604,28 @@ class Session(dict):
             self[key] = value
 
     def clear(self):
+        """Forget everything: the data and every component's state (what sign-out needs).
+        Pages open before keep working only after a reload (their states get `bad_state`)."""
         for key in list(self):
             del self[key]
+        self.live = {}
+        self.seq += 1  # components rendered after this get tokens the cleared record accepts
+        self.cleared = self.modified = True
+
+    def regenerate(self):
+        """Give the session a new id, so a new cookie and a new CSRF token, keeping its data.
+        Call it at sign-in: an id planted in the browser before (session fixation) stops
+        working, because the old id is deleted when the session is saved."""
+        if self.sid is not None and self.previous_sid is None:
+            self.previous_sid = self.sid
+        self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
+        self.new = self.modified = True
 
     def merge_into(self, data):
         """Apply this request's changes onto `data` freshly read under the lock,
         so two processes writing different keys both keep their writes."""
+        if self.cleared:
+            data.clear()
         keys = self.keys() if self.modified and not (self.changed or self.deleted) else self.changed
         for key in keys:
             if key in self:
@@ -2533,7 +2637,11 @@ class Session(dict):
 
 class SessionStore:
     """Where sessions live. A record is a JSON-safe dict: {"data": {...}, "live": {...}}.
-    `update(sid, fn)` is a read-modify-write under a lock shared by every process."""
+    `load(sid)` returns the record (a copy of its own for the caller) or None.
+    `update(sid, fn)` runs fn(record) once on a copy, under a lock shared by every process,
+    and saves the record fn changed; if fn raises, nothing is saved. A store that cannot
+    read or write raises StoreUnavailable, leaving the previous record intact; a record over
+    the store's size cap raises SessionTooLarge. Neither is ever reported as saved."""
 
     def load(self, sid):
         raise NotImplementedError
@@ -2553,24 +2661,28 @@ class SessionStore:
 
 class FileSessionStore(SessionStore):
     """One file per session under `folder`. Each save appends the whole record as one JSON
-    line in a single write(), so a save costs one small append instead of a rename (on ext4 a
+    line in one write, so a save costs one small append instead of a rename (on ext4 a
     rename over an existing file forces a block allocation: ~100 µs against ~3 µs). Loading
     takes the last complete line; a line torn by a crash is skipped. When the file grows past
-    SESSION_LOG_MAX it is rewritten to one line through a temporary file and `os.replace`.
-    `flock` on one of _LOCK_STRIPES lock files (plus a thread lock) guards read-modify-write
-    across threads and processes. A file unchanged since this process last read or wrote it
-    (same inode, size and mtime) is not read again."""
+    SESSION_LOG_MAX (or four records) it is rewritten to one line: a temporary file, written,
+    fsynced and checked for length, then `os.replace`, so a crash at any point leaves either
+    the old file or the new one. A write the disk refuses or cuts short is truncated back off
+    the file and raises StoreUnavailable. `flock` on one of _LOCK_STRIPES lock files (plus a
+    thread lock) guards read-modify-write across threads and processes. The cache keeps the
+    last line read or written of recent files, keyed by (inode, size, mtime), and parses it
+    for each caller: nobody shares a live object with a writer."""
 
-    def __init__(self, folder, lifetime=SESSION_LIFETIME):
+    def __init__(self, folder, lifetime=SESSION_LIFETIME, max_record=SESSION_MAX_RECORD):
         self.folder = Path(folder)
         self.lifetime = lifetime
+        self.max_record = max_record
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_dir = self.folder / "locks"
         self._lock_dir.mkdir(exist_ok=True)
         self._lock_fds = {}
         self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._fd_lock = threading.Lock()
-        self._cache = {}  # path -> ((inode, size, mtime_ns), record)
+        self._cache = {}  # path -> ((inode, size, mtime_ns), the record's JSON line)
         self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
 
     def _path(self, sid):
@@ -2586,43 +2698,59 @@ class FileSessionStore(SessionStore):
         with self._fd_lock:
             fd = self._lock_fds.get(stripe)
             if fd is None:
-                fd = os.open(self._lock_dir / f"{stripe:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+                path = self._lock_dir / f"{stripe:03d}"
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError as exc:
+                    raise _unavailable("open the lock file", path, exc) from exc
                 self._lock_fds[stripe] = fd
         return _StoreLock(self._thread_locks[stripe], fd)
 
     def _read(self, path):
-        """(record or None, bytes in the file, whether it ends with a complete line, its inode)."""
+        """(record or None, bytes in the file, whether it ends with a complete line, its inode).
+        The record is the caller's own; a file that cannot be read raises StoreUnavailable."""
         try:
             st = os.stat(path)
-        except OSError:
-            return None, 0, True, 0
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        cached = self._cache.get(path)
-        if cached is not None and cached[0] == stamp:
-            record, size, clean_end = cached[1], st.st_size, True
-        else:
-            try:
+            cached = self._cache.get(path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if cached is not None and cached[0] == stamp:
+                record, size, clean_end = json.loads(cached[1]), st.st_size, True
+            else:
                 with open(path, "rb") as f:
                     raw = f.read()
-            except OSError:
-                return None, 0, True, 0
-            size, clean_end = len(raw), raw.endswith(b"\n") or not raw
-            last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
-            record = _json_record(raw[last:]) if clean_end else None
-            if record is None:  # the last line is torn: take the newest whole one
-                record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
-            if record is not None and clean_end:  # a torn file is re-read (and mended) by the next save
-                self._remember(path, stamp, record)
-        if record is not None and record.get("expires", 0) < time.time():
+                record, size, clean_end = self._parse(path, stamp, raw)
+        except FileNotFoundError:
+            return None, 0, True, 0
+        except OSError as exc:
+            raise _unavailable("read", path, exc) from exc
+        expires = record.get("expires", 0) if record is not None else 0
+        if record is not None and not (isinstance(expires, (int, float)) and expires >= time.time()):
             record = None
         return record, size, clean_end, st.st_ino
 
-    def _remember(self, path, stamp, record):
+    def _parse(self, path, stamp, raw):
+        size, clean_end = len(raw), raw.endswith(b"\n") or not raw
+        last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
+        record = _json_record(raw[last:]) if clean_end else None
+        if record is not None:
+            self._remember(path, stamp, raw[last:])
+        else:  # the last line is torn: take the newest whole one (the next save mends the file)
+            record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
+        return record, size, clean_end
+
+    def _remember(self, path, stamp, line):
         cache = self._cache
         cache.pop(path, None)
-        cache[path] = (stamp, record)
+        cache[path] = (stamp, line)
         if len(cache) > SESSION_CACHE_SIZE:
             del cache[next(iter(cache))]
+
+    def _forget(self, path):
+        """After a failed write: nothing about this file is trusted until it is read again."""
+        self._cache.pop(path, None)
+        entry = self._append_fds.pop(path, None)
+        if entry is not None:
+            os.close(entry[1])
 
     def load(self, sid):
         try:
@@ -2634,20 +2762,49 @@ class FileSessionStore(SessionStore):
     def _write(self, path, record, size, clean_end, ino):
         record["expires"] = int(time.time()) + self.lifetime
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        if size + len(line) > SESSION_LOG_MAX:
-            target = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        if len(line) > self.max_record:
+            raise SessionTooLarge(f"the session record would be {len(line)} bytes; "
+                                  f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
+        try:
+            if size + len(line) > max(SESSION_LOG_MAX, 4 * len(line)):
+                st = self._compact(path, line)
+            else:
+                st = self._append(path, line, size, clean_end, ino)
+        except OSError as exc:
+            self._forget(path)
+            raise _unavailable("write", path, exc) from exc
+        self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), line)
+
+    def _append(self, path, line, size, clean_end, ino):
+        fd = self._append_fd(path, ino)
+        try:
+            _write_all(fd, line if clean_end else b"\n" + line)
+            return os.fstat(fd)
+        except OSError:
+            try:  # leave the file as it was: a reader must not find half of this line
+                os.ftruncate(fd, size)
+            except OSError:
+                log.error("could not truncate %s back to %d bytes; its torn last line is skipped", path, size)
+            raise
+
+    def _compact(self, path, line):
+        target = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.write(fd, line)
+                _write_all(fd, line)
+                _os_fsync(fd)
                 st = os.fstat(fd)
             finally:
                 os.close(fd)
+            if st.st_size != len(line):
+                raise OSError(errno.EIO, f"the new file holds {st.st_size} of {len(line)} bytes")
             os.replace(target, path)
-        else:
-            fd = self._append_fd(path, ino)
-            os.write(fd, line if clean_end else b"\n" + line)
-            st = os.fstat(fd)
-        self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), record)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+        return st
 
     def _append_fd(self, path, ino):
         """An O_APPEND descriptor for path, kept open while path is still that inode (`ino`,
@@ -2668,53 +2825,88 @@ class FileSessionStore(SessionStore):
         path = self._path(sid)
         with self._lock(sid):
             _, size, clean_end, ino = self._read(path)
-            self._write(path, record, size, clean_end, ino)
+            self._write(path, dict(record), size, clean_end, ino)
 
     def delete(self, sid):
         path = self._path(sid)
         with self._lock(sid):
-            self._cache.pop(path, None)
-            entry = self._append_fds.pop(path, None)
-            if entry is not None:
-                os.close(entry[1])
+            self._forget(path)
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            except OSError as exc:
+                raise _unavailable("delete", path, exc) from exc
 
     def update(self, sid, fn):
-        """Run fn(record) under the session's lock and save the record it changed;
-        if fn raises, nothing is written."""
+        """Run fn(record) under the session's lock and save the record it changed. The record
+        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere."""
         path = self._path(sid)
         with self._lock(sid):
             record, size, clean_end, ino = self._read(path)
             record = record or {"data": {}, "live": {}}
-            try:
-                result = fn(record)
-            except BaseException:
-                self._cache.pop(path, None)  # fn may have changed the cached record in place
-                raise
+            result = fn(record)
             self._write(path, record, size, clean_end, ino)
             return result
 
     def collect(self, max_age=None):
-        """Delete expired session files; returns how many went."""
+        """Delete expired session files; returns how many went. If every session looks
+        expired, the clock has more likely jumped than every user left: none is deleted."""
         now = time.time()
-        removed = 0
+        limit = max_age or self.lifetime
+        total, expired = 0, []
         for path in self.folder.glob("*.json"):
-            try:
-                if path.stat().st_mtime + (max_age or self.lifetime) < now:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
+            total += 1
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime + limit < now:
+                    expired.append(path)
+        if expired and len(expired) == total:
+            log.warning("session collector: all %d sessions in %s look expired; has the clock jumped? "
+                        "deleting none", total, self.folder)
+            return 0
+        for path in expired:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
         for path in self.folder.glob("*.tmp"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime + 3600 < now:
                     path.unlink()
-            except FileNotFoundError:
-                pass
-        return removed
+        return len(expired)
+
+
+def _unavailable(action, path, exc):
+    reason = exc.strerror or str(exc)
+    return StoreUnavailable(f"the session store cannot {action} {path}: {reason}", reason)
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _record_problem(record):
+    """What is wrong with the shape of a session record (as asok writes it), or None."""
+    if not isinstance(record.get("data", {}), dict):
+        return "'data' is not an object"
+    live, dropped = record.get("live", {}), record.get("dropped", {})
+    if not isinstance(live, dict) or not isinstance(dropped, dict):
+        return "'live' or 'dropped' is not an object"
+    for cid, entry in live.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("c"), str) and isinstance(entry.get("s"), dict)
+                and _is_int(entry.get("v")) and _is_int(entry.get("q", 0))
+                and isinstance(entry.get("ids", ()), (list, dict))):
+            return f"the component state {cid[:60]!r} is malformed"
+    if not all(_is_int(value) for value in dropped.values()):
+        return "'dropped' holds a value that is not an integer"
+    if not (_is_int(record.get("seq", 0)) and _is_int(record.get("floor", 0))):
+        return "'seq' or 'floor' is not an integer"
+    return None
+
+
+def _clear_live(record, seq):
+    """session.clear(): every component state goes, and every state token issued before
+    (their sequence numbers are lower than `seq`) is refused from now on."""
+    record["live"], record["dropped"] = {}, {}
+    record["seq"] = record["floor"] = max(seq, record.get("seq", 0) + 1)
 
 
 def _json_record(line):
@@ -3830,14 +4022,22 @@ class Asok:
                 sid = None
             if sid is not None and not _SESSION_ID_RE.match(sid):
                 sid = None
-        record = self.sessions.load(sid) if sid else None
-        session = Session((record or {}).get("data"), sid)
-        if record:
-            session.live = record.get("live", {})
-            session.seq = record.get("seq", 0)
-            if session:  # a private copy: the store's cache must not see unsaved nested changes
-                dict.update(session, json.loads(json.dumps(record["data"])))
+        record = self._checked_record(self.sessions.load(sid), sid) if sid else None
+        if record is None or record.get("replaced"):  # a session moved away by regenerate() stays dead
+            return Session(None, sid if record is None else None)
+        session = Session(record.get("data"), sid)  # the store's copy is this request's own
+        session.live = record.get("live", {})
+        session.seq = record.get("seq", 0)
         return session
+
+    def _checked_record(self, record, sid):
+        """`record`, or None (a fresh session) if its shape is wrong, which is logged."""
+        problem = record is not None and _record_problem(record)
+        if problem:
+            log.warning("session %s…: the stored record is malformed (%s); starting a fresh session",
+                        sid[:8], problem)
+            return None
+        return record
 
     def _ensure_session(self, session):
         if session.sid is None:
@@ -3877,9 +4077,15 @@ class Asok:
         if session is None or not (session.modified or session.new):
             return
         sid = self._ensure_session(session)
-        if session.modified:  # a new session with nothing in it needs a cookie, not a file
+        if session.previous_sid:
+            self._move_session(session)
+        elif session.modified:  # a new session with nothing in it needs a cookie, not a file
 
             def apply(record):
+                if self._checked_record(record, sid) is None:
+                    record.clear()
+                if session.cleared:
+                    _clear_live(record, session.seq)
                 record["data"] = session.merge_into(record.get("data") or {})
 
             self.sessions.update(sid, apply)
@@ -3887,6 +4093,36 @@ class Asok:
                             max_age=self.session_lifetime, secure=request.scheme == "https")
         self._maybe_collect()
 
+    def _move_session(self, session):
+        """After regenerate(): the record under the old id goes to the new one with this
+        request's changes, then the old id is left as a tombstone, so its cookie gets a fresh
+        session and its open live sockets get `no_session`. The copy is written first: if
+        either write fails nothing is lost; if the old record changed meanwhile (a live event
+        on it), it is copied again."""
+        old, sid = session.previous_sid, session.sid
+        for attempt in range(3):
+            source = self._checked_record(self.sessions.load(old), old) or {"data": {}, "live": {}}
+            snapshot = json.dumps(source, sort_keys=True)
+
+            def fill(record):
+                record.clear()
+                record.update(json.loads(snapshot))
+                record.pop("replaced", None)
+                if session.cleared:
+                    _clear_live(record, session.seq)
+                record["data"] = session.merge_into(record.get("data") or {})
+
+            def bury(record):
+                if attempt < 2 and record and json.dumps(record, sort_keys=True) != snapshot:
+                    return False
+                record.clear()
+                record.update(data={}, live={}, replaced=True)
+                return True
+
+            self.sessions.update(sid, fill)
+            if self.sessions.update(old, bury):
+                break
+        session.previous_sid = None
     def _maybe_collect(self):
         now = time.monotonic()
         if now - self._last_collect > SESSION_COLLECT_EVERY:
@@ -3911,6 +4147,9 @@ class Asok:
             response = self._dispatch(request)
         except HTTPError as exc:
             response = self.error_response(exc.status, exc.detail, exc.headers)
+        except StoreUnavailable as exc:
+            log.error("%s %s: %s", request.method, request.path, exc)
+            response = self._store_unavailable(exc)
         except Exception as exc:
             log.exception("error handling %s %s", request.method, request.path)
             response = self.error_response(500, _describe(exc) if self.debug else None, tb=traceback.format_exc())
@@ -3918,6 +4157,12 @@ class Asok:
             request.close()
         try:
             self._finish_session(request, response)
+        except StoreUnavailable as exc:
+            log.error("%s %s: %s", request.method, request.path, exc)
+            response = self._store_unavailable(exc)
+        except SessionTooLarge as exc:
+            log.error("%s %s: %s", request.method, request.path, exc)
+            response = self.error_response(500, f"could not save the session: {exc}")
         except Exception:
             log.exception("could not save the session")
             response = self.error_response(500, "could not save the session")
@@ -3926,6 +4171,10 @@ class Asok:
                 response.headers.append(("Content-Length", str(len(response.body))))
             response.body = b""
         return response
+
+    def _store_unavailable(self, exc):
+        return self.error_response(503, f"The session storage is unavailable ({exc.reason}), so nothing "
+                                        "was saved. Try again in a moment.", [("Retry-After", "5")])
 
     def _dispatch(self, request):
         path = request.path
@@ -4075,6 +4324,13 @@ class Asok:
         except LiveError as exc:
             log.warning("live event refused: %s: %s", exc.code, exc.message)
             return _live_error(rid, exc.code, exc.message)
+        except StoreUnavailable as exc:
+            log.error("live event not saved: %s", exc)
+            return _live_error(rid, "store_unavailable", f"the session storage is unavailable ({exc.reason}); "
+                                                         "the change was not saved, try again")
+        except SessionTooLarge as exc:
+            log.warning("live event refused: session_too_large: %s", exc)
+            return _live_error(rid, "session_too_large", f"{exc}; the change was not saved")
         except Exception as exc:
             log.exception("live event failed")
             detail = _describe(exc) if self.debug else "see the server log"
@@ -4118,6 +4374,10 @@ class Asok:
             call = (method, _bind_args(cls, method, args))
 
         def apply(record):
+            if record.get("replaced"):
+                raise LiveError("no_session", "this session was replaced (a sign-in); reload the page")
+            if self._checked_record(record, sid) is None:
+                record.clear()
             live = record.setdefault("live", {})
             stored = live.get(cid)
             if stored and stored.get("c") != name:
@@ -4132,6 +4392,7 @@ class Asok:
                 state, version = payload["s"], payload["v"]
             session = Session(record.get("data"), sid)
             session.live = live
+            session.seq = record.get("seq", 0)
             request = _LiveContext(self, session, sid)
             context = self._context(request, cid)
             comp = cls._restore(self, state, session, cid, context)
@@ -4145,6 +4406,12 @@ class Asok:
                     getattr(comp, call[0])(*call[1])
                 version += 1
                 recent = (recent + [rid])[-LIVE_RECENT_IDS:]
+            if session.previous_sid:
+                raise RuntimeError("session.regenerate() needs an HTTP response to set the new cookie: "
+                                   "call it in a route or a page (the sign-in POST), not in a live event")
+            if session.cleared:
+                _clear_live(record, session.seq)
+                live, dropped = record["live"], record["dropped"]
             new_state = comp._checked_state()
             inner = comp.render()
             # Every save gets the session's next sequence number, carried by the tokens it issues.
@@ -4434,7 +4701,12 @@ class _ASGIApp:
             await send({"type": "websocket.close", "code": 1008})
             return
         request.params = params
-        await asyncio.get_running_loop().run_in_executor(app.executor, lambda: request.session)
+        try:
+            await asyncio.get_running_loop().run_in_executor(app.executor, lambda: request.session)
+        except Exception:
+            log.exception("WebSocket upgrade %s failed", request.path)
+            await send({"type": "websocket.close", "code": CloseCode.INTERNAL_ERROR})
+            return
         await send({"type": "websocket.accept"})
         ws = _ASGIWebSocket(request, receive, send)
         await _run_ws_handler(route, ws, params)
@@ -4857,7 +5129,16 @@ class _HTTPConnection(asyncio.Protocol):
         if not _origin_allowed(request, route):
             self._refuse(403, f"origin {request.headers.get('origin')} may not open this WebSocket")
             return
-        await _in_thread(self.loop, self.app.executor, lambda: request.session)
+        try:
+            await _in_thread(self.loop, self.app.executor, lambda: request.session)
+        except StoreUnavailable as exc:
+            log.error("WebSocket upgrade %s: %s", head.target, exc)
+            self._refuse(503, f"the session storage is unavailable ({exc.reason})")
+            return
+        except Exception:
+            log.exception("WebSocket upgrade %s failed", head.target)
+            self._refuse(500, "the server failed to open this WebSocket")
+            return
         if self.closed:
             return
         request.params = params

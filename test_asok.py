@@ -1162,6 +1162,297 @@ def test_keys_are_derived_per_purpose_and_rotate(tmp_path):
     assert "k" * 32 not in repr(app._state_signer)
 
 
+class FullDisk:
+    """A stand-in for os.write on a disk with `room` bytes left: a write past it is cut short,
+    and the next one fails with ENOSPC, as a nearly full filesystem does."""
+
+    def __init__(self, room=0, errno_=asok.errno.ENOSPC):
+        self.room = room
+        self.errno = errno_
+        self.calls = 0
+
+    def __call__(self, fd, data):
+        self.calls += 1
+        if self.room <= 0:
+            raise OSError(self.errno, os.strerror(self.errno))
+        n = os.write(fd, bytes(data[:self.room]))
+        self.room -= n
+        return n
+
+
+def session_files(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).glob("*.json")}
+
+
+@pytest.mark.parametrize("disk", [FullDisk(0), FullDisk(7), FullDisk(0, asok.errno.EIO),
+                                  FullDisk(0, asok.errno.EROFS)], ids=["enospc", "short-write", "eio", "erofs"])
+def test_a_session_save_the_disk_refuses_gets_503_and_changes_nothing(tmp_path, monkeypatch, disk):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    before = session_files(tmp_path / ".asok" / "sessions")
+    monkeypatch.setattr(asok, "_os_write", disk)
+    r = client.get("/set/a/2")
+    assert r.status == 503 and r.header("retry-after") == "5"
+    assert os.strerror(disk.errno) in r.text and "nothing was saved" in r.text
+    assert session_files(tmp_path / ".asok" / "sessions") == before  # truncated back, byte for byte
+    assert client.get("/get/a").text == "1"  # and the running process does not remember the 2
+    monkeypatch.setattr(asok, "_os_write", os.write)  # space comes back
+    assert client.get("/set/a/3").status == 200
+    restarted = asok.TestClient(session_app(tmp_path))
+    restarted.cookies = dict(client.cookies)
+    assert restarted.get("/get/a").text == "3"
+
+
+@pytest.mark.parametrize("fault", ["short-write", "fsync"])
+def test_a_compaction_the_disk_refuses_keeps_the_old_file(tmp_path, monkeypatch, fault):
+    store = asok.FileSessionStore(tmp_path)
+    sid, path = "c" * 43, tmp_path / ("c" * 43 + ".json")
+    for _ in range(4):  # four lines of a fifth of SESSION_LOG_MAX: the next save compacts
+        store.save(sid, {"data": {"n": 1, "pad": "x" * (asok.SESSION_LOG_MAX // 5)}, "live": {}})
+    before = path.read_bytes()
+    if fault == "short-write":
+        monkeypatch.setattr(asok, "_os_write", FullDisk(1000))
+    else:
+        def failing_fsync(fd):
+            raise OSError(asok.errno.EIO, "Input/output error")
+        monkeypatch.setattr(asok, "_os_fsync", failing_fsync)
+    with pytest.raises(asok.StoreUnavailable) as refused:  # the second save compacts the file
+        store.update(sid, lambda record: record["data"].update(n=2))
+    assert refused.value.reason in ("No space left on device", "Input/output error")
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    assert store.load(sid)["data"]["n"] == 1
+    monkeypatch.undo()
+    store.update(sid, lambda record: record["data"].update(n=2))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 2
+    assert path.read_bytes().count(b"\n") == 1  # that save was the compaction the disk refused
+
+
+def _compact_forever(folder, sid, out):
+    store = asok.FileSessionStore(folder)
+    for n in range(1, 100000):
+        store.update(sid, lambda record: record["data"].update(n=n, pad="x" * 30000))  # compacts every 2 saves
+        os.write(out, b"%d\n" % n)  # acknowledged
+
+
+def test_kill_9_during_compaction_loses_no_acknowledged_save(tmp_path):
+    sid = "k" * 43
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        read_end, write_end = os.pipe()
+        child = ctx.Process(target=_compact_forever, args=(tmp_path, sid, write_end))
+        child.start()
+        os.close(write_end)
+        acked, buf = 0, b""
+        while acked < 3 + 7 * round_:  # let it run a different while each round
+            chunk = os.read(read_end, 4096)
+            assert chunk, "the writer died"
+            buf += chunk
+            acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2] or 0)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        while chunk := os.read(read_end, 4096):  # acks written before it died
+            buf += chunk
+        os.close(read_end)
+        acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2])
+        record = asok.FileSessionStore(tmp_path).load(sid)
+        assert record is not None and record["data"]["n"] >= acked
+
+
+def test_readers_get_their_own_copy_of_a_session_record(tmp_path):
+    store = asok.FileSessionStore(tmp_path)
+    sid = "r" * 43
+    store.save(sid, {"data": {"items": [1]}, "live": {}})
+    first = store.load(sid)
+    first["data"]["items"].append(2)  # a reader changing what it got
+    assert store.load(sid)["data"]["items"] == [1]
+
+    def fails(record):
+        record["data"]["items"].append(3)
+        raise RuntimeError("fn failed")
+
+    with pytest.raises(RuntimeError):
+        store.update(sid, fails)
+    assert store.load(sid)["data"]["items"] == [1]
+
+
+def test_a_store_that_cannot_read_is_unavailable_not_a_fresh_session(tmp_path, monkeypatch):
+    store = asok.FileSessionStore(tmp_path)
+    sid = "u" * 43
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    store._cache.clear()
+    real_open = open
+
+    def broken_open(path, *args, **kwargs):
+        if str(path).endswith(".json"):
+            raise OSError(asok.errno.EIO, "Input/output error")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", broken_open)
+    with pytest.raises(asok.StoreUnavailable):
+        store.update(sid, lambda record: record["data"].update(n=2))  # not a blank record over the old one
+    monkeypatch.undo()
+    assert store.load(sid)["data"] == {"n": 1}
+
+
+def test_a_session_record_over_the_cap_is_refused(tmp_path):
+    store = asok.FileSessionStore(tmp_path, max_record=1000)
+    sid = "m" * 43
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    with pytest.raises(asok.SessionTooLarge, match="limit is 1000"):
+        store.update(sid, lambda record: record["data"].update(pad="x" * 1000))
+    assert store.load(sid)["data"] == {"n": 1}
+    app = session_app(tmp_path, session_store=store)
+    client = asok.TestClient(app)
+    r = client.get("/set/big/" + "y" * 1200)
+    assert r.status == 500 and "the limit is 1000" in r.text
+
+
+def test_a_malformed_session_record_is_a_fresh_session_and_logged(tmp_path, caplog):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    path = next((tmp_path / ".asok" / "sessions").glob("*.json"))
+    path.write_text(json.dumps({"data": ["not", "a", "dict"], "live": {"x": 5},
+                                "expires": time.time() + 3600}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        r = client.get("/get/a")
+    assert (r.status, r.text) == (200, "None")
+    assert "malformed" in caplog.text
+    assert client.get("/set/b/2").status == 200 and client.get("/get/b").text == "2"
+
+
+def test_the_collector_deletes_nothing_when_every_session_looks_expired(tmp_path, caplog):
+    store = asok.FileSessionStore(tmp_path, lifetime=60)
+    sids = [c * 43 for c in "abc"]
+    for sid in sids:
+        store.save(sid, {"data": {"x": 1}})
+    past = time.time() - 15 * 24 * 3600  # what a clock jump of 15 days looks like
+    for sid in sids:
+        os.utime(tmp_path / f"{sid}.json", (past, past))
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        assert store.collect() == 0
+    assert "clock" in caplog.text and len(list(tmp_path.glob("*.json"))) == 3
+    store.save("d" * 43, {"data": {"x": 2}})  # one session in use: the old ones really are old
+    assert store.collect() == 3 and [p.stem for p in tmp_path.glob("*.json")] == ["d" * 43]
+
+
+def _key_of(folder, barrier, out):
+    barrier.wait(10)
+    try:
+        out.put(asok._load_master_keys(folder, None, False, [])[0])
+    except Exception as exc:
+        out.put(repr(exc))
+
+
+def test_workers_starting_together_on_a_fresh_folder_agree_on_one_key(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        folder = tmp_path / str(trial)
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_key_of, args=(folder, barrier, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        keys = [out.get(timeout=20) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert len(set(keys)) == 1 and len(keys[0]) == 64, keys
+        assert (folder / ".asok" / "secret_key").read_bytes() == keys[0]
+        assert [p.name for p in (folder / ".asok").iterdir()] == ["secret_key"]  # no temporary file left
+
+
+def test_an_empty_key_file_is_replaced_and_a_short_one_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(asok, "KEY_FILE_WAIT", 0.05)
+    key_file = tmp_path / ".asok" / "secret_key"
+    key_file.parent.mkdir()
+    key_file.write_bytes(b"")  # left by a first start on a full disk
+    key = asok._load_master_keys(tmp_path, None, False, [])[0]
+    assert len(key) == 64 and key_file.read_bytes() == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert asok._load_master_keys(tmp_path, None, False, [])[0] == key
+    key_file.write_bytes(b"too short")
+    with pytest.raises(RuntimeError, match="shorter than 32 bytes"):
+        asok._load_master_keys(tmp_path, None, False, [])
+
+
+def test_a_first_start_on_a_full_disk_names_the_problem_and_leaves_no_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(asok, "_os_write", FullDisk(10))
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        asok._load_master_keys(tmp_path, None, False, [])
+    assert list((tmp_path / ".asok").iterdir()) == []
+    monkeypatch.undo()
+    assert len(asok._load_master_keys(tmp_path, None, False, [])[0]) == 64
+
+
+def signin_app(tmp_path):
+    app = make_app(tmp_path, COMPONENT_FILES)
+
+    @app.route("/signin/<user>")
+    def signin(request, user):
+        request.session.regenerate()
+        request.session["user"] = user
+        return request.csrf_token
+
+    @app.route("/signout")
+    def signout(request):
+        request.session.clear()
+        return "bye"
+
+    @app.route("/get/<key>")
+    def get_(request, key):
+        return str(request.session.get(key))
+
+    @app.route("/set/<key>/<value>")
+    def set_(request, key, value):
+        request.session[key] = value
+        return request.csrf_token
+
+    return app
+
+
+def test_regenerate_at_sign_in_closes_session_fixation(tmp_path):
+    app = signin_app(tmp_path)
+    attacker = asok.TestClient(app)
+    attacker.get("/set/x/1")
+    victim = asok.TestClient(app)
+    victim.cookies = dict(attacker.cookies)  # the attacker planted its cookie in the victim's browser
+    old_sid, old_csrf = victim.sid, victim.get("/set/cart/apple").text
+    counter = victim.live("/", "Counter")
+    counter.call("increment")
+    new_csrf = victim.get("/signin/ann").text
+    assert victim.sid != old_sid and new_csrf != old_csrf
+    assert [victim.get(f"/get/{k}").text for k in ("user", "cart")] == ["ann", "apple"]  # same data
+    assert "Count: 11 / 1" in victim.get("/").text  # component states come along
+    assert attacker.get("/get/user").text == "None" and attacker.get("/get/cart").text == "None"
+    attacker.get("/set/y/2")
+    assert attacker.sid not in (old_sid, victim.sid)  # the planted id is dead: writing gets a fresh one
+    stale = counter.send({"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+                          "method": "increment", "args": [], "csrf": old_csrf})
+    assert stale["error"]["code"] == "bad_csrf"  # the page from before sign-in holds the old token
+    old_socket = json.loads(app.live_event(old_sid, json.dumps(
+        {"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+         "method": "increment", "args": [], "csrf": old_csrf})))
+    assert old_socket["error"]["code"] == "no_session"  # a socket opened with the old cookie
+    assert not asok.FileSessionStore(tmp_path / ".asok" / "sessions").load(old_sid)["data"]
+
+
+def test_sign_out_with_clear_drops_component_states(tmp_path):
+    app = signin_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/signin/ann")
+    counter = client.live("/", "Counter")
+    counter.call("add", 5)
+    old_page = counter.state_token
+    assert client.get("/signout").text == "bye"
+    assert client.get("/get/user").text == "None"
+    assert "Count: 10 / 0" in client.get("/").text  # the previous user's count is gone
+    counter.state_token = old_page
+    replay = counter.call("increment")  # an old tab cannot bring the state back
+    assert replay["error"]["code"] == "bad_state"
+    fresh = client.live("/", "Counter")
+    assert "Count: 11 / 1" in fresh.call("increment")["html"]
+
+
 def test_csrf_required_for_unsafe_methods(tmp_path):
     client = asok.TestClient(session_app(tmp_path))
     r = client.post("/form", data={})
@@ -3247,6 +3538,69 @@ def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
         store.update(sid, lambda record: record["data"].update(n=n))
     assert path.stat().st_size < asok.SESSION_LOG_MAX
     assert store.load(sid)["data"]["n"] == asok.SESSION_LOG_MAX // 40 - 1
+
+
+def test_clicks_the_disk_refuses_are_never_acknowledged_nor_applied_later(live_app, tmp_path, monkeypatch):
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    assert "Count: 11 / 1" in counter.call("increment")["html"]
+    for room in (0, 0, 9, 0, 30):  # the disk is full: refused outright or cut short
+        monkeypatch.setattr(asok, "_os_write", FullDisk(room))
+        reply = counter.call("increment")
+        assert reply["error"]["code"] == "store_unavailable"
+        assert "No space left on device" in reply["error"]["message"]
+        assert "the component raised" not in reply["error"]["message"]
+    monkeypatch.setattr(asok, "_os_write", os.write)  # space comes back: the server recovers by itself
+    assert "Count: 12 / 2" in counter.call("increment")["html"]  # 11 + 1, not 11 + 6
+    assert "Count: 12 / 2" in client.get("/").text
+    restarted = asok.TestClient(make_app(tmp_path, {}))
+    restarted.cookies = dict(client.cookies)
+    assert "Count: 12 / 2" in restarted.get("/").text
+
+
+def test_page_views_racing_live_events_on_one_session_never_fail(tmp_path):
+    files = dict(COMPONENT_FILES)
+    files["src/components/Board.py"] = '''
+        from asok import Component, exposed
+
+        class Board(Component):
+            cells = {f"c{i}": i for i in range(300)}
+
+            @exposed
+            def put(self, key: str):
+                self.cells[key] = len(self.cells)
+                self.session["moves"] = dict(self.session.get("moves", {}), **{key: 1})
+    '''
+    files["src/components/board.html"] = ("{% for k, v in cells.items() %}<i>{{ k }}={{ v }}</i>{% endfor %}"
+                                          "{% for k in session.get('moves', {}) %}{{ k }}{% endfor %}")
+    files["src/pages/board.html"] = "<head></head>{{ component('Board') }}"
+    app = make_app(tmp_path, files)
+    client = asok.TestClient(app)
+    board = client.live("/board", "Board")
+    statuses, errors = [], []
+
+    def views():
+        for _ in range(150):
+            statuses.append(client.get("/board").status)
+
+    def events():
+        for n in range(150):
+            reply = board.call("put", f"k{n}")
+            if "error" in reply:
+                errors.append(reply["error"])
+
+    threads = [threading.Thread(target=views), threading.Thread(target=views), threading.Thread(target=events)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over often, so the threads interleave as on a busy server
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and set(statuses) == {200} and len(statuses) == 300
+    assert len(board.state["cells"]) == 450
 
 
 def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
