@@ -35,6 +35,7 @@ from enum import IntEnum
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import urlsplit
+import argparse
 import ast
 import asyncio
 import base64
@@ -66,6 +67,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import tokenize
@@ -5970,7 +5972,6 @@ def _worker_count(value):
     except ValueError:
         count = 0
     if count < 1:
-        import argparse
         raise argparse.ArgumentTypeError(f"--workers takes a number of processes (1 or more) or 'auto', not {value!r}")
     return count
 
@@ -6017,22 +6018,97 @@ def _run_reloader(argv, root):
             child.kill()
 
 
+# What `python asok.py serve --help` lists under "environment"; add a line for a new variable.
+ENVIRONMENT = [
+    ("HOST", "default for --host"),
+    ("PORT", "default for --port"),
+    ("DEBUG", "true: the same as --debug"),
+    ("SECRET_KEY", "the signing key (default: one created once in APP_DIR/.asok/secret_key; "
+                   "a fixed development key with --debug)"),
+    ("SECRET_KEY_FALLBACKS", "old keys, comma-separated, still accepted (key rotation)"),
+    ("FORWARDED_ALLOW_IPS", "proxy addresses whose Forwarded / X-Forwarded-* headers are trusted"),
+    ("APP_DIR", "the folder `uvicorn asok:asgi` and `gunicorn asok:wsgi` serve (default: .)"),
+]
+SERVE_EXAMPLES = [
+    ("python asok.py serve examples/counter", "the counter on http://127.0.0.1:8000"),
+    ("python asok.py serve . --debug --reload", "work on the app in this folder"),
+    ("PORT=9000 python asok.py serve myapp --workers auto", "one process per core, on port 9000"),
+]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with the epilog's line breaks kept (the environment table, the examples)."""
+
+
+def _epilog(examples, environment=()):
+    """The "environment:" and "examples:" paragraphs of a help text."""
+    lines = []
+    if environment:
+        width = max(len(name) for name, _ in environment) + 2
+        lines += ["environment:"] + [line for name, text in environment for line in textwrap.wrap(
+            text, 78, initial_indent=f"  {name:<{width}}", subsequent_indent=" " * (width + 2))] + [""]
+    lines += ["examples:"] + [line for command, text in examples for line in (f"  # {text}", f"  {command}")]
+    return "\n".join(lines)
+
+
+def _port(value):
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535 (given: {value!r}, "
+                                         "from --port or $PORT)")
+    return port
+
+
+def _parser():
+    """The command line: `asok [--version] serve [APP_DIR] [options]`. Each option's help ends
+    with its default; add an option with one `serve.add_argument(...)` line."""
+    parser = argparse.ArgumentParser(
+        prog="asok", formatter_class=_HelpFormatter,
+        description="asok: a one-file, standard-library Python web framework with live components.",
+        epilog=_epilog(SERVE_EXAMPLES + [("python asok.py serve --help", "every option of serve")]))
+    parser.add_argument("--version", action="version",
+                        version=f"asok {__version__} (Python {sys.version.split()[0]})")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", formatter_class=_HelpFormatter, help="serve an app folder with the built-in server",
+        description="Serve APP_DIR with asok's built-in asyncio server (HTTP/1.1, WebSocket)\n"
+                    "until SIGINT or SIGTERM.",
+        epilog=_epilog(SERVE_EXAMPLES, ENVIRONMENT))
+    env = os.environ
+    serve.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR",
+                       help="the app folder: src/pages, src/components, static, an optional app.py "
+                            "(default: the current folder)")
+    serve.add_argument("--host", default=env.get("HOST", "127.0.0.1"),
+                       help="address to listen on; 0.0.0.0 for every interface (default: $HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=env.get("PORT", "8000"),
+                       help="port to listen on (default: $PORT, else 8000)")
+    serve.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                       help="processes sharing the socket, or 'auto' for one per core (default: 1)")
+    serve.add_argument("--reload", action="store_true",
+                       help="restart the server when a .py file of the app changes (default: off)")
+    serve.add_argument("--debug", action="store_true",
+                       help="tracebacks on error pages, templates re-read when changed, a fixed development "
+                            "key (default: off; DEBUG=true turns it on)")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info", metavar="LEVEL",
+                       help=f"the lowest level of asok's log lines: {', '.join(LOG_LEVELS)} (default: info)")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log a line per request (default: each request is logged)")
+    return parser
+
+
 def main(argv=None):
-    import argparse
+    """`python asok.py ...`: parse the command line and run it; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="asok", description="asok: serve an app folder")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="serve APP_DIR with the built-in server")
-    serve_cmd.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR")
-    serve_cmd.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    serve_cmd.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    serve_cmd.add_argument("--reload", action="store_true", help="restart when a .py file changes")
-    serve_cmd.add_argument("--debug", action="store_true", help="tracebacks, template reload, development key")
-    serve_cmd.add_argument("--no-access-log", action="store_true", help="do not log each request")
-    serve_cmd.add_argument("--workers", type=_worker_count, default=1, metavar="N",
-                           help="processes sharing the socket, or 'auto' for one per core (default: 1)")
+    parser = _parser()
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if opts.command is None:
+        parser.print_help()
+        return 0
+    log.setLevel(opts.log_level.upper())
     if opts.no_access_log:
         access_log.setLevel(logging.WARNING)
     if opts.debug:
@@ -6047,6 +6123,39 @@ def main(argv=None):
     except OSError as exc:
         raise SystemExit(f"asok: cannot listen on {opts.host}:{opts.port}: {exc.strerror}")
     return 0
+
+
+class _LogHandler(logging.StreamHandler):
+    """asok's own handler on the `asok` logger: writes asok's records to stderr with a time,
+    process id and level, as long as the root logger has no handler (`python asok.py serve`,
+    uvicorn, gunicorn). Once an application or pytest gives the root logger a handler, records
+    go there only (they propagate as usual), so nothing is printed twice and the root logger
+    is never configured by asok."""
+
+    _asok = True
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
+                                            "%Y-%m-%d %H:%M:%S"))
+
+    @property
+    def stream(self):
+        return sys.stderr  # looked up each time: the stderr of the moment, as logging.lastResort does
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+    def emit(self, record):
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+if not any(getattr(h, "_asok", False) for h in log.handlers):
+    log.addHandler(_LogHandler())
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
 
 
 _component_module = types.ModuleType("asok.component", "asok's component API (asok is one module).")

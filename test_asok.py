@@ -1,5 +1,6 @@
 """asok's test suite: `python -m pytest` runs it with nothing but pytest installed."""
 from pathlib import Path
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -422,6 +423,75 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         assert proc.wait(15) == 0
         log = proc.stdout.read().decode()
         assert '"GET /slow HTTP/1.1" 200' in log  # the access log
+
+
+# ── the command line: help, --version, logging ───────────────────────────────
+
+def asok_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "asok.py"), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "80", **(env or {})})
+
+
+def test_cli_alone_prints_the_help_and_version_prints_the_version():
+    alone = asok_cli()
+    assert alone.returncode == 0 and alone.stdout.startswith("usage: asok")
+    assert "serve an app folder" in alone.stdout and "examples:\n" in alone.stdout
+    assert alone.stdout == asok_cli("--help").stdout
+    version = asok_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"asok {asok.__version__} (Python 3.")
+
+
+def test_serve_help_gives_each_option_its_default_and_lists_the_environment():
+    commands = next(a for a in asok._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["serve"]._actions:
+        if action.dest != "help":
+            assert "(default: " in action.help, f"{action.option_strings or action.dest}: say its default"
+    text = asok_cli("serve", "--help").stdout
+    for name in ("HOST", "PORT", "DEBUG", "SECRET_KEY"):
+        assert f"\n  {name} " in text.partition("environment:")[2]
+    assert "--log-level LEVEL" in text and "\nexamples:\n  # " in text
+
+
+def test_readme_shows_the_serve_help_as_the_cli_prints_it():
+    text = asok_cli("serve", "--help").stdout
+    assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
+        "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
+
+
+def test_a_bad_port_from_the_environment_is_a_clear_error():
+    run = asok_cli("serve", env={"PORT": "80a"})
+    assert run.returncode == 2 and "a port is a number from 0 to 65535 (given: '80a', from --port or $PORT)" in run.stderr
+
+
+def test_log_lines_carry_time_pid_level_and_log_level_filters_them(tmp_path):
+    (tmp_path / "src" / "pages").mkdir(parents=True)
+    (tmp_path / "src" / "pages" / "index.html").write_text("hi")
+    outputs = []
+    for args in ((), ("--log-level", "warning")):
+        with serve_process(tmp_path, *args) as (port, proc):
+            assert get(port, "/")[0] == 200
+            proc.terminate()
+            proc.wait(15)
+            outputs.append(proc.stdout.read().decode())
+    lines = outputs[0].splitlines()
+    pid = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\]"
+    assert any(re.fullmatch(pid + r" INFO asok: serving .* on http://127\.0\.0\.1:\d+", line) for line in lines), lines
+    assert any(re.fullmatch(pid + r' INFO asok\.access: .*"GET / HTTP/1\.1" 200 .*', line) for line in lines), lines
+    assert "INFO" not in outputs[1] and "serving" not in outputs[1]
+
+
+def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger():
+    script = textwrap.dedent("""
+        import logging, asok
+        print("root handlers:", logging.getLogger().handlers)
+        asok.log.info("first")
+        logging.basicConfig(format="ROOT %(name)s %(message)s")
+        asok.log.info("second")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert run.stdout == "root handlers: []\n"
+    assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
 
 
 # ── routing, pages, responses ────────────────────────────────────────────────
@@ -4640,6 +4710,16 @@ def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
             assert ws.receive(10) == "plain uvicorn"
     finally:
         wsi_stop(proc)
+
+
+def test_under_uvicorn_asoks_log_lines_come_out_formatted(tmp_path):
+    pytest.importorskip("uvicorn")
+    shutil.copytree(EXAMPLES / "echo", tmp_path / "echo")
+    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi", "--app-dir",
+                                    str(tmp_path / "echo")], ROOT)
+    proc.terminate()
+    output = proc.communicate(timeout=15)[0].decode()
+    assert re.search(r"^\S+ \S+ \[\d+\] INFO asok: signing key from \S+secret_key", output, re.M), output
 
 
 def test_a_session_keeps_a_bounded_number_of_component_states(live_app, monkeypatch):
