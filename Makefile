@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+PYVIEW_VENV := .venv-pyview
 PORT ?= 8000
 
 .PHONY: run test test-core test-browser test-asgi bench deps browser clean
@@ -16,6 +17,12 @@ $(VENV)/.deps: Makefile
 
 deps: $(VENV)/.deps
 
+# pyview, measured beside asok by `make bench`, in its own environment (its dependencies stay out of .venv)
+$(PYVIEW_VENV)/.deps: Makefile
+	$(PY) -m venv $(PYVIEW_VENV)
+	$(PYVIEW_VENV)/bin/python -m pip install -q --disable-pip-version-check 'pyview-web>=0.9,<0.10' 'uvicorn[standard]'
+	touch $@
+
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx-light; }
@@ -24,9 +31,9 @@ test: deps browser
 	$(VPY) -m pytest -q test_asok.py
 	$(VPY) -m pytest -q test_browser.py -p no:cacheprovider
 
-bench: deps
+bench: deps $(PYVIEW_VENV)/.deps
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(VPY) bench.py
+	$(VPY) bench.py --pyview $(PYVIEW_VENV)/bin/python
 
 clean:
-	rm -rf $(VENV) .pytest_cache __pycache__ examples/*/.asok
+	rm -rf $(VENV) $(PYVIEW_VENV) .pytest_cache __pycache__ examples/*/.asok

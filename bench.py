@@ -7,8 +7,11 @@ Measures, in one run and beside a baseline each time:
      asyncio HTTP server written below (stdlib only, fixed 1 KB body),
   4. template renders/s beside Jinja2 (the counter component's template and a 100-row page),
   5. server RSS per idle WebSocket connection with 1,000 open,
-  6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply.
-Prints one table and writes the same figures to bench-results.json (--json to change).
+  6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply,
+  7. beside pyview (its own .venv-pyview; uvicorn with uvloop and httptools): the same counter
+     and a 1,000-row list written for both, the same load generator speaking each one's browser
+     protocol, rounds alternating the two servers; the ratios asok/pyview and issue 16's targets.
+Prints the tables and writes the same figures to bench-results.json (--json to change).
 
 Servers are subprocesses bound to 127.0.0.1, started on a temporary copy of the example
 folder (so .asok/ data stays out of the repository), with DEBUG unset and a random
@@ -50,9 +53,9 @@ CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
 
 FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=10, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
-            idle_conns=1000)
+            idle_conns=1000, peer_rounds=3, peer_live_secs=3.0, peer_wrk_secs=5)
 QUICK = dict(live_warm=0.3, live_secs=1.5, wrk_secs=2, wrk_nocookie_secs=1, tpl_secs=0.2, tpl_rounds=2,
-             idle_conns=1000)
+             idle_conns=1000, peer_rounds=1, peer_live_secs=1.0, peer_wrk_secs=1)
 MAX_EVENTS_PER_CLIENT = 1_000_000   # the time window ends a run long before this
 REPLY_TIMEOUT = 5.0                 # an event without a reply after this is lost
 SERVER_START_TIMEOUT = 15.0
@@ -572,7 +575,7 @@ def percentile(values, p):
 
 async def ws_run(server, clients, make_task, warm, secs, client_kind):
     """Run `clients` tasks (made by make_task(ws, stats, window)) for warm + secs seconds."""
-    cls = AsokWS if client_kind == "asok" else RawWS
+    cls = client_kind if isinstance(client_kind, type) else AsokWS if client_kind == "asok" else RawWS
     stats, window = Stats(), Window()
     conns, tasks = [], []
     try:
@@ -843,6 +846,582 @@ def run_increment_bytes(tmp):
         return asyncio.run(main(server))
 
 
+# ═══ Beside pyview: the same load generator against a pyview counter ═════
+
+PYVIEW_PYTHON = HERE / ".venv-pyview" / "bin" / "python"   # `make bench` creates it (pyview-web, uvicorn[standard])
+LIST_ROWS, LIST_ROW = 1000, 500      # the list component's rows, and the row one event changes
+
+# One template for both list components; {button} is each framework's way to call bump(500).
+LIST_TEMPLATE = """<div>
+{button}
+<table>
+{{% for row in rows %}}<tr id="row-{{{{ row.id }}}}"><td>{{{{ row.name }}}}</td><td>{{{{ row.score }}}}</td></tr>
+{{% endfor %}}</table>
+</div>
+"""
+ASOK_LIST_BUTTON = f'<button ws-click="bump({LIST_ROW})">Bump row {LIST_ROW}</button>'
+PYVIEW_LIST_BUTTON = f'<button phx-click="bump" phx-value-i="{LIST_ROW}">Bump row {LIST_ROW}</button>'
+
+ASOK_LIST_COMPONENT = f'''from asok.component import Component, exposed
+
+
+class Rows(Component):
+    rows = []
+
+    def mount(self):
+        self.rows = [{{"id": i, "name": f"row {{i}}", "score": 0}} for i in range({LIST_ROWS})]
+
+    @exposed
+    def bump(self, i: int):
+        self.rows[i]["score"] += 1
+'''
+
+ASOK_LIST_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>rows</title>
+</head>
+<body>
+{{ component('Rows') }}
+</body>
+</html>
+"""
+
+# pyview's documented shape: a LiveView class in a module, its template in the .html beside it,
+# PyView().add_live_view(path, view), a rootTemplate callable; pyview's static app.js mounted.
+PYVIEW_COUNTER_VIEW = '''from pyview import LiveView, LiveViewSocket
+
+
+class CounterLiveView(LiveView):
+    """examples/counter: starts at 10; increment also counts the clicks of this session."""
+
+    async def mount(self, socket: LiveViewSocket, session):
+        socket.context = {"count": 10, "pcount": session.get("pcount", 0)}
+
+    async def handle_event(self, event, payload, socket: LiveViewSocket):
+        if event == "increment":
+            socket.context["count"] += 1
+            socket.context["pcount"] += 1
+        elif event == "decrement":
+            socket.context["count"] -= 1
+'''
+
+PYVIEW_LIST_VIEW = f'''from pyview import LiveView, LiveViewSocket
+
+
+class RowsLiveView(LiveView):
+    async def mount(self, socket: LiveViewSocket, session):
+        socket.context = {{"rows": [{{"id": i, "name": f"row {{i}}", "score": 0}} for i in range({LIST_ROWS})]}}
+
+    async def handle_event(self, event, payload, socket: LiveViewSocket):
+        if event == "bump":
+            socket.context["rows"][int(payload["i"])]["score"] += 1
+'''
+
+PYVIEW_APP = '''import os
+
+os.environ.setdefault("PYVIEW_SECRET", os.environ.get("SECRET_KEY", ""))
+
+from starlette.staticfiles import StaticFiles  # noqa: E402
+
+from pyview import PyView  # noqa: E402
+from pv_counter import CounterLiveView  # noqa: E402
+from pv_rows import RowsLiveView  # noqa: E402
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>pyview</title>
+<style>
+body { font: 16px/1.5 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
+button { font: inherit; padding: .3rem .8rem; margin-right: .4rem; }
+.phx-click-loading { opacity: .7; }
+.phx-disconnected body { outline: 3px solid #e66; }
+</style>
+<meta name="csrf-token" content="%(csrf)s"><script src="/static/assets/app.js" defer></script></head>
+<body>
+
+<h1>Welcome</h1>
+<div data-phx-main="true" data-phx-session="%(session)s" data-phx-static="" id="phx-%(id)s">%(content)s</div>
+
+</body>
+</html>
+"""
+
+
+def root_template(context):
+    return PAGE % {"csrf": context["csrf_token"], "session": context["session"], "id": context["id"],
+                   "content": context["content"]}
+
+
+app = PyView()
+app.mount("/static", StaticFiles(packages=[("pyview", "static")]), name="static")
+app.rootTemplate = root_template
+app.add_live_view("/", CounterLiveView)
+app.add_live_view("/rows", RowsLiveView)
+'''
+
+
+def pyview_counter_template():
+    """examples/counter's counter.html with pyview's attribute and variable names."""
+    src = (EXAMPLES / "counter" / "src" / "components" / "counter.html").read_text()
+    out = src.replace('ws-click="', 'phx-click="').replace('session.get("pcount", 0)', "pcount")
+    if "ws-" in out or "{%" in out or set(re.findall(r"\{\{\s*(.*?)\s*\}\}", out)) - {"count", "pcount"}:
+        raise RuntimeError("examples/counter/src/components/counter.html uses markup bench.py cannot give "
+                           "pyview yet: update pyview_counter_template() in bench.py")
+    return out
+
+
+def pyview_versions(python):
+    code = ("import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
+            "('pyview-web', 'uvicorn', 'uvloop', 'httptools', 'websockets', 'starlette')}))")
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60)
+    if out.returncode:
+        raise RuntimeError(f"{python} cannot report pyview's versions: {out.stderr[-500:]}")
+    return json.loads(out.stdout)
+
+
+def pyview_server(tmp, python):
+    """uvicorn serving the pyview app written from the strings above, on a free port."""
+    folder = Path(tmp) / "pyview-app"
+    folder.mkdir(exist_ok=True)
+    (folder / "bench_pyview_app.py").write_text(PYVIEW_APP)
+    (folder / "pv_counter.py").write_text(PYVIEW_COUNTER_VIEW)
+    (folder / "pv_counter.html").write_text(pyview_counter_template())
+    (folder / "pv_rows.py").write_text(PYVIEW_LIST_VIEW)
+    (folder / "pv_rows.html").write_text(LIST_TEMPLATE.format(button=PYVIEW_LIST_BUTTON))
+    port = free_port()
+    argv = [str(python), "-m", "uvicorn", "bench_pyview_app:app", "--host", "127.0.0.1", "--port", str(port),
+            "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    return Server(argv, port, folder, "pyview")
+
+
+def asok_list_server(tmp):
+    """asok serving one page with the 1,000-row list component."""
+    folder = Path(tmp) / "asok-list"
+    (folder / "src" / "pages").mkdir(parents=True)
+    (folder / "src" / "components").mkdir(parents=True)
+    (folder / "src" / "pages" / "index.html").write_text(ASOK_LIST_PAGE)
+    (folder / "src" / "components" / "Rows.py").write_text(ASOK_LIST_COMPONENT)
+    (folder / "src" / "components" / "rows.html").write_text(LIST_TEMPLATE.format(button=ASOK_LIST_BUTTON))
+    port = free_port()
+    argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
+    return Server(argv, port, tmp, "asok-list")
+
+
+# The Phoenix LiveView client's rendered tree: {"s": statics, "0": dynamic, ...}, and for a
+# comprehension {"s": statics, "d": [[dynamics of one item], ...]}; a diff is merged key by key.
+
+def phx_merge(tree, diff):
+    for key, value in diff.items():
+        old = tree.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and "s" not in value:
+            phx_merge(old, value)
+        else:
+            tree[key] = value
+
+
+def phx_html(node):
+    if isinstance(node, str):
+        return node
+    if not isinstance(node, dict) or not isinstance(node.get("s"), list):
+        raise ValueError(f"a rendered node bench.py cannot turn into HTML: {str(node)[:200]}")
+    s = node["s"]
+    if "d" in node:
+        return "".join(_phx_fill(s, item) for item in node["d"])
+    return _phx_fill(s, [node.get(str(i), "") for i in range(len(s) - 1)])
+
+
+def _phx_fill(statics, dynamics):
+    out = [statics[0]]
+    for static, dynamic in zip(statics[1:], dynamics):
+        out.append(phx_html(dynamic))
+        out.append(static)
+    return "".join(out)
+
+
+def phx_find(node, marker):
+    """Keys leading to the dynamic right after a static ending with `marker` (outside comprehensions)."""
+    if not isinstance(node, dict) or "d" in node:
+        return None
+    for i, static in enumerate(node.get("s", [])[:-1]):
+        if static.endswith(marker):
+            return [str(i)]
+        found = phx_find(node.get(str(i)), marker)
+        if found:
+            return [str(i)] + found
+    return None
+
+
+def phx_get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+class PyviewVisitor:
+    """What phoenix.js reads from a pyview page: the CSRF token and the main view's id, session, static."""
+
+    def __init__(self, port, path="/"):
+        status, _, body, self.page_wire = http_get(port, path)
+        if status != 200:
+            raise RuntimeError(f"pyview GET {path} answered {status}")
+        text = body.decode()
+        self.path, self.page_body = path, len(body)
+        self.csrf = html.unescape(CSRF_RE.search(text).group(1))
+        main = re.search(r"<div ([^>]*data-phx-main[^>]*)>", text)
+        if not main:
+            raise RuntimeError(f"no data-phx-main element on pyview's {path}")
+        attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', main.group(1)))
+        self.id, self.session = attrs["id"], html.unescape(attrs["data-phx-session"])
+        self.static = html.unescape(attrs.get("data-phx-static", "")) or None
+
+
+class PhxWS(RawWS):
+    """RawWS speaking the Phoenix channel protocol as phoenix.js does ([join_ref, ref, topic, event,
+    payload] arrays); connect() joins the page's LiveView and keeps its rendered tree."""
+
+    @classmethod
+    async def connect(cls, port, path, visitor, timeout=10):
+        ws = await super().connect(port, f"/live/websocket?_csrf_token={visitor.csrf}&vsn=2.0.0", None, timeout)
+        try:
+            ws.topic, ws.join_ref, ws.ref = f"lv:{visitor.id}", "1", 1
+            reply = await ws.call("phx_join", {
+                "url": f"http://127.0.0.1:{port}{visitor.path}",
+                "params": {"_csrf_token": visitor.csrf, "_mounts": 0, "_live_referer": None},
+                "session": visitor.session, "static": visitor.static, "flash": None}, timeout)
+            if reply.get("status") != "ok" or "rendered" not in reply.get("response", {}):
+                raise ConnectionError(f"pyview refused the join: {str(reply)[:300]}")
+            ws.tree = reply["response"]["rendered"]
+        except BaseException:
+            ws.transport.abort()
+            raise
+        return ws
+
+    def push(self, event, payload):
+        """Send one message; its ref, and its bytes as sent."""
+        self.ref += 1
+        ref = str(self.ref)
+        text = json.dumps([self.join_ref, ref, self.topic, event, payload], separators=(",", ":"))
+        self.send(text)
+        return ref, len(text.encode())
+
+    async def reply(self, ref, timeout=REPLY_TIMEOUT):
+        """The phx_reply payload for ref, and the reply's bytes."""
+        for _ in range(100):
+            text = await self.recv(timeout)
+            msg = json.loads(text)
+            if msg[1] == ref and msg[3] == "phx_reply":
+                return msg[4], len(text.encode())
+        raise ConnectionError(f"no phx_reply for ref {ref} among 100 messages")
+
+    async def call(self, event, payload, timeout=REPLY_TIMEOUT):
+        ref, _ = self.push(event, payload)
+        return (await self.reply(ref, timeout))[0]
+
+
+def phx_click(event, **values):
+    """A phx-click on a <button> with phx-value-* attributes, as phoenix.js sends it."""
+    return {"type": "click", "event": event, "value": {**values, "value": ""}, "cid": None}
+
+
+async def pyview_live_client(ws, visitor, stats, window):
+    """Click increment like phoenix.js: next event after the reply; the diff must carry count + 1."""
+    path = phx_find(ws.tree, "Count: ")
+    if path is None:
+        stats.errors.append("no count in pyview's rendered tree")
+        stats.lost += 1
+        return
+    prev = start = int(phx_get(ws.tree, path))
+    pstart = int(PCOUNT_RE.search(phx_html(ws.tree)).group(1))
+    clicks = 0
+    for _ in range(MAX_EVENTS_PER_CLIENT):
+        if window.stopped:
+            break
+        t0 = time.perf_counter_ns()
+        ref, _ = ws.push("event", phx_click("increment"))
+        try:
+            reply, _ = await ws.reply(ref)
+        except (TimeoutError, ConnectionError) as exc:
+            stats.lost += 1
+            stats.errors.append(repr(exc))
+            break
+        t1 = time.perf_counter_ns()
+        if reply.get("status") != "ok" or "diff" not in reply.get("response", {}):
+            stats.lost += 1
+            stats.errors.append(str(reply)[:300])
+            break
+        phx_merge(ws.tree, reply["response"]["diff"])
+        count = int(phx_get(ws.tree, path))
+        if count != prev + 1:
+            stats.out_of_order += 1
+        prev = count
+        clicks += 1
+        stats.total += 1
+        if window.measuring:
+            stats.latencies.append(t1 - t0)
+            stats.events += 1
+    if clicks:
+        page = phx_html(ws.tree)
+        count, pcount = int(COUNT_RE.search(page).group(1)), int(PCOUNT_RE.search(page).group(1))
+        if count != prev or prev != start + clicks or pcount != pstart + clicks:
+            stats.final_mismatch += 1
+            stats.errors.append(f"pyview: last count {count} (expected {start + clicks}), "
+                                f"clicks {pcount} (expected {pstart + clicks})")
+
+
+def peer_turn(kind, server, cfg):
+    """One server's share of a round: live events at 1 and 50 connections, the page at 1 and 10."""
+    out = {}
+    for n in (1, 50):
+        if kind == "asok":
+            visitors = [Visitor(server.port) for _ in range(n)]
+            clients = [("/asok/live", v.cookie) for v in visitors]
+            client_cls, client = RawWS, live_client
+        else:
+            visitors = [PyviewVisitor(server.port) for _ in range(n)]
+            clients = [("/", v) for v in visitors]
+            client_cls, client = PhxWS, pyview_live_client
+
+        def task(ws, i, stats, window):
+            return client(ws, visitors[i], stats, window)
+        out[f"live{n}"] = asyncio.run(ws_run(server, clients, task, cfg["live_warm"], cfg["peer_live_secs"],
+                                             client_cls))
+    cookie = Visitor(server.port).cookie if kind == "asok" else None
+    for n in (1, 10):
+        out[f"page{n}"] = wrk_cpu(server, n, cfg["peer_wrk_secs"], cookie)
+    return out
+
+
+def asok_bytes(counter_port, list_port):
+    """Bytes of one increment on the counter and of one row's change in the 1,000-row list."""
+    async def event(ws, v, method, args):
+        text = json.dumps({"id": f"{random.random()}:1", "cid": v["cid"], "component": v["component"],
+                           "state": v["state"], "method": method, "args": args, "csrf": v["csrf"]},
+                          separators=(",", ":"))
+        ws.send(text)
+        reply = await ws.recv()
+        data = json.loads(reply)
+        if "error" in data:
+            raise RuntimeError(f"asok refused {method}: {reply[:300]}")
+        v["state"] = data["state"]
+        return data, len(text.encode()), len(reply.encode())
+
+    async def main():
+        c = Visitor(counter_port)
+        counter = {"cid": c.cid, "component": c.component, "state": c.state, "csrf": c.csrf}
+        ws = await RawWS.connect(counter_port, "/asok/live", c.cookie)
+        try:
+            data, inc_req, inc_rep = await event(ws, counter, "increment", [])
+        finally:
+            await ws.close()
+        if int(COUNT_RE.search(data["html"]).group(1)) != c.count + 1:
+            raise RuntimeError("asok's increment did not add 1")
+        status, headers, body, _ = http_get(list_port)
+        if status != 200:
+            raise RuntimeError(f"asok's list page answered {status}")
+        text = body.decode()
+        cookie = "; ".join(v.split(";")[0] for k, v in headers if k.lower() == "set-cookie")
+        cid, component, state = next(f for f in COMPONENT_RE.findall(text) if f[1] == "Rows")
+        rows = {"cid": html.unescape(cid), "component": component, "state": html.unescape(state),
+                "csrf": html.unescape(CSRF_RE.search(text).group(1))}
+        ws = await RawWS.connect(list_port, "/asok/live", cookie)
+        try:
+            for _ in range(2):   # the second event is on a saved component
+                data, list_req, list_rep = await event(ws, rows, "bump", [LIST_ROW])
+        finally:
+            await ws.close()
+        if f'<tr id="row-{LIST_ROW}"><td>row {LIST_ROW}</td><td>2</td></tr>' not in data["html"]:
+            raise RuntimeError(f"asok's bump({LIST_ROW}) did not change row {LIST_ROW}")
+        return {"increment_request": inc_req, "increment_reply": inc_rep, "list_request": list_req,
+                "list_reply": list_rep, "list_page": len(body), "counter_page": c.page_body}
+    return asyncio.run(main())
+
+
+def pyview_bytes(port):
+    async def main():
+        v = PyviewVisitor(port)
+        ws = await PhxWS.connect(port, "/", v)
+        try:
+            path = phx_find(ws.tree, "Count: ")
+            before = int(phx_get(ws.tree, path))
+            ref, inc_req = ws.push("event", phx_click("increment"))
+            reply, inc_rep = await ws.reply(ref)
+            phx_merge(ws.tree, reply["response"]["diff"])
+        finally:
+            await ws.close()
+        if int(phx_get(ws.tree, path)) != before + 1:
+            raise RuntimeError(f"pyview's increment did not add 1: {reply}")
+        lv = PyviewVisitor(port, "/rows")
+        ws = await PhxWS.connect(port, "/rows", lv)
+        try:
+            for _ in range(2):
+                ref, list_req = ws.push("event", phx_click("bump", i=str(LIST_ROW)))
+                reply, list_rep = await ws.reply(ref)
+                phx_merge(ws.tree, reply["response"]["diff"])
+        finally:
+            await ws.close()
+        if f'<tr id="row-{LIST_ROW}"><td>row {LIST_ROW}</td><td>2</td></tr>' not in phx_html(ws.tree):
+            raise RuntimeError(f"pyview's bump did not change row {LIST_ROW}")
+        return {"increment_request": inc_req, "increment_reply": inc_rep, "list_request": list_req,
+                "list_reply": list_rep, "list_page": lv.page_body, "counter_page": v.page_body}
+    return asyncio.run(main())
+
+
+def run_peers(tmp, opts, cfg):
+    """asok and pyview round by round (the order swapped each round), then the bytes of each."""
+    python = Path(opts.pyview)
+    if not python.exists():
+        return {"skipped": f"{python} does not exist: `make bench` creates .venv-pyview with pyview-web and "
+                           "uvicorn[standard] (or pass --pyview PYTHON)"}
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk; `make bench` does it)")
+    results = {"versions": pyview_versions(python), "rounds": []}
+    rounds = opts.rounds or cfg["peer_rounds"]
+    with asok_server("counter", tmp, "peer-asok") as asok_srv, pyview_server(tmp, python) as pv_srv:
+        servers = {"asok": asok_srv, "pyview": pv_srv}
+        for r in range(rounds):
+            order = ("asok", "pyview") if r % 2 == 0 else ("pyview", "asok")
+            done = {}
+            for kind in order:
+                print(f"bench: peers round {r + 1}/{rounds}: {kind}", file=sys.stderr, flush=True)
+                done[kind] = peer_turn(kind, servers[kind], cfg)
+            results["rounds"].append(done)
+        with asok_list_server(tmp) as list_srv:
+            results["bytes"] = {"asok": asok_bytes(asok_srv.port, list_srv.port), "pyview": pyview_bytes(pv_srv.port)}
+    return results
+
+
+PEER_FIGURES = [  # (label, run, figure)
+    ("live  1 conn  events/s", "live1", "events_per_s"),
+    ("live  1 conn  server CPU µs/event", "live1", "server_cpu_us_per_event"),
+    ("live  1 conn  p50 ms", "live1", "p50_ms"),
+    ("live  1 conn  p99 ms", "live1", "p99_ms"),
+    ("live 50 conn  events/s", "live50", "events_per_s"),
+    ("live 50 conn  server CPU µs/event", "live50", "server_cpu_us_per_event"),
+    ("live 50 conn  p50 ms", "live50", "p50_ms"),
+    ("live 50 conn  p99 ms", "live50", "p99_ms"),
+    ("page  1 conn  req/s", "page1", "req_per_s"),
+    ("page  1 conn  server CPU µs/req", "page1", "server_cpu_us_per_req"),
+    ("page 10 conn  req/s", "page10", "req_per_s"),
+    ("page 10 conn  server CPU µs/req", "page10", "server_cpu_us_per_req"),
+]
+PEER_BYTES = [  # (label, key)
+    ("increment request bytes", "increment_request"),
+    ("increment reply bytes", "increment_reply"),
+    (f"{LIST_ROWS:,}-row list, one row: request bytes", "list_request"),
+    (f"{LIST_ROWS:,}-row list, one row: reply bytes", "list_reply"),
+    ("counter page bytes (body)", "counter_page"),
+    (f"{LIST_ROWS:,}-row list page bytes (body)", "list_page"),
+]
+PEER_TARGETS = {  # key (run.figure or bytes key): (comparison, limit on asok/pyview, label) -- issue 16
+    "live50.events_per_s": (">=", 2.0, "live events/s, 50 conns"),
+    "live50.server_cpu_us_per_event": ("<=", 0.5, "server CPU µs/event, 50 conns"),
+    "live1.p50_ms": ("<=", 1.0, "p50 ms, 1 conn"),
+    "page10.req_per_s": (">=", 4.0, "page req/s, 10 conns"),
+    "increment_reply": ("<=", 1.5, "reply bytes per increment"),
+    "list_reply": ("<=", 2.0, f"reply bytes, one row of {LIST_ROWS:,}"),
+}
+PEER_ABSOLUTE = {"list_reply": ("<", 1024, f"asok reply bytes, one row of {LIST_ROWS:,}")}
+
+
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
+def _spread(values, unit=""):
+    if len(values) == 1:
+        return fmt(values[0]) + unit
+    return f"{fmt(median(values))}{unit} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def peer_figures(peers):
+    """{key: {"asok": [...], "pyview": [...], "ratio": [...]}} over rounds (one value for bytes)."""
+    figures = {}
+    for _, run, fig in PEER_FIGURES:
+        a = [r["asok"][run][fig] for r in peers["rounds"]]
+        p = [r["pyview"][run][fig] for r in peers["rounds"]]
+        figures[f"{run}.{fig}"] = {"asok": a, "pyview": p,
+                                   "ratio": [x / y if y else float("nan") for x, y in zip(a, p)]}
+    for _, key in PEER_BYTES:
+        a, p = peers["bytes"]["asok"][key], peers["bytes"]["pyview"][key]
+        figures[key] = {"asok": [a], "pyview": [p], "ratio": [a / p if p else float("nan")]}
+    return figures
+
+
+def _met(op, limit, value):
+    return "pass" if (value >= limit if op == ">=" else value <= limit if op == "<=" else value < limit) else "FAIL"
+
+
+def print_peers(peers):
+    """The side-by-side table (median of rounds, min-max) and the issue's target ratios."""
+    if "skipped" in peers:
+        print(f"\nbeside pyview: skipped: {peers['skipped']}")
+        return {}
+    v, n = peers["versions"], len(peers["rounds"])
+    print(f"\nbeside pyview {v['pyview-web']} (uvicorn {v['uvicorn']}, uvloop {v['uvloop']}, httptools "
+          f"{v['httptools']}, websockets {v['websockets']}): the same load generator and cores, {n} round(s) "
+          "alternating which server goes first; median (min-max) of rounds; ratio per round")
+    figures = peer_figures(peers)
+    rows = []
+    for label, run, fig in PEER_FIGURES:
+        f = figures[f"{run}.{fig}"]
+        rows.append((label, _spread(f["asok"]), _spread(f["pyview"]), _spread(f["ratio"], "x")))
+    for label, key in PEER_BYTES:
+        f = figures[key]
+        rows.append((label, fmt(f["asok"][0]), fmt(f["pyview"][0]), _spread(f["ratio"], "x")))
+    bad = []
+    for kind in ("asok", "pyview"):
+        for r in peers["rounds"]:
+            for run in ("live1", "live50"):
+                x = r[kind][run]
+                if x["lost"] or x["out_of_order"] or x["final_mismatch"]:
+                    bad.append(f"{kind} {run}: lost {x['lost']}, out of order {x['out_of_order']}, "
+                               f"mismatches {x['final_mismatch']} {x['errors'][:2]}")
+            for run in ("page1", "page10"):
+                if r[kind][run]["errors"]:
+                    bad.append(f"{kind} {run}: {r[kind][run]['errors']} errors ({r[kind][run]['socket_errors']})")
+    rows.append(("events lost / out of order, page errors", "0" if not any(b.startswith("asok") for b in bad)
+                 else "SOME", "0" if not any(b.startswith("pyview") for b in bad) else "SOME", ""))
+    print_rows(("measure", "asok", "pyview", "asok/pyview"), rows)
+    for b in bad:
+        print(f"  {b}")
+    out, checks = {}, []
+    for key, (op, limit, label) in PEER_TARGETS.items():
+        ratio = median(figures[key]["ratio"])
+        verdict = _met(op, limit, ratio)
+        out[key] = {"ratio": ratio, "op": op, "limit": limit, "pass": verdict == "pass"}
+        checks.append((label, f"{ratio:.2f}x", f"{op} {limit:g}x", verdict))
+    for key, (op, limit, label) in PEER_ABSOLUTE.items():
+        value = figures[key]["asok"][0]
+        verdict = _met(op, limit, value)
+        out[key + ".asok"] = {"value": value, "op": op, "limit": limit, "pass": verdict == "pass"}
+        checks.append((label, fmt(value), f"{op} {limit:g}", verdict))
+    print("\nissue 16 targets, asok/pyview (median of rounds)")
+    print_rows(("target", "figure", "target", ""), checks, right=(1,))
+    met = sum(c[3] == "pass" for c in checks)
+    print(f"{met} of {len(checks)} met; not measured here: RSS per idle WebSocket against asok's echo route, "
+          "the growth targets (other components in the session, a 10,000-row component)")
+    return out
+
+
+def print_rows(heads, rows, right=(1, 2, 3)):
+    widths = [max(len(str(r[i])) for r in rows + [heads]) for i in range(len(heads))]
+    line = "  ".join("-" * w for w in widths)
+    print(line)
+    print("  ".join(h.ljust(w) for h, w in zip(heads, widths)).rstrip())
+    print(line)
+    for r in rows:
+        print("  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print(line)
+
+
 # ═══ Profile (--profile): py-spy on the server during live-50 and page-10 ═══
 
 def pyspy():
@@ -1095,11 +1674,16 @@ def main(argv=None):
     parser.add_argument("--client", choices=("raw", "asok"), default="raw",
                         help="WebSocket load generator: a lean asyncio client (default) or "
                              "asok.AsyncWebSocketClient")
-    parser.add_argument("--only", default="live,pages,templates,idle,increment",
+    parser.add_argument("--only", default="live,pages,templates,idle,increment,peers",
                         help="comma-separated parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="also run py-spy on the server during live-50 and page-10 and print the top "
                              "functions (pip install py-spy into .venv first)")
+    parser.add_argument("--pyview", default=str(PYVIEW_PYTHON),
+                        help="the Python of a virtual environment with pyview-web and uvicorn[standard] "
+                             "(peers part; `make bench` creates .venv-pyview)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="rounds of asok and pyview in the peers part (default 3, 1 with --quick)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -1114,7 +1698,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="asok-bench-") as tmp:
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
-                 ("increment", lambda: run_increment_bytes(tmp)), ("profile", lambda: run_profile(tmp, cfg))]
+                 ("increment", lambda: run_increment_bytes(tmp)), ("peers", lambda: run_peers(tmp, opts, cfg)),
+                 ("profile", lambda: run_profile(tmp, cfg))]
         if opts.profile:
             parts.add("profile")
         for name, step in steps:
@@ -1127,7 +1712,9 @@ def main(argv=None):
     rows, figures = build(results)
     print(f"asok benchmark ({'quick' if opts.quick else 'full'}; client {opts.client}; "
           f"server on core {SERVER_CORE}, load on core {LOAD_CORE}; {machine()['cpu']})")
-    print_table(rows)
+    if rows:
+        print_table(rows)
+    peer_targets = print_peers(results["peers"]) if "peers" in results else {}
     if "profile" in results:
         print_profile(results["profile"])
     failed = [r[0] for r in rows if r[4] == "FAIL"]
@@ -1137,6 +1724,7 @@ def main(argv=None):
            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "figures": figures,
            "targets": {k: {"op": op, "limit": lim, "label": label, "pass": check(k, figures[k])[1] == "pass"}
                        for k, (op, lim, label) in TARGETS.items() if k in figures},
+           "peer_targets": peer_targets,
            "details": results}
     Path(opts.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"figures written to {opts.json}")
