@@ -1396,7 +1396,7 @@ def print_peers(peers):
         ratio = median(figures[key]["ratio"])
         verdict = _met(op, limit, ratio)
         out[key] = {"ratio": ratio, "op": op, "limit": limit, "pass": verdict == "pass"}
-        checks.append((label, f"{ratio:.2f}x", f"{op} {limit:g}x", verdict))
+        checks.append((label, f"{ratio:.3g}x", f"{op} {limit:g}x", verdict))
     for key, (op, limit, label) in PEER_ABSOLUTE.items():
         value = figures[key]["asok"][0]
         verdict = _met(op, limit, value)
