@@ -1273,7 +1273,7 @@ def pyview_bytes(port):
 
 def run_peers(tmp, opts, cfg):
     """asok and pyview round by round (the order swapped each round), then the bytes of each."""
-    python = Path(opts.pyview)
+    python = Path(opts.pyview).absolute()   # not resolve(): the venv is known by its own path
     if not python.exists():
         return {"skipped": f"{python} does not exist: `make bench` creates .venv-pyview with pyview-web and "
                            "uvicorn[standard] (or pass --pyview PYTHON)"}
