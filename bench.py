@@ -1391,6 +1391,12 @@ def print_peers(peers):
     print_rows(("measure", "asok", "pyview", "asok/pyview"), rows)
     for b in bad:
         print(f"  {b}")
+    starved = [f"{kind} {run} round {i + 1}: {r[kind][run]['server_cpu_pct']:.0f}%"
+               for i, r in enumerate(peers["rounds"]) for kind in ("asok", "pyview") for run in ("live50", "page10")
+               if r[kind][run]["server_cpu_pct"] < 60]
+    if starved:
+        print("  the machine is busy: under full load a server got less than 60% of its core, so these ratios "
+              "are unreliable (" + "; ".join(starved) + ")")
     out, checks = {}, []
     for key, (op, limit, label) in PEER_TARGETS.items():
         ratio = median(figures[key]["ratio"])
