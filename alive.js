@@ -1,8 +1,12 @@
-// alive.js: the asok browser runtime.
+// alive.js: the asok browser runtime. asok serves it minified: lines that are only a comment,
+// indentation and trailing " // " comments go (keep " // " out of strings), so comment freely.
+// A line "//# part: name" starts a part served as a second script only to pages that need it.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
 const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models}
 let socket, retry = 100, counter = 0;
+// a state token is JSON {s: state, v: version, q: save number, t: issued} + "." + signature
+const fields = token => JSON.parse(token.slice(0, token.lastIndexOf("."))), csrf = () => document.querySelector("meta[name=csrf-token]")?.content;
 
 // one FIFO queue per component; a debounced input waits at its tail
 function enqueue(root, call, field) {
@@ -20,28 +24,31 @@ function send(root, bag) {
     const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
     if (method == "$model") bag.models[args[0]] = args[1];
     bag.sent = JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
-      method, args, csrf: document.querySelector("meta[name=csrf-token]")?.content});
+      method, args, csrf: csrf()});
     socket.readyState == 1 && socket.send(bag.sent);
   }
   root.classList.toggle("asok-loading", !!bag.sent);
 }
 
+// a reply {id, html, state} or {id, error}; a push {cid, html, state} or {cid, error}
 function receive(message) {
-  const {id, html, state, error} = JSON.parse(message.data);
-  for (const [root, bag] of bags) if (bag.sent && bag.id == id) {
-    bag.sent = null;
-    if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
-    else {
-      morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
-      sync(root, bag.models, root.dataset.asokState = state);
-    }
-    send(root, bag);
+  const {id, cid, html, state, error} = JSON.parse(message.data);
+  let root = cid && document.getElementById(cid), bag;
+  for (const [r, b] of bags) if (b.sent && b.id == id) root = r, bag = b;
+  if (!root) return;
+  if (bag) bag.sent = null;
+  if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
+  // HTML older than what the component shows (a reply overtaken by a push) is dropped
+  else if (fields(state).q >= fields(root.dataset.asokState).q) {
+    morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
+    sync(root, bag ? bag.models : {}, root.dataset.asokState = state);
   }
+  bag && send(root, bag);
 }
 
 // ws-model: a focused field takes a value the server changed, if it shows what it sent last
 function sync(root, sent, state) {
-  const values = JSON.parse(state.slice(0, state.lastIndexOf("."))).s;
+  const values = fields(state).s;
   for (const el of root.querySelectorAll("[ws-model]")) {
     const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
     if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
@@ -79,6 +86,9 @@ function connect() {
   socket.onopen = () => {
     retry = 100;
     document.documentElement.classList.remove("asok-disconnected");
+    // join: the components shown and their saves; the server sends newer HTML, then pushes
+    socket.send(JSON.stringify({join: [...document.querySelectorAll(COMPONENT)].map(root => [root.id, root.dataset.asokComponent,
+      root.dataset.asokState]), url: location.pathname + location.search, csrf: csrf()}));
     bags.forEach(bag => bag.sent && socket.send(bag.sent)); // resent with the same id
   };
   socket.onclose = () => {

@@ -19,7 +19,7 @@ top to bottom in dependency order:
 
 __version__ = "0.1.0"
 __all__ = [
-    "Asok", "Component", "exposed", "Request", "Response", "HTTPError", "redirect", "make_response",
+    "Asok", "Component", "exposed", "on", "every", "Broker", "FolderBroker", "SavedComponent", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
     "Session", "SessionStore", "FileSessionStore", "StoreUnavailable", "SessionTooLarge",
     "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
@@ -29,7 +29,7 @@ __all__ = [
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from enum import IntEnum
 from http import HTTPStatus
@@ -38,14 +38,18 @@ from urllib.parse import urlsplit
 import argparse
 import ast
 import asyncio
+import atexit
 import base64
 import builtins
 import codecs
+import collections
 import contextlib
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
+import heapq
 import hmac
 import html
 import html.parser
@@ -59,11 +63,13 @@ import logging
 import math
 import mimetypes
 import os
+import queue
 import re
 import secrets
 import signal
 import socket
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -3613,6 +3619,14 @@ LIVE_SOCKET_MAX = 16 << 20      # ...up to this; past it the socket closes with 
 LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
+LIVE_MAX_JOIN = 500             # live components one page may show
+LIVE_MAX_PUBLISH = 64 * 1024    # bytes of one published topic + JSON payload
+LIVE_MAX_PENDING = 64           # published messages waiting per (session, cid); past it they are dropped (logged)
+LIVE_RUNNERS = 4                # threads applying published messages and ticks at once
+LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
+LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
+LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
+LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -3621,6 +3635,33 @@ def exposed(fn):
     """Mark a component method as callable from the browser."""
     fn.__asok_exposed__ = True
     return fn
+
+
+def on(topic):
+    """`@on("chat:{room}")` on a component method: it runs with the payload, `method(self,
+    payload)`, when `topic` is published, while at least one view of the component is open.
+    `{field}` is filled in from the component's state (when it joins and after each change)."""
+    if not isinstance(topic, str) or not topic:
+        raise TypeError("@on() takes a topic: a non-empty str such as 'chat:{room}'")
+    if re.search(r"[{}]", re.sub(r"\{[A-Za-z_]\w*\}", "", topic)):
+        raise ValueError(f"@on({topic!r}): a placeholder is the name of a state field in braces, like {{room}}")
+
+    def mark(fn):
+        fn.__asok_on__ = getattr(fn, "__asok_on__", ()) + (topic,)
+        return fn
+    return mark
+
+
+def every(seconds):
+    """`@every(5)` on a component method taking no arguments: it runs once per period per
+    (session, cid) while at least one view of the component is open."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= LIVE_MIN_PERIOD:
+        raise ValueError(f"@every() takes a number of seconds, at least {LIVE_MIN_PERIOD}; got {seconds!r}")
+
+    def mark(fn):
+        fn.__asok_every__ = float(seconds)
+        return fn
+    return mark
 
 
 def _check_json_safe(value, where):
@@ -3659,6 +3700,20 @@ class Component:
                 cls._asok_fields[name] = value
         cls._asok_signatures = {}
         cls._asok_paths = {}
+        methods = {}
+        for klass in reversed(cls.__mro__):
+            methods.update((name, value) for name, value in vars(klass).items() if callable(value))
+        cls._asok_on = [(topic, name) for name, fn in methods.items() for topic in getattr(fn, "__asok_on__", ())]
+        cls._asok_every = [(name, fn.__asok_every__) for name, fn in methods.items() if hasattr(fn, "__asok_every__")]
+        for name, fn in methods.items():
+            takes = (None, None) if hasattr(fn, "__asok_on__") else (None,) if hasattr(fn, "__asok_every__") else None
+            if takes is None:
+                continue
+            try:
+                inspect.signature(fn).bind(*takes)
+            except TypeError:
+                raise TypeError(f"{cls.__name__}.{name}: an @on method takes the payload (def {name}(self, "
+                                f"payload)); an @every method takes nothing (def {name}(self))") from None
 
     def mount(self):
         """Runs once, on the first render of this component for a session."""
@@ -3687,6 +3742,16 @@ class Component:
     @property
     def session(self):
         return self._asok_session
+
+    def publish(self, topic, payload=None):
+        """`app.publish` from inside a component: sent once this call's result is saved
+        (not at all if the call fails)."""
+        encoded = self._asok_app.live.encode(topic, payload)
+        outbox = getattr(self, "_asok_outbox", None)
+        if outbox is None:
+            self._asok_app.live._send(encoded)
+        else:
+            outbox.append(encoded)
 
     @property
     def state(self):
@@ -3834,10 +3899,10 @@ class _ComponentRenderer:
         session = request.session
         sid = app._ensure_session(session)
         context = app._context(request, cid)
-        stored = session.live.get(cid)
-        if stored and stored.get("c") == name:
-            comp = cls._restore(app, stored["s"], session, cid, context)
-            version, seq = stored["v"], stored.get("q", 0)
+        stored = SavedComponent.load(session.live.get(cid), name)
+        if stored is not None:
+            comp = cls._restore(app, stored.state, session, cid, context)
+            version, seq = stored.version, stored.seq
         else:
             comp = cls._create(app, props, session, cid, context)
             version, seq = 0, session.seq
@@ -3845,14 +3910,24 @@ class _ComponentRenderer:
 
 
 class _LiveContext:
-    """What a live event's re-render sees as `request` in the template context."""
+    """What a live re-render sees as `request` in the template context: the session, and the
+    path and query of the page, which alive.js sends when it joins."""
 
-    def __init__(self, app, session, sid):
+    def __init__(self, app, session, sid, conn=None):
         self.app = app
         self.session = session
         self.sid = sid
         self.uses_live = True
-        self.path = None
+        self.alive_parts = set()
+        self.path = conn.path if conn is not None else None
+        self.query_string = conn.query_string if conn is not None else ""
+        self._query = None
+
+    @property
+    def query(self):
+        if self._query is None:
+            self._query = _parse_qs(self.query_string)
+        return self._query
 
     @property
     def csrf_token(self):
@@ -3869,6 +3944,905 @@ class _LazyToken:
         return self.request.csrf_token
 
     __html__ = __str__
+
+
+# ── the live protocol (DESIGN §5, §9): one home for calls, pushes, published messages, timers ──
+
+@dataclass
+class SavedComponent:
+    """One component's state as the session store keeps it, under record["live"][cid]
+    (on disk with short keys: c, s, v, q, ids, h, t)."""
+    name: str                                   # c: the component class
+    state: dict                                 # s: its state
+    version: int = 0                            # v: events, handlers and timer ticks that changed it
+    seq: int = 0                                # q: the session-wide number of the save that wrote it
+    ids: list = field(default_factory=list)     # ids: the last request ids applied (a resend is applied once)
+    heard: dict = field(default_factory=dict)   # h: publishing process -> number of its last message applied
+    ticks: dict = field(default_factory=dict)   # t: timer method -> the last period it ran in
+
+    @classmethod
+    def load(cls, raw, name):
+        """The saved component in `raw`, or None if there is none or it belongs to another class."""
+        if not raw or raw.get("c") != name:
+            return None
+        return cls(name, raw["s"], raw["v"], raw.get("q", 0), raw.get("ids", []), raw.get("h", {}), raw.get("t", {}))
+
+    def dump(self):
+        raw = {"c": self.name, "s": self.state, "v": self.version, "q": self.seq, "ids": self.ids}
+        if self.heard:
+            raw["h"] = self.heard
+        if self.ticks:
+            raw["t"] = self.ticks
+        return raw
+
+
+@dataclass
+class StateToken:
+    """What a signed state token (`data-asok-state`) says: JSON {s, v, q, t} + "." + HMAC,
+    bound to the component name, the cid and the session (LiveHub.sign / LiveHub.read)."""
+    state: dict
+    version: int
+    seq: int
+    issued: int
+
+    @classmethod
+    def parse(cls, token):
+        """The fields of a token, not verified (the test client's view of what a page shows)."""
+        payload = json.loads(token.rpartition(".")[0])
+        return cls(payload["s"], payload["v"], payload.get("q", 0), payload["t"])
+
+
+@dataclass
+class _LiveCall:
+    """An event, checked: what to run on which component."""
+    rid: str
+    cid: str
+    cls: type
+    token: StateToken
+    method: str
+    args: list
+
+
+class LiveConnection:
+    """One page's live socket (or a test client's stand-in): its session, the URL its page was
+    loaded from, and its views by cid. `push(cid, text)` queues a message to the page; it is
+    called from any thread and must not block."""
+
+    def __init__(self, sid, push):
+        self.sid = sid
+        self.push = push
+        self.path = None
+        self.query_string = ""
+        self.views = {}
+
+
+class _LiveOutbox:
+    """What goes out on one page's socket (built-in server or ASGI): replies in order, and
+    pushes, only the newest per component (a page needs just the latest HTML). One sender at a
+    time; a page that stops reading holds at most LIVE_OUTBOX_REPLIES replies (then its next
+    messages wait) and one push per component."""
+
+    def __init__(self, loop, ws):
+        self.loop = loop
+        self.ws = ws
+        self.replies = collections.deque()
+        self.pushes = {}
+        self.busy = False
+        self.closed = False
+        self.room = None
+
+    def push(self, cid, text):
+        """Any thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._push, cid, text)
+        except RuntimeError:  # the loop is closed: the page is gone
+            pass
+
+    def _push(self, cid, text):
+        if self.closed:
+            return
+        self.pushes.pop(cid, None)
+        self.pushes[cid] = text
+        if not self.busy:
+            self.loop.create_task(self._drain())
+
+    async def reply(self, text):
+        self.replies.append(text)
+        if not self.busy:
+            await self._drain()
+        while len(self.replies) > LIVE_OUTBOX_REPLIES and not self.closed:
+            self.room = self.room or asyncio.Event()
+            self.room.clear()
+            await self.room.wait()
+
+    async def _drain(self):
+        if self.busy:
+            return
+        self.busy = True
+        try:
+            while not self.closed and (self.replies or self.pushes):
+                if self.replies:
+                    text = self.replies.popleft()
+                    if self.room is not None:
+                        self.room.set()
+                else:
+                    text = self.pushes.pop(next(iter(self.pushes)))
+                await self.ws.send(text)
+        except Exception:  # the socket is gone (ConnectionClosed, or the ASGI server's own error)
+            self.closed = True
+        finally:
+            self.busy = False
+            if self.room is not None:
+                self.room.set()
+
+
+class _View:
+    __slots__ = ("conn", "cid", "seq")
+
+    def __init__(self, conn, cid, seq):
+        self.conn = conn
+        self.cid = cid
+        self.seq = seq  # the save number of the HTML the page shows
+
+
+class _Key:
+    """A (session, cid) with at least one view in this process."""
+    __slots__ = ("sid", "cid", "cls", "views", "topics", "fallback", "jobs", "queued", "timers", "error")
+
+    def __init__(self, sid, cid, cls, fallback):
+        self.sid = sid
+        self.cid = cid
+        self.cls = cls
+        self.views = []
+        self.topics = frozenset()
+        self.fallback = fallback  # the page's token, while the store has no state for it
+        self.jobs = collections.deque()
+        self.queued = False
+        self.timers = {}  # method -> its entry in LiveHub._heap
+        self.error = None
+
+
+class _NothingToSave(Exception):
+    """Raised inside a store update when the work was already done (by another process)."""
+
+
+class LiveHub:
+    """The live protocol (DESIGN §5, §9): every message from a page's socket, every published
+    message and every timer tick for a component goes through here.
+
+    Theory of operation. A component is one piece of state per (session, cid), kept in the
+    session store as a SavedComponent. A *view* is a page showing it: a LiveConnection (one
+    socket, one session, one URL) plus the cid and the save number (`seq`) of what it shows.
+    Views live in this process's memory only; no component instance outlives a call.
+
+    1. Parse: a page's message is a join ({join: [[cid, name, token], ...], url, csrf}, sent on
+       every (re)connect) or an event ({id, cid, component, state, method, args, csrf}).
+       Both are checked (CSRF, signature, method, arguments) before anything runs.
+    2. Choose the state: the saved state if there is one (two tabs add up, an old page cannot
+       roll it back); else the state signed into the page, unless its save number shows that
+       the session has dropped that component since (`dropped` per cid, then one `floor`).
+    3. Apply, under the session's lock (SessionStore.update): an event, a published message or
+       a timer tick runs once per (session, cid). The last request ids, the number of the last
+       message applied from each publishing process, and the last timer period are saved with
+       the state, so a resend, another tab or another process finds the work already done.
+    4. Render with the URL the page sent in its join, save with the session's next save
+       number, sign. A handler or tick that changes nothing saves only that bookkeeping.
+    5. Push: the caller gets the reply; this process's other views of that (session, cid) get
+       the HTML; the broker tells the other processes (session, cid, seq), and those with views
+       re-render from the store. A join is answered with fresh HTML for each view whose page
+       shows an older save, so a lost push is repaired by the next (re)connect or event.
+    Published messages, ticks and refreshes wait in a FIFO per (session, cid); a few runner
+    threads take them in order, one (session, cid) at a time. Timers run on one thread, on
+    period boundaries of the wall clock, so processes agree on which period a tick belongs to."""
+
+    def __init__(self, app, broker):
+        self.app = app
+        self.broker = broker
+        self._origin_pid = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._keys = {}         # (sid, cid) -> _Key
+        self._topics = {}       # topic -> {(sid, cid), ...}
+        self._ready = collections.deque()
+        self._runners = 0
+        self._heap = []         # [due, n, key, method, period, alive]
+        self._timer_wake = threading.Condition(self._lock)
+        self._timer_thread = None
+        self._published = 0
+        self._publish_lock = threading.Lock()
+        self._subscribed = False
+
+    def _origin(self):
+        """This process's name in published messages (a forked child gets its own)."""
+        if self._origin_pid != os.getpid():
+            self._origin_pid = os.getpid()
+            self._origin_name = f"{os.getpid()}.{secrets.token_hex(4)}"
+            self._published = 0
+        return self._origin_name
+
+    # ── tokens ────────────────────────────────────────────────────────
+    def sign(self, name, cid, sid, state, version, seq):
+        payload = json.dumps({"s": state, "v": version, "q": seq, "t": int(time.time())},
+                             separators=(",", ":"), sort_keys=True)
+        return self.app._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
+
+    def read(self, name, cid, sid, token):
+        try:
+            token = StateToken.parse(self.app._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}") + ".")
+        except (BadSignature, ValueError, KeyError, TypeError):
+            raise LiveError("bad_state", "state signature does not match this component, "
+                                         "cid and session (tampered or foreign state)")
+        if token.issued + self.app.session_lifetime < time.time():
+            raise LiveError("bad_state", "state has expired; reload the page")
+        return token
+
+    # ── 1. parse ──────────────────────────────────────────────────────
+    def handle(self, conn, text):
+        """One message from a page in (JSON text); the messages to send back out. Never raises."""
+        rid = None
+        try:
+            try:
+                message = json.loads(text)
+            except ValueError as exc:
+                raise LiveError("bad_json", f"message is not JSON: {exc}")
+            if not isinstance(message, dict):
+                raise LiveError("bad_message", "message must be a JSON object")
+            if "join" in message:
+                return self._join(conn, message)
+            rid = message.get("id")
+            return [self._event(conn, message)]
+        except LiveError as exc:
+            log.warning("live event refused: %s: %s", exc.code, exc.message)
+            return [_live_error(rid, exc.code, exc.message)]
+        except StoreUnavailable as exc:
+            log.error("live event not saved: %s", exc)
+            return [_live_error(rid, "store_unavailable", f"the session storage is unavailable ({exc.reason}); "
+                                                          "the change was not saved, try again")]
+        except SessionTooLarge as exc:
+            log.warning("live event refused: session_too_large: %s", exc)
+            return [_live_error(rid, "session_too_large", f"{exc}; the change was not saved")]
+        except Exception as exc:
+            log.exception("live event failed")
+            detail = _describe(exc) if self.app.debug else "see the server log"
+            return [_live_error(rid, "server_error", f"the component raised an error ({detail})")]
+
+    def _check_page(self, sid, csrf):
+        if not sid:
+            raise LiveError("no_session", "this connection has no session cookie; reload the page")
+        if not self.app._csrf_ok(sid, csrf):
+            raise LiveError("bad_csrf", "CSRF token missing or invalid for this session; reload the page")
+
+    def _component(self, name):
+        cls = self.app.components.get(name)
+        if cls is None:
+            raise LiveError("unknown_component", f"no component named {name!r}")
+        return cls
+
+    def _parse_call(self, sid, message):
+        rid, cid, name, token, method, args, csrf = (
+            message.get(k) for k in ("id", "cid", "component", "state", "method", "args", "csrf"))
+        if args is None:
+            args = []
+        for key, value, kind in (("id", rid, str), ("cid", cid, str), ("component", name, str),
+                                 ("state", token, str), ("method", method, str), ("args", args, list)):
+            if not isinstance(value, kind):
+                raise LiveError("bad_message", f"field {key!r} must be a {kind.__name__}")
+        self._check_page(sid, csrf)
+        cls = self._component(name)
+        token = self.read(name, cid, sid, token)
+        if method == "$model":
+            if len(args) != 2 or not isinstance(args[0], str):
+                raise LiveError("bad_args", "$model takes [property, value]")
+            return _LiveCall(rid, cid, cls, token, method, [args[0], _model_value(cls, args[0], args[1])])
+        if method.startswith("_"):
+            raise LiveError("private_method", f"{name}.{method} is private")
+        fn = getattr(cls, method, None)
+        if fn is None or not callable(fn):
+            raise LiveError("unknown_method", f"{name} has no method {method!r}")
+        if not getattr(fn, "__asok_exposed__", False):
+            raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
+        return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args))
+
+    def _event(self, conn, message):
+        call = self._parse_call(conn.sid, message)
+
+        def run(comp, saved):
+            if call.rid in saved.ids:  # a resend: answered with the saved result, not applied again
+                return False
+            if comp.authorize(call.method, list(call.args)) is False:
+                raise LiveError("forbidden", f"{call.cls.__name__}.{call.method} is not allowed")
+            if call.method == "$model":
+                setattr(comp, call.args[0], call.args[1])
+            else:
+                getattr(comp, call.method)(*call.args)
+            saved.ids = (saved.ids + [call.rid])[-LIVE_RECENT_IDS:]
+            return True
+
+        view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
+        saved, inner, outbox = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
+        if view is not None:
+            with self._lock:
+                view.seq = max(view.seq, saved.seq)  # the reply brings it
+        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+        self._flush(outbox)
+        return json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))
+
+    def _join(self, conn, message):
+        """A page (re)connected: its views, and fresh HTML for those that show an older save."""
+        items, url = message.get("join"), message.get("url", "/")
+        if not isinstance(items, list) or len(items) > LIVE_MAX_JOIN:
+            raise LiveError("bad_message", f"join must list at most {LIVE_MAX_JOIN} [cid, component, state]")
+        if not isinstance(url, str) or not url.startswith("/") or len(url) > 4096:
+            raise LiveError("bad_message", "join url must be the page's path and query, starting with /")
+        self._check_page(conn.sid, message.get("csrf"))
+        conn.path, _, conn.query_string = url.partition("?")
+        record = self.app.sessions.load(conn.sid) or {}
+        out = []
+        for item in items:
+            cid = item[0] if isinstance(item, list) and item and isinstance(item[0], str) else None
+            try:
+                if cid is None or len(item) != 3 or not all(isinstance(x, str) for x in item):
+                    raise LiveError("bad_message", "each joined component is [cid, component, state]")
+                cls = self._component(item[1])
+                token = self.read(item[1], cid, conn.sid, item[2])
+                view = self._attach(conn, cid, cls, token)
+                saved = SavedComponent.load(record.get("live", {}).get(cid), item[1])
+                if saved is not None and saved.seq > token.seq:
+                    out.append(self._render_push(conn.sid, cid, cls, saved, conn))
+                    with self._lock:
+                        view.seq = max(view.seq, saved.seq)
+            except LiveError as exc:
+                log.warning("live join refused: %s: %s", exc.code, exc.message)
+                out.append(json.dumps({"cid": cid, "error": {"code": exc.code, "message": exc.message}},
+                                      separators=(",", ":")))
+        return out
+
+    # ── views ─────────────────────────────────────────────────────────
+    def _attach(self, conn, cid, cls, token):
+        """The view of `cid` on `conn`, registered (with its topics and timers) if it is new."""
+        view = conn.views.get(cid)
+        if view is not None:
+            return view
+        if len(conn.views) >= LIVE_MAX_JOIN:
+            raise LiveError("bad_message", f"a page may show at most {LIVE_MAX_JOIN} live components")
+        self._subscribe()
+        state = token.state
+        saved = SavedComponent.load((self.app.sessions.load(conn.sid) or {}).get("live", {}).get(cid), cls.__name__)
+        if saved is not None:
+            state = saved.state
+        topics = self._topics_of(cls, state)
+        with self._lock:
+            view = conn.views[cid] = _View(conn, cid, token.seq)
+            key = self._keys.get((conn.sid, cid))
+            if key is None or key.cls is not cls:
+                key = self._keys[(conn.sid, cid)] = _Key(conn.sid, cid, cls, token)
+                self._retopic(key, topics)
+                for method, period in cls._asok_every:
+                    self._start_timer(key, method, period)
+            key.views.append(view)
+            if token.seq > key.fallback.seq:
+                key.fallback = token
+        return view
+
+    def leave(self, conn):
+        """The page closed: its views go; a (session, cid) with no view left stops its timers."""
+        with self._lock:
+            for cid, view in conn.views.items():
+                key = self._keys.get((conn.sid, cid))
+                if key is None or view not in key.views:
+                    continue
+                key.views.remove(view)
+                if not key.views:
+                    del self._keys[(key.sid, key.cid)]
+                    self._retopic(key, frozenset())
+                    for entry in key.timers.values():
+                        entry[5] = False
+                    key.timers.clear()
+            conn.views = {}
+
+    def _topics_of(self, cls, state):
+        topics = set()
+        for template, _ in cls._asok_on:
+            try:
+                topics.add(template.format_map(state))
+            except (KeyError, IndexError, AttributeError, ValueError) as exc:
+                raise LiveError("bad_topic", f"@on({template!r}) of {cls.__name__} cannot be formatted "
+                                             f"from its state: {exc!r}")
+        return frozenset(topics)
+
+    def _retopic(self, key, topics):
+        """Move `key` from its topics to `topics` (called with the lock held)."""
+        for topic in key.topics - topics:
+            keys = self._topics.get(topic)
+            if keys is not None:
+                keys.discard((key.sid, key.cid))
+                if not keys:
+                    del self._topics[topic]
+        for topic in topics - key.topics:
+            self._topics.setdefault(topic, set()).add((key.sid, key.cid))
+        key.topics = topics
+
+    def stats(self):
+        """{"views": views open in this process, "timers": timers running for them}."""
+        with self._lock:
+            return {"views": sum(len(k.views) for k in self._keys.values()),
+                    "timers": sum(len(k.timers) for k in self._keys.values())}
+
+    # ── 2-4. choose the state, apply, render, save ────────────────────
+    def _commit(self, sid, cid, cls, fallback, conn, run, always=False):
+        """Apply `run(comp, saved)` to the (session, cid) under the store's lock; returns
+        (saved, inner HTML or None when nothing changed, deferred publishes)."""
+        result = []
+
+        def apply(record):
+            result[:] = self._apply(record, sid, cid, cls, fallback, conn, run, always)
+            return None
+
+        self.app.sessions.update(sid, apply)
+        return result
+
+    def _apply(self, record, sid, cid, cls, fallback, conn, run, always):
+        name = cls.__name__
+        if record.get("replaced"):
+            raise LiveError("no_session", "this session was replaced (a sign-in); reload the page")
+        if self.app._checked_record(record, sid) is None:
+            record.clear()
+        live = record.setdefault("live", {})
+        dropped = record.setdefault("dropped", {})
+        saved = SavedComponent.load(live.get(cid), name)
+        if saved is None:
+            if fallback is None or fallback.seq <= dropped.get(cid, -1) or fallback.seq < record.get("floor", 0):
+                raise LiveError("bad_state", "this page's state is older than what the session keeps; "
+                                             "reload the page")
+            saved = SavedComponent(name, fallback.state, fallback.version, fallback.seq)
+        before = json.dumps(saved.state, sort_keys=True)
+        session = Session(record.get("data"), sid)
+        session.live = live
+        session.seq = record.get("seq", 0)
+        comp = self._restore(cls, saved.state, session, sid, cid, conn)
+        comp._asok_outbox = outbox = []
+        ran = run(comp, saved)
+        if ran is None:
+            raise _NothingToSave()
+        if session.previous_sid:
+            raise RuntimeError("session.regenerate() needs an HTTP response to set the new cookie: "
+                               "call it in a route or a page (the sign-in POST), not in a live event")
+        if session.cleared:
+            _clear_live(record, session.seq)
+            live, dropped = record["live"], record["dropped"]
+        state = comp._checked_state()
+        changed = ran and (always or session.modified or json.dumps(state, sort_keys=True) != before)
+        inner = None
+        if changed or always:
+            saved.version += 1 if ran else 0
+            inner = str(comp.render())
+            # Every save that changes the component gets the session's next save number, carried
+            # by the tokens it issues. A state dropped past the limit leaves its number in
+            # `dropped`: tokens for that cid up to it are refused, so replaying an old page never
+            # brings a dropped state back (a fresh render afterwards gets a higher number). Past
+            # LIVE_MAX_DROPPED, the oldest entries fold into one session-wide floor.
+            saved.seq = record["seq"] = record.get("seq", 0) + 1
+        saved.state = state
+        live.pop(cid, None)  # newest last, so the oldest component goes first past the limit
+        dropped.pop(cid, None)
+        live[cid] = saved.dump()
+        while len(live) > LIVE_MAX_PER_SESSION:
+            gone = next(iter(live))
+            dropped[gone] = live.pop(gone).get("q", 0)
+        while len(dropped) > LIVE_MAX_DROPPED:
+            record["floor"] = max(record.get("floor", 0), dropped.pop(next(iter(dropped))))
+        if session.modified:
+            record["data"] = dict(session)
+        return saved, inner, outbox
+
+    def _restore(self, cls, state, session, sid, cid, conn):
+        request = _LiveContext(self.app, session, sid, conn)
+        return cls._restore(self.app, state, session, cid, self.app._context(request, cid))
+
+    def _render_push(self, sid, cid, cls, saved, conn):
+        """A push of `saved` rendered for `conn`'s page, outside any lock (nothing is saved)."""
+        session = self.app._load_session(sid)
+        inner = str(self._restore(cls, saved.state, session, sid, cid, conn).render())
+        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        return json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
+
+    # ── 5. push ───────────────────────────────────────────────────────
+    def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for):
+        """After a save that changed (sid, cid): its topics follow its state, this process's
+        views get the new HTML, the other processes hear of the save. Returns the new token."""
+        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        if cls._asok_on:
+            topics = self._topics_of(cls, saved.state)
+            with self._lock:
+                key = self._keys.get((sid, cid))
+                if key is not None:
+                    self._retopic(key, topics)
+        self._push_local(sid, cid, cls, saved, inner, token, rendered_for)
+        self.broker.publish(('{"c":%s,"o":"%s"}' % (json.dumps([sid, cid, saved.seq]), self._origin())).encode())
+        return token
+
+    def _push_local(self, sid, cid, cls, saved, inner=None, token=None, rendered_for=None):
+        """Push `saved` to every view of (sid, cid) in this process whose page shows an older
+        save: the HTML already rendered for `rendered_for`'s URL, or rendered for the view's."""
+        with self._lock:
+            key = self._keys.get((sid, cid))
+            views = [v for v in key.views if v.seq < saved.seq] if key else []
+        made = {}
+        if inner is not None and rendered_for is not None:
+            made[(rendered_for.path, rendered_for.query_string)] = json.dumps(
+                {"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
+        for view in views:
+            url = (view.conn.path, view.conn.query_string)
+            if url not in made:
+                made[url] = self._render_push(sid, cid, cls, saved, view.conn)
+            with self._lock:
+                if view.seq < saved.seq:  # another thread may have pushed a newer one meanwhile
+                    view.seq = saved.seq
+                    view.conn.push(cid, made[url])
+
+    # ── publish and receive ───────────────────────────────────────────
+    def publish(self, topic, payload=None):
+        """Send `payload` to every component with an @on for `topic` that has a view open, in
+        every process serving this app. Callable from any thread or coroutine; never blocks long."""
+        self._send(self.encode(topic, payload))
+
+    def encode(self, topic, payload):
+        if not isinstance(topic, str) or not topic:
+            raise TypeError(f"publish() takes a topic str, not {type(topic).__name__}")
+        _check_json_safe(payload, f"the payload published to {topic!r}")
+        try:
+            data = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise ValueError(f"the payload published to {topic!r} holds NaN or Infinity, which JSON cannot carry")
+        if len(data) + len(topic) > LIVE_MAX_PUBLISH:
+            raise ValueError(f"the payload published to {topic!r} is {len(data)} bytes of JSON; "
+                             f"the limit is {LIVE_MAX_PUBLISH}")
+        return topic, data
+
+    def _send(self, encoded):
+        topic, data = encoded
+        with self._publish_lock:  # numbers go out in order: receivers apply them in order
+            origin = self._origin()
+            self._published += 1
+            message = '{"t":%s,"o":"%s","n":%d,"p":%s}' % (json.dumps(topic), origin, self._published, data)
+            self.broker.publish(message.encode())
+
+    def _flush(self, outbox):
+        for encoded in outbox:
+            self._send(encoded)
+
+    def _subscribe(self):
+        if not self._subscribed:
+            self._subscribed = True
+            self.broker.subscribe(self._received)
+
+    def _received(self, data):
+        """A broker message (any thread): a publish, or another process's save."""
+        try:
+            message = json.loads(data)
+            if "t" in message:
+                topic, origin, n, payload = message["t"], message["o"], message["n"], message["p"]
+                with self._lock:
+                    keys = [self._keys[k] for k in self._topics.get(topic, ()) if k in self._keys]
+                    for key in keys:
+                        self._enqueue(key, ("message", topic, origin, n, payload))
+            elif message.get("o") != self._origin():
+                sid, cid, seq = message["c"]
+                with self._lock:
+                    key = self._keys.get((sid, cid))
+                    if key is not None and any(v.seq < seq for v in key.views):
+                        self._enqueue(key, ("refresh",))
+        except (ValueError, KeyError, TypeError):
+            log.error("the broker delivered a malformed message: %r", data[:200])
+
+    # ── the queue per (session, cid) and its runners ──────────────────
+    def _enqueue(self, key, job):
+        """Called with the lock held."""
+        if len(key.jobs) >= LIVE_MAX_PENDING:
+            log.warning("%s: %d messages already wait for this component; one is dropped", key.cid, len(key.jobs))
+            return
+        if job[0] != "message" and any(j[:2] == job[:2] for j in key.jobs):
+            return  # a tick or a refresh already waits
+        key.jobs.append(job)
+        if not key.queued:
+            key.queued = True
+            self._ready.append(key)
+            if self._runners < LIVE_RUNNERS:
+                self._runners += 1
+                self.app.executor.submit(self._run)
+
+    def _run(self):
+        while True:
+            with self._lock:
+                if not self._ready:
+                    self._runners -= 1
+                    self._idle.notify_all()
+                    return
+                key = self._ready.popleft()
+                job = key.jobs.popleft()
+            try:
+                self._do(key, job)
+            except LiveError as exc:
+                self._refused(key, exc)
+            except Exception:
+                log.exception("%s of %s (%s) failed", job[0], key.cls.__name__, key.cid)
+            with self._lock:
+                if key.jobs:
+                    self._ready.append(key)
+                else:
+                    key.queued = False
+
+    def _do(self, key, job):
+        """Apply one queued job of `key`: ("message", topic, origin, n, payload), ("tick",
+        method, slot) or ("refresh",). A cheap read first: work another process has done
+        is not locked for."""
+        sid, cid, cls = key.sid, key.cid, key.cls
+        with self._lock:
+            if not key.views:
+                return
+            conn = key.views[0].conn
+        saved = SavedComponent.load(((self.app.sessions.load(sid) or {}).get("live") or {}).get(cid), cls.__name__)
+        kind = job[0]
+        if kind == "refresh":
+            if saved is not None:
+                self._push_local(sid, cid, cls, saved)
+            return
+        if kind == "message":
+            _, topic, origin, n, payload = job
+            if saved is not None and saved.heard.get(origin, 0) >= n:
+                self._push_local(sid, cid, cls, saved)
+                return
+            state = saved.state if saved is not None else key.fallback.state
+            methods = [m for t, m in cls._asok_on if t.format_map(collections.defaultdict(str, state)) == topic]
+            if not methods:
+                return
+
+            def run(comp, saved):
+                if saved.heard.get(origin, 0) >= n:
+                    return None
+                for method in methods:
+                    getattr(comp, method)(payload)
+                saved.heard.pop(origin, None)
+                saved.heard[origin] = n
+                while len(saved.heard) > LIVE_ORIGINS_KEPT:
+                    del saved.heard[next(iter(saved.heard))]
+                return True
+        else:
+            _, method, slot = job
+
+            def done(saved):
+                last = saved.ticks.get(method, -1) if saved is not None else -1
+                return last >= slot and last - slot <= LIVE_CLOCK_SLACK  # else not yet, or the clock went back
+
+            if done(saved):
+                return
+
+            def run(comp, saved):
+                if done(saved):
+                    return None
+                getattr(comp, method)()
+                saved.ticks[method] = slot
+                return True
+        try:
+            saved, inner, outbox = self._commit(sid, cid, cls, key.fallback, conn, run)
+        except _NothingToSave:
+            return
+        if inner is not None:
+            self._saved_and_pushed(sid, cid, cls, saved, inner, conn)
+        self._flush(outbox)
+
+    def _refused(self, key, exc):
+        """A message or tick was refused (its state was dropped, say): the pages hear of it once."""
+        log.warning("live update refused for %s: %s: %s", key.cid, exc.code, exc.message)
+        if key.error == exc.code:
+            return
+        key.error = exc.code
+        text = json.dumps({"cid": key.cid, "error": {"code": exc.code, "message": exc.message}}, separators=(",", ":"))
+        with self._lock:
+            for view in key.views:
+                view.conn.push(key.cid, text)
+
+    def settle(self, timeout=5.0):
+        """Wait until every queued message and tick of this process has been applied (tests)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._ready or self._runners:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"live updates still running after {timeout} s")
+                self._idle.wait(left)
+
+    # ── timers ────────────────────────────────────────────────────────
+    def _start_timer(self, key, method, period):
+        """Called with the lock held: tick `method` of `key` at each multiple of `period`."""
+        due = (math.floor(time.time() / period) + 1) * period
+        entry = [due, id(key) ^ hash(method), key, method, period, True]
+        key.timers[method] = entry
+        heapq.heappush(self._heap, entry)
+        if self._timer_thread is None:
+            self._timer_thread = threading.Thread(target=self._tick_loop, name="asok-timers", daemon=True)
+            self._timer_thread.start()
+        self._timer_wake.notify()
+
+    def _tick_loop(self):
+        with self._lock:
+            while True:
+                while self._heap and not self._heap[0][5]:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._timer_wake.wait()
+                    continue
+                entry = self._heap[0]
+                left = entry[0] - time.time()
+                if left > 0:
+                    self._timer_wake.wait(left)
+                    continue
+                heapq.heappop(self._heap)
+                due, _, key, method, period, _ = entry
+                slot = round(due / period)
+                entry[0] = max(due + period, (math.floor(time.time() / period) + 1) * period)
+                heapq.heappush(self._heap, entry)
+                self._enqueue(key, ("tick", method, slot))
+
+
+# ── brokers: how the processes serving one app reach each other (DESIGN §9, §11) ──
+
+BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
+BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
+BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
+
+
+class Broker:
+    """Carries live messages between the processes serving one app. A message is bytes (JSON,
+    at most BROKER_MAX_DATAGRAM). Two methods, so another transport (Redis pub/sub, say) is a
+    small class:
+
+    - `publish(data)`: hand `data` to the subscriber of every process, this one included
+      (which may be called in the caller's thread). It must not block for long: it is called
+      from request threads and from the event loop.
+    - `subscribe(callback)`: from now on, call `callback(data)` for each message, from any
+      thread; the callback does not block.
+
+    A broker may lose a message (a process that stopped reading, a full queue): asok repairs
+    what that costs a page on its next join or event, since every view re-renders from the
+    session store; only a published payload that never arrives is not applied there."""
+
+    def publish(self, data):
+        raise NotImplementedError
+
+    def subscribe(self, callback):
+        raise NotImplementedError
+
+    def close(self):
+        """Flush what is queued and let go of sockets and threads (at exit, or in tests)."""
+
+
+class FolderBroker(Broker):
+    """The default: every process serving one app folder binds a Unix datagram socket in one
+    folder (`.asok/live/` in the app folder; when that path is too long for a socket address,
+    a folder named after the app folder's path under the system temporary folder). publish()
+    delivers to this process's subscriber directly and sends a datagram to every other socket
+    there, from one sender thread, in order. A socket whose process died is removed by the first
+    sender that finds nobody listening. Both folders are mode 0700 and must belong to this user:
+    whoever can write to them can publish."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self._callback = None
+        self._lock = threading.Lock()
+        self._recv = None      # the bound socket, read by the receiver thread
+        self._send = None      # an unbound socket for sending, with a timeout
+        self._path = None
+        self._queue = None
+        self._peers = (None, ())
+        self._closed = False
+
+    def __repr__(self):
+        return f"<FolderBroker {self.folder}>"
+
+    def _open(self):
+        """Called with the lock held: make the folder, bind, start the threads (once)."""
+        if self._send is not None:
+            return
+        _private_folder(self.folder)
+        self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._path = f"{self.folder}/{os.getpid()}.{secrets.token_hex(3)}"
+        self._recv.bind(self._path)
+        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.settimeout(BROKER_SEND_TIMEOUT)
+        self._queue = queue.Queue(BROKER_QUEUE)
+        threading.Thread(target=self._receive_loop, args=(self._recv,), name="asok-broker-in", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
+        atexit.register(self.close)
+
+    def subscribe(self, callback):
+        with self._lock:
+            self._callback = callback
+            self._open()
+
+    def publish(self, data):
+        if len(data) > BROKER_MAX_DATAGRAM:
+            raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
+        with self._lock:
+            self._open()
+            callback = self._callback
+        if callback is not None:
+            callback(data)
+        if self._others():
+            try:
+                self._queue.put_nowait(data)
+            except queue.Full:
+                log.error("the broker's send queue is full (%d messages); a message is dropped", BROKER_QUEUE)
+
+    def _others(self):
+        """The other processes' sockets, listed again when the folder changes."""
+        try:
+            stamp = os.stat(self.folder).st_mtime_ns
+        except OSError:
+            return ()
+        if self._peers[0] != stamp:
+            mine = os.path.basename(self._path)
+            self._peers = (stamp, tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine))
+        return self._peers[1]
+
+    def _send_loop(self):
+        while True:
+            data = self._queue.get()
+            if data is None:
+                return
+            for path in self._others():
+                try:
+                    self._send.sendto(data, path)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    try:  # nobody listens there: a process that died without cleaning up
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                except OSError as exc:  # a timeout: that process stopped reading
+                    log.error("live message to %s dropped: %s", path, exc)
+
+    def _receive_loop(self, sock):
+        while True:
+            try:
+                data = sock.recv(BROKER_MAX_DATAGRAM)
+            except OSError:
+                return
+            callback = self._callback
+            if callback is not None:
+                try:
+                    callback(data)
+                except Exception:
+                    log.exception("the live broker's subscriber failed")
+
+    def close(self):
+        with self._lock:
+            if self._send is None or self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        try:
+            os.unlink(self._path)
+        except OSError:
+            pass
+        self._recv.close()
+
+
+def _live_folder(root):
+    """Where the folder broker's sockets go: .asok/live, or a short folder when that is too long
+    for a Unix socket address (108 bytes on Linux, 104 on macOS)."""
+    folder = root / ".asok" / "live"
+    if len(os.fsencode(str(folder))) > 80:
+        digest = hashlib.sha256(os.fsencode(str(root))).hexdigest()[:16]
+        folder = Path(tempfile.gettempdir(), f"asok-{os.getuid()}-{digest}")
+    return folder
+
+
+def _private_folder(folder):
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{folder} must be a folder of this user with mode 0700 "
+                           "(processes of the app publish to each other through it)")
 
 
 # ═══════════════════════════════════════════════════════════════════════
@@ -3890,7 +4864,7 @@ class Asok:
                  max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME,
                  trusted_proxies=None, live_origins=(),
                  max_form_parts=DEFAULT_MAX_FORM_PARTS, max_field_size=DEFAULT_MAX_FIELD_SIZE,
-                 max_part_size=DEFAULT_MAX_PART_SIZE):
+                 max_part_size=DEFAULT_MAX_PART_SIZE, broker=None):
         root = Path(app_dir).resolve()
         self.root = root.parent if root.is_file() else root
         env = os.environ
@@ -3925,8 +4899,9 @@ class Asok:
         self.pages = self._scan_pages()
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="asok")
         self.asgi = _ASGIApp(self)
-        self._alive_js = None
+        self._alive_js = (None, {})
         self._wsgi_warned = False
+        self.live = LiveHub(self, broker or FolderBroker(_live_folder(self.root)))
         self._discover_components()
         self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
 
@@ -3939,6 +4914,12 @@ class Asok:
     def wsgi_app(self, environ, start_response):
         """PEP 3333: the app served by any WSGI server."""
         return _wsgi_call(self, environ, start_response)
+
+    def publish(self, topic, payload=None):
+        """Run the @on(topic) methods of every component with a view open, in every process
+        serving this app folder; each changed view gets its new HTML. Callable from any thread
+        or coroutine; `payload` is JSON-safe (at most LIVE_MAX_PUBLISH bytes as JSON)."""
+        self.live.publish(topic, payload)
 
     def run(self, host="127.0.0.1", port=8000, **options):
         """Serve with the built-in asyncio server until SIGINT / SIGTERM."""
@@ -4024,6 +5005,9 @@ class Asok:
                 sid = None
             if sid is not None and not _SESSION_ID_RE.match(sid):
                 sid = None
+        return self._load_session(sid)
+
+    def _load_session(self, sid):
         record = self._checked_record(self.sessions.load(sid), sid) if sid else None
         if record is None or record.get("replaced"):  # a session moved away by regenerate() stays dead
             return Session(None, sid if record is None else None)
@@ -4182,7 +5166,7 @@ class Asok:
         path = request.path
         if path.startswith("/static/"):
             return self._static(request, self.root / "static", path[len("/static/"):])
-        if path == "/asok/alive.js":
+        if path.startswith("/asok/alive"):
             return self._alive(request)
         for hook in self.before_request_hooks:
             rv = hook(request)
@@ -4245,8 +5229,12 @@ class Asok:
         text = str.__str__(text)  # plain str: the tags below are HTML, not text to escape
         if not request.uses_live:
             return text
-        tags = (f'<meta name="csrf-token" content="{request.csrf_token}">'
-                f'<script src="/asok/alive.js" defer></script>')
+        scripts = self._alive_scripts()
+        tags = f'<meta name="csrf-token" content="{request.csrf_token}">'
+        for part in ("", *sorted(getattr(request, "alive_parts", ()))):
+            if part in scripts:
+                name = f"alive-{part}.js" if part else "alive.js"
+                tags += f'<script src="/asok/{name}?v={scripts[part][2]}" defer></script>'
         at = text.find("</head>")
         if at < 0:
             at = text.find("</body>")
@@ -4277,165 +5265,72 @@ class Asok:
             raise HTTPError(405, "static files answer GET and HEAD", [("Allow", "GET, HEAD")])
         return _file_response(request, path)
 
-    def _alive(self, request):
-        if not ALIVE_JS.is_file():
+    def _alive_scripts(self):
+        """{part: (bytes, gzipped bytes, version)} of alive.js as served, read again when it changes."""
+        try:
+            stamp = ALIVE_JS.stat().st_mtime_ns
+        except OSError:
             raise HTTPError(404, f"alive.js is missing: copy it beside asok.py ({ALIVE_JS})")
-        return _file_response(request, ALIVE_JS)
+        if self._alive_js[0] != stamp:
+            parts = _minify_alive(ALIVE_JS.read_text("utf-8"))
+            self._alive_js = (stamp, {name: (body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:12])
+                                      for name, body in parts.items()})
+        return self._alive_js[1]
+
+    def _alive(self, request):
+        """/asok/alive.js and /asok/alive-<part>.js: minified, gzipped when the browser takes it,
+        and cached for a year under the versioned URL that pages use (?v=<hash of the bytes>)."""
+        match = re.fullmatch(r"/asok/alive(?:-(\w+))?\.js", request.path)
+        name = match and (match.group(1) or "")
+        scripts = self._alive_scripts()
+        if name not in scripts:
+            raise HTTPError(404, f"no script {request.path}; alive.js has the parts: "
+                                 f"{', '.join(n for n in scripts if n) or 'none'}")
+        body, packed, version = scripts[name]
+        cache = "public, max-age=31536000, immutable" if request.query.get("v") == version else "no-cache"
+        headers = [("ETag", f'"{version}"'), ("Cache-Control", cache), ("Vary", "Accept-Encoding")]
+        inm = request.headers.get("if-none-match")
+        if inm is not None and (f'"{version}"' in [t.strip() for t in inm.split(",")] or inm.strip() == "*"):
+            return Response(b"", 304, headers, content_type=None)
+        if _accepts_gzip(request.headers.get("accept-encoding", "")):
+            body = packed
+            headers.append(("Content-Encoding", "gzip"))
+        return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
 
     # ── the live endpoint ─────────────────────────────────────────────
-    def _sign_state(self, name, cid, sid, state, version, seq):
-        """The signed state token: the state, its version, the session-wide sequence number of
-        the save it came from (see _live_apply) and the issue time, bound to name, cid, session."""
-        payload = json.dumps({"s": state, "v": version, "q": seq, "t": int(time.time())},
-                             separators=(",", ":"), sort_keys=True)
-        return self._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
-
     def _wrap_component(self, comp, name, cid, sid, version, seq):
         state = comp._checked_state()
         inner = comp.render()
-        token = self._sign_state(name, cid, sid, state, version, seq)
+        token = self.live.sign(name, cid, sid, state, version, seq)
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
                       f'data-asok-state="{html.escape(token)}">{inner}</div>')
 
     async def _live_socket(self, ws):
-        sid = ws.request.session.sid
+        """/asok/live: one page. Its messages are handled one at a time in a thread (LiveHub.handle);
+        replies and pushes go out through the page's _LiveOutbox."""
         loop = asyncio.get_running_loop()
-        async for message in ws:
-            if not isinstance(message, str):
-                reply = _live_error(None, "bad_message", "live messages are JSON text, not binary")
-            elif len(message) > LIVE_MAX_MESSAGE:
-                rid = re.search(r'"id"\s*:\s*"([^"\\]{1,100})"', message[:300])
-                reply = _live_error(rid and rid.group(1), "too_large",
-                                    f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")
-            else:
-                reply = await _in_thread(loop, self.executor, self.live_event, sid, message)
-            await ws.send(reply)
+        outbox = _LiveOutbox(loop, ws)
+        conn = LiveConnection(ws.request.session.sid, outbox.push)
+        try:
+            async for message in ws:
+                if not isinstance(message, str):
+                    replies = [_live_error(None, "bad_message", "live messages are JSON text, not binary")]
+                elif len(message) > LIVE_MAX_MESSAGE:
+                    rid = re.search(r'"id"\s*:\s*"([^"\\]{1,100})"', message[:300])
+                    replies = [_live_error(rid and rid.group(1), "too_large",
+                                           f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")]
+                else:
+                    replies = await _in_thread(loop, self.executor, self.live.handle, conn, message)
+                for reply in replies:
+                    await outbox.reply(reply)
+        finally:
+            outbox.closed = True
+            self.live.leave(conn)  # quick: no I/O, the lock is only ever held briefly
 
     def live_event(self, sid, text):
-        """One live message in (JSON text), one reply out (JSON text). Never raises."""
-        rid = None
-        try:
-            try:
-                message = json.loads(text)
-            except ValueError as exc:
-                raise LiveError("bad_json", f"message is not JSON: {exc}")
-            if not isinstance(message, dict):
-                raise LiveError("bad_message", "message must be a JSON object")
-            rid = message.get("id")
-            return json.dumps(self._live_apply(sid, message), separators=(",", ":"))
-        except LiveError as exc:
-            log.warning("live event refused: %s: %s", exc.code, exc.message)
-            return _live_error(rid, exc.code, exc.message)
-        except StoreUnavailable as exc:
-            log.error("live event not saved: %s", exc)
-            return _live_error(rid, "store_unavailable", f"the session storage is unavailable ({exc.reason}); "
-                                                         "the change was not saved, try again")
-        except SessionTooLarge as exc:
-            log.warning("live event refused: session_too_large: %s", exc)
-            return _live_error(rid, "session_too_large", f"{exc}; the change was not saved")
-        except Exception as exc:
-            log.exception("live event failed")
-            detail = _describe(exc) if self.debug else "see the server log"
-            return _live_error(rid, "server_error", f"the component raised an error ({detail})")
-
-    def _live_apply(self, sid, message):
-        rid, cid, name, token, method, args, csrf = (
-            message.get(k) for k in ("id", "cid", "component", "state", "method", "args", "csrf"))
-        if args is None:
-            args = []
-        for field, value, kind in (("id", rid, str), ("cid", cid, str), ("component", name, str),
-                                   ("state", token, str), ("method", method, str), ("args", args, list)):
-            if not isinstance(value, kind):
-                raise LiveError("bad_message", f"field {field!r} must be a {kind.__name__}")
-        if not sid:
-            raise LiveError("no_session", "this connection has no session cookie; reload the page")
-        if not self._csrf_ok(sid, csrf):
-            raise LiveError("bad_csrf", "CSRF token missing or invalid for this session; reload the page")
-        cls = self.components.get(name)
-        if cls is None:
-            raise LiveError("unknown_component", f"no component named {name!r}")
-        try:
-            payload = json.loads(self._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}"))
-        except (BadSignature, ValueError):
-            raise LiveError("bad_state", "state signature does not match this component, "
-                                         "cid and session (tampered or foreign state)")
-        if payload["t"] + self.session_lifetime < time.time():
-            raise LiveError("bad_state", "state has expired; reload the page")
-        if method == "$model":
-            if len(args) != 2 or not isinstance(args[0], str):
-                raise LiveError("bad_args", "$model takes [property, value]")
-            call = ("$model", [args[0], _model_value(cls, args[0], args[1])])
-        else:
-            if method.startswith("_"):
-                raise LiveError("private_method", f"{name}.{method} is private")
-            fn = getattr(cls, method, None)
-            if fn is None or not callable(fn):
-                raise LiveError("unknown_method", f"{name} has no method {method!r}")
-            if not getattr(fn, "__asok_exposed__", False):
-                raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
-            call = (method, _bind_args(cls, method, args))
-
-        def apply(record):
-            if record.get("replaced"):
-                raise LiveError("no_session", "this session was replaced (a sign-in); reload the page")
-            if self._checked_record(record, sid) is None:
-                record.clear()
-            live = record.setdefault("live", {})
-            stored = live.get(cid)
-            if stored and stored.get("c") != name:
-                stored = None
-            dropped = record.setdefault("dropped", {})
-            if stored:  # the saved state is the latest: two tabs add up, an old page cannot roll back
-                state, version = stored["s"], stored["v"]
-            elif payload.get("q", 0) <= dropped.get(cid, -1) or payload.get("q", 0) < record.get("floor", 0):
-                raise LiveError("bad_state", "this page's state is older than what the session keeps; "
-                                             "reload the page")
-            else:
-                state, version = payload["s"], payload["v"]
-            session = Session(record.get("data"), sid)
-            session.live = live
-            session.seq = record.get("seq", 0)
-            request = _LiveContext(self, session, sid)
-            context = self._context(request, cid)
-            comp = cls._restore(self, state, session, cid, context)
-            recent = stored.get("ids", []) if stored else []
-            if rid not in recent:
-                if comp.authorize(call[0], list(call[1])) is False:
-                    raise LiveError("forbidden", f"{name}.{call[0]} is not allowed")
-                if call[0] == "$model":
-                    setattr(comp, call[1][0], call[1][1])
-                else:
-                    getattr(comp, call[0])(*call[1])
-                version += 1
-                recent = (recent + [rid])[-LIVE_RECENT_IDS:]
-            if session.previous_sid:
-                raise RuntimeError("session.regenerate() needs an HTTP response to set the new cookie: "
-                                   "call it in a route or a page (the sign-in POST), not in a live event")
-            if session.cleared:
-                _clear_live(record, session.seq)
-                live, dropped = record["live"], record["dropped"]
-            new_state = comp._checked_state()
-            inner = comp.render()
-            # Every save gets the session's next sequence number, carried by the tokens it issues.
-            # A state dropped past the limit leaves its number in `dropped`: tokens for that cid
-            # up to it are refused, so replaying an old page never brings a dropped state back
-            # (a fresh render afterwards gets a higher number). Past LIVE_MAX_DROPPED, the oldest
-            # entries fold into one session-wide floor.
-            seq = record["seq"] = record.get("seq", 0) + 1
-            live.pop(cid, None)  # newest last, so the oldest component goes first past the limit
-            dropped.pop(cid, None)
-            live[cid] = {"c": name, "s": new_state, "v": version, "q": seq, "ids": recent}
-            while len(live) > LIVE_MAX_PER_SESSION:
-                gone = next(iter(live))
-                dropped[gone] = live.pop(gone).get("q", 0)
-            while len(dropped) > LIVE_MAX_DROPPED:
-                record["floor"] = max(record.get("floor", 0), dropped.pop(next(iter(dropped))))
-            if session.modified:
-                record["data"] = dict(session)
-            return inner, new_state, version, seq
-
-        inner, state, version, seq = self.sessions.update(sid, apply)
-        return {"id": rid, "html": str(inner), "state": self._sign_state(name, cid, sid, state, version, seq)}
+        """One live event in (JSON text), its reply out (JSON text), with no page behind it
+        (no view is kept: nothing is pushed to it). Never raises."""
+        return self.live.handle(LiveConnection(sid, None), text)[0]
 
 
 def _describe(exc):
@@ -4448,6 +5343,37 @@ def _describe(exc):
 
 def _live_error(rid, code, message):
     return json.dumps({"id": rid, "error": {"code": code, "message": message}}, separators=(",", ":"))
+
+
+def _minify_alive(source):
+    """alive.js as served, split into parts: {"": the core, name: each part}. Lines that are only
+    a comment and leading indentation are dropped, and so is a trailing comment that starts with
+    " // " (so alive.js keeps " // " out of its strings and regular expressions). A line
+    `//# part: name` starts a part that asok serves as /asok/alive-<name>.js, only to pages whose
+    request has the name in `request.alive_parts` (a component adds it with `_alive_parts =
+    ("name",)` on its class): a feature most pages do not use costs them no bytes."""
+    parts, name = {"": []}, ""
+    for line in source.splitlines():
+        text = line.strip()
+        marker = re.fullmatch(r"//# part: (\w+)", text)
+        if marker:
+            name = marker.group(1)
+            parts[name] = []
+        elif text and not text.startswith("//"):
+            parts[name].append(re.sub(r"\s+// .*$", "", text))
+    return {name: ("\n".join(lines) + "\n").encode() for name, lines in parts.items()}
+
+
+def _accepts_gzip(header):
+    for item in header.lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=")
+            try:
+                return not params or float(q) > 0
+            except ValueError:
+                return False
+    return False
 
 
 def _file_response(request, path):
@@ -5484,8 +6410,15 @@ class TestClient:
         token = self.cookies.get(SESSION_COOKIE)
         return self.app._cookie_signer.unsign(token) if token else None
 
+    def publish(self, topic, payload=None, timeout=5.0):
+        """`app.publish(topic, payload)`, then wait until this process has applied it (and
+        pushed the new HTML to the handles that show the component)."""
+        self.app.publish(topic, payload)
+        self.app.live.settle(timeout)
+
     def live(self, path, name, index=0):
-        """Load the page at `path` and return a LiveHandle on its `index`-th `name` component."""
+        """Load the page at `path` and return a LiveHandle on its `index`-th `name` component,
+        joined as alive.js joins: it receives pushes (`handle.pushes`) until `handle.close()`."""
         page = self.get(path)
         if page.status != 200:
             raise AssertionError(f"GET {path} answered {page.status}")
@@ -5497,7 +6430,7 @@ class TestClient:
         root = matches[index]
         csrf = re.search(r'<meta name="csrf-token" content="([^"]*)"', page.text)
         return LiveHandle(self, root.attrs.get("id", ""), name, root.attrs.get("data-asok-state", ""),
-                          csrf.group(1) if csrf else "", html=root.inner_html)
+                          csrf.group(1) if csrf else "", html=root.inner_html, path=path)
 
 
 def _find_components(text):
@@ -5744,22 +6677,53 @@ class LiveHandle:
         assert "Count: 11" in counter.text      # also .html, .state
 
     Each action sends the event alive.js would send and returns the reply ({id, html, state} or
-    {id, error: {code, message}}); `call(method, *args)` sends any method by name."""
+    {id, error: {code, message}}); `call(method, *args)` sends any method by name.
 
-    def __init__(self, client, cid, name, state, csrf, html=None):
+    Like a page, a handle joins: it is a view, so other views' changes, published messages and
+    timers reach it. Each push is kept in `pushes` (`wait_for_push()` waits for one), and one
+    newer than what the handle shows replaces `html` and `state`, as in alive.js; `close()` is
+    the page closing."""
+
+    def __init__(self, client, cid, name, state, csrf, html=None, path="/"):
         self.client = client
         self.cid = cid
         self.name = name
         self.state_token = state
         self.csrf = csrf
-        self.html = html  # the component's inner HTML, as last rendered
+        self.html = html  # the component's inner HTML, as last rendered or pushed
+        self.pushes = []  # every message pushed to this view, oldest first
         self._page = secrets.token_hex(4)  # ids are unique per page load, as alive.js makes them
         self._n = 0
+        self._arrived = threading.Condition()
+        self.conn = LiveConnection(client.sid, self._pushed)
+        self.conn.path, _, self.conn.query_string = path.partition("?")
+        join = {"join": [[cid, name, state]], "url": path, "csrf": csrf}
+        for text in client.app.live.handle(self.conn, json.dumps(join)):
+            self._pushed(cid, text)
 
     @property
     def state(self):
         """The component's state, as signed into its last render."""
-        return json.loads(self.state_token.rpartition(".")[0])["s"]
+        return StateToken.parse(self.state_token).state
+
+    def _pushed(self, cid, text):
+        message = json.loads(text)
+        with self._arrived:
+            self.pushes.append(message)
+            if "html" in message and StateToken.parse(message["state"]).seq >= StateToken.parse(self.state_token).seq:
+                self.state_token, self.html = message["state"], message["html"]
+            self._arrived.notify_all()
+
+    def wait_for_push(self, count=1, timeout=5.0):
+        """Wait until this view has received `count` pushes in all; returns the last one."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: len(self.pushes) >= count, timeout):
+                raise AssertionError(f"{self.cid}: {len(self.pushes)} push(es) after {timeout} s, not {count}")
+            return self.pushes[-1]
+
+    def close(self):
+        """The page closes: this view stops receiving pushes (and its timers stop, if it was the last)."""
+        self.client.app.live.leave(self.conn)
 
     @property
     def text(self):
@@ -5769,7 +6733,7 @@ class LiveHandle:
     def send(self, message):
         """Send a raw message (dict or text) and return the reply as a dict."""
         text = message if isinstance(message, str) else json.dumps(message)
-        return json.loads(self.client.app.live_event(self.client.sid, text))
+        return json.loads(self.client.app.live.handle(self.conn, text)[0])
 
     def call(self, method, *args, **overrides):
         """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""
@@ -5778,9 +6742,10 @@ class LiveHandle:
                    "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
         message.update(overrides)
         reply = self.send(message)
-        if "error" not in reply:
-            self.state_token = reply["state"]
-            self.html = reply["html"]
+        with self._arrived:  # a push that overtook the reply stays, as in alive.js
+            if "error" not in reply and StateToken.parse(reply["state"]).seq >= StateToken.parse(self.state_token).seq:
+                self.state_token = reply["state"]
+                self.html = reply["html"]
         return reply
 
     def find(self, selector):

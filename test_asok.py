@@ -3216,7 +3216,7 @@ def test_component_renders_with_signed_state_and_runtime(live_app):
     client = asok.TestClient(live_app)
     page = client.get("/").text
     assert page.count('data-asok-component="Counter"') == 2
-    assert '<script src="/asok/alive.js" defer></script></head>' in page
+    assert re.search(r'<script src="/asok/alive.js\?v=\w{12}" defer></script></head>', page)
     assert '<meta name="csrf-token" content="' in page
     assert "Count: 10 / 0" in page and "Count: 0 / 0" in page
     assert 'id="/#Counter-0"' in page and 'id="/#Counter-1"' in page
@@ -3593,6 +3593,56 @@ def test_live_endpoint_over_a_real_websocket(live_app):
             assert json.loads(anonymous.receive(timeout=5))["error"]["code"] == "no_session"
 
 
+def test_a_real_socket_joins_and_gets_pushes_from_another_socket(live_app):
+    client = asok.TestClient(live_app, host="127.0.0.1")
+    counter = client.live("/", "Counter")
+    counter.close()
+    with running(live_app) as port:
+        with live_socket(port, client) as watcher, live_socket(port, client) as clicker:
+            watcher.send(json.dumps({"join": [[counter.cid, "Counter", counter.state_token]], "url": "/",
+                                     "csrf": counter.csrf}))
+            clicker.send(json.dumps({"id": "c:1", "cid": counter.cid, "component": "Counter",
+                                     "state": counter.state_token, "method": "increment", "args": [],
+                                     "csrf": counter.csrf}))
+            assert json.loads(clicker.receive(timeout=5))["id"] == "c:1"
+            push = json.loads(watcher.receive(timeout=5))
+            assert push["cid"] == counter.cid and "Count: 11 / 1" in push["html"]
+        # a page whose socket was cut meanwhile catches up when it joins again
+        counter.call("add", 4)
+        counter.close()
+        with live_socket(port, client) as back:
+            back.send(json.dumps({"join": [[counter.cid, "Counter", push["state"]]], "url": "/",
+                                  "csrf": counter.csrf}))
+            assert "Count: 15 / 1" in json.loads(back.receive(timeout=5))["html"]
+    assert live_app.live.stats()["views"] == 0  # every socket's views went with it
+
+
+def test_a_page_that_does_not_read_holds_one_push_per_component():
+    sent, release = [], None
+
+    class SlowSocket:
+        async def send(self, text):
+            sent.append(text)
+            await release.wait()
+
+    async def main():
+        nonlocal release
+        release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        outbox = asok._LiveOutbox(loop, SlowSocket())
+        for n in range(100):
+            outbox._push("a", f"a{n}")
+            outbox._push("b", f"b{n}")
+            await asyncio.sleep(0)
+        assert sent == ["a0"] and outbox.pushes == {"a": "a99", "b": "b99"}
+        release.set()
+        for _ in range(100):
+            await asyncio.sleep(0)
+        return sent
+
+    assert asyncio.run(main()) == ["a0", "a99", "b99"]
+
+
 def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
     store = asok.FileSessionStore(tmp_path, lifetime=600)
     sid = "s" * 43
@@ -3694,6 +3744,253 @@ def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
     assert f"value='{panel.csrf}'" in reply["html"]
     assert 'id="/panel#Panel-0#Labels-0" data-asok-component="Labels"' in reply["html"]
     assert asok.TestClient.live(client, "/panel", "Labels").cid == "/panel#Panel-0#Labels-0"
+
+
+# ── live updates: pushes to every view, @on / publish, @every, join and catch-up (DESIGN §9) ──
+
+FEED_FILES = {
+    **COMPONENT_FILES,
+    "src/components/Feed.py": '''
+        from asok import Component, exposed, on
+
+        class Feed(Component):
+            room = "a"
+            items = []
+
+            @on("news:{room}")
+            def received(self, payload):
+                self.items = self.items + [payload["text"]]
+
+            @on("news:all")
+            def everyone(self, payload):
+                self.items = self.items + ["all:" + payload["text"]]
+
+            @exposed
+            def move(self, room):
+                self.room = room
+
+            @exposed
+            def post(self, text):
+                self.publish("news:" + self.room, {"text": text})
+                if text == "fail":
+                    raise RuntimeError("refused after publishing")
+    ''',
+    "src/components/feed.html": "<ul><% for item in items %><li><< item >></li><% endfor %></ul>",
+    "src/pages/feed.html": "<head></head><< component('Feed', room=request.query.get('room', 'a')) >>",
+}
+
+
+def test_an_event_pushes_the_new_html_to_the_other_tabs_of_the_session(live_app):
+    client = asok.TestClient(live_app)
+    tab_a, tab_b = client.live("/", "Counter"), client.live("/", "Counter")
+    stranger = asok.TestClient(live_app).live("/", "Counter")
+    tab_a.call("increment")
+    push = tab_b.pushes[-1]
+    assert push["cid"] == "/#Counter-0" and "Count: 11 / 1" in push["html"] and "id" not in push
+    assert tab_b.state["count"] == 11 and tab_a.pushes == []  # the clicking tab has its reply instead
+    tab_b.call("increment")
+    assert "Count: 12 / 2" in tab_a.pushes[-1]["html"]
+    assert stranger.pushes == [] and stranger.state["count"] == 10  # another session's component
+
+
+def test_a_publish_runs_the_handler_once_per_session_and_cid_and_every_view_gets_it(tmp_path):
+    app = make_app(tmp_path, FEED_FILES)
+    alice, bob, carol = asok.TestClient(app), asok.TestClient(app), asok.TestClient(app)
+    alice_tabs = [alice.live("/feed", "Feed"), alice.live("/feed", "Feed")]
+    bob_feed, bob_b = bob.live("/feed", "Feed"), carol.live("/feed?room=b", "Feed")
+    alice.publish("news:a", {"text": "hello"})
+    for view in alice_tabs + [bob_feed]:
+        assert view.state["items"] == ["hello"] and "<li>hello</li>" in view.html
+    assert bob_b.pushes == [] and bob_b.state["items"] == []  # room b did not hear it
+    alice.publish("news:all", {"text": "x"})
+    assert [v.state["items"] for v in alice_tabs] == [["hello", "all:x"]] * 2
+    assert bob_b.state["items"] == ["all:x"]
+    assert "<li>hello</li><li>all:x</li>" in alice.get("/feed").text  # it was saved
+
+
+def test_a_topic_follows_the_state_it_is_formatted_from(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, FEED_FILES))
+    feed = client.live("/feed", "Feed")
+    feed.call("move", "b")
+    client.publish("news:a", {"text": "old room"})
+    client.publish("news:b", {"text": "new room"})
+    assert feed.state["items"] == ["new room"]
+
+
+def test_a_component_publishes_only_once_its_call_is_saved(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, FEED_FILES, debug=True))
+    feed, other = client.live("/feed", "Feed"), asok.TestClient(client.app).live("/feed", "Feed")
+    assert client.app.live.stats() == {"views": 2, "timers": 0}
+    feed.call("post", "hi")
+    client.app.live.settle()
+    assert feed.state["items"] == ["hi"] and other.state["items"] == ["hi"]
+    assert feed.call("post", "fail")["error"]["code"] == "server_error"
+    client.app.live.settle()
+    assert other.state["items"] == ["hi"]  # the refused call published nothing
+
+
+def test_publish_refuses_what_it_cannot_carry(tmp_path):
+    app = make_app(tmp_path, FEED_FILES)
+    with pytest.raises(TypeError, match="payload published to 'news:a'.*set"):
+        app.publish("news:a", {"tags": {1, 2}})
+    with pytest.raises(ValueError, match="NaN or Infinity"):
+        app.publish("news:a", {"x": float("nan")})
+    with pytest.raises(ValueError, match=f"the limit is {asok.LIVE_MAX_PUBLISH}"):
+        app.publish("news:a", "x" * asok.LIVE_MAX_PUBLISH)
+    with pytest.raises(TypeError, match="topic str"):
+        app.publish(5, None)
+
+
+def test_on_and_every_refuse_bad_declarations():
+    with pytest.raises(ValueError, match="name of a state field in braces"):
+        asok.on("chat:{room.name}")
+    with pytest.raises(ValueError, match="at least"):
+        asok.every(0)
+    with pytest.raises(ValueError, match="number of seconds"):
+        asok.every("5")
+    with pytest.raises(TypeError, match=r"takes the payload \(def got\(self, payload\)\)"):
+        type("Bad", (asok.Component,), {"got": asok.on("t")(lambda self: None)})
+    with pytest.raises(TypeError, match="an @every method takes nothing"):
+        type("Bad", (asok.Component,), {"tick": asok.every(1)(lambda self, x: None)})
+
+
+def test_a_join_answers_views_that_show_an_older_save_and_only_those(live_app):
+    client = asok.TestClient(live_app)
+    page = client.get("/").text
+    cid, _, old = asok._find_components(page)[0]
+    csrf = re.search(r'name="csrf-token" content="([^"]*)"', page).group(1)
+    client.live("/", "Counter").call("add", 5)  # another tab changes it meanwhile
+    conn = asok.LiveConnection(client.sid, lambda cid, text: None)
+    current = asok._find_components(client.get("/").text)
+    replies = [json.loads(r) for r in live_app.live.handle(conn, json.dumps(
+        {"join": [[cid, "Counter", old], list(current[1])], "url": "/", "csrf": csrf}))]
+    assert len(replies) == 1 and replies[0]["cid"] == cid and "Count: 15 / 0" in replies[0]["html"]
+    assert asok.StateToken.parse(replies[0]["state"]).state["count"] == 15
+    assert set(conn.views) == {cid, current[1][0]}
+    again = live_app.live.handle(asok.LiveConnection(client.sid, None), json.dumps(
+        {"join": [list(current[0])], "url": "/", "csrf": csrf}))
+    assert again == []  # a page that shows the latest save gets nothing
+
+
+@pytest.mark.parametrize("join, code", [
+    ({"join": "x"}, "bad_message"),
+    ({"join": [], "url": "http://evil/"}, "bad_message"),
+    ({"join": [], "csrf": "wrong"}, "bad_csrf"),
+    ({"join": [["/#Counter-0", "Counter", "forged.state"]]}, "bad_state"),
+    ({"join": [["/#Counter-0", "Nope", "x.y"]]}, "unknown_component"),
+    ({"join": [["/#Counter-0"]]}, "bad_message"),
+])
+def test_a_bad_join_is_refused_and_registers_nothing(live_app, join, code):
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    counter.close()
+    reply = json.loads(live_app.live.handle(counter.conn, json.dumps({"url": "/", "csrf": counter.csrf, **join}))[0])
+    assert reply["error"]["code"] == code and reply["error"]["message"]
+    assert live_app.live.stats()["views"] == 0
+
+
+def test_live_renders_see_the_path_and_query_of_the_page(tmp_path):
+    files = {**COMPONENT_FILES, "src/components/counter.html":
+             "<p><< request.path >>?<< request.query.get('q', '-') >> << count >></p>",
+             "src/pages/search.html": "<head></head><< component('Counter') >>"}
+    client = asok.TestClient(make_app(tmp_path, files))
+    counter = client.live("/search?q=kiwi", "Counter")
+    assert "<p>/search?kiwi 1</p>" in counter.call("increment")["html"]
+
+
+CLOCK_FILES = {
+    **COMPONENT_FILES,
+    "src/components/Ticker.py": '''
+        import time
+        from asok import Component, every
+
+        class Ticker(Component):
+            ticks = 0
+            periods = []
+
+            @every(0.1)
+            def tick(self):
+                self.ticks += 1
+                self.periods = self.periods + [round(time.time() / 0.1)]
+    ''',
+    "src/components/ticker.html": "<b><< ticks >></b>",
+    "src/pages/ticker.html": "<head></head><< component('Ticker') >>",
+}
+
+
+def test_every_runs_once_per_period_while_a_view_is_open_and_stops_with_the_last(tmp_path):
+    app = make_app(tmp_path, CLOCK_FILES)
+    client = asok.TestClient(app)
+    tabs = [client.live("/ticker", "Ticker"), client.live("/ticker", "Ticker")]
+    assert app.live.stats() == {"views": 2, "timers": 1}  # one timer for the (session, cid)
+    tabs[0].wait_for_push(3)
+    tabs[0].close()
+    assert app.live.stats() == {"views": 1, "timers": 1}
+    tabs[1].wait_for_push(len(tabs[1].pushes) + 1)
+    tabs[1].close()
+    assert app.live.stats() == {"views": 0, "timers": 0}
+    app.live.settle()
+    periods = app.sessions.load(client.sid)["live"]["/ticker#Ticker-0"]["s"]["periods"]
+    assert len(periods) >= 3 and len(set(periods)) == len(periods)  # never twice in one period
+
+
+def test_two_apps_on_one_folder_share_their_views_and_apply_a_publish_once(tmp_path):
+    one = make_app(tmp_path, {**FEED_FILES, **CLOCK_FILES})
+    other = make_app(tmp_path, {})  # a second process serving the same folder
+    client = asok.TestClient(one)
+    tabs = [client.live("/feed", "Feed"), client.live("/feed", "Feed")]
+    elsewhere = asok.TestClient(other)
+    elsewhere.cookies = dict(client.cookies)
+    far = elsewhere.live("/feed", "Feed")
+    one.publish("news:a", {"text": "once"})
+    far.wait_for_push()
+    one.live.settle()
+    other.live.settle()
+    for view in tabs + [far]:
+        assert view.state["items"] == ["once"]
+    far.call("post", "from far away")
+    tabs[0].wait_for_push(2)
+    one.live.settle()
+    other.live.settle()
+    assert client.live("/feed", "Feed").state["items"] == ["once", "from far away"]
+    # a timer of a component shown by both runs once per period between them
+    ticker, far_ticker = client.live("/ticker", "Ticker"), elsewhere.live("/ticker", "Ticker")
+    far_ticker.wait_for_push(4)
+    ticker.close()
+    far_ticker.close()
+    one.live.settle()
+    other.live.settle()
+    periods = one.sessions.load(client.sid)["live"]["/ticker#Ticker-0"]["s"]["periods"]
+    assert len(periods) >= 3 and len(set(periods)) == len(periods)
+
+
+def test_the_folder_broker_skips_dead_peers_and_malformed_messages(tmp_path, caplog):
+    folder = tmp_path / "b"
+    got = []
+    broker = asok.FolderBroker(folder)
+    broker.subscribe(got.append)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(str(folder / "99999.dead"))
+    dead.close()  # its file stays behind, as when a process is killed
+    listener = asok.FolderBroker(folder)
+    heard = queue.Queue()
+    listener.subscribe(heard.put)
+    broker.publish(b'{"x":1}')
+    assert heard.get(timeout=5) == b'{"x":1}' and got == [b'{"x":1}']
+    for _ in range(100):
+        if not (folder / "99999.dead").exists():
+            break
+        time.sleep(0.05)
+    assert not (folder / "99999.dead").exists()
+    with pytest.raises(ValueError, match="at most"):
+        broker.publish(b"x" * (asok.BROKER_MAX_DATAGRAM + 1))
+    app = make_app(tmp_path / "app", FEED_FILES)
+    with caplog.at_level(logging.ERROR, logger="asok"):
+        app.live._received(b"not json")
+    assert "malformed message" in caplog.text
+    broker.close()
+    listener.close()
 
 
 # ═══════════════════════════════════════════════════════════════════════════
@@ -4845,7 +5142,7 @@ def test_url_for_and_render_template_take_a_parameter_called_name(tmp_path):
 def test_runtime_is_injected_into_a_page_without_head_or_body(tmp_path):
     app = make_app(tmp_path, {**COMPONENT_FILES, "src/pages/bare.html": "{{ component('Counter') }}"})
     page = asok.TestClient(app).get("/bare").text
-    assert page.endswith('<script src="/asok/alive.js" defer></script>') and "&lt;" not in page
+    assert re.search(r'<script src="/asok/alive.js\?v=\w+" defer></script>$', page) and "&lt;" not in page
 
 
 def test_a_non_json_class_attribute_is_named(tmp_path):
