@@ -6,6 +6,7 @@ example app into tmp_path (its runtime data under .asok/ stays out of the reposi
 with `python asok.py serve` in a subprocess with DEBUG=true. Without chromium or playwright the tier
 skips, saying how to install them; with CI=true it fails instead.
 """
+import gzip
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -267,6 +269,23 @@ def test_two_tabs_clicking_alternately_end_at_the_sum(serve, context):
         expect_count(tab, 26)
 
 
+def test_a_click_in_one_tab_shows_in_the_other_without_a_click_there(serve, context):
+    server = serve("counter")
+    watching, clicking = context.new_page(), context.new_page()
+    for tab in (watching, clicking):
+        tab.goto(server.url)
+        expect_count(tab, 10)
+        expect_connected(tab, True)
+    clicking.click(INCREMENT)
+    expect_count(clicking, 11)
+    expect_count(watching, 11)
+    expect(watching.locator("p")).to_have_text("\"Add 1\" clicks this session: 1")
+    burst(watching, INCREMENT, 5)
+    expect_count(clicking, 16)
+    expect_count(watching, 16)
+    assert watching.evaluate("asokErrors") == [] and clicking.evaluate("asokErrors") == []
+
+
 def test_each_component_has_its_own_queue(serve, page):
     server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
     page.goto(server.url + "/two")
@@ -411,9 +430,17 @@ def test_counter_page_screenshot_is_saved(serve, page):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_alive_js_fits_in_2048_bytes_after_gzip_9():
-    packed = subprocess.run(["gzip", "-9c", "alive.js"], cwd=HERE, capture_output=True, check=True).stdout
-    assert len(packed) <= 2048, f"alive.js is {len(packed)} bytes after gzip -9; the budget is 2048"
+def test_the_runtime_a_page_downloads_fits_in_2048_bytes_after_gzip_9(serve, page):
+    server = serve("counter")
+    scripts = []
+    page.on("response", lambda r: scripts.append(r) if r.request.resource_type == "script" else None)
+    page.goto(server.url)
+    expect_connected(page, True)
+    assert [urlparse(r.url).path for r in scripts] == ["/asok/alive.js"]
+    assert scripts[0].headers["content-encoding"] == "gzip"  # sent compressed, and cached by version
+    assert "immutable" in scripts[0].headers["cache-control"]
+    served = sum(len(gzip.compress(r.body(), 9)) for r in scripts)  # Playwright gives the decoded body
+    assert served <= 2048, f"the page's scripts are {served} bytes after gzip -9; the budget is 2048"
 
 
 # ── raw WebSocket: examples/echo ─────────────────────────────────────
