@@ -3896,6 +3896,8 @@ class _ComponentRenderer:
         elif not isinstance(cid, str) or not _CID_RE.match(cid):
             raise ValueError(f"component({name!r}): cid must be 1-200 letters, digits or _:./#@-")
         request.uses_live = True
+        if getattr(cls, "_alive_parts", None):  # parts of alive.js this component needs (see _minify_alive)
+            request.alive_parts = {*getattr(request, "alive_parts", ()), *cls._alive_parts}
         session = request.session
         sid = app._ensure_session(session)
         context = app._context(request, cid)
@@ -4276,25 +4278,28 @@ class LiveHub:
             raise LiveError("bad_message", "join url must be the page's path and query, starting with /")
         self._check_page(conn.sid, message.get("csrf"))
         conn.path, _, conn.query_string = url.partition("?")
-        record = self.app.sessions.load(conn.sid) or {}
-        out = []
+        out, joined = [], []
         for item in items:
             cid = item[0] if isinstance(item, list) and item and isinstance(item[0], str) else None
             try:
                 if cid is None or len(item) != 3 or not all(isinstance(x, str) for x in item):
                     raise LiveError("bad_message", "each joined component is [cid, component, state]")
                 cls = self._component(item[1])
-                token = self.read(item[1], cid, conn.sid, item[2])
-                view = self._attach(conn, cid, cls, token)
-                saved = SavedComponent.load(record.get("live", {}).get(cid), item[1])
-                if saved is not None and saved.seq > token.seq:
-                    out.append(self._render_push(conn.sid, cid, cls, saved, conn))
-                    with self._lock:
-                        view.seq = max(view.seq, saved.seq)
+                joined.append((self._attach(conn, cid, cls, self.read(item[1], cid, conn.sid, item[2])), cls))
             except LiveError as exc:
                 log.warning("live join refused: %s: %s", exc.code, exc.message)
                 out.append(json.dumps({"cid": cid, "error": {"code": exc.code, "message": exc.message}},
                                       separators=(",", ":")))
+        # read after the views are registered: a save from now on is pushed to them, one before is here
+        live = (self.app.sessions.load(conn.sid) or {}).get("live") or {}
+        for view, cls in joined:
+            saved = SavedComponent.load(live.get(view.cid), cls.__name__)
+            if saved is not None and saved.seq > view.seq:
+                message = self._render_push(conn.sid, view.cid, cls, saved, conn)
+                with self._lock:
+                    if saved.seq > view.seq:
+                        view.seq = saved.seq
+                        out.append(message)
         return out
 
     # ── views ─────────────────────────────────────────────────────────

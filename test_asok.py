@@ -3,6 +3,7 @@ from pathlib import Path
 import argparse
 import asyncio
 import base64
+import gzip
 import contextlib
 import hashlib
 import html
@@ -3223,6 +3224,31 @@ def test_component_renders_with_signed_state_and_runtime(live_app):
     assert "alive.js" not in client.get("/plain").text
     js = client.get("/asok/alive.js")
     assert js.status == 200 and js.header("content-type").startswith("text/javascript")
+
+
+def test_alive_js_is_served_minified_gzipped_and_cached_by_version(live_app, monkeypatch, tmp_path):
+    client = asok.TestClient(live_app)
+    version = re.search(r'alive.js\?v=(\w+)', client.get("/").text).group(1)
+    plain = client.get(f"/asok/alive.js?v={version}")
+    assert "immutable" in plain.header("cache-control") and plain.header("content-encoding") is None
+    source = (ROOT / "alive.js").read_text()
+    assert len(plain.body) < len(source.encode()) and b"\n//" not in plain.body and b"\n  " not in plain.body
+    packed = client.get(f"/asok/alive.js?v={version}", headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert packed.header("content-encoding") == "gzip" and gzip.decompress(packed.body) == plain.body
+    refused = client.get("/asok/alive.js", headers={"Accept-Encoding": "gzip;q=0"})
+    assert refused.header("content-encoding") is None and refused.header("cache-control") == "no-cache"
+    assert client.get("/asok/alive.js", headers={"If-None-Match": f'"{version}"'}).status == 304
+    assert client.get("/asok/alive-nope.js").status == 404
+    # a part after a `//# part: name` line is a second script, only for pages that ask for it
+    js = tmp_path / "alive.js"
+    js.write_text(source + "\n//# part: extra\n  // a comment\n  window.extra = 1; // trailing\n")
+    monkeypatch.setattr(asok, "ALIVE_JS", js)
+    extra = client.get("/asok/alive-extra.js")
+    assert extra.status == 200 and extra.body == b"window.extra = 1;\n"
+    assert b"window.extra" not in client.get("/asok/alive.js").body
+    assert "alive-extra.js" not in client.get("/").text
+    monkeypatch.setattr(live_app.components["Counter"], "_alive_parts", ("extra",), raising=False)
+    assert re.search(r'<script src="/asok/alive-extra.js\?v=\w+" defer>', client.get("/").text)
 
 
 def test_click_increments_and_persists_across_reload_and_restart(live_app, tmp_path):
