@@ -6738,6 +6738,9 @@ class LiveHandle:
     def send(self, message):
         """Send a raw message (dict or text) and return the reply as a dict."""
         text = message if isinstance(message, str) else json.dumps(message)
+        if self.conn.sid != self.client.sid:  # the cookie changed (a sign-in): a new socket, as alive.js's next
+            self.client.app.live.leave(self.conn)
+            self.conn.sid = self.client.sid
         return json.loads(self.client.app.live.handle(self.conn, text)[0])
 
     def call(self, method, *args, **overrides):
