@@ -12,7 +12,7 @@ run:
 
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check pytest playwright uvicorn websockets jinja2
+	$(VPY) -m pip install -q --disable-pip-version-check pytest playwright uvicorn websockets jinja2 redis
 	touch $@
 
 deps: $(VENV)/.deps
@@ -25,6 +25,7 @@ $(PYVIEW_VENV)/.deps: Makefile
 
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx-light; }
 
 test: deps browser

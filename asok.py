@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Asok", "Component", "exposed", "on", "every", "Broker", "FolderBroker", "SavedComponent", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
-    "Session", "SessionStore", "FileSessionStore", "StoreUnavailable", "SessionTooLarge",
+    "Session", "SessionStore", "FileSessionStore", "RedisSessionStore", "StoreUnavailable", "SessionTooLarge",
     "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
     "TestClient", "serve", "serve_workers", "load_app", "main",
@@ -2644,26 +2644,44 @@ class Session(dict):
 
 
 class SessionStore:
-    """Where sessions live. A record is a JSON-safe dict: {"data": {...}, "live": {...}}.
-    `load(sid)` returns the record (a copy of its own for the caller) or None.
-    `update(sid, fn)` runs fn(record) once on a copy, under a lock shared by every process,
-    and saves the record fn changed; if fn raises, nothing is saved. A store that cannot
-    read or write raises StoreUnavailable, leaving the previous record intact; a record over
-    the store's size cap raises SessionTooLarge. Neither is ever reported as saved."""
+    """Where sessions live; `Asok(session_store=...)` takes any object with these methods.
+    A record is a JSON-safe dict: {"data": {...}, "live": {...}, ...}, opaque to the store.
+
+    The contract every store holds (FileSessionStore and RedisSessionStore do):
+    - `update(sid, fn)` runs `fn(record)` exactly once, under an exclusive per-session lock
+      that holds across threads, processes and (for a shared store) machines, then writes
+      the record fn changed before it returns fn's result. If fn raises, nothing is written
+      and the exception propagates. If the write cannot be made durable, it raises
+      StoreUnavailable and the previous record stays as it was, in the store and in any cache.
+    - Every record returned is the caller's own copy: changing it changes nothing stored.
+    - The store enforces `lifetime` (seconds since the last write): an older record is gone.
+      `Asok` sets it from its `session_lifetime`.
+    - A record larger than the store's cap raises SessionTooLarge; nothing is written.
+    - A storage failure (disk, network, a server down) raises StoreUnavailable, whose message
+      names the storage problem; the live endpoint answers `store_unavailable`, pages 503.
+    Session ids are validated by the store before they touch a path or key."""
+
+    lifetime = SESSION_LIFETIME
 
     def load(self, sid):
+        """The record of `sid` (a copy of its own), or None when there is none or it expired."""
         raise NotImplementedError
 
     def save(self, sid, record):
+        """Write `record` as the whole record of `sid`, without a read (prefer `update`)."""
         raise NotImplementedError
 
     def delete(self, sid):
+        """Forget `sid`'s record (a missing one is not an error)."""
         raise NotImplementedError
 
     def update(self, sid, fn):
+        """Read-modify-write under the session's lock, as the class docstring says."""
         raise NotImplementedError
 
-    def collect(self, max_age=SESSION_LIFETIME):
+    def collect(self, max_age=None):
+        """Remove expired records (a store whose backend expires them may do nothing);
+        returns how many went."""
         raise NotImplementedError
 
 
@@ -2939,6 +2957,126 @@ class _StoreLock:
     def __exit__(self, *exc):
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.thread_lock.release()
+
+
+class RedisSessionStore(SessionStore):
+    """Sessions in Redis, shared by every process and machine that uses the same Redis.
+    `client` is one the user builds (redis-py: `redis.Redis(host=...)`); asok never imports
+    redis and needs only `register_script`, `get`, `delete` and `ping` of it.
+
+    A record is one key (`<prefix>s:<sid>`, JSON) whose TTL is the session lifetime, so Redis
+    collects expired sessions itself. `update(sid, fn)` costs two round trips, each a Lua script:
+    the first takes the session's lock (`<prefix>l:<sid>`, held at most `lock_timeout` seconds)
+    with a fencing token from a counter and returns the record; the second writes the record
+    and releases the lock only if the lock still holds that token. A process that stalled past
+    its lock (a GC pause, a lost network) therefore cannot overwrite a newer write: its save
+    fails with StoreUnavailable and is not acknowledged. Any error of the client (Redis down,
+    a timeout) is StoreUnavailable naming Redis; the next call tries again."""
+
+    _LOCK = """
+    if redis.call('exists', KEYS[1]) == 1 then return false end
+    local token = redis.call('incr', KEYS[3])
+    redis.call('set', KEYS[1], token, 'PX', ARGV[1])
+    return {token, redis.call('get', KEYS[2])}
+    """
+    _COMMIT = """
+    if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
+    redis.call('del', KEYS[1])
+    return 1
+    """
+    _UNLOCK = """
+    if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+    return 1
+    """
+
+    def __init__(self, client, lifetime=SESSION_LIFETIME, *, prefix="asok:", lock_timeout=10.0,
+                 lock_wait=5.0, max_record=None):
+        self.client = client
+        self.lifetime = lifetime
+        self.prefix = prefix
+        self.lock_timeout = lock_timeout
+        self.lock_wait = lock_wait
+        self.max_record = max_record or SESSION_MAX_RECORD
+        self._scripts = None
+
+    def __repr__(self):
+        return f"<RedisSessionStore {self.client!r}>"
+
+    def _redis(self, action, call, *args, **kwargs):
+        try:
+            if self._scripts is None:
+                self._scripts = [self.client.register_script(src) for src in (self._LOCK, self._COMMIT, self._UNLOCK)]
+            return call(*args, **kwargs) if callable(call) else self._scripts[call](*args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # whatever the client raises: connection refused, timeout, ...
+            raise _redis_unavailable(action, exc) from exc
+
+    def _keys(self, sid):
+        if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
+            raise ValueError("malformed session id")
+        return f"{self.prefix}l:{sid}", f"{self.prefix}s:{sid}", f"{self.prefix}fence"
+
+    def _encode(self, record):
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        if len(line) > self.max_record:
+            raise SessionTooLarge(f"the session record would be {len(line)} bytes; "
+                                  f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
+        return line
+
+    def load(self, sid):
+        try:
+            _, key, _ = self._keys(sid)
+        except ValueError:
+            return None
+        return _json_record(self._redis("read", lambda: self.client.get(key)) or b"")
+
+    def save(self, sid, record):
+        _, key, _ = self._keys(sid)
+        line = self._encode(record)
+        self._redis("write", lambda: self.client.set(key, line, ex=self.lifetime))
+
+    def delete(self, sid):
+        _, key, _ = self._keys(sid)
+        self._redis("delete", lambda: self.client.delete(key))
+
+    def update(self, sid, fn):
+        """Run fn(record) once under the session's lock and save what it changed; if fn raises,
+        nothing is written. Raises StoreUnavailable if the lock cannot be had within `lock_wait`
+        seconds or was lost before the write."""
+        keys = self._keys(sid)
+        deadline, pause = time.monotonic() + self.lock_wait, 0.001
+        while True:
+            got = self._redis("lock", 0, keys=keys, args=[int(self.lock_timeout * 1000)])
+            if got:
+                break
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"Redis: session {sid[:6]}... stayed locked by another request "
+                                       f"for more than {self.lock_wait:g} s", "session locked")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        token = got[0]
+        record = (_json_record(got[1]) if len(got) > 1 and got[1] else None) or {"data": {}, "live": {}}
+        try:
+            result = fn(record)
+            line = self._encode(record)
+        except BaseException:
+            self._redis("unlock", 2, keys=keys[:1], args=[token])
+            raise
+        if not self._redis("write", 1, keys=keys[:2], args=[token, line, int(self.lifetime)]):
+            raise StoreUnavailable(f"Redis: the lock on session {sid[:6]}... expired before the write "
+                                   f"(the update took over {self.lock_timeout:g} s); nothing was saved",
+                                   "lock expired")
+        return result
+
+    def collect(self, max_age=None):
+        """Redis expires sessions by their TTL: nothing to do."""
+        return 0
+
+
+def _redis_unavailable(action, exc):
+    return StoreUnavailable(f"Redis: cannot {action} the session ({type(exc).__name__}: {exc})", "Redis unavailable")
 
 
 # ═══════════════════════════════════════════════════════════════════════
@@ -4893,7 +5031,10 @@ class Asok:
         self.max_field_size = max_field_size
         self.max_part_size = max_part_size
         self.session_lifetime = session_lifetime
-        self.sessions = session_store or FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
+        if session_store is None:
+            session_store = FileSessionStore(self.root / ".asok" / "sessions", session_lifetime)
+        session_store.lifetime = session_lifetime
+        self.sessions = session_store
         self._last_collect = 0.0
         self.templates = Templates(self.root / "src", debug=self.debug)
         self.templates.globals.update(static=self.static_url, url_for=self.url_for)
