@@ -1183,6 +1183,39 @@ def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_pat
         assert store.load(sid)["data"] == {"n": 1}
 
 
+def test_asok_keeps_a_falsy_store_and_gives_it_the_session_lifetime(tmp_path):
+    class EmptyLookingStore(asok.FileSessionStore):
+        def __len__(self):
+            return 0
+
+    store = EmptyLookingStore(tmp_path / "s")
+    app = make_app(tmp_path, {"app.py": ""}, session_store=store, session_lifetime=77)
+    assert app.sessions is store and store.lifetime == 77
+
+
+def test_redis_down_answers_503_and_store_unavailable_naming_redis_then_recovers(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    app = make_app(tmp_path, COMPONENT_FILES, session_store=asok.RedisSessionStore(redis_client(port)))
+
+    @app.route("/set")
+    def set_(request):
+        request.session["a"] = 1
+        return "ok"
+
+    client = asok.TestClient(app)
+    with redis_server_process(port):
+        counter = client.live("/", "Counter")
+    r = client.get("/set")
+    assert r.status_code == 503 and "Redis" in r.text
+    refused = counter.call("increment")
+    assert refused["error"]["code"] == "store_unavailable" and "Redis" in refused["error"]["message"]
+    with redis_server_process(port):
+        assert client.get("/set").status_code == 200
+        assert "error" not in counter.call("increment")
+        assert counter.state["count"] == 11
+
+
 # ── proxies ──────────────────────────────────────────────────────────────────
 
 def proxy_view(tmp_path, trusted, headers, remote="127.0.0.1", **options):
