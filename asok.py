@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Asok", "Component", "exposed", "on", "every", "Broker", "FolderBroker", "SavedComponent", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
-    "Session", "SessionStore", "FileSessionStore", "RedisSessionStore", "StoreUnavailable", "SessionTooLarge",
+    "Session", "SessionStore", "FileSessionStore", "RedisSessionStore", "RedisBroker", "StoreUnavailable", "SessionTooLarge",
     "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
     "TestClient", "serve", "serve_workers", "load_app", "main",
@@ -4968,6 +4968,94 @@ class FolderBroker(Broker):
         except OSError:
             pass
         self._recv.close()
+
+
+class RedisBroker(Broker):
+    """Live messages over Redis pub/sub, for processes on several machines (DESIGN §11).
+    `client` is one the user builds (redis-py's `redis.Redis`); asok needs its `publish` and
+    `pubsub`. Each process keeps one subscription to `channel`, read by one thread that hands
+    every message to this process's views; publish() delivers to this process directly and
+    queues the message for one sender thread, so a slow or absent Redis never blocks a request
+    or the event loop. A message this process sent comes back from Redis and is skipped by
+    its prefix. While Redis is down, messages to other processes are lost (logged) and the
+    subscription is retried every RETRY seconds; views catch up on their next join or event."""
+
+    RETRY = 1.0
+
+    def __init__(self, client, channel="asok:live"):
+        self.client = client
+        self.channel = channel
+        self._me = secrets.token_hex(8).encode() + b" "
+        self._callback = None
+        self._queue = queue.Queue(BROKER_QUEUE)
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    def __repr__(self):
+        return f"<RedisBroker {self.channel} on {self.client!r}>"
+
+    def _start(self):
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._receive_loop, name="asok-redis-in", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="asok-redis-out", daemon=True).start()
+
+    def subscribe(self, callback):
+        self._callback = callback
+        self._start()
+
+    def publish(self, data):
+        if len(data) > BROKER_MAX_DATAGRAM:
+            raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
+        self._start()
+        callback = self._callback
+        if callback is not None:
+            callback(data)
+        try:
+            self._queue.put_nowait(self._me + data)
+        except queue.Full:
+            log.error("Redis broker: %d messages wait to be sent; a message is dropped", BROKER_QUEUE)
+
+    def _send_loop(self):
+        while (data := self._queue.get()) is not None:
+            try:
+                self.client.publish(self.channel, data)
+            except Exception as exc:  # whatever the client raises while Redis is away
+                log.error("Redis broker: a live message to the other processes is lost (%s: %s)",
+                          type(exc).__name__, exc)
+
+    def _receive_loop(self):
+        while not self._closed:
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                while not self._closed:
+                    message = pubsub.get_message(timeout=self.RETRY)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    data = data.encode() if isinstance(data, str) else data
+                    if data.startswith(self._me):
+                        continue
+                    callback = self._callback
+                    if callback is not None:
+                        try:
+                            callback(data.partition(b" ")[2])
+                        except Exception:
+                            log.exception("the live broker's subscriber failed")
+            except Exception as exc:
+                if self._closed:
+                    return
+                log.error("Redis broker: subscription lost (%s: %s); retrying in %g s",
+                          type(exc).__name__, exc, self.RETRY)
+                time.sleep(self.RETRY)
+
+    def close(self):
+        self._closed = True
+        self._queue.put(None)
 
 
 def _live_folder(root):

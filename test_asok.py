@@ -4887,6 +4887,74 @@ def test_cli_sigterm_sends_1001_to_open_websockets():
         assert proc.wait(15) == 0
 
 
+# ── two nodes on one Redis (DESIGN §11) ──────────────────────────────────────
+
+REDIS_APP_PY = """
+import os
+import redis
+from asok import Asok, RedisBroker, RedisSessionStore
+
+client = redis.Redis(host="127.0.0.1", port=int(os.environ["REDIS_PORT"]), socket_timeout=5)
+app = Asok(__file__, session_store=RedisSessionStore(client), broker=RedisBroker(client))
+"""
+
+
+def redis_node_folders(tmp_path, example="counter", count=2):
+    """`count` copies of an example, each with an app.py on the Redis store and broker."""
+    folders = []
+    for name in "ABCD"[:count]:
+        folder = tmp_path / f"node{name}"
+        shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns(".asok"))
+        (folder / "app.py").write_text(REDIS_APP_PY)
+        folders.append(folder)
+    return folders
+
+
+def receive_push(tab, cid, seconds=10):
+    """The next push (a message with no request id) for `cid` on a tab's socket."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = json.loads(tab.ws.receive(timeout=max(0.1, deadline - time.monotonic())))
+        if message.get("cid") == cid and "id" not in message:
+            return message
+    raise AssertionError("no push")
+
+
+def join(tab):
+    """Send the join alive.js sends on connecting: every component and the state it shows."""
+    tab.ws.send(json.dumps({"join": [[cid, name, state] for name, (cid, state) in tab.components.items()],
+                            "url": "/", "csrf": tab.csrf}))
+
+
+def test_two_nodes_on_redis_behave_as_one_and_survive_kill_9(tmp_path, redis_port):
+    env = {"REDIS_PORT": str(redis_port), "SECRET_KEY": "s" * 40}
+    folder_a, folder_b = redis_node_folders(tmp_path)
+    with serve_process(folder_a, env=env) as (port_a, node_a), serve_process(folder_b, env=env) as (port_b, _):
+        jar = {}
+        tab_a, tab_b = SocketTab(port_a, jar), SocketTab(port_b, jar)  # one browser: the cookie works on both
+        cid = tab_b.components["Counter"][0]
+        join(tab_b)
+        assert "Count: 11" in tab_a.call("Counter", "increment")["html"]
+        assert "Count: 11" in receive_push(tab_b, cid)["html"]  # B shows A's click with no click of its own
+        # 400 increments alternating between the nodes, each sent again to the other node
+        # (a page that reconnected elsewhere resends what was in flight): none lost, none twice.
+        tabs = (tab_a, tab_b)
+        for n in range(400):
+            rid = f"page:{n}"
+            first = tabs[n % 2].call("Counter", "increment", rid=rid)
+            again = tabs[(n + 1) % 2].call("Counter", "increment", rid=rid)
+            assert f"Count: {12 + n}" in first["html"] and f"Count: {12 + n}" in again["html"], (n, again)
+        tab_a.close()
+        node_a.kill()  # kill -9
+        node_a.wait(10)
+        assert "Count: 412" in tab_b.call("Counter", "increment")["html"]
+        tab_b.close()
+        page = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port_b}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
+            timeout=10).read().decode()
+        assert "Count: 412" in page
+
+
 # ── behind nginx terminating TLS, as README's "Deploying" shows ──────────────
 
 NGINX_SITE = """

@@ -58,8 +58,9 @@ def _free_port():
 class Server:
     """`python asok.py serve APP_DIR` in a subprocess, stopped and started again on the same port."""
 
-    def __init__(self, app_dir):
+    def __init__(self, app_dir, env=None):
         self.app_dir = app_dir
+        self.env = env or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(app_dir.parent / f"{app_dir.name}-server.log", "ab")
@@ -68,7 +69,7 @@ class Server:
     def start(self):
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "asok.py"), "serve", str(self.app_dir), "--port", str(self.port)],
-            env=dict(os.environ, DEBUG="true"), stdout=self.log, stderr=subprocess.STDOUT)
+            env=dict(os.environ, DEBUG="true", **self.env), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -94,12 +95,12 @@ def serve(tmp_path):
     """serve("counter", {"src/pages/two.html": "..."}) copies the example, adds the files, serves it."""
     servers = []
 
-    def start(example, files=None):
-        app_dir = tmp_path / example
+    def start(example, files=None, env=None, folder=None):
+        app_dir = tmp_path / (folder or example)
         shutil.copytree(HERE / "examples" / example, app_dir, ignore=shutil.ignore_patterns(".asok"))
         for name, text in (files or {}).items():
             (app_dir / name).write_text(text)
-        servers.append(Server(app_dir))
+        servers.append(Server(app_dir, env))
         return servers[-1].start()
 
     try:
@@ -284,6 +285,41 @@ def test_a_click_in_one_tab_shows_in_the_other_without_a_click_there(serve, cont
     expect_count(clicking, 16)
     expect_count(watching, 16)
     assert watching.evaluate("asokErrors") == [] and clicking.evaluate("asokErrors") == []
+
+
+# ── two nodes on one Redis ───────────────────────────────────────────
+
+@pytest.fixture
+def redis_nodes(serve):
+    """redis_nodes("counter") serves the example twice, from two folders, on one Redis
+    (its store and broker) with one SECRET_KEY: two machines, as far as asok can tell."""
+    pytest.importorskip("redis")
+    from test_asok import REDIS_APP_PY, redis_server_process
+    with redis_server_process() as (port, _):
+        env = {"REDIS_PORT": str(port), "SECRET_KEY": "n" * 40}
+        yield lambda example: [serve(example, {"app.py": REDIS_APP_PY}, env, f"{example}-{name}") for name in "AB"]
+
+
+def test_two_nodes_on_redis_a_click_on_one_shows_on_the_other_and_one_dies(redis_nodes, context):
+    node_a, node_b = redis_nodes("counter")
+    on_a, on_b = context.new_page(), context.new_page()  # cookies are per host, so both share a session
+    for tab, node in ((on_a, node_a), (on_b, node_b)):
+        tab.goto(node.url)
+        expect_count(tab, 10)
+        expect_connected(tab, True)
+    on_a.click(INCREMENT)
+    expect_count(on_a, 11)
+    expect_count(on_b, 11)  # pushed through Redis; no click on B
+    burst(on_b, INCREMENT, 4)
+    expect_count(on_b, 15)
+    expect_count(on_a, 15)
+    node_a.stop(signal.SIGKILL)
+    expect_connected(on_a, False)
+    on_b.click(INCREMENT)
+    expect_count(on_b, 16)
+    on_b.reload()
+    expect_count(on_b, 16)
+    assert on_b.evaluate("asokErrors") == []
 
 
 def test_each_component_has_its_own_queue(serve, page):
