@@ -4926,6 +4926,38 @@ def join(tab):
                             "url": "/", "csrf": tab.csrf}))
 
 
+def test_redis_broker_delivers_to_every_process_once_and_resubscribes_after_a_restart(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    got = {"a": queue.Queue(), "b": queue.Queue()}
+    brokers = {name: asok.RedisBroker(redis_client(port)) for name in got}
+
+    def heard(name, seconds=10):
+        """What `name` received within `seconds` (bounded), as a list."""
+        out, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                out.append(got[name].get(timeout=0.2))
+            except queue.Empty:
+                if out:
+                    return out
+        return out
+
+    with redis_server_process(port):
+        for name, broker in brokers.items():
+            broker.subscribe(got[name].put)
+        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
+        brokers["a"].publish(b'{"x":1}')
+        assert heard("a") == [b'{"x":1}']  # its own message once: directly, not again from Redis
+        assert heard("b") == [b'{"x":1}']
+    with redis_server_process(port):  # Redis restarted: both subscribe again by themselves
+        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
+        brokers["b"].publish(b'{"x":2}')
+        assert heard("a") == [b'{"x":2}'] and heard("b") == [b'{"x":2}']
+    for broker in brokers.values():
+        broker.close()
+
+
 def test_two_nodes_on_redis_behave_as_one_and_survive_kill_9(tmp_path, redis_port):
     env = {"REDIS_PORT": str(redis_port), "SECRET_KEY": "s" * 40}
     folder_a, folder_b = redis_node_folders(tmp_path)
