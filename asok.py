@@ -5402,6 +5402,8 @@ class Asok:
             return self._static(request, self.root / "static", path[len("/static/"):])
         if path.startswith("/asok/alive"):
             return self._alive(request)
+        if path == "/asok/asok.css":
+            return _stylesheet(request)
         for hook in self.before_request_hooks:
             rv = hook(request)
             if rv is not None:
@@ -5436,6 +5438,9 @@ class Asok:
                             [("Allow", ", ".join(sorted(allowed)))])
         if any(r.match(path) is not None for r in self.ws_routes):
             raise HTTPError(426, "this is a WebSocket endpoint", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        if path == "/favicon.ico" and request.method in ("GET", "HEAD"):  # asked for by every browser
+            icon = self.root / "static" / "favicon.ico"
+            return _file_response(request, icon) if icon.is_file() else Response(b"", 204, content_type=None)
         raise HTTPError(404, f"nothing at {path}")
 
     def _page_routes(self):
@@ -7220,6 +7225,197 @@ def _run_reloader(argv, root):
             child.kill()
 
 
+# ── the examples gallery and the shared stylesheet ───────────────────────────
+
+# /asok/asok.css: the stylesheet every example links (and any page may):
+# `<link rel="stylesheet" href="/asok/asok.css">`. Plain elements look deliberate without
+# classes; `asok-loading` (a component waiting for the server) and `asok-disconnected` (on
+# <html> while the live socket is down) are shown.
+ASOK_CSS = """\
+:root { color-scheme: light dark; --fg: #1b2230; --muted: #5d6676; --bg: #f5f6f8; --card: #fff;
+  --line: #d8dce3; --accent: #2d63d8; --on-accent: #fff; --danger: #c0392b; --ok: #1f7a45; --radius: 10px; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e5e8ee; --muted: #9aa3b1; --bg: #15181d;
+  --card: #1d2128; --line: #343b46; --accent: #6b9bff; --on-accent: #0d1420; --danger: #ff7b6b; --ok: #5fd08a; } }
+*, *::before, *::after { box-sizing: border-box; }
+html { font: 16px/1.55 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+  color: var(--fg); background: var(--bg); -webkit-text-size-adjust: 100%; }
+body { max-width: 44rem; margin: 0 auto; padding: 2.5rem 1.25rem 4rem; }
+h1, h2, h3 { line-height: 1.2; margin: 1.5em 0 .5em; }
+h1 { font-size: 2rem; margin-top: 0; letter-spacing: -.015em; }
+h1 + p { color: var(--muted); margin-top: -.25rem; }
+p, ul, ol, form, table, pre { margin: 0 0 1rem; }
+a { color: var(--accent); text-underline-offset: .15em; }
+small, .muted { color: var(--muted); }
+.error { color: var(--danger); font-size: .925rem; margin: -.4rem 0 .75rem; }
+.ok { color: var(--ok); font-weight: 600; }
+code, pre { font: .875em/1.5 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: var(--card);
+  border: 1px solid var(--line); border-radius: 5px; }
+code { padding: .1em .35em; }
+pre { padding: .75rem 1rem; overflow: auto; }
+pre code { border: 0; padding: 0; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .45rem .6rem; border-bottom: 1px solid var(--line); }
+[data-asok-component] { background: var(--card); border: 1px solid var(--line); border-radius: var(--radius);
+  padding: 1.25rem 1.5rem; margin: 1.25rem 0; box-shadow: 0 1px 2px rgb(0 0 0 / .04); transition: opacity .2s; }
+[data-asok-component] [data-asok-component] { box-shadow: none; border-style: dashed; }
+[data-asok-component] > :first-child, [data-asok-component] > :first-child > :first-child { margin-top: 0; }
+[data-asok-component] > :last-child, [data-asok-component] > :last-child > :last-child { margin-bottom: 0; }
+[data-asok-component] ul { padding-left: 1.25rem; }
+[data-asok-component] li { padding: .1rem 0; }
+ul:has(> li > input[type=checkbox]) { padding-left: 0; list-style: none; }
+button, input, select, textarea { font: inherit; color: inherit; }
+button { cursor: pointer; padding: .5rem 1.05rem; margin: 0 .4rem .4rem 0; border: 1px solid var(--accent);
+  border-radius: 7px; background: var(--accent); color: var(--on-accent); font-weight: 600; line-height: 1.2; }
+button:hover { filter: brightness(1.1); }
+button:active { transform: translateY(1px); }
+button:disabled { opacity: .5; cursor: not-allowed; }
+button.secondary, li button { background: transparent; color: var(--accent); }
+li button { border-color: transparent; padding: .2rem .55rem; margin: 0; }
+li button:hover { border-color: var(--line); }
+input:not([type=checkbox], [type=radio], [type=range], [type=file]), select, textarea {
+  width: min(100%, 24rem); padding: .5rem .7rem; margin: 0 .4rem .4rem 0; border: 1px solid var(--line);
+  border-radius: 7px; background: var(--card); line-height: 1.3; }
+textarea { min-height: 6rem; }
+input[type=checkbox], input[type=radio] { width: 1.1rem; height: 1.1rem; margin: 0 .5rem 0 0;
+  vertical-align: -.15rem; accent-color: var(--accent); }
+:is(button, input, select, textarea, a):focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+:is(input, select, textarea):focus { border-color: var(--accent); }
+label { display: block; margin: 0 0 .8rem; font-weight: 500; }
+label > :is(input, select, textarea) { display: block; margin-top: .3rem; font-weight: 400; }
+label:has(> input[type=checkbox], > input[type=radio]) { display: inline-flex; align-items: center; }
+/* a component waiting for the server's reply; a quick reply shows nothing */
+.asok-loading { opacity: .55; cursor: progress; transition-delay: .15s; }
+/* the live socket is down and alive.js is reconnecting */
+html.asok-disconnected body::before { content: "Reconnecting\\2026"; position: fixed; z-index: 1000; top: .75rem;
+  left: 50%; transform: translateX(-50%); padding: .35rem 1rem; border-radius: 999px; background: #b3261e;
+  color: #fff; font-size: .875rem; font-weight: 600; box-shadow: 0 2px 10px rgb(0 0 0 / .25); }
+html.asok-disconnected [data-asok-component] { opacity: .6; filter: grayscale(.7); }
+"""
+_ASOK_CSS_ETAG = '"' + hashlib.sha256(ASOK_CSS.encode()).hexdigest()[:16] + '"'
+
+
+def _stylesheet(request):
+    """The response for /asok/asok.css (the text above; revalidated with its ETag)."""
+    headers = [("ETag", _ASOK_CSS_ETAG), ("Cache-Control", "no-cache")]
+    if _ASOK_CSS_ETAG in request.headers.get("if-none-match", ""):
+        return Response(b"", 304, headers, content_type=None)
+    return Response(ASOK_CSS, 200, headers, content_type="text/css; charset=utf-8")
+
+
+def gallery_apps(folder):
+    """The app folders inside `folder`, sorted by name: each subfolder with an app.py or a
+    src/ folder. [] when `folder` is an app itself (it has app.py or src/)."""
+    root = Path(folder)
+    if not root.is_dir() or (root / "app.py").is_file() or (root / "src").is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+                  and ((p / "app.py").is_file() or (p / "src").is_dir()))
+
+
+def describe_app(folder):
+    """One line on what the app in `folder` shows, for the gallery: the content of a
+    `<meta name="description">` in src/pages/index.html (else in a template under src/html),
+    else the first line of app.py's docstring, else the page's <title>, else ""."""
+    root = Path(folder)
+    pages = [root / "src" / "pages" / "index.html", *sorted((root / "src" / "html").glob("*.html"))]
+    texts = [p.read_text("utf-8", "replace") for p in pages if p.is_file()]
+    for text in texts:
+        meta = re.search(r"""<meta\s+name=["']description["']\s+content=(?:"([^"]*)"|'([^']*)')""", text, re.I)
+        if meta:
+            return html.unescape(meta.group(1) or meta.group(2) or "").strip()
+    if (root / "app.py").is_file():
+        try:
+            doc = ast.get_docstring(ast.parse((root / "app.py").read_text("utf-8")))
+        except (SyntaxError, ValueError):
+            doc = None
+        if doc:
+            return doc.strip().splitlines()[0]
+    for text in texts:
+        title = re.search(r"<title>([^<{]*)</title>", text, re.I)
+        if title and title.group(1).strip():
+            return html.unescape(title.group(1)).strip()
+    return ""
+
+
+_GALLERY_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>asok examples</title>
+<link rel="stylesheet" href="/asok/asok.css">
+<style>
+.gallery { list-style: none; padding: 0; display: grid; gap: .75rem; }
+.gallery a { display: block; padding: .9rem 1.2rem; background: var(--card); border: 1px solid var(--line);
+  border-radius: var(--radius); color: inherit; text-decoration: none; }
+.gallery a:hover { border-color: var(--accent); }
+.gallery b { color: var(--accent); font-size: 1.1rem; }
+.gallery span { display: block; color: var(--muted); }
+</style>
+</head>
+<body>
+<h1>asok examples</h1>
+<p>Each one is a small app of its own, served here on its own port.
+Run one alone with <code>python asok.py serve examples/NAME</code>.</p>
+<ul class="gallery">
+ITEMS
+</ul>
+</body>
+</html>
+"""
+
+
+def _gallery_index(apps):
+    """The index page's route: `apps` is [(name, description, port)]; the links keep the host
+    the browser used and change the port."""
+    def index(request):
+        host = urlsplit("//" + (request.host or "127.0.0.1")).hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        items = "\n".join(f'<li><a href="{html.escape(f"{request.scheme}://{host}:{port}/")}"><b>{html.escape(name)}</b>'
+                          f'<span>{html.escape(text)}</span></a></li>' for name, text, port in apps)
+        return _GALLERY_PAGE.replace("ITEMS", items)
+    return index
+
+
+def _listen(host, port):
+    return socket.create_server((host, port), backlog=1024)
+
+
+def serve_gallery(folder, host="127.0.0.1", port=8000):
+    """`python asok.py serve examples`: the index of `folder`'s apps on host:port, and each app
+    on the next free port (port+1, port+2, ...; any free one when that is taken), all in this
+    process. They share one signing key, so one session cookie serves them all."""
+    folders = gallery_apps(folder)
+    if not os.environ.get("SECRET_KEY"):  # the same key for every app: the cookie ignores the port
+        debug = os.environ.get("DEBUG", "").lower() in _TRUE
+        key = _load_master_keys(Path(folder).resolve(), None, debug, [])[0]
+        os.environ["SECRET_KEY"] = key.hex() if debug else key.decode()
+    try:
+        index_sock = _listen(host, port)
+    except OSError as exc:
+        raise SystemExit(f"asok: cannot listen on {host}:{port}: {exc.strerror}")
+    servers, apps, next_port = [], [], index_sock.getsockname()[1] + 1
+    for path in folders:
+        try:
+            sock = _listen(host, next_port if port else 0)
+        except OSError:
+            sock = _listen(host, 0)
+        next_port = sock.getsockname()[1] + 1
+        servers.append((load_app(path), sock))
+        apps.append((path.name, describe_app(path), sock.getsockname()[1]))
+    index = Asok(folder)
+    index.route("/", name="gallery")(_gallery_index(apps))
+    log.info("gallery of %d apps in %s on http://%s:%d/", len(apps), Path(folder).resolve(), host,
+             index_sock.getsockname()[1])
+
+    async def run():
+        stop = asyncio.Event()
+        await asyncio.gather(*(serve(app, sock=sock, stop=stop) for app, sock in [(index, index_sock), *servers]))
+
+    asyncio.run(run())
+    return 0
+
+
 # What `python asok.py serve --help` lists under "environment"; add a line for a new variable.
 ENVIRONMENT = [
     ("HOST", "default for --host"),
@@ -7233,6 +7429,7 @@ ENVIRONMENT = [
 ]
 SERVE_EXAMPLES = [
     ("python asok.py serve examples/counter", "the counter on http://127.0.0.1:8000"),
+    ("python asok.py serve examples", "every example, and an index of them on http://127.0.0.1:8000"),
     ("python asok.py serve . --debug --reload", "work on the app in this folder"),
     ("PORT=9000 python asok.py serve myapp --workers auto", "one process per core, on port 9000"),
 ]
@@ -7282,8 +7479,8 @@ def _parser():
         epilog=_epilog(SERVE_EXAMPLES, ENVIRONMENT))
     env = os.environ
     serve.add_argument("app_dir", nargs="?", default=".", metavar="APP_DIR",
-                       help="the app folder: src/pages, src/components, static, an optional app.py "
-                            "(default: the current folder)")
+                       help="the app folder (src/pages, src/components, static, an optional app.py), "
+                            "or a folder of app folders to serve as a gallery (default: the current folder)")
     serve.add_argument("--host", default=env.get("HOST", "127.0.0.1"),
                        help="address to listen on; 0.0.0.0 for every interface (default: $HOST, else 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=env.get("PORT", "8000"),
@@ -7317,6 +7514,11 @@ def main(argv=None):
         os.environ["DEBUG"] = "true"
     if opts.reload:
         return _run_reloader(argv, opts.app_dir)
+    if gallery_apps(opts.app_dir):
+        if opts.workers > 1:
+            raise SystemExit(f"asok: {opts.app_dir} holds several apps (a gallery), served by one process; "
+                             "drop --workers, or serve one app")
+        return serve_gallery(opts.app_dir, opts.host, opts.port)
     if opts.workers > 1:
         return serve_workers(opts.app_dir, opts.host, opts.port, opts.workers)
     app = load_app(opts.app_dir)

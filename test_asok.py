@@ -495,6 +495,68 @@ def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger(
     assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
 
 
+# ── the examples gallery: `python asok.py serve examples` ────────────────────
+
+def test_gallery_finds_the_app_folders_and_what_each_shows(tmp_path):
+    files = {
+        "a/src/pages/index.html": "<head><meta name=\"description\" content=\"The seed's &amp; more\"></head>",
+        "b/app.py": '"""Routes in app.py.\n\nMore text."""\n',
+        "c/src/pages/index.html": "<title>Just a title</title>",
+        "d/src/html/base.html": "<meta name='description' content='From the \"layout\"'>",
+        "e/src/components/X.py": "",
+        "not-an-app/notes.txt": "",
+        ".hidden/src/pages/index.html": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    apps = asok.gallery_apps(tmp_path)
+    assert [p.name for p in apps] == ["a", "b", "c", "d", "e"]
+    assert [asok.describe_app(p) for p in apps] == [
+        "The seed's & more", "Routes in app.py.", "Just a title", 'From the "layout"', ""]
+    assert asok.gallery_apps(tmp_path / "a") == [] and asok.gallery_apps(tmp_path / "missing") == []
+
+
+def test_every_example_says_what_it_shows_and_links_the_shared_stylesheet():
+    for folder in asok.gallery_apps(EXAMPLES):
+        assert asok.describe_app(folder), f"examples/{folder.name}: give its index page a " \
+                                          f'<meta name="description" content="what it shows">'
+        pages = [p.read_text() for p in (folder / "src").rglob("*.html")]
+        assert any('<link rel="stylesheet" href="/asok/asok.css">' in t for t in pages), \
+            f'examples/{folder.name}: link the shared stylesheet: <link rel="stylesheet" href="/asok/asok.css">'
+
+
+def test_gallery_serves_an_index_and_each_example_with_one_session(tmp_path):
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    names = [p.name for p in asok.gallery_apps(tmp_path / "examples")]
+    with serve_process(tmp_path / "examples") as (port, proc):
+        status, _, body = get(port, "/")
+        assert status == 200
+        links = re.findall(r'<a href="http://x:(\d+)/"><b>([^<]+)</b><span>([^<]*)</span>', body.decode())
+        assert [name for _, name, _ in links] == names and all(text for _, _, text in links)
+        ports = {name: int(p) for p, name, _ in links}
+        assert len(set(ports.values()) | {port}) == len(names) + 1
+        for name, example_port in ports.items():
+            status, headers, page = get(example_port, "/")
+            assert status in (200, 302, 303), name
+            if status == 200:
+                assert b'href="/asok/asok.css"' in page, name
+        status, headers, _ = get(ports["counter"], "/")
+        cookie = headers["set-cookie"].split(";")[0]
+        status, headers, page = get(ports["todo"], "/", f"Cookie: {cookie}\r\n")
+        assert status == 200 and "set-cookie" not in headers  # the counter's session is the todo's too
+        assert "set-cookie" in get(ports["todo"], "/")[1]
+        proc.terminate()
+        assert proc.wait(15) == 0
+        log = proc.stdout.read().decode()
+    assert f"gallery of {len(names)} apps in" in log
+
+
+def test_a_gallery_runs_in_one_process():
+    run = asok_cli("serve", str(EXAMPLES), "--workers", "2")
+    assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
+
+
 # ── routing, pages, responses ────────────────────────────────────────────────
 
 def test_file_pages_nested_and_params(tmp_path):
@@ -905,6 +967,27 @@ def test_static_files_etag_last_modified_and_304(tmp_path):
         assert get(port, "/static/site.css", f"If-None-Match: {etag}\r\n")[0] == 304
         assert get(port, "/static/site.css", f"If-Modified-Since: {modified}\r\n")[0] == 304
         assert get(port, "/static/site.css", 'If-None-Match: "other"\r\n')[0] == 200
+
+
+def test_favicon_is_204_unless_the_app_has_one(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    client = asok.TestClient(app)
+    r = client.get("/favicon.ico")
+    assert (r.status_code, r.content, "content-type" in r.headers) == (204, b"", False)
+    assert client.post("/favicon.ico").status_code in (403, 404)  # only GET and HEAD are answered
+    (tmp_path / "static" / "favicon.ico").write_bytes(b"\x00\x00\x01\x00icon")
+    r = client.get("/favicon.ico")
+    assert (r.status_code, r.content) == (200, b"\x00\x00\x01\x00icon") and "etag" in r.headers
+    app.route("/favicon.ico")(lambda: asok.Response(b"mine", content_type="image/png"))
+    assert client.get("/favicon.ico").content == b"mine"  # a route of the app's own comes first
+
+
+def test_the_shared_stylesheet_is_served_and_revalidated(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, PAGES))
+    r = client.get("/asok/asok.css")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/css; charset=utf-8"
+    assert ".asok-loading" in r.text and "html.asok-disconnected" in r.text and "system-ui" in r.text
+    assert client.get("/asok/asok.css", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
 
 
 @pytest.mark.parametrize("path", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",

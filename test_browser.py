@@ -452,6 +452,59 @@ def test_form_submit_shows_validation_errors_then_succeeds(serve, page):
     expect(page.locator(".ok")).to_have_text("Thanks, Ada! We will write to ada@example.org.")
 
 
+# ── the examples gallery and the shared stylesheet ───────────────────
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_gallery_page_loads_with_no_console_error_and_is_screenshotted(tmp_path, context):
+    examples = tmp_path / "examples"
+    shutil.copytree(HERE / "examples", examples, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    expected = sorted(p.name for p in examples.iterdir() if (p / "app.py").is_file() or (p / "src").is_dir())
+    server = Server(examples)
+    try:
+        server.start()
+        page = context.new_page()
+        page.set_viewport_size({"width": 900, "height": 640})
+        problems = []
+        page.on("console", lambda m: m.type == "error" and problems.append(f"{page.url}: {m.text}"))
+        page.on("pageerror", lambda e: problems.append(f"{page.url}: {e}"))
+        page.goto(server.url)
+        names = page.locator(".gallery a b").all_inner_texts()
+        hrefs = [a.get_attribute("href") for a in page.locator(".gallery a").all()]
+        assert names == expected
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "gallery.png"))
+        for name, href in zip(names, hrefs):
+            page.goto(href, wait_until="networkidle")
+            assert "system-ui" in page.evaluate("getComputedStyle(document.body).fontFamily"), name
+            shot = ARTIFACTS / f"gallery-{name}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.read_bytes()[:8] == PNG
+        assert problems == []
+    finally:
+        server.stop()
+        server.log.close()
+
+
+def test_the_stylesheet_shows_a_component_loading_and_the_page_disconnected(serve, page):
+    server = serve("counter")
+    page.goto(server.url)
+    component = page.locator("[data-asok-component]")
+    assert component.evaluate("el => getComputedStyle(el).opacity") == "1"
+    component.evaluate("el => { el.style.transition = 'none'; el.classList.add('asok-loading'); }")
+    assert component.evaluate("el => getComputedStyle(el).opacity") == "0.55"
+    component.evaluate("el => { el.classList.remove('asok-loading'); el.style.transition = ''; }")
+    server.stop()
+    expect_connected(page, False)
+    banner = page.evaluate("getComputedStyle(document.body, '::before').content")
+    assert banner == '"Reconnecting\u2026"'
+    assert "grayscale" in component.evaluate("el => getComputedStyle(el).filter")
+    server.start()
+    expect_connected(page, True)
+    assert page.evaluate("getComputedStyle(document.body, '::before').content") == "none"
+
+
 # ── artifact ─────────────────────────────────────────────────────────
 
 def test_counter_page_screenshot_is_saved(serve, page):
