@@ -32,7 +32,7 @@ test: deps browser
 	$(VPY) -m pytest -q test_asok.py
 	$(VPY) -m pytest -q test_browser.py -p no:cacheprovider
 
-bench: deps $(PYVIEW_VENV)/.deps
+bench: deps browser $(PYVIEW_VENV)/.deps
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(VPY) bench.py --pyview $(PYVIEW_VENV)/bin/python
 

@@ -11,6 +11,8 @@ Measures, in one run and beside a baseline each time:
   7. beside pyview (its own .venv-pyview; uvicorn with uvloop and httptools): the same counter
      and a 1,000-row list written for both, the same load generator speaking each one's browser
      protocol, rounds alternating the two servers; the ratios asok/pyview and issue 16's targets.
+  8. scale-out: `--workers 2` beside one worker (page req/s, live events/s, both unpinned),
+     and live events/s with the Redis session store and broker beside the file store.
 Prints the tables and writes the same figures to bench-results.json (--json to change).
 
 Servers are subprocesses bound to 127.0.0.1, started on a temporary copy of the example
@@ -72,6 +74,8 @@ TARGETS = {  # key: (comparison, limit, label)
     "bytes_counter_page": ("<=", 4096, "counter page bytes (body)"),
     "bytes_alive_js_gz": ("<=", 2048, "alive.js gzip -9 bytes"),
     "bytes_increment_reply": ("<=", 400, "increment reply bytes (frame)"),
+    "workers2_page10_ratio": (">=", 1.3, "--workers 2 / 1 worker, page req/s"),
+    "workers2_live50_ratio": (">=", 1.3, "--workers 2 / 1 worker, live events/s"),
 }
 
 
@@ -112,6 +116,17 @@ def proc_rss_bytes(pid):
         return int(f.read().split()[1]) * PAGE_SIZE
 
 
+def child_pids(parent):
+    pids = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat_file.read_text().rpartition(")")[2].split()[1]) == parent:
+                pids.append(int(stat_file.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
 def self_cpu_seconds():
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -128,8 +143,9 @@ def raise_fd_limit(want=8192):
 class Server:
     """A server subprocess on 127.0.0.1:port, pinned to the server core; `with` kills it."""
 
-    def __init__(self, argv, port, workdir, label):
+    def __init__(self, argv, port, workdir, label, pin=True, env=None):
         self.argv, self.port, self.workdir, self.label = argv, port, Path(workdir), label
+        self.pin, self.extra_env = pin, env or {}
         self.proc = None
         self.log = None
 
@@ -137,10 +153,11 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("DEBUG", "SECRET_KEY_FALLBACKS")}
         env["SECRET_KEY"] = secrets.token_hex(32)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        env.update(self.extra_env)
         self.log = open(self.workdir / f"{self.label}.log", "wb")
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=pinned(SERVER_CORE))
+                                     preexec_fn=pinned(SERVER_CORE) if self.pin else None)
         try:
             self._wait_ready()
         except BaseException:
@@ -169,7 +186,8 @@ class Server:
         return self.proc.pid
 
     def cpu(self):
-        return proc_cpu_seconds(self.proc.pid)
+        """CPU seconds of the server and of its worker processes (`--workers`)."""
+        return proc_cpu_seconds(self.proc.pid) + sum(proc_cpu_seconds(p) for p in child_pids(self.proc.pid))
 
     def rss(self):
         return proc_rss_bytes(self.proc.pid)
@@ -194,13 +212,16 @@ class Server:
                   file=sys.stderr)
 
 
-def asok_server(example, tmp, label):
-    """`python asok.py serve <copy of examples/example>` on a free port."""
+def asok_server(example, tmp, label, *args, files=None, pin=True, env=None):
+    """`python asok.py serve <copy of examples/example> [args]` on a free port; `files` are
+    written into the copy ({relative path: text})."""
     folder = Path(tmp) / label
     shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    for rel, text in (files or {}).items():
+        (folder / rel).write_text(text)
     port = free_port()
-    argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
-    return Server(argv, port, tmp, label)
+    argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log", *args]
+    return Server(argv, port, tmp, label, pin, env)
 
 
 def baseline_server(tmp):
@@ -699,6 +720,78 @@ def run_pages(tmp, cfg):
         for n in (1, 10):
             results[f"baseline{n}"] = wrk_cpu(server, n, cfg["wrk_secs"])
     return results
+
+
+# ═══ Scale-out: --workers 2 beside one worker; the Redis store beside the file store ═══
+# Neither server is pinned here: with two workers the point is to use both cores, and the one
+# worker it is compared with gets the same freedom. The load generator stays on its core, so
+# on this 2-core machine the workers share a core with it. Both run in the same step, one after
+# the other, twice, alternating which goes first.
+
+REDIS_APP = """
+import os
+import redis
+from asok import Asok, RedisBroker, RedisSessionStore
+client = redis.Redis(host="127.0.0.1", port=int(os.environ["BENCH_REDIS_PORT"]))
+app = Asok(__file__, session_store=RedisSessionStore(client), broker=RedisBroker(client))
+"""
+
+
+def live50(server, opts, cfg, n=50):
+    visitors = [Visitor(server.port) for _ in range(n)]
+
+    def task(ws, i, stats, window):
+        return live_client(ws, visitors[i], stats, window)
+    return asyncio.run(ws_run(server, [("/asok/live", v.cookie) for v in visitors], task,
+                              cfg["live_warm"], cfg["live_secs"], opts.client))
+
+
+def run_scale(tmp, opts, cfg):
+    results = {"workers1": [], "workers2": []}
+    for turn in range(2):
+        for workers in ((1, 2) if turn == 0 else (2, 1)):
+            label = f"counter-w{workers}-{turn}"
+            with asok_server("counter", tmp, label, "--workers", str(workers), pin=False) as server:
+                visitor = Visitor(server.port)
+                page = wrk_cpu(server, 10, cfg["wrk_secs"], visitor.cookie)
+                live = live50(server, opts, cfg)
+                results[f"workers{workers}"].append({"page10": page, "live50": live})
+    redis_exe = shutil.which("redis-server")
+    if redis_exe is None:
+        results["redis"] = {"skipped": "redis-server is not installed (make bench installs it)"}
+        return results
+    try:
+        import redis  # noqa: F401  (the app imports it; the bench only checks it is there)
+    except ImportError:
+        results["redis"] = {"skipped": "redis-py is not installed in this Python (make deps)"}
+        return results
+    port = free_port()
+    redis_proc = subprocess.Popen([redis_exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        store = {}
+        for kind, files in (("file", None), ("redis", {"app.py": REDIS_APP})):
+            with asok_server("counter", tmp, f"counter-{kind}-store", files=files,
+                             env={"BENCH_REDIS_PORT": str(port)}) as server:
+                store[kind] = live50(server, opts, cfg)
+        results["redis"] = store
+    finally:
+        redis_proc.kill()
+        redis_proc.wait()
+    return results
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 # ═══ Templates: asok beside Jinja2 ═══════════════════════════════════════
@@ -1622,6 +1715,32 @@ def build(results):
         nc = pages["page10_nocookie"]
         row("page 10 conn  no cookie req/s", nc["req_per_s"], f"p99 {fmt(nc['p99_ms'])} ms; new session each")
         figures["page10_nocookie_req_per_s"] = nc["req_per_s"]
+    scale = results.get("scale")
+    if scale:
+        one, two = scale["workers1"], scale["workers2"]
+        for what, key, figure in (("page 10 conn  req/s", "page10", "req_per_s"),
+                                  ("live 50 conn  events/s", "live50", "events_per_s")):
+            a = median([r[key][figure] for r in one])
+            b = median([r[key][figure] for r in two])
+            row(f"--workers 2 {what}", b, f"1 worker {fmt(a)} (unpinned, same step)")
+            row(f"--workers 2 / 1 worker, {what.split()[0]}", b / a, "median of 2 turns",
+                f"workers2_{key}_ratio", "x")
+            bad = sum(r[key]["errors"] if key == "page10" else
+                      r[key]["lost"] + r[key]["out_of_order"] + r[key]["final_mismatch"] for r in one + two)
+            row(f"--workers 1 and 2 {what.split()[0]} errors / lost", bad, "all turns")
+            rows[-1] = rows[-1][:3] + ("= 0", "pass" if bad == 0 else "FAIL")
+        store = scale["redis"]
+        if "skipped" in store:
+            rows.append(("live 50 conn  Redis store events/s", "skipped", store["skipped"], "", ""))
+        else:
+            f, r = store["file"], store["redis"]
+            row("live 50 conn  Redis store events/s", r["events_per_s"],
+                f"file store {fmt(f['events_per_s'])}/s; ratio {r['events_per_s'] / f['events_per_s']:.2f}; "
+                f"p99 {fmt(r['p99_ms'])} ms (file {fmt(f['p99_ms'])})")
+            row("live 50 conn  Redis store lost / out-of-order", f"{r['lost']} / {r['out_of_order']}",
+                f"final mismatches {r['final_mismatch']}")
+            rows[-1] = rows[-1][:3] + ("= 0 / 0", "pass" if r["lost"] == r["out_of_order"] ==
+                                       r["final_mismatch"] == 0 else "FAIL")
     tpl = results.get("templates")
     if tpl:
         for name, key, label in (("counter.html", "tpl_counter_x_jinja", "counter"),
@@ -1680,7 +1799,7 @@ def main(argv=None):
     parser.add_argument("--client", choices=("raw", "asok"), default="raw",
                         help="WebSocket load generator: a lean asyncio client (default) or "
                              "asok.AsyncWebSocketClient")
-    parser.add_argument("--only", default="live,pages,templates,idle,increment,peers",
+    parser.add_argument("--only", default="live,pages,templates,idle,increment,peers,scale",
                         help="comma-separated parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="also run py-spy on the server during live-50 and page-10 and print the top "
@@ -1705,6 +1824,7 @@ def main(argv=None):
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
                  ("increment", lambda: run_increment_bytes(tmp)), ("peers", lambda: run_peers(tmp, opts, cfg)),
+                 ("scale", lambda: run_scale(tmp, opts, cfg)),
                  ("profile", lambda: run_profile(tmp, cfg))]
         if opts.profile:
             parts.add("profile")
