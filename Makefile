@@ -5,14 +5,15 @@ VPY := $(VENV)/bin/python
 PYVIEW_VENV := .venv-pyview
 PORT ?= 8000
 
-.PHONY: run test test-core test-browser test-asgi bench deps browser clean
+.PHONY: run test lint test-core test-browser test-asgi bench deps browser clean
 
 run:
 	$(PY) asok.py serve examples/counter --port $(PORT) --debug
 
 $(VENV)/.deps: Makefile
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check pytest playwright uvicorn websockets jinja2 redis
+	$(VPY) -m pip install -q --disable-pip-version-check pytest playwright uvicorn websockets jinja2 redis \
+		'ruff>=0.17,<0.18' 'pyflakes>=3,<5'
 	touch $@
 
 deps: $(VENV)/.deps
@@ -28,7 +29,12 @@ browser:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx-light; }
 
-test: deps browser
+# ruff with its default rules, less those ruff.toml names with a reason; pyflakes
+lint: deps
+	$(VPY) -m ruff check --no-cache asok.py
+	$(VPY) -m pyflakes asok.py
+
+test: deps browser lint
 	$(VPY) -m pytest -q test_asok.py
 	$(VPY) -m pytest -q test_browser.py -p no:cacheprovider
 

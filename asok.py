@@ -510,7 +510,7 @@ def _tpl_lex(source, name):
 
     Comments are dropped, `raw` sections become text, `-` strips whitespace and,
     as in Jinja, a single newline ending the template is dropped."""
-    source = source[:-1] if source.endswith('\n') else source
+    source = source.removesuffix('\n')
     toks, pos, line, lstrip = [], 0, 1, False
     while True:
         m = _TPL_OPEN_RE.search(source, pos)
@@ -729,7 +729,7 @@ def _tpl_rewrite(s, toks, lo, hi, env):
     out, i = [], lo
     prev = toks[lo][2] if lo < hi else 0
     while i < hi:
-        typ, string, a, b = toks[i]
+        typ, string, _, b = toks[i]
         nxt = toks[i + 1] if i + 1 < hi else None
         is_name = nxt is not None and nxt[0] == tokenize.NAME and not keyword.iskeyword(nxt[1])
         if typ == tokenize.OP and string == '|' and is_name:
@@ -1092,7 +1092,7 @@ class Template:
               '_tplLoop': _TplLoop, '_tplMarkup': Markup, '_tplpartial': functools.partial,
               '_tplinclude': _tpl_include, '_tplextends': _tpl_extends, '_tplsuper': _tpl_super,
               '_tplnosuper': _tpl_no_super, '__builtins__': builtins}
-        exec(code, ns)
+        exec(code, ns)  # noqa: S102 (a template compiles to Python code, run here once)
         self._root = ns['_tpl_root']
         self._blocks = {b: [ns['_tpl_block_' + b]] for b in compiler.blocks}
         self._merged = {}
@@ -3528,7 +3528,7 @@ class Request:
         """Files of a multipart/form-data body: a MultiDict of UploadedFile by field name.
         They are closed (and their temporary files removed) when the handler returns."""
         if self._files is None:
-            self.form
+            self.form  # noqa: B018 (parsing the body fills _files)
             if self._files is None:
                 self._files = MultiDict()
         return self._files
@@ -3677,7 +3677,7 @@ def make_response(rv):
     elif rv is None:
         raise TypeError("the handler returned None; return a str, bytes, dict, list or Response")
     elif hasattr(rv, "__iter__"):
-        response = Response((c.encode() if isinstance(c, str) else c for c in rv))
+        response = Response(c.encode() if isinstance(c, str) else c for c in rv)
     else:
         raise TypeError(f"a handler cannot return {type(rv).__name__}")
     if status is not None:
@@ -4519,7 +4519,6 @@ class LiveHub:
 
         def apply(record):
             result[:] = self._apply(record, sid, cid, cls, fallback, conn, run, always)
-            return None
 
         self.app.sessions.update(sid, apply)
         return result
@@ -5326,14 +5325,14 @@ class Asok:
 
             def fill(record):
                 record.clear()
-                record.update(json.loads(snapshot))
+                record.update(json.loads(snapshot))  # noqa: B023 (run within this iteration)
                 record.pop("replaced", None)
                 if session.cleared:
                     _clear_live(record, session.seq)
                 record["data"] = session.merge_into(record.get("data") or {})
 
             def bury(record):
-                if attempt < 2 and record and json.dumps(record, sort_keys=True) != snapshot:
+                if attempt < 2 and record and json.dumps(record, sort_keys=True) != snapshot:  # noqa: B023
                     return False
                 record.clear()
                 record.update(data={}, live={}, replaced=True)
@@ -7421,8 +7420,8 @@ ENVIRONMENT = [
     ("HOST", "default for --host"),
     ("PORT", "default for --port"),
     ("DEBUG", "true: the same as --debug"),
-    ("SECRET_KEY", "the signing key (default: one created once in APP_DIR/.asok/secret_key; "
-                   "a fixed development key with --debug)"),
+    ("SECRET_KEY", ("the signing key (default: one created once in APP_DIR/.asok/secret_key; "
+                    "a fixed development key with --debug)")),
     ("SECRET_KEY_FALLBACKS", "old keys, comma-separated, still accepted (key rotation)"),
     ("FORWARDED_ALLOW_IPS", "proxy addresses whose Forwarded / X-Forwarded-* headers are trusted"),
     ("APP_DIR", "the folder `uvicorn asok:asgi` and `gunicorn asok:wsgi` serve (default: .)"),

@@ -557,6 +557,14 @@ def test_a_gallery_runs_in_one_process():
     assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
 
 
+def test_asok_py_is_clean_for_ruff_and_pyflakes():
+    pytest.importorskip("ruff")
+    pytest.importorskip("pyflakes")
+    for tool in (["ruff", "check", "--no-cache", "asok.py"], ["pyflakes", "asok.py"]):
+        run = subprocess.run([sys.executable, "-m", *tool], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+
+
 # ── routing, pages, responses ────────────────────────────────────────────────
 
 def test_file_pages_nested_and_params(tmp_path):
