@@ -3309,7 +3309,6 @@ class UploadedFile:
             if self._path is not None:
                 try:  # a live upload already is a file on disk: move it when it is on the same device
                     os.replace(self._path, dest)
-                    self._path = None
                     self.saved = dest
                     return dest
                 except OSError:
@@ -3332,11 +3331,16 @@ class UploadedFile:
         """Close the content; a live upload not saved is deleted."""
         self.file.close()
         if self._path is not None:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+            _remove_upload(self._path.parent, self._path.stem)
             self._path = None
+
+
+def _remove_upload(folder, uid):
+    for suffix in (".data", ".json"):
+        try:
+            os.unlink(folder / f"{uid}{suffix}")
+        except FileNotFoundError:
+            pass
 
 
 def _read_multipart(stream, content_type, limits):
@@ -3765,6 +3769,10 @@ LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
 LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
+DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
+UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
+_COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, not state
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -3832,10 +3840,16 @@ class Component:
             if klass in (Component, object):
                 continue
             for name, value in vars(klass).items():
-                if name.startswith("_") or callable(value) or isinstance(
+                if name.startswith("_") or name in _COMPONENT_SETTINGS or callable(value) or isinstance(
                         value, (property, classmethod, staticmethod, types.MemberDescriptorType)):
                     continue
                 cls._asok_fields[name] = value
+        if isinstance(cls.url, str):
+            cls.url = (cls.url,)
+        for name in cls.url:
+            if name not in cls._asok_fields:
+                raise TypeError(f"{cls.__name__}.url names {name!r}, which is not a state attribute "
+                                f"(it has: {', '.join(cls._asok_fields) or 'none'})")
         cls._asok_signatures = {}
         cls._asok_paths = {}
         methods = {}
@@ -3852,6 +3866,9 @@ class Component:
             except TypeError:
                 raise TypeError(f"{cls.__name__}.{name}: an @on method takes the payload (def {name}(self, "
                                 f"payload)); an @every method takes nothing (def {name}(self))") from None
+
+    url = ()                        # state fields bound to the query string: url = ("page", "sort")
+    max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
 
     def mount(self):
         """Runs once, on the first render of this component for a session."""
@@ -4010,6 +4027,26 @@ def _model_value(cls, prop, value):
     return value
 
 
+def _url_value(cls, name, text):
+    """A query-string value for the url-bound field `name`, converted to its declared type (the
+    annotation, else the type of the class default); a value that does not convert is the default."""
+    default = cls._asok_fields[name]
+    kind = inspect.get_annotations(cls, eval_str=False).get(name, type(default))
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "on": True, "yes": True,
+                    "false": False, "0": False, "off": False, "no": False}[text.lower()]
+        if kind in (int, float):
+            value = kind(text)
+            return value if math.isfinite(value) else default
+        if kind is str or default is None:
+            return text
+    except (KeyError, ValueError, OverflowError):
+        pass
+    return default
+
+
 class _ComponentRenderer:
     """The `component(name, **props)` template global for one page render or one live event."""
 
@@ -4046,7 +4083,18 @@ class _ComponentRenderer:
         else:
             comp = cls._create(app, props, session, cid, context)
             version, seq = 0, session.seq
-        return app._wrap_component(comp, name, cid, sid, version, seq)
+        if cls.url and isinstance(request, Request) and request.query_string:
+            # a page loaded with a query string starts from it over the saved state, and saves it
+            changed = {k: _url_value(cls, k, request.query[k]) for k in cls.url if k in request.query}
+            changed = {k: v for k, v in changed.items() if getattr(comp, k) != v}
+            if changed:
+                for key, value in changed.items():
+                    setattr(comp, key, value)
+                version, seq = app._save_url_state(sid, cid, cls, comp._checked_state())
+        markup = app._wrap_component(comp, name, cid, sid, version, seq)
+        if cls.url or 'type="file"' in markup or "type=file" in markup:  # the uploads and URL part of alive.js
+            request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
+        return markup
 
 
 class _LiveContext:
@@ -4385,7 +4433,15 @@ class LiveHub:
 
     def _event(self, conn, message):
         call = self._parse_call(conn.sid, message)
+        taken = []  # uploaded files among the arguments: deleted afterwards unless the method saved them
+        call.args = self.app._take_uploads(conn.sid, call.cid, call.args, taken)
+        try:
+            return self._run_event(conn, call)
+        finally:
+            for upload in taken:
+                upload.close()
 
+    def _run_event(self, conn, call):
         def run(comp, saved):
             if call.rid in saved.ids:  # a resend: answered with the saved result, not applied again
                 return False
@@ -5128,14 +5184,15 @@ class Asok:
         self.routes = []
         self.before_request_hooks = []
         self.ws_routes = []
-        self.components = {}
+        self._components = None  # imported on first use, so component modules can import app.py
+        self._registered = {}
+        self._components_lock = threading.RLock()
         self.pages = self._scan_pages()
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="asok")
         self.asgi = _ASGIApp(self)
         self._alive_js = (None, {})
         self._wsgi_warned = False
         self.live = LiveHub(self, broker or FolderBroker(_live_folder(self.root)))
-        self._discover_components()
         self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
 
     def __repr__(self):
@@ -5204,7 +5261,19 @@ class Asok:
         routes.sort(key=lambda r: (not r.static, r.pattern))
         return routes
 
+    @property
+    def components(self):
+        """{name: Component class}: src/components/*.py, imported on first use (the first request,
+        or load_app once app.py has run), so a component module may `from app import helper`."""
+        if self._components is None:
+            with self._components_lock:
+                if self._components is None:
+                    self._components = self._discover_components()
+                    self._components.update(self._registered)
+        return self._components
+
     def _discover_components(self):
+        found = {}
         folder = self.root / "src" / "components"
         for file in sorted(folder.glob("*.py")) if folder.is_dir() else ():
             name = f"_asok_components_{abs(hash(str(self.root))):x}.{file.stem}"
@@ -5214,11 +5283,14 @@ class Asok:
             spec.loader.exec_module(module)
             for value in vars(module).values():
                 if isinstance(value, type) and issubclass(value, Component) and value.__module__ == name:
-                    self.register_component(value)
+                    found[value.__name__] = value
+        return found
 
     def register_component(self, cls):
         """Make `cls` available to `component(name)` and the live endpoint (found files do this)."""
-        self.components[cls.__name__] = cls
+        self._registered[cls.__name__] = cls
+        if self._components is not None:
+            self._components[cls.__name__] = cls
         return cls
 
     # ── keys, sessions, CSRF ──────────────────────────────────────────
@@ -5347,6 +5419,18 @@ class Asok:
         if now - self._last_collect > SESSION_COLLECT_EVERY:
             self._last_collect = now
             threading.Thread(target=self.sessions.collect, name="asok-collect", daemon=True).start()
+            threading.Thread(target=self._collect_uploads, name="asok-collect-uploads", daemon=True).start()
+
+    def _collect_uploads(self, now=None):
+        """Delete live uploads that no event took within UPLOAD_LIFETIME."""
+        folder = self.root / ".asok" / "uploads"
+        cutoff = (now or time.time()) - UPLOAD_LIFETIME
+        for meta in folder.glob("*.json") if folder.is_dir() else ():
+            try:
+                if meta.stat().st_mtime < cutoff:
+                    _remove_upload(folder, meta.stem)
+            except OSError:
+                pass
 
     # ── URLs ──────────────────────────────────────────────────────────
     def static_url(self, path):
@@ -5403,6 +5487,8 @@ class Asok:
             return self._alive(request)
         if path == "/asok/asok.css":
             return _stylesheet(request)
+        if path == "/asok/upload":
+            return self._upload(request)
         for hook in self.before_request_hooks:
             rv = hook(request)
             if rv is not None:
@@ -5540,8 +5626,106 @@ class Asok:
         state = comp._checked_state()
         inner = comp.render()
         token = self.live.sign(name, cid, sid, state, version, seq)
+        bound = {k: comp._asok_fields[k] for k in comp.url}
+        url = f' data-asok-url="{html.escape(json.dumps(bound))}"' if bound else ""
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
-                      f'data-asok-state="{html.escape(token)}">{inner}</div>')
+                      f'data-asok-state="{html.escape(token)}"{url}>{inner}</div>')
+
+    def _save_url_state(self, sid, cid, cls, state):
+        """Save a component's state changed by the page's query string, and push it to the
+        component's other views; (version, seq) to sign into the page."""
+        def apply(record):
+            live = record.setdefault("live", {})
+            saved = SavedComponent.load(live.pop(cid, None), cls.__name__) or SavedComponent(cls.__name__, state)
+            saved.state, saved.version = state, saved.version + 1
+            saved.seq = record["seq"] = record.get("seq", 0) + 1
+            record.setdefault("dropped", {}).pop(cid, None)
+            live[cid] = saved.dump()
+            return saved
+
+        saved = self.sessions.update(sid, apply)
+        self.live._saved_and_pushed(sid, cid, cls, saved, None, None)
+        return saved.version, saved.seq
+
+    # ── live uploads: POST /asok/upload, then the event names the files ──
+    def _upload(self, request):
+        """Files of a ws-submit form, posted before the event: checked against the CSRF token,
+        the component's signed state (so bound to the component, the cid and the session) and
+        the component's max_upload, then kept under .asok/uploads until the event takes them.
+        Answers JSON {files: {input name: [upload id, ...]}} or {error: {code, message}}."""
+        def refuse(status, code, message):
+            return Response(json.dumps({"error": {"code": code, "message": message}}), status,
+                            content_type="application/json")
+
+        if request.method != "POST":
+            return refuse(405, "bad_method", "POST the files here")
+        try:
+            self._check_csrf(request)
+            form, files = request.form, request.files
+        except HTTPError as exc:
+            return refuse(exc.status, "too_large" if exc.status == 413 else "bad_upload", exc.detail)
+        sid, cid, name = request.session.sid, form.get("cid", ""), form.get("component", "")
+        cls = self.components.get(name)
+        if cls is None:
+            return refuse(400, "unknown_component", f"no component named {name!r}")
+        try:
+            token = self.live.read(name, cid, sid, form.get("state", ""))
+        except LiveError as exc:
+            return refuse(403, exc.code, exc.message)
+        uploads = [f for key in files for f in files.getlist(key)]
+        total = sum(f.size for f in uploads)
+        if total > cls.max_upload:
+            return refuse(413, "too_large", f"the files are {total} bytes; {name} takes at most "
+                                            f"{cls.max_upload} bytes (max_upload)")
+        try:
+            saved = SavedComponent.load(request.session.live.get(cid), name)  # newer than the page's, if any
+            state = saved.state if saved is not None else token.state
+            comp = cls._restore(self, state, request.session, cid, self._context(request, cid))
+            if comp.authorize("$upload", sorted(files)) is False:
+                return refuse(403, "forbidden", f"{name} does not take uploads here")
+        except LiveError as exc:
+            return refuse(403, exc.code, exc.message)
+        folder = self.root / ".asok" / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = {}
+        try:
+            for upload in uploads:
+                uid = secrets.token_urlsafe(24)
+                upload.save(folder / f"{uid}.data")
+                meta = {"sid": sid, "cid": cid, "name": upload.name, "filename": upload.raw_filename,
+                        "content_type": upload.content_type, "size": upload.size, "t": int(time.time())}
+                (folder / f"{uid}.json").write_text(json.dumps(meta))
+                ids.setdefault(upload.name, []).append(uid)
+        except OSError as exc:
+            for uid in (u for group in ids.values() for u in group):
+                _remove_upload(folder, uid)
+            return refuse(503, "store_unavailable", f"the server has no room for the files ({exc.strerror})")
+        return Response(json.dumps({"files": ids}), content_type="application/json")
+
+    def _take_uploads(self, sid, cid, args, taken):
+        """Replace each {"$upload": id} in a call's arguments (or in a fields dict among them)
+        by its UploadedFile, appended to `taken` (closed, so deleted unless saved, by the caller)."""
+        def take(value):
+            if isinstance(value, dict) and len(value) == 1 and "$upload" in value:
+                uid, folder = value["$upload"], self.root / ".asok" / "uploads"
+                try:
+                    if not isinstance(uid, str) or not _UPLOAD_ID_RE.match(uid):
+                        raise ValueError
+                    meta = json.loads((folder / f"{uid}.json").read_text())
+                    if (meta["sid"], meta["cid"]) != (sid, cid):
+                        raise ValueError
+                    upload = UploadedFile(meta["name"], meta["filename"], meta["content_type"],
+                                          open(folder / f"{uid}.data", "rb"), meta["size"], folder / f"{uid}.data")
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise LiveError("bad_upload", "no such upload for this component (it was used by an "
+                                                  "earlier event or has expired); choose the file again")
+                taken.append(upload)
+                return upload
+            if isinstance(value, dict):
+                return {k: take(v) for k, v in value.items()}
+            return value
+
+        return [take(a) for a in args]
 
     async def _live_socket(self, ws):
         """/asok/live: one page. Its messages are handled one at a time in a thread (LiveHub.handle);
@@ -7044,10 +7228,12 @@ class LiveHandle:
         method, args = _directive_call(field, attr)
         return self.call(method, *args, text)
 
-    def submit(self, selector="form", fields=None):
+    def submit(self, selector="form", fields=None, files=None):
         """Submit the form `selector` finds (or the form around it), as alive.js does for
         `ws-submit`: its method gets the form's fields as a dict, the values in the rendered
-        HTML with `fields` put over them. Naming a field the form does not have is an error."""
+        HTML with `fields` put over them. Naming a field the form does not have is an error.
+        `files` ({input name: (filename, bytes, content_type)}) are uploaded first, as the
+        browser does (see upload()); a refused upload is returned as the reply."""
         form = self._one(selector, ("ws-submit",), f"submit({selector!r})")
         values, names = _form_fields(form)
         unknown = sorted(set(fields or ()) - names)
@@ -7055,8 +7241,20 @@ class LiveHandle:
             raise AssertionError(f"submit({selector!r}): the form has no field {', '.join(map(repr, unknown))} "
                                  f"(it has {', '.join(sorted(names)) or 'none'})")
         values.update(fields or {})
+        if files:
+            uploaded = self.upload(files)
+            if "error" in uploaded:
+                return uploaded
+            values.update({k: {"$upload": ids[-1]} for k, ids in uploaded["files"].items()})
         method, args = _directive_call(form, "ws-submit")
         return self.call(method, *(args or [values]))
+
+    def upload(self, files):
+        """POST `files` ({input name: (filename, bytes, content_type)}) to /asok/upload for this
+        component, as the browser does before a ws-submit with chosen files. Returns the answer:
+        {"files": {name: [upload id]}} (send {"$upload": id} as the field's value) or {"error": ...}."""
+        fields = {"cid": self.cid, "component": self.name, "state": self.state_token, "csrf_token": self.csrf}
+        return self.client.post("/asok/upload", data=fields, files=files).json()
 
     def press(self, selector, key):
         """Press `key` ("Enter", "Escape", ...) in the element `selector` finds: its
@@ -7077,15 +7275,18 @@ def load_app(app_dir="."):
         raise SystemExit(f"asok: {root} is not a folder")
     app_file = root / "app.py"
     if not app_file.is_file():
-        return Asok(root)
+        app = Asok(root)
+        app.components  # import errors show at start-up
+        return app
     sys.path.insert(0, str(root))
     spec = importlib.util.spec_from_file_location("app", app_file)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("app", module)
+    sys.modules["app"] = module  # so that components can `from app import helper`
     spec.loader.exec_module(module)
     app = getattr(module, "app", None)
     if not isinstance(app, Asok):
         raise SystemExit(f"asok: {app_file} must define `app = Asok(__file__)`")
+    app.components  # imported now that app.py has run: errors show at start-up
     return app
 
 

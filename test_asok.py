@@ -3610,6 +3610,179 @@ def test_authorize_and_live_error_refuse_with_their_message_and_change_nothing(t
     assert "error" not in vault.call("take", 2) and vault.state["gold"] == 3
 
 
+UPLOAD_FILES = {
+    "src/components/Avatar.py": '''
+        from asok import Component, LiveError, exposed
+
+        class Avatar(Component):
+            max_upload = 1000
+            saved = ""
+            seen = []
+            locked = False
+
+            def authorize(self, method, args):
+                return not self.locked
+
+            @exposed
+            def save(self, fields: dict):
+                photo = fields.get("photo")
+                self.seen = [fields.get("caption"), type(photo).__name__, photo.filename, photo.size, photo.read().decode()]
+                if fields.get("caption") == "keep":
+                    self.saved = str(photo.save(self._asok_app.root / "kept"))
+
+            @exposed
+            def lock(self):
+                self.locked = True
+    ''',
+    "src/components/avatar.html": "<form ws-submit='save'><input type='file' name='photo'><input name='caption'></form>",
+    "src/pages/index.html": "<head></head><body><< component('Avatar') >><< component('Avatar') >></body>",
+}
+
+
+def pending_uploads(app):
+    folder = app.root / ".asok" / "uploads"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_live_upload_reaches_the_method_and_unsaved_files_are_deleted(tmp_path):
+    app = make_app(tmp_path, UPLOAD_FILES)
+    client = asok.TestClient(app)
+    avatar = client.live("/", "Avatar")
+    uploaded = avatar.upload({"photo": ("../me.png", b"x" * 1000, "image/png")})
+    assert len(pending_uploads(app)) == 2  # the file and what the event needs to know of it
+    reply = avatar.call("save", {"caption": "drop", "photo": {"$upload": uploaded["files"]["photo"][0]}})
+    assert "error" not in reply, reply
+    assert avatar.state["seen"] == ["drop", "UploadedFile", "me.png", 1000, "x" * 1000]
+    assert pending_uploads(app) == []  # not saved by the method: deleted
+
+
+def test_a_saved_live_upload_is_kept_where_the_method_put_it(tmp_path):
+    app = make_app(tmp_path, UPLOAD_FILES)
+    (tmp_path / "kept").mkdir()
+    client = asok.TestClient(app)
+    avatar = client.live("/", "Avatar")
+    assert "error" not in avatar.submit("form", {"caption": "keep"}, files={"photo": ("me.png", b"png!", "image/png")})
+    assert Path(avatar.state["saved"]) == tmp_path / "kept" / "me.png"
+    assert (tmp_path / "kept" / "me.png").read_bytes() == b"png!"
+    assert pending_uploads(app) == []
+
+
+def test_live_uploads_are_refused_past_the_limit_and_for_another_component_or_session(tmp_path):
+    app = make_app(tmp_path, UPLOAD_FILES)
+    client = asok.TestClient(app)
+    first, second = client.live("/", "Avatar", 0), client.live("/", "Avatar", 1)
+    assert "files" in first.upload({"photo": ("a.bin", b"y" * 1000, "image/png")})  # max_upload, exactly
+    refused = first.upload({"photo": ("a.bin", b"y" * 1001, "image/png")})
+    assert refused["error"]["code"] == "too_large" and "at most 1000 bytes (max_upload)" in refused["error"]["message"]
+    # an upload id is good for the component and the session it was posted for, once
+    uid = first.upload({"photo": ("a.bin", b"z", "image/png")})["files"]["photo"][0]
+    reply = second.call("save", {"photo": {"$upload": uid}, "caption": "x"})
+    assert reply["error"]["code"] == "bad_upload"
+    stranger = asok.TestClient(app)
+    other = stranger.live("/", "Avatar")
+    assert other.call("save", {"photo": {"$upload": uid}, "caption": "x"})["error"]["code"] == "bad_upload"
+    assert "error" not in first.call("save", {"photo": {"$upload": uid}, "caption": "x"})
+    assert first.call("save", {"photo": {"$upload": uid}, "caption": "x"})["error"]["code"] == "bad_upload"
+    assert first.call("save", {"photo": {"$upload": "../../secret_key"}, "caption": "x"})["error"]["code"] == "bad_upload"
+    # the state must be this session's, the CSRF token too
+    fields = {"cid": first.cid, "component": "Avatar", "state": first.state_token, "csrf_token": first.csrf}
+    r = stranger.post("/asok/upload", data={**fields, "csrf_token": other.csrf}, files={"photo": ("a", b"1", "x/y")})
+    assert r.status == 403 and r.json()["error"]["code"] == "bad_state"
+    r = client.post("/asok/upload", data={**fields, "csrf_token": "nope"}, files={"photo": ("a", b"1", "x/y")})
+    assert r.status == 403 and "CSRF" in r.json()["error"]["message"]
+    # authorize() is asked about uploads too
+    first.call("lock")
+    refused = first.upload({"photo": ("a.bin", b"y", "image/png")})
+    assert refused["error"]["code"] == "forbidden"
+    # an upload no event took is collected after its lifetime
+    left = pending_uploads(app)
+    assert left
+    app._collect_uploads(now=time.time() + asok.UPLOAD_LIFETIME + 1)
+    assert pending_uploads(app) == []
+
+
+TABLE_FILES = {
+    "src/components/Table.py": '''
+        from asok import Component, exposed
+
+        class Table(Component):
+            url = ("page", "sort", "desc")
+            page = 1
+            sort = "name"
+            desc = False
+            clicks = 0
+
+            @exposed
+            def next(self):
+                self.page += 1
+                self.clicks += 1
+    ''',
+    "src/components/table.html": "<p><< page >>|<< sort >>|<< desc >>|<< clicks >></p>",
+    "src/pages/index.html": "<head></head><body><< component('Table') >></body>",
+}
+
+
+def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_path):
+    app = make_app(tmp_path, TABLE_FILES)
+    client = asok.TestClient(app)
+    page = client.get("/").text
+    assert "<p>1|name|False|0</p>" in page
+    assert 'data-asok-url="{&quot;page&quot;: 1, &quot;sort&quot;: &quot;name&quot;, &quot;desc&quot;: false}"' in page
+    table = client.live("/", "Table")
+    table.call("next")
+    assert "<p>2|name|False|1</p>" in client.get("/").text  # no query string: the saved state
+    assert "<p>5|price|True|1</p>" in client.get("/?page=5&sort=price&desc=true&clicks=99").text
+    table = client.live("/?page=5&sort=price&desc=true", "Table")
+    table.call("next")  # the next event goes on from what the link showed
+    assert table.state == {"page": 6, "sort": "price", "desc": True, "clicks": 2}
+    assert "<p>6|price|True|2</p>" in client.get("/").text
+    # values that do not convert to the field's type get its default, not a 500
+    r = client.get("/?page=abc&desc=maybe&sort=")
+    assert r.status == 200 and "<p>1||False|2</p>" in r.text
+    assert "<p>1|x|False|0</p>" in asok.TestClient(app).get("/?page=1e999&sort=x").text  # another session
+
+
+def test_url_must_name_state_fields(tmp_path):
+    app = make_app(tmp_path, {"src/components/Bad.py": '''
+        from asok import Component
+
+        class Bad(Component):
+            url = ("page",)
+            size = 1
+    '''})
+    with pytest.raises(TypeError, match=r"Bad.url names 'page', which is not a state attribute \(it has: size\)"):
+        app.components
+
+
+def test_component_modules_may_import_helpers_from_app_py(tmp_path):
+    files = {
+        "app.py": '''
+            from asok import Asok
+
+            app = Asok(__file__, secret_key="k" * 32)
+
+            def greeting(name):  # defined after Asok(__file__) ran
+                return f"Hello, {name}"
+        ''',
+        "src/components/Greeter.py": '''
+            from asok import Component
+            from app import greeting
+
+            class Greeter(Component):
+                name = "Ann"
+
+                def render(self):
+                    return greeting(self.name)
+        ''',
+        "src/pages/index.html": "<body><< component('Greeter') >></body>",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(text))
+    app = asok.load_app(tmp_path)
+    assert "Hello, Ann" in asok.TestClient(app).get("/").text
+
+
 def test_tampered_foreign_and_stale_states_are_refused(live_app):
     client = asok.TestClient(live_app)
     first = client.live("/", "Counter", 0)
