@@ -113,3 +113,99 @@ for (const type of ["click", "input", "change", "submit", "keydown"]) document.a
 connect();
 document.querySelectorAll(COMPONENT).forEach(root => sync(root, {}, root.dataset.asokState));
 })();
+//# part: forms
+// Served as /asok/alive-forms.js, only to pages with a component that renders a file input or
+// binds state to the URL (`url = (...)`): uploads for ws-submit forms, and URL-bound fields.
+(() => {
+const COMPONENT = "[data-asok-component]", ids = new WeakMap; // File -> its upload id
+const input = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, "value");
+const state = root => JSON.parse(root.dataset.asokState.slice(0, root.dataset.asokState.lastIndexOf("."))).s;
+
+// Uploads. A ws-submit form with chosen files first posts them to /asok/upload (with the
+// component's signed state and the CSRF token), showing progress on the component as the class
+// asok-uploading, the attribute data-asok-upload and the CSS variable --asok-upload (0-100, "%");
+// then it is submitted as usual, each File going into the fields as {$upload: id} (no file: null).
+File.prototype.toJSON = function () {
+  return ids.has(this) ? {$upload: ids.get(this)} : null;
+};
+
+// A file input keeps its selection when a re-render sets its value to "", until it is uploaded.
+document.addEventListener("change", ({target: el}) => {
+  if (el.type != "file") return;
+  el.setCustomValidity("");
+  if (!Object.hasOwn(el, "value")) Object.defineProperty(el, "value", {
+    get: () => input.get.call(el), set: v => (v || !el.files.length) && input.set.call(el, v)});
+}, true);
+
+document.addEventListener("submit", event => {
+  const form = event.target, root = form.closest(COMPONENT), data = new FormData, xhr = new XMLHttpRequest;
+  const inputs = [...form.querySelectorAll("input[type=file]")].filter(el => el.name && [...el.files].some(f => !ids.has(f)));
+  if (!root || !form.matches("[ws-submit]") || !inputs.length) return;
+  event.preventDefault();
+  event.stopImmediatePropagation();
+  if (root.classList.contains("asok-uploading")) return;
+  const show = pct => root.style.setProperty("--asok-upload", (root.dataset.asokUpload = pct) + "%");
+  const fields = {cid: root.id, component: root.dataset.asokComponent, state: root.dataset.asokState,
+    csrf_token: document.querySelector("meta[name=csrf-token]")?.content};
+  for (const name in fields) data.append(name, fields[name]);
+  for (const el of inputs) for (const file of el.files) data.append(el.name, file);
+  root.classList.add("asok-uploading");
+  show(0);
+  xhr.upload.onprogress = e => e.lengthComputable && show(Math.floor(e.loaded * 100 / e.total));
+  xhr.onloadend = () => {
+    let reply;
+    root.classList.remove("asok-uploading");
+    try {
+      reply = JSON.parse(xhr.responseText);
+    } catch {
+      reply = {error: {code: "upload_failed", message: `the upload failed (${xhr.status || "no connection"})`}};
+    }
+    if (reply.error) {
+      // the refusal shows at the file inputs (their validation message) and as asok:error
+      for (const el of inputs) el.setCustomValidity(reply.error.message), el.reportValidity();
+      return root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: reply.error}));
+    }
+    show(100);
+    for (const el of inputs) [...el.files].forEach((file, i) => ids.set(file, reply.files[el.name][i]));
+    form.dispatchEvent(new Event("submit", {bubbles: true, cancelable: true}));
+    for (const el of inputs) input.set.call(el, ""); // uploaded and sent: the selection is done
+  };
+  xhr.open("POST", "/asok/upload");
+  xhr.send(data);
+}, true);
+
+// URL-bound fields (data-asok-url holds their defaults). After each new state the query string
+// shows the fields that differ from their defaults (a new history entry); back and forward set
+// the fields from the query string, one ws-model change each; a page loaded with a query string
+// started from it on the server.
+const restoring = new WeakMap; // root -> {field: value} that a back or forward is setting
+function reflect(root, push) {
+  const defaults = JSON.parse(root.dataset.asokUrl), values = state(root), query = new URLSearchParams(location.search);
+  const want = restoring.get(root);
+  if (want && Object.keys(want).some(k => String(values[k]) != want[k])) return;
+  restoring.delete(root);
+  for (const k in defaults) values[k] === defaults[k] ? query.delete(k) : query.set(k, values[k]);
+  const url = location.pathname + (`${query}` ? "?" + query : "") + location.hash;
+  if (url != location.pathname + location.search + location.hash) history[push ? "pushState" : "replaceState"](history.state, "", url);
+}
+
+new MutationObserver(changes => changes.forEach(({target}) => target.dataset.asokUrl && reflect(target, true)))
+  .observe(document.documentElement, {subtree: true, attributeFilter: ["data-asok-state"]});
+document.addEventListener("asok:error", ({target}) => restoring.delete(target));
+addEventListener("popstate", () => document.querySelectorAll("[data-asok-url]").forEach(root => {
+  const defaults = JSON.parse(root.dataset.asokUrl), values = state(root), query = new URLSearchParams(location.search), want = {};
+  for (const k in defaults) {
+    const value = query.has(k) ? query.get(k) : String(defaults[k]);
+    if (String(values[k]) != value) want[k] = value;
+  }
+  restoring.set(root, want);
+  // each field is set as a ws-model input would set it
+  for (const k in want) {
+    const el = Object.assign(root.appendChild(document.createElement("input")), {hidden: true, value: want[k]});
+    el.setAttribute("ws-model", k);
+    el.dispatchEvent(new Event("input", {bubbles: true}));
+    el.remove();
+  }
+}));
+document.querySelectorAll("[data-asok-url]").forEach(root => reflect(root, false));
+})();

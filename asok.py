@@ -3439,6 +3439,7 @@ class Request:
         self._form = None
         self._files = None
         self.uses_live = False
+        self.alive_parts = set()  # parts of alive.js the page needs beside the core ("forms")
 
     def __repr__(self):
         return f"<Request {self.method} {self.path}>"

@@ -8,6 +8,7 @@ skips, saying how to install them; with CI=true it fails instead.
 """
 import gzip
 import os
+import re
 import shutil
 import signal
 import socket
@@ -503,6 +504,187 @@ def test_the_stylesheet_shows_a_component_loading_and_the_page_disconnected(serv
     server.start()
     expect_connected(page, True)
     assert page.evaluate("getComputedStyle(document.body, '::before').content") == "none"
+
+
+# ── uploads, URL-bound state, sign-in ────────────────────────────────
+
+def png_bytes(pad=0):
+    """A valid 8x8 PNG, with `pad` bytes of a text chunk to make it as large as a test needs."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = b"".join(b"\x00" + b"\x33\x67\xd6" * 8 for _ in range(8))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(pixels)) + (chunk(b"tEXt", b"pad\x00" + b"x" * pad) if pad else b"")
+            + chunk(b"IEND", b""))
+
+
+PROGRESS = """root => {
+  window.seen = {pct: [], uploading: false};
+  new MutationObserver(() => {
+    seen.uploading ||= root.classList.contains("asok-uploading");
+    const pct = root.dataset.asokUpload, css = root.style.getPropertyValue("--asok-upload");
+    if (pct !== undefined && css == pct + "%" && seen.pct.at(-1) != +pct) seen.pct.push(+pct);
+  }).observe(root, {attributes: true});
+}"""
+
+
+def test_an_avatar_upload_shows_progress_and_the_method_saves_the_file(serve, page, tmp_path):
+    server = serve("upload")
+    picture = tmp_path / "me.png"
+    picture.write_bytes(png_bytes(pad=900 * 1024))
+    page.goto(server.url)
+    page.eval_on_selector("[data-asok-component=Avatar]", PROGRESS)
+    page.set_input_files("#photo", str(picture))
+    page.fill("input[name=name]", "Ann")  # each key re-renders the component through ws-model
+    expect(page.locator("input[name=name]")).to_have_value("Ann")
+    page.wait_for_function("JSON.parse(document.querySelector('[data-asok-component]').dataset.asokState"
+                           ".split('.').slice(0, -1).join('.')).s.name == 'Ann'")
+    assert page.eval_on_selector("#photo", "el => el.files.length") == 1  # the selection survived the re-renders
+    cdp = page.context.new_cdp_session(page)  # a slow uplink, so the progress has steps to show
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": 1024 * 1024})
+    page.click("button[type=submit]")
+    expect(page.locator("img.face")).to_have_attribute("src", re.compile(r"^/static/avatars/[0-9a-f]{16}\.png$"))
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": -1})
+    seen = page.evaluate("seen")
+    assert seen["uploading"] and seen["pct"][0] == 0 and seen["pct"][-1] == 100
+    assert any(0 < pct < 100 for pct in seen["pct"]), seen
+    expect(page.locator(".ok")).to_have_text("Saved, Ann.")
+    src = page.get_attribute("img.face", "src")
+    assert page.request.get(server.url + src).body() == picture.read_bytes()  # the method got the file
+    assert page.eval_on_selector("#photo", "el => el.files.length") == 0  # done: the selection is cleared
+    assert not list((server.app_dir / ".asok" / "uploads").iterdir())  # nothing left waiting
+
+
+def test_a_too_large_or_wrong_type_avatar_gets_its_error_next_to_the_field(serve, page, tmp_path):
+    server = serve("upload")
+    page.goto(server.url)
+    error = page.locator("label:has(#photo) + p.error")
+    (tmp_path / "big.png").write_bytes(png_bytes(pad=3 << 20))
+    page.set_input_files("#photo", str(tmp_path / "big.png"))
+    page.click("button[type=submit]")
+    expect(error).to_have_text("big.png is 3.0 MiB; an avatar may be 1 MiB at most.")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    page.set_input_files("#photo", str(tmp_path / "notes.txt"))
+    page.click("button[type=submit]")
+    expect(error).to_have_text("notes.txt is not a PNG, JPEG or GIF picture.")
+    (tmp_path / "renamed.png").write_text("not a picture either")  # the type says PNG, the bytes do not
+    page.set_input_files("#photo", str(tmp_path / "renamed.png"))
+    page.click("button[type=submit]")
+    expect(error).to_have_text("renamed.png is not a PNG, JPEG or GIF picture.")
+    # past the component's max_upload the server refuses the upload itself: the message is the field's
+    (tmp_path / "huge.png").write_bytes(png_bytes(pad=(10 << 20) + 1))
+    page.set_input_files("#photo", str(tmp_path / "huge.png"))
+    page.click("button[type=submit]")
+    expect_error(page, "too_large")
+    message = page.eval_on_selector("#photo", "el => el.validationMessage")
+    assert "Avatar takes at most 10485760 bytes (max_upload)" in message
+    assert page.locator("img.face").count() == 0 and not list((server.app_dir / "static").glob("avatars/*"))
+
+
+def where(page):
+    return page.locator(".where").inner_text(), page.locator("tbody tr td").first.inner_text()
+
+
+def test_table_sort_and_page_are_in_the_url_and_back_and_forward_restore_them(serve, page):
+    server = serve("table")
+    page.goto(server.url)
+    assert where(page) == ("Page 1 of 5", "Apple")
+    page.click("text=Price / kg")
+    page.wait_for_url(server.url + "/?sort=price")
+    assert where(page) == ("Page 1 of 5", "Watermelon")
+    page.click("text=Price / kg")
+    page.wait_for_url(server.url + "/?sort=-price")
+    page.click("text=Next →")
+    page.wait_for_url(server.url + "/?sort=-price&page=2")
+    assert where(page) == ("Page 2 of 5", "Strawberry")
+    page.go_back()
+    page.wait_for_url(server.url + "/?sort=-price")
+    expect(page.locator(".where")).to_have_text("Page 1 of 5")
+    assert where(page) == ("Page 1 of 5", "Raspberry")
+    page.go_back()
+    page.wait_for_url(server.url + "/?sort=price")
+    expect(page.locator("tbody tr td").first).to_have_text("Watermelon")
+    page.go_forward()
+    page.go_forward()
+    page.wait_for_url(server.url + "/?sort=-price&page=2")
+    expect(page.locator(".where")).to_have_text("Page 2 of 5")
+    assert where(page) == ("Page 2 of 5", "Strawberry")
+    page.click("text=Next →")  # the restored state is the one the next click works on
+    page.wait_for_url(server.url + "/?sort=-price&page=3")
+    assert where(page) == ("Page 3 of 5", "Papaya")
+
+
+def test_a_shared_table_link_shows_its_page_and_sort_in_another_session_and_the_same(serve, page, browser):
+    server = serve("table")
+    page.goto(server.url)
+    page.click("text=Origin")
+    page.wait_for_url(server.url + "/?sort=origin")
+    link = server.url + "/?page=3&sort=-price"
+    other = browser.new_context()
+    try:
+        tab = other.new_page()
+        tab.goto(link)
+        assert where(tab) == ("Page 3 of 5", "Papaya")
+        tab.reload()
+        assert where(tab) == ("Page 3 of 5", "Papaya")
+    finally:
+        other.close()
+    page.goto(link)  # the same session had origin order saved: the link wins
+    assert where(page) == ("Page 3 of 5", "Papaya")
+    page.click("text=Next →")
+    page.wait_for_url(server.url + "/?page=4&sort=-price")
+    page.goto(server.url)  # no query string: the saved state, and the URL shows it
+    assert where(page)[0] == "Page 4 of 5"
+    page.wait_for_url(server.url + "/?page=4&sort=-price")
+
+
+def session_id(context):
+    return next(c["value"] for c in context.cookies() if c["name"] == "asok_session").rpartition(".")[0]
+
+
+def sign_in(page, name, password):
+    page.fill("input[name=name]", name)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+
+
+def test_sign_in_rotates_the_session_id_and_sign_out_leaves_the_next_user_nothing(serve, page, context):
+    server = serve("signin")
+    page.goto(server.url + "/account")
+    page.wait_for_url(server.url + "/signin?next=/account")  # before_request sent us here
+    sign_in(page, "ann", "wrong")
+    expect(page.locator(".error")).to_have_text("That name and password do not match.")
+    before = session_id(context)
+    sign_in(page, "ann", "ann-secret")
+    page.wait_for_url(server.url + "/account")
+    assert session_id(context) != before  # session.regenerate()
+    page.fill("[ws-model=draft]", "ann's plan")
+    page.press("[ws-model=draft]", "Enter")
+    expect(page.locator(".notes li span")).to_have_text(["ann's plan"])
+    old_tab = context.new_page()
+    old_tab.goto(server.url + "/account")
+    expect(old_tab.locator(".notes li span")).to_have_text(["ann's plan"])
+    page.click("text=Sign out")
+    page.wait_for_url(server.url + "/signin")
+    old_tab.fill("[ws-model=draft]", "after sign-out")  # a tab still open: the guarded component refuses
+    old_tab.press("[ws-model=draft]", "Enter")
+    old_tab.wait_for_function("asokErrors.length > 0")
+    sign_in(page, "bob", "bob-secret")
+    page.wait_for_url(server.url + "/account")
+    expect(page.locator("h1")).to_have_text("Bob's notes")
+    expect(page.locator(".notes li")).to_have_text(["No notes yet."])
+    page.reload()
+    expect(page.locator(".notes li")).to_have_text(["No notes yet."])
+    assert "ann's plan" not in page.content()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "signin.png"))
 
 
 # ── artifact ─────────────────────────────────────────────────────────
