@@ -3847,6 +3847,8 @@ class Component:
                 cls._asok_fields[name] = value
         if isinstance(cls.url, str):
             cls.url = (cls.url,)
+        # the part of alive.js for uploads and URL binding: for these, and any component with a file input
+        cls._asok_forms = bool(cls.url) or any("max_upload" in vars(k) for k in cls.__mro__[:-2])
         for name in cls.url:
             if name not in cls._asok_fields:
                 raise TypeError(f"{cls.__name__}.url names {name!r}, which is not a state attribute "
@@ -4093,7 +4095,7 @@ class _ComponentRenderer:
                     setattr(comp, key, value)
                 version, seq = app._save_url_state(sid, cid, cls, comp._checked_state())
         markup = app._wrap_component(comp, name, cid, sid, version, seq)
-        if cls.url or 'type="file"' in markup or "type=file" in markup:  # the uploads and URL part of alive.js
+        if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
 

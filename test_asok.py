@@ -3647,6 +3647,9 @@ def pending_uploads(app):
 def test_a_live_upload_reaches_the_method_and_unsaved_files_are_deleted(tmp_path):
     app = make_app(tmp_path, UPLOAD_FILES)
     client = asok.TestClient(app)
+    assert '<script src="/asok/alive-forms.js?v=' in client.get("/").text  # a file input: the uploads part
+    plain = make_app(tmp_path / "plain", COMPONENT_FILES)
+    assert "alive-forms" not in asok.TestClient(plain).get("/").text  # a page without one: the core only
     avatar = client.live("/", "Avatar")
     uploaded = avatar.upload({"photo": ("../me.png", b"x" * 1000, "image/png")})
     assert len(pending_uploads(app)) == 2  # the file and what the event needs to know of it
@@ -3726,7 +3729,7 @@ def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_p
     app = make_app(tmp_path, TABLE_FILES)
     client = asok.TestClient(app)
     page = client.get("/").text
-    assert "<p>1|name|False|0</p>" in page
+    assert "<p>1|name|False|0</p>" in page and '<script src="/asok/alive-forms.js?v=' in page
     assert 'data-asok-url="{&quot;page&quot;: 1, &quot;sort&quot;: &quot;name&quot;, &quot;desc&quot;: false}"' in page
     table = client.live("/", "Table")
     table.call("next")
