@@ -7279,7 +7279,7 @@ def load_app(app_dir="."):
     app_file = root / "app.py"
     if not app_file.is_file():
         app = Asok(root)
-        app.components  # import errors show at start-up
+        _ = app.components  # imported now: errors show at start-up
         return app
     sys.path.insert(0, str(root))
     spec = importlib.util.spec_from_file_location("app", app_file)
@@ -7289,7 +7289,7 @@ def load_app(app_dir="."):
     app = getattr(module, "app", None)
     if not isinstance(app, Asok):
         raise SystemExit(f"asok: {app_file} must define `app = Asok(__file__)`")
-    app.components  # imported now that app.py has run: errors show at start-up
+    _ = app.components  # imported now that app.py has run: errors show at start-up
     return app
 
 
