@@ -38,10 +38,13 @@ function receive(message) {
   if (!root) return;
   if (bag) bag.sent = null;
   if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
-  // HTML older than what the component shows (a reply overtaken by a push) is dropped
-  else if (fields(state).q >= fields(root.dataset.asokState).q) {
-    morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
-    sync(root, bag ? bag.models : {}, root.dataset.asokState = state);
+  else {
+    // HTML older than what the component shows (a reply overtaken by a push) is dropped
+    if (fields(state).q >= fields(root.dataset.asokState).q) {
+      morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
+      root.dataset.asokState = state;
+    }
+    sync(root, bag ? bag.models : {}, root.dataset.asokState);
   }
   bag && send(root, bag);
 }

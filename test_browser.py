@@ -7,6 +7,7 @@ with `python asok.py serve` in a subprocess with DEBUG=true. Without chromium or
 skips, saying how to install them; with CI=true it fails instead.
 """
 import gzip
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -64,7 +66,7 @@ class Server:
         self.env = env or {}
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(app_dir.parent / f"{app_dir.name}-server.log", "ab")
+        self.log = open(app_dir.parent / f"{app_dir.name}-{self.port}-server.log", "ab")
         self.proc = None
 
     def start(self):
@@ -93,12 +95,16 @@ class Server:
 
 @pytest.fixture
 def serve(tmp_path):
-    """serve("counter", {"src/pages/two.html": "..."}) copies the example, adds the files, serves it."""
+    """serve("counter", {"src/pages/two.html": "..."}) copies the example, adds the files, serves it;
+    serve(same_as=server) starts a second process serving the same folder."""
     servers = []
 
-    def start(example, files=None, env=None, folder=None):
-        app_dir = tmp_path / (folder or example)
-        shutil.copytree(HERE / "examples" / example, app_dir, ignore=shutil.ignore_patterns(".asok"))
+    def start(example=None, files=None, env=None, folder=None, same_as=None):
+        if same_as is not None:
+            app_dir = same_as.app_dir
+        else:
+            app_dir = tmp_path / (folder or example)
+            shutil.copytree(HERE / "examples" / example, app_dir, ignore=shutil.ignore_patterns(".asok"))
         for name, text in (files or {}).items():
             (app_dir / name).write_text(text)
         servers.append(Server(app_dir, env))
@@ -336,6 +342,214 @@ def test_each_component_has_its_own_queue(serve, page):
     expect_count(page, 110, 1)
     page.reload()
     assert counts(page) == [11, 110]
+
+
+# ── live updates: every view in sync, chat, timers, catch-up, processes ──
+
+def new_context(browser):
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    context.add_init_script(RECORD_ERRORS)
+    return context
+
+
+def live_stats(server):
+    with urllib.request.urlopen(server.url + "/live-stats", timeout=10) as response:
+        return json.loads(response.read())
+
+
+STATS_APP = """from asok import Asok
+
+app = Asok(__file__)
+
+
+@app.route("/live-stats")
+def live_stats():
+    return app.live.stats()
+"""
+
+
+def cuttable(page):
+    """Route the page's live socket through Playwright: cut() closes it and refuses reconnects
+    until mend()."""
+    state = {"cut": False, "open": []}
+
+    def handler(ws):
+        if state["cut"]:
+            ws.close()
+            return
+        ws.connect_to_server()
+        state["open"].append(ws)
+
+    page.route_web_socket("**/asok/live", handler)
+
+    def cut():
+        state["cut"] = True
+        for ws in state["open"]:
+            ws.close()
+        state["open"].clear()
+
+    return cut, lambda: state.update(cut=False)
+
+
+def chat_open(page, server, name):
+    page.goto(server.url)
+    expect_connected(page, True)
+    page.fill(".name", name)
+
+
+def chat_say(page, text):
+    page.locator(".draft").click()
+    page.keyboard.type(text)
+    page.keyboard.press("Enter")
+    expect(page.locator(".draft")).to_have_value("")  # sent: the server cleared it (as a user waits to see)
+
+
+def test_chat_two_users_see_each_other_at_once_while_typing_keeps_text_focus_and_caret(serve, browser):
+    server = serve("chat")
+    ann_context, bob_context = new_context(browser), new_context(browser)
+    try:
+        ann, bob = ann_context.new_page(), bob_context.new_page()
+        for page in (ann, bob):
+            page.set_viewport_size({"width": 800, "height": 640})
+        chat_open(ann, server, "Ann")
+        chat_open(bob, server, "Bob")
+        bob.locator(".draft").click()
+        bob.keyboard.type("half a thought")
+        for _ in range(8):
+            bob.keyboard.press("ArrowLeft")  # the caret after "half a"
+        chat_say(ann, "hello Bob")
+        expect(bob.locator(".log li").first).to_contain_text("Ann hello Bob")
+        typing = bob.evaluate("() => { const el = document.activeElement;"
+                              "return [el.className, el.value, el.selectionStart, el.selectionEnd]; }")
+        assert typing == ["draft", "half a thought", 6, 6]  # Bob did nothing, and lost nothing
+        bob.keyboard.type(" finished")
+        bob.keyboard.press("Enter")
+        expect(ann.locator(".log li b")).to_have_text(["Bob", "Ann"])  # the newest first in the list
+        expect(ann.locator(".log li").first).to_contain_text("half a finished thought")
+        bob.locator(".draft").click()
+        bob.keyboard.type("still typing")
+        for n in range(25):  # more than fits: the list stays scrolled to the newest
+            chat_say(ann, f"line {n}")
+        expect(bob.locator(".log li").first).to_contain_text("line 24")
+        expect(bob.locator(".draft")).to_be_focused()
+        expect(bob.locator(".draft")).to_have_value("still typing")
+        expect(bob.locator(".log li").first).to_be_in_viewport()
+        expect(bob.locator(".log li").last).not_to_be_in_viewport()
+        ARTIFACTS.mkdir(exist_ok=True)
+        bob.screenshot(path=str(ARTIFACTS / "chat.png"))
+        assert ann.evaluate("asokErrors") == [] and bob.evaluate("asokErrors") == []
+    finally:
+        ann_context.close()
+        bob_context.close()
+
+
+def test_a_timer_updates_the_page_on_its_own_and_stops_when_the_tab_closes(serve, context):
+    server = serve("clock", {"app.py": STATS_APP})
+    page = context.new_page()
+    page.goto(server.url)
+    expect(page.locator(".ticks")).to_have_text("0")
+    expect(page.locator(".ticks")).to_have_text("2")  # two ticks pushed, no click
+    assert live_stats(server) == {"views": 1, "timers": 1}
+    page.close()
+    for _ in range(200):  # the server's own account: no view left, no timer running
+        if live_stats(server)["timers"] == 0:
+            break
+        time.sleep(0.05)
+    assert live_stats(server) == {"views": 0, "timers": 0}
+
+
+def test_a_tab_whose_socket_was_cut_shows_the_latest_state_when_it_is_back(serve, context):
+    server = serve("counter")
+    away, other = context.new_page(), context.new_page()
+    cut, mend = cuttable(away)
+    for tab in (away, other):
+        tab.goto(server.url)
+        expect_connected(tab, True)
+    cut()
+    expect_connected(away, False)
+    burst(other, INCREMENT, 3)
+    expect_count(other, 13)
+    assert counts(away) == [10]  # nothing reached it while cut
+    mend()
+    expect_connected(away, True)
+    expect_count(away, 13)  # the join brought the saved state
+
+
+def test_a_tab_whose_socket_was_cut_shows_a_message_published_meanwhile(serve, browser):
+    server = serve("chat")
+    ann_context, bob_context = new_context(browser), new_context(browser)
+    try:
+        away, here, bob = ann_context.new_page(), ann_context.new_page(), bob_context.new_page()
+        cut, mend = cuttable(away)
+        chat_open(away, server, "Ann")
+        here.goto(server.url)
+        chat_open(bob, server, "Bob")
+        cut()
+        expect_connected(away, False)
+        chat_say(bob, "while you were away")
+        expect(here.locator(".log li").first).to_contain_text("while you were away")
+        expect(away.locator(".log li").first).to_have_text("No messages yet in #lobby.")
+        mend()
+        expect(away.locator(".log li").first).to_contain_text("while you were away")
+    finally:
+        ann_context.close()
+        bob_context.close()
+
+
+def test_a_tab_shows_what_changed_while_its_server_was_down(serve, context):
+    server = serve("counter")
+    tab = context.new_page()
+    tab.goto(server.url)
+    expect_connected(tab, True)
+    server.stop()
+    expect_connected(tab, False)
+    elsewhere = serve(same_as=server)  # another process on the folder takes a click meanwhile
+    other = context.new_page()
+    other.goto(elsewhere.url)
+    other.click(INCREMENT)
+    expect_count(other, 11)
+    server.start()
+    expect_connected(tab, True)
+    expect_count(tab, 11)
+
+
+def test_two_processes_on_one_folder_show_each_others_changes(serve, context):
+    one = serve("counter")
+    two = serve(same_as=one)
+    tab_one, tab_two = context.new_page(), context.new_page()
+    tab_one.goto(one.url)
+    tab_two.goto(two.url)
+    for tab in (tab_one, tab_two):
+        expect_connected(tab, True)
+    tab_one.click(INCREMENT)
+    expect_count(tab_two, 11)
+    burst(tab_two, INCREMENT, 4)
+    expect_count(tab_one, 15)
+    expect_count(tab_two, 15)
+
+
+def test_one_publish_is_applied_once_for_three_tabs_on_two_processes(serve, browser):
+    one = serve("chat")
+    two = serve(same_as=one)
+    ann_context, bob_context = new_context(browser), new_context(browser)
+    try:
+        tabs = [ann_context.new_page() for _ in range(3)]
+        for tab, server in zip(tabs, (one, one, two)):
+            tab.goto(server.url)
+            expect_connected(tab, True)
+        bob = bob_context.new_page()
+        chat_open(bob, one, "Bob")
+        chat_say(bob, "once")
+        chat_say(bob, "and then")
+        for tab in tabs:
+            expect(tab.locator(".log li").first).to_contain_text("and then")
+            expect(tab.locator(".log li", has_text="once")).to_have_count(1)
+        tabs[2].reload()
+        expect(tabs[2].locator(".log li b")).to_have_text(["Bob", "Bob"])  # as saved: each message once
+    finally:
+        ann_context.close()
+        bob_context.close()
 
 
 # ── refusals ─────────────────────────────────────────────────────────
