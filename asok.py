@@ -80,6 +80,7 @@ import tokenize
 import traceback
 import types
 import urllib.parse
+import weakref
 
 
 # ═══ Template limits ════════════════════════════════════════════════════════
@@ -3765,7 +3766,7 @@ LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see 
 LIVE_MAX_JOIN = 500             # live components one page may show
 LIVE_MAX_PUBLISH = 64 * 1024    # bytes of one published topic + JSON payload
 LIVE_MAX_PENDING = 64           # published messages waiting per (session, cid); past it they are dropped (logged)
-LIVE_RUNNERS = 4                # threads applying published messages and ticks at once
+LIVE_RUNNERS = 2                # threads applying published messages and ticks at once
 LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
@@ -4167,7 +4168,7 @@ class SavedComponent:
         return raw
 
 
-@dataclass
+@dataclass(slots=True)
 class StateToken:
     """What a signed state token (`data-asok-state`) says: JSON {s, v, q, t} + "." + HMAC,
     bound to the component name, the cid and the session (LiveHub.sign / LiveHub.read)."""
@@ -4198,6 +4199,7 @@ class LiveConnection:
     """One page's live socket (or a test client's stand-in): its session, the URL its page was
     loaded from, and its views by cid. `push(cid, text)` queues a message to the page; it is
     called from any thread and must not block."""
+    __slots__ = ("sid", "push", "path", "query_string", "views")
 
     def __init__(self, sid, push):
         self.sid = sid
@@ -4207,16 +4209,55 @@ class LiveConnection:
         self.views = {}
 
 
+class _LoopInbox:
+    """Calls handed to one event loop from other threads, many per wake-up: one publish pushes
+    to a thousand pages, and a wake-up (a write to the loop's self-pipe) for each would cost
+    more than the pushes."""
+
+    _by_loop = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.calls = []
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop):
+        inbox = cls._by_loop.get(loop)
+        if inbox is None:
+            inbox = cls._by_loop[loop] = cls(loop)
+        return inbox
+
+    def put(self, fn, *args):
+        with self.lock:
+            self.calls.append((fn, args))
+            if len(self.calls) > 1:
+                return  # a wake-up is already on its way
+        try:
+            self.loop.call_soon_threadsafe(self._run)
+        except RuntimeError:  # the loop is closed: nobody is there to call
+            self.calls.clear()
+
+    def _run(self):
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, args in calls:
+            fn(*args)
+
+
 class _LiveOutbox:
     """What goes out on one page's socket (built-in server or ASGI): replies in order, and
     pushes, only the newest per component (a page needs just the latest HTML). One sender at a
     time; a page that stops reading holds at most LIVE_OUTBOX_REPLIES replies (then its next
     messages wait) and one push per component."""
+    __slots__ = ("loop", "inbox", "ws", "send_now", "replies", "pushes", "busy", "closed", "room")
 
     def __init__(self, loop, ws):
         self.loop = loop
+        self.inbox = _LoopInbox.of(loop)
         self.ws = ws
-        self.replies = collections.deque()
+        self.send_now = getattr(ws, "send_now", None)  # the built-in server's; not under ASGI
+        self.replies = []  # lists, not deques: a thousand idle pages each hold these
         self.pushes = {}
         self.busy = False
         self.closed = False
@@ -4224,14 +4265,13 @@ class _LiveOutbox:
 
     def push(self, cid, text):
         """Any thread."""
-        try:
-            self.loop.call_soon_threadsafe(self._push, cid, text)
-        except RuntimeError:  # the loop is closed: the page is gone
-            pass
+        self.inbox.put(self._push, cid, text)
 
     def _push(self, cid, text):
         if self.closed:
             return
+        if not (self.busy or self.pushes or self.replies) and self.send_now is not None and self.send_now(text):
+            return  # written at once: no task needed
         self.pushes.pop(cid, None)
         self.pushes[cid] = text
         if not self.busy:
@@ -4253,7 +4293,7 @@ class _LiveOutbox:
         try:
             while not self.closed and (self.replies or self.pushes):
                 if self.replies:
-                    text = self.replies.popleft()
+                    text = self.replies.pop(0)
                     if self.room is not None:
                         self.room.set()
                 else:
@@ -4285,9 +4325,9 @@ class _Key:
         self.cid = cid
         self.cls = cls
         self.views = []
-        self.topics = frozenset()
+        self.topics = ()  # a sorted tuple: lighter than a set, for the few topics a component has
         self.fallback = fallback  # the page's token, while the store has no state for it
-        self.jobs = collections.deque()
+        self.jobs = []
         self.queued = False
         self.timers = {}  # method -> its entry in LiveHub._heap
         self.error = None
@@ -4536,7 +4576,7 @@ class LiveHub:
                 key.views.remove(view)
                 if not key.views:
                     del self._keys[(key.sid, key.cid)]
-                    self._retopic(key, frozenset())
+                    self._retopic(key, ())
                     for entry in key.timers.values():
                         entry[5] = False
                     key.timers.clear()
@@ -4550,17 +4590,17 @@ class LiveHub:
             except (KeyError, IndexError, AttributeError, ValueError) as exc:
                 raise LiveError("bad_topic", f"@on({template!r}) of {cls.__name__} cannot be formatted "
                                              f"from its state: {exc!r}")
-        return frozenset(topics)
+        return tuple(sorted(topics))
 
     def _retopic(self, key, topics):
         """Move `key` from its topics to `topics` (called with the lock held)."""
-        for topic in key.topics - topics:
+        for topic in set(key.topics) - set(topics):
             keys = self._topics.get(topic)
             if keys is not None:
                 keys.discard((key.sid, key.cid))
                 if not keys:
                     del self._topics[topic]
-        for topic in topics - key.topics:
+        for topic in set(topics) - set(key.topics):
             self._topics.setdefault(topic, set()).add((key.sid, key.cid))
         key.topics = topics
 
@@ -4659,7 +4699,7 @@ class LiveHub:
                 if key is not None:
                     self._retopic(key, topics)
         self._push_local(sid, cid, cls, saved, inner, token, rendered_for)
-        self.broker.publish(('{"c":%s,"o":"%s"}' % (json.dumps([sid, cid, saved.seq]), self._origin())).encode())
+        self.broker.publish(('{"o":"%s","c":%s}' % (self._origin(), json.dumps([sid, cid, saved.seq]))).encode())
         return token
 
     def _push_local(self, sid, cid, cls, saved, inner=None, token=None, rendered_for=None):
@@ -4719,6 +4759,8 @@ class LiveHub:
 
     def _received(self, data):
         """A broker message (any thread): a publish, or another process's save."""
+        if data.startswith(b'{"o":"%s"' % self._origin().encode()):
+            return  # this process's own save: its views have it already
         try:
             message = json.loads(data)
             if "t" in message:
@@ -4727,7 +4769,7 @@ class LiveHub:
                     keys = [self._keys[k] for k in self._topics.get(topic, ()) if k in self._keys]
                     for key in keys:
                         self._enqueue(key, ("message", topic, origin, n, payload))
-            elif message.get("o") != self._origin():
+            else:
                 sid, cid, seq = message["c"]
                 with self._lock:
                     key = self._keys.get((sid, cid))
@@ -4760,7 +4802,7 @@ class LiveHub:
                     self._idle.notify_all()
                     return
                 key = self._ready.popleft()
-                job = key.jobs.popleft()
+                job = key.jobs.pop(0)
             try:
                 self._do(key, job)
             except LiveError as exc:
@@ -4775,58 +4817,49 @@ class LiveHub:
 
     def _do(self, key, job):
         """Apply one queued job of `key`: ("message", topic, origin, n, payload), ("tick",
-        method, slot) or ("refresh",). A cheap read first: work another process has done
-        is not locked for."""
+        method, slot) or ("refresh",)."""
         sid, cid, cls = key.sid, key.cid, key.cls
         with self._lock:
             if not key.views:
                 return
             conn = key.views[0].conn
-        saved = SavedComponent.load(((self.app.sessions.load(sid) or {}).get("live") or {}).get(cid), cls.__name__)
         kind = job[0]
-        if kind == "refresh":
-            if saved is not None:
-                self._push_local(sid, cid, cls, saved)
-            return
         if kind == "message":
             _, topic, origin, n, payload = job
-            if saved is not None and saved.heard.get(origin, 0) >= n:
-                self._push_local(sid, cid, cls, saved)
-                return
-            state = saved.state if saved is not None else key.fallback.state
-            methods = [m for t, m in cls._asok_on if t.format_map(collections.defaultdict(str, state)) == topic]
-            if not methods:
-                return
 
             def run(comp, saved):
-                if saved.heard.get(origin, 0) >= n:
+                if saved.heard.get(origin, 0) >= n:  # another process applied it
                     return None
-                for method in methods:
-                    getattr(comp, method)(payload)
+                state = collections.defaultdict(str, saved.state)
+                for template, method in cls._asok_on:
+                    if template.format_map(state) == topic:
+                        getattr(comp, method)(payload)
                 saved.heard.pop(origin, None)
                 saved.heard[origin] = n
                 while len(saved.heard) > LIVE_ORIGINS_KEPT:
                     del saved.heard[next(iter(saved.heard))]
                 return True
-        else:
+        elif kind == "tick":
             _, method, slot = job
 
-            def done(saved):
-                last = saved.ticks.get(method, -1) if saved is not None else -1
-                return last >= slot and last - slot <= LIVE_CLOCK_SLACK  # else not yet, or the clock went back
-
-            if done(saved):
-                return
-
             def run(comp, saved):
-                if done(saved):
+                last = saved.ticks.get(method, -1)
+                if last >= slot and last - slot <= LIVE_CLOCK_SLACK:  # done here or elsewhere (or the clock went back)
                     return None
                 getattr(comp, method)()
                 saved.ticks[method] = slot
                 return True
+        else:
+            run = None
         try:
+            if run is None:
+                raise _NothingToSave()
             saved, inner, outbox = self._commit(sid, cid, cls, key.fallback, conn, run)
-        except _NothingToSave:
+        except _NothingToSave:  # views that missed what another process saved get it
+            raw = ((self.app.sessions.load(sid) or {}).get("live") or {}).get(cid)
+            saved = SavedComponent.load(raw, cls.__name__)
+            if saved is not None:
+                self._push_local(sid, cid, cls, saved)
             return
         if inner is not None:
             self._saved_and_pushed(sid, cid, cls, saved, inner, conn)
@@ -4891,6 +4924,8 @@ class LiveHub:
 BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
 BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
+BROKER_RELIST = 2.0         # seconds between listings of the folder (a new process also says hello)
+_BROKER_HELLO = b"asok-broker-hello"
 
 
 class Broker:
@@ -4935,16 +4970,19 @@ class FolderBroker(Broker):
         self._send = None      # an unbound socket for sending, with a timeout
         self._path = None
         self._queue = None
-        self._peers = (None, ())
+        self._peers = (-math.inf, ())  # (when listed, the other processes' socket paths)
         self._closed = False
+        self._pid = None
 
     def __repr__(self):
         return f"<FolderBroker {self.folder}>"
 
     def _open(self):
-        """Called with the lock held: make the folder, bind, start the threads (once)."""
-        if self._send is not None:
+        """Called with the lock held: make the folder, bind, start the threads (once per process:
+        a child forked after this has none of the threads, so it gets its own socket)."""
+        if self._send is not None and self._pid == os.getpid():
             return
+        self._pid = os.getpid()
         _private_folder(self.folder)
         self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._path = f"{self.folder}/{os.getpid()}.{secrets.token_hex(3)}"
@@ -4955,6 +4993,7 @@ class FolderBroker(Broker):
         threading.Thread(target=self._receive_loop, args=(self._recv,), name="asok-broker-in", daemon=True).start()
         threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
         atexit.register(self.close)
+        self._queue.put_nowait(_BROKER_HELLO)  # so the others list the folder again and find this one
 
     def subscribe(self, callback):
         with self._lock:
@@ -4976,15 +5015,18 @@ class FolderBroker(Broker):
                 log.error("the broker's send queue is full (%d messages); a message is dropped", BROKER_QUEUE)
 
     def _others(self):
-        """The other processes' sockets, listed again when the folder changes."""
-        try:
-            stamp = os.stat(self.folder).st_mtime_ns
-        except OSError:
-            return ()
-        if self._peers[0] != stamp:
+        """The other processes' sockets: listed every BROKER_RELIST seconds, and at once after a
+        hello from a new process or a send to one that is gone."""
+        listed, peers = self._peers
+        now = time.monotonic()
+        if now - listed > BROKER_RELIST:
             mine = os.path.basename(self._path)
-            self._peers = (stamp, tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine))
-        return self._peers[1]
+            try:
+                peers = tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine)
+            except OSError:
+                peers = ()
+            self._peers = (now, peers)
+        return peers
 
     def _send_loop(self):
         while True:
@@ -4995,6 +5037,7 @@ class FolderBroker(Broker):
                 try:
                     self._send.sendto(data, path)
                 except (ConnectionRefusedError, FileNotFoundError):
+                    self._peers = (-math.inf, ())
                     try:  # nobody listens there: a process that died without cleaning up
                         os.unlink(path)
                     except OSError:
@@ -5008,6 +5051,9 @@ class FolderBroker(Broker):
                 data = sock.recv(BROKER_MAX_DATAGRAM)
             except OSError:
                 return
+            if data == _BROKER_HELLO:
+                self._peers = (-math.inf, ())
+                continue
             callback = self._callback
             if callback is not None:
                 try:
@@ -5020,7 +5066,10 @@ class FolderBroker(Broker):
             if self._send is None or self._closed:
                 return
             self._closed = True
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=BROKER_SEND_TIMEOUT)
+        except queue.Full:
+            pass
         try:
             os.unlink(self._path)
         except OSError:
@@ -5890,6 +5939,15 @@ class _ServerWebSocket(WebSocket):
 
     async def close(self, code=1000, reason=""):
         await self._conn._ws_close(code, reason)
+
+    def send_now(self, text):
+        """Write a text message at once if the peer is reading (True); else False, and
+        `await send()` is the way (it waits for the peer)."""
+        conn = self._conn
+        if self.closed is not None or conn.closed or not conn.writable.is_set():
+            return False
+        conn.transport.write(conn.wsconn.send(TextMessage(text)))
+        return True
 
     def _deliver(self, item):
         self._queue.put_nowait(item)

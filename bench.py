@@ -6,7 +6,8 @@ Measures, in one run and beside a baseline each time:
   3. the counter page with wrk (keep-alive, 1 and 10 connections) beside a minimal
      asyncio HTTP server written below (stdlib only, fixed 1 KB body),
   4. template renders/s beside Jinja2 (the counter component's template and a 100-row page),
-  5. server RSS per idle WebSocket connection with 1,000 open,
+  5. server RSS per idle WebSocket connection with 1,000 open, and push fan-out: one publish to
+     1,000 joined views of 1,000 sessions (ms until the last has its HTML, CPU per update),
   6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply,
   7. beside pyview (its own .venv-pyview; uvicorn with uvloop and httptools): the same counter
      and a 1,000-row list written for both, the same load generator speaking each one's browser
@@ -55,9 +56,9 @@ CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
 
 FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=10, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
-            idle_conns=1000, peer_rounds=3, peer_live_secs=3.0, peer_wrk_secs=5)
+            idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=3, peer_live_secs=3.0, peer_wrk_secs=5)
 QUICK = dict(live_warm=0.3, live_secs=1.5, wrk_secs=2, wrk_nocookie_secs=1, tpl_secs=0.2, tpl_rounds=2,
-             idle_conns=1000, peer_rounds=1, peer_live_secs=1.0, peer_wrk_secs=1)
+             idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=1, peer_live_secs=1.0, peer_wrk_secs=1)
 MAX_EVENTS_PER_CLIENT = 1_000_000   # the time window ends a run long before this
 REPLY_TIMEOUT = 5.0                 # an event without a reply after this is lost
 SERVER_START_TIMEOUT = 15.0
@@ -71,6 +72,8 @@ TARGETS = {  # key: (comparison, limit, label)
     "tpl_counter_x_jinja": (">=", 2.0, "template counter / Jinja2"),
     "tpl_rows_x_jinja": (">=", 1.0, "template 100-row page / Jinja2"),
     "idle_ws_kib_per_conn": ("<=", 16, "RSS per idle WebSocket, KiB"),
+    "fanout_p99_ms": ("<=", 200, "one publish to 1,000 views: ms until the last has its HTML (p99)"),
+    "fanout_kib_per_view": ("<=", 16, "RSS per joined idle view, KiB"),
     "bytes_counter_page": ("<=", 4096, "counter page bytes (body)"),
     "bytes_alive_js_gz": ("<=", 2048, "alive.js gzip -9 bytes"),
     "bytes_increment_reply": ("<=", 400, "increment reply bytes (frame)"),
@@ -915,6 +918,110 @@ def run_idle(tmp, cfg):
             "rss_after_mib": after / 2**20, "kib_per_conn": (after - before) / n / 1024}
 
 
+# ═══ Push fan-out: one publish to 1,000 views of 1,000 sessions ══════════
+
+FANOUT_FILES = {
+    "app.py": '''from asok import Asok
+
+app = Asok(__file__)
+
+
+@app.route("/publish/<int:n>")
+def publish(n):
+    app.publish("fanout", n)
+    return "ok"
+
+
+@app.route("/live-stats")
+def live_stats():
+    return app.live.stats()
+''',
+    "src/components/Ping.py": '''from asok import Component, on
+
+
+class Ping(Component):
+    n = 0
+
+    @on("fanout")
+    def heard(self, n):
+        self.n = n
+''',
+    "src/components/ping.html": "<p>n = {{ n }}</p>",
+    "src/pages/index.html": "<!doctype html><title>fan-out</title>{{ component('Ping') }}",
+}
+
+
+def run_fanout(tmp, cfg):
+    """One publish to `fanout_views` views, each of its own session (as many browsers), on one
+    server: time from the publish until the last view has its new HTML (p50 / p99 over
+    `fanout_rounds` publishes), server CPU per delivered update, and RSS per joined view."""
+    n, rounds = cfg["fanout_views"], cfg["fanout_rounds"]
+    limit = raise_fd_limit(n * 2 + 512)
+    if limit < n + 256:
+        return {"skipped": f"fd limit {limit} is below {n + 256}"}
+    folder = Path(tmp) / "fanout"
+    for rel, text in FANOUT_FILES.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    port = free_port()
+    argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
+
+    def visitor():
+        status, headers, body, _ = http_get(port)
+        text = body.decode()
+        cookie = "; ".join(v.split(";")[0] for k, v in headers if k.lower() == "set-cookie")
+        cid, name, state = COMPONENT_RE.findall(text)[0]
+        return cookie, CSRF_RE.search(text).group(1), html.unescape(cid), name, html.unescape(state)
+
+    async def main(server):
+        visitors = [visitor() for _ in range(n)]
+        conns = []
+        try:
+            before = server.rss()
+            for start in range(0, n, 100):
+                batch = [RawWS.connect(port, "/asok/live", v[0]) for v in visitors[start:start + 100]]
+                conns += await asyncio.wait_for(asyncio.gather(*batch), 30)
+            for ws, (cookie, csrf, cid, name, state) in zip(conns, visitors):
+                ws.send(json.dumps({"join": [[cid, name, state]], "url": "/", "csrf": csrf}))
+            deadline = time.monotonic() + 30
+            while json.loads(http_get(port, "/live-stats")[2])["views"] < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the views did not all join within 30 s")
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            joined_rss = server.rss()
+            loop = asyncio.get_running_loop()
+            times, missed, cpu0 = [], 0, server.cpu()
+            for k in range(1, rounds + 1):
+                want = f"n = {k}<"
+
+                async def updated(ws):
+                    while True:
+                        message = await ws.recv(timeout=10)
+                        if want in message:
+                            return time.perf_counter()
+
+                waits = [asyncio.ensure_future(updated(ws)) for ws in conns]
+                t0 = time.perf_counter()
+                await loop.run_in_executor(None, http_get, port, f"/publish/{k}")
+                done = await asyncio.gather(*waits, return_exceptions=True)
+                arrived = [t for t in done if isinstance(t, float)]
+                missed += len(done) - len(arrived)
+                times.append((max(arrived) - t0) * 1000 if arrived else float("nan"))
+                await asyncio.sleep(0.3)
+            cpu = server.cpu() - cpu0
+            return {"views": n, "rounds": rounds, "last_view_ms": times, "missed": missed,
+                    "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
+                    "server_cpu_us_per_update": cpu / (n * rounds) * 1e6,
+                    "kib_per_joined_view": (joined_rss - before) / n / 1024}
+        finally:
+            for ws in conns:
+                await ws.close()
+
+    with Server(argv, port, tmp, "fanout") as server:
+        return asyncio.run(main(server))
+
+
 # ═══ Bytes of one increment ══════════════════════════════════════════════
 
 def run_increment_bytes(tmp):
@@ -1756,6 +1863,17 @@ def build(results):
             "idle_ws_kib_per_conn")
     elif idle:
         rows.append(("RSS per idle WebSocket KiB", "skipped", idle["skipped"], "", ""))
+    fan = results.get("fanout")
+    if fan and "p50_ms" in fan:
+        row(f"fan-out {fan['views']:,} views  p50 ms", fan["p50_ms"],
+            f"one publish, time until the last view has its HTML; {fan['rounds']} publishes, "
+            f"missed {fan['missed']}")
+        row(f"fan-out {fan['views']:,} views  p99 ms", fan["p99_ms"], "", "fanout_p99_ms")
+        row("fan-out server CPU µs/update", fan["server_cpu_us_per_update"], "apply, save, render, push per view")
+        row("RSS per joined idle view KiB", fan["kib_per_joined_view"], "socket + view + subscription",
+            "fanout_kib_per_view")
+    elif fan:
+        rows.append(("fan-out", "skipped", fan["skipped"], "", ""))
     if pages:
         row("counter page bytes", pages["page_bytes"]["body"], f"{pages['page_bytes']['wire']} B with headers",
             "bytes_counter_page")
@@ -1799,7 +1917,7 @@ def main(argv=None):
     parser.add_argument("--client", choices=("raw", "asok"), default="raw",
                         help="WebSocket load generator: a lean asyncio client (default) or "
                              "asok.AsyncWebSocketClient")
-    parser.add_argument("--only", default="live,pages,templates,idle,increment,peers,scale",
+    parser.add_argument("--only", default="live,pages,templates,idle,fanout,increment,peers,scale",
                         help="comma-separated parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="also run py-spy on the server during live-50 and page-10 and print the top "
@@ -1823,6 +1941,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="asok-bench-") as tmp:
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
+                 ("fanout", lambda: run_fanout(tmp, cfg)),
                  ("increment", lambda: run_increment_bytes(tmp)), ("peers", lambda: run_peers(tmp, opts, cfg)),
                  ("scale", lambda: run_scale(tmp, opts, cfg)),
                  ("profile", lambda: run_profile(tmp, cfg))]
