@@ -4,7 +4,9 @@ import argparse
 import asyncio
 import base64
 import gzip
+import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import html
 import io
@@ -5488,6 +5490,75 @@ def test_uvicorn_serves_a_folder_app_as_asok_asgi_with_two_workers(tmp_path):
             timeout=10).read().decode()
     finally:
         wsi_stop(proc)
+
+
+WHERE_FILES = {
+    "src/components/Where.py": '''
+        import os
+        from asok import Component, exposed
+
+        class Where(Component):
+            count = 0
+
+            @exposed
+            def bump(self):
+                self.count += 1
+
+            def render(self):
+                return self.html("where.html", pid=os.getpid())
+    ''',
+    "src/components/where.html": "<p><< count >>@<< pid >></p>",
+    "src/pages/index.html": "<head></head><< component('Where') >>",
+}
+
+
+@pytest.mark.parametrize("server", ["asok serve --workers 2", "uvicorn --workers 2"])
+def test_a_change_in_one_worker_is_pushed_to_a_view_in_the_other(tmp_path, server):
+    make_app(tmp_path, WHERE_FILES)
+    if server.startswith("uvicorn"):
+        pytest.importorskip("uvicorn")
+        pytest.importorskip("websockets")
+        os.environ["APP_DIR"] = str(tmp_path)
+        try:
+            proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
+        finally:
+            del os.environ["APP_DIR"]
+        stop = functools.partial(wsi_stop, proc)
+    else:
+        context = serve_process(tmp_path, "--workers", "2", env={"SECRET_KEY": "k" * 32})
+        port, _ = context.__enter__()
+        stop = functools.partial(context.__exit__, None, None, None)
+    try:
+        jar = {}
+        clicker = SocketTab(port, jar)
+        cid, page_state = clicker.components["Where"]
+        here = re.search(r"@(\d+)<", clicker.call("Where", "bump")["html"]).group(1)  # the clicker's worker
+        join = json.dumps({"join": [[cid, "Where", page_state]], "url": "/", "csrf": clicker.csrf})
+
+        def worker_of(tab):
+            tab.ws.send(join)  # shows an older save: the answer is rendered by the socket's worker
+            return re.search(r"@(\d+)<", json.loads(tab.ws.receive(timeout=10))["html"]).group(1)
+
+        other = None
+        for _ in range(4):  # opened at once, so a busy worker leaves some to the other one
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                tabs = list(pool.map(lambda _: SocketTab(port, jar), range(16)))
+            elsewhere = [(pid, tab) for tab in tabs if (pid := worker_of(tab)) != here]
+            if elsewhere:
+                there, other = elsewhere[0]
+            for tab in tabs:
+                if tab is not other:
+                    tab.close()
+            if other is not None:
+                break
+        assert other is not None, "every socket went to the clicker's worker"
+        assert "<p>2@" in clicker.call("Where", "bump")["html"]
+        push = json.loads(other.ws.receive(timeout=10))
+        assert push["cid"] == cid and f"<p>2@{there}</p>" in push["html"]  # re-rendered by the other worker
+        other.close()
+        clicker.close()
+    finally:
+        stop()
 
 
 @pytest.fixture(scope="module")
