@@ -991,9 +991,11 @@ def run_fanout(tmp, cfg):
             await asyncio.sleep(0.5)
             joined_rss = server.rss()
             loop = asyncio.get_running_loop()
-            times, missed, cpu0 = [], 0, server.cpu()
-            for k in range(1, rounds + 1):
-                want = f"n = {k}<"
+            times, missed = [], 0
+            for k in range(0, rounds + 1):  # publish 0 is the first save of 1,000 sessions: timed apart
+                if k == 1:
+                    cpu0 = server.cpu()
+                want = f"n = {100 + k}<"
 
                 async def updated(ws):
                     while True:
@@ -1003,14 +1005,15 @@ def run_fanout(tmp, cfg):
 
                 waits = [asyncio.ensure_future(updated(ws)) for ws in conns]
                 t0 = time.perf_counter()
-                await loop.run_in_executor(None, http_get, port, f"/publish/{k}")
+                await loop.run_in_executor(None, http_get, port, f"/publish/{100 + k}")
                 done = await asyncio.gather(*waits, return_exceptions=True)
                 arrived = [t for t in done if isinstance(t, float)]
                 missed += len(done) - len(arrived)
                 times.append((max(arrived) - t0) * 1000 if arrived else float("nan"))
                 await asyncio.sleep(0.3)
             cpu = server.cpu() - cpu0
-            return {"views": n, "rounds": rounds, "last_view_ms": times, "missed": missed,
+            cold, times = times[0], times[1:]
+            return {"views": n, "rounds": rounds, "last_view_ms": times, "missed": missed, "cold_ms": cold,
                     "p50_ms": percentile(times, 50), "p99_ms": percentile(times, 99),
                     "server_cpu_us_per_update": cpu / (n * rounds) * 1e6,
                     "kib_per_joined_view": (joined_rss - before) / n / 1024}
@@ -1868,7 +1871,8 @@ def build(results):
         row(f"fan-out {fan['views']:,} views  p50 ms", fan["p50_ms"],
             f"one publish, time until the last view has its HTML; {fan['rounds']} publishes, "
             f"missed {fan['missed']}")
-        row(f"fan-out {fan['views']:,} views  p99 ms", fan["p99_ms"], "", "fanout_p99_ms")
+        row(f"fan-out {fan['views']:,} views  p99 ms", fan["p99_ms"],
+            f"the first publish, which writes 1,000 new session files: {fmt(fan['cold_ms'])} ms", "fanout_p99_ms")
         row("fan-out server CPU µs/update", fan["server_cpu_us_per_update"], "apply, save, render, push per view")
         row("RSS per joined idle view KiB", fan["kib_per_joined_view"], "socket + view + subscription",
             "fanout_kib_per_view")
