@@ -4209,12 +4209,13 @@ class LiveConnection:
         self.views = {}
 
 
+_LOOP_INBOXES = weakref.WeakKeyDictionary()  # event loop -> its _LoopInbox
+
+
 class _LoopInbox:
     """Calls handed to one event loop from other threads, many per wake-up: one publish pushes
     to a thousand pages, and a wake-up (a write to the loop's self-pipe) for each would cost
     more than the pushes."""
-
-    _by_loop = weakref.WeakKeyDictionary()
 
     def __init__(self, loop):
         self.loop = loop
@@ -4223,9 +4224,9 @@ class _LoopInbox:
 
     @classmethod
     def of(cls, loop):
-        inbox = cls._by_loop.get(loop)
+        inbox = _LOOP_INBOXES.get(loop)
         if inbox is None:
-            inbox = cls._by_loop[loop] = cls(loop)
+            inbox = _LOOP_INBOXES[loop] = cls(loop)
         return inbox
 
     def put(self, fn, *args):
