@@ -65,6 +65,7 @@ import mimetypes
 import os
 import queue
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -1667,6 +1668,7 @@ def chunk(data):
 
 WS_CLIENT_MAX_MESSAGE = 64 << 20   # what asok's own clients accept in one message
 MAX_WS_MESSAGE = 1 << 20            # bytes in one (possibly fragmented) message
+MAX_WS_FRAGMENTS = 1 << 16          # frames in one message (Autobahn sends 4 MiB in 64-byte ones), else 1009
 _WS_MAX_CONTROL_PAYLOAD = 125       # §5.5
 _WS_MAX_CLOSE_REASON = 123          # §5.5: 125 minus the two-byte code
 _WS_MAX_RESPONSE_HEAD = 1 << 16     # client side: bytes of the handshake response head
@@ -1848,9 +1850,10 @@ class WSConnection:
     "CLOSED" when both closes have passed (or the stream ended).
     """
 
-    def __init__(self, client=False, max_size=MAX_WS_MESSAGE):
+    def __init__(self, client=False, max_size=MAX_WS_MESSAGE, max_fragments=MAX_WS_FRAGMENTS):
         self.client = client
         self.max_size = max_size
+        self.max_fragments = max_fragments
         self.state = "OPEN"
         self._buffer = bytearray()
         self._eof = False
@@ -1858,9 +1861,11 @@ class WSConnection:
         self._error = None
         self._header = None            # (fin, opcode, length, mask_key, header_size) of the frame being read
         self._message_opcode = None    # TEXT or BINARY while a message is being assembled
-        self._message_parts = []
-        self._message_size = 0
-        self._decoder = None
+        self._message = bytearray()    # its payload so far: fragments are joined as they come
+        self._fragments = 0
+        self._decoder = None           # checks a fragmented text message's UTF-8 as it arrives
+        self._budget = math.inf        # frames events() may still read in this call
+        self.frames_left = False       # events(max_frames) stopped with frames still buffered
 
     # -- receiving --------------------------------------------------------
 
@@ -1874,10 +1879,17 @@ class WSConnection:
         elif not self._peer_closed:
             self._buffer += data
 
-    def events(self):
-        """Yield events until more data is needed."""
-        while (event := self.next_event()) is not None:
-            yield event
+    def events(self, max_frames=None):
+        """Yield events until more data is needed, or until `max_frames` frames have been read;
+        then `frames_left` is true and events() should be called again (with no new data), so
+        a server can take turns between connections however many frames one peer sends."""
+        self._budget = math.inf if max_frames is None else max_frames
+        self.frames_left = False
+        try:
+            while (event := self.next_event()) is not None:
+                yield event
+        finally:
+            self._budget = math.inf
 
     def next_event(self):
         """The next event, or None when more data is needed. Raises WebSocketError on bad data."""
@@ -1885,6 +1897,9 @@ class WSConnection:
             raise self._error
         try:
             while not self._peer_closed:
+                if self._budget <= 0:
+                    self.frames_left = bool(self._buffer)
+                    return None
                 frame = self._read_frame()
                 if frame is None:
                     return self._end_of_stream() if self._eof else None
@@ -1917,6 +1932,7 @@ class WSConnection:
             payload = bytes(view[start:end])
         del self._buffer[:end]
         self._header = None
+        self._budget -= 1
         if mask_key:
             payload = _ws_mask(payload, mask_key)
         return fin, opcode, payload
@@ -1967,9 +1983,11 @@ class WSConnection:
             raise WebSocketError("continuation frame without a message to continue")
         if opcode != _WS_OP_CONTINUATION and self._message_opcode is not None:
             raise WebSocketError("new data frame while a fragmented message is open")
-        size = length + (self._message_size if opcode == _WS_OP_CONTINUATION else 0)
+        size = length + (len(self._message) if opcode == _WS_OP_CONTINUATION else 0)
         if size > self.max_size:
             raise WebSocketError(f"message over {self.max_size} bytes", CloseCode.MESSAGE_TOO_BIG)
+        if opcode == _WS_OP_CONTINUATION and self._fragments >= self.max_fragments:
+            raise WebSocketError(f"message in over {self.max_fragments} fragments", CloseCode.MESSAGE_TOO_BIG)
 
     def _handle_frame(self, fin, opcode, payload):
         """Turn a complete frame into an event, or None for a non-final fragment."""
@@ -1983,21 +2001,25 @@ class WSConnection:
             self._buffer.clear()
             self.state = "CLOSED" if self.state == "CLOSING" else "REMOTE_CLOSING"
             return event
+        if fin and opcode != _WS_OP_CONTINUATION:  # a whole message in one frame
+            if opcode == _WS_OP_BINARY:
+                return BytesMessage(payload)
+            try:
+                return TextMessage(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise WebSocketError("text message is not valid UTF-8", CloseCode.INVALID_DATA) from None
         if opcode != _WS_OP_CONTINUATION:
             self._message_opcode = opcode
             self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == _WS_OP_TEXT else None
-        self._message_size += len(payload)
+        self._fragments += 1
+        self._message += payload
         if self._decoder is not None:
-            self._message_parts.append(_ws_decode_utf8(self._decoder, payload, fin))
-        else:
-            self._message_parts.append(payload)
+            _ws_decode_utf8(self._decoder, payload, fin)  # fails at the first bad fragment
         if not fin:
             return None
-        if self._message_opcode == _WS_OP_TEXT:
-            event = TextMessage("".join(self._message_parts))
-        else:
-            event = BytesMessage(b"".join(self._message_parts))
-        self._message_opcode, self._message_parts, self._message_size, self._decoder = None, [], 0, None
+        data = bytes(self._message)
+        event = TextMessage(data.decode("utf-8")) if self._message_opcode == _WS_OP_TEXT else BytesMessage(data)
+        self._message_opcode, self._message, self._fragments, self._decoder = None, bytearray(), 0, None
         return event
 
     # -- sending ----------------------------------------------------------
@@ -3759,7 +3781,7 @@ def _parameters(fn):
 # ═══════════════════════════════════════════════════════════════════════
 
 LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
-LIVE_SOCKET_MAX = 16 << 20      # ...up to this; past it the socket closes with 1009 (RFC 6455)
+LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
 LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
@@ -5919,14 +5941,17 @@ class _ServerWebSocket(WebSocket):
         self.request = request
         self._conn = conn
         self._queue = asyncio.Queue()
+        self.queued = 0  # bytes of the messages in the queue
         self.closed = None
 
     async def receive(self):
         if self._queue.empty() and self.closed is not None:
             raise ConnectionClosed(*self.closed)
         item = await self._queue.get()
-        if self._queue.qsize() < 8:
-            self._conn._resume_reading()
+        if not isinstance(item, ConnectionClosed):
+            self.queued -= len(item)
+            if self._conn.paused:
+                self._conn._ws_read_more()
         if isinstance(item, ConnectionClosed):
             self._queue.put_nowait(item)
             raise item
@@ -5951,6 +5976,7 @@ class _ServerWebSocket(WebSocket):
         return True
 
     def _deliver(self, item):
+        self.queued += len(item)
         self._queue.put_nowait(item)
 
     def _closed(self, code, reason):
@@ -6158,18 +6184,26 @@ WS_CLOSE_TIMEOUT = 5.0     # wait this long for the peer's close frame
 SWITCH_INTERVAL = 0.0002   # GIL hand-off between the event loop and handler threads (default 5 ms)
 SWEEP_EVERY = 1.0          # deadlines are checked at least this often (a quarter of the shortest timeout)
 SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
+BODY_MIN_RATE = 1024       # bytes/s a request body must average once its first body_timeout is over
+WS_MAX_OUTPUT = 8 << 20    # bytes queued for one WebSocket peer (unread, or waiting to be sent); past it the
+                           # peer is dropped. A single message larger than this still goes when none waits.
+WS_MAX_INPUT = 1 << 20     # bytes of received messages the handler has not taken yet; reading pauses past it
+WS_FRAMES_PER_TURN = 256   # frames handled for one connection before the loop serves the others
+MAX_CONNECTIONS = 10000    # open connections, at most; past it (or past what the fd limit allows) 503
+_FDS_KEPT = 640            # descriptors kept free for the session store, threads and the log
 _PAUSE_AT = 256 * 1024
 
 
 class _ServerState:
     """What every connection of one server shares: the app, the limits, the open connections."""
 
-    def __init__(self, app, header_timeout, body_timeout, idle_timeout, ping_interval):
+    def __init__(self, app, header_timeout, body_timeout, idle_timeout, ping_interval, max_connections):
         self.app = app
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.idle_timeout = idle_timeout
         self.ping_interval = ping_interval
+        self.max_connections = max_connections
         self.connections = set()
         self.stopping = False
         self._date = (0, "")
@@ -6234,6 +6268,10 @@ class _HTTPConnection(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.closed = False
+        if len(self.s.connections) >= self.s.max_connections:
+            self._refuse(503, f"the server has {len(self.s.connections)} connections open, its limit; "
+                              "try again in a moment", [("Retry-After", "1")])
+            return
         self.s.connections.add(self)
 
     def connection_lost(self, exc):
@@ -6247,10 +6285,21 @@ class _HTTPConnection(asyncio.Protocol):
 
     def pause_writing(self):
         self.writable.clear()
+        if self.phase == "ws":  # a peer that does not read is not read from (so it cannot make us
+            self._pause_reading()  # answer more), and is dropped if it reads nothing for body_timeout
+            self._watch_writes()
 
     def resume_writing(self):
         self.writable.set()
-        if self.phase == "draining":
+        if self.phase == "ws":
+            self.stall = None
+            self.heard = True
+            self.deadline = self.loop.time() + self.s.ping_interval
+            if self.owed_pong is not None and self.wsconn.state == "OPEN":
+                self.transport.write(self.wsconn.send(Pong(self.owed_pong)))
+            self.owed_pong = None
+            self._ws_read_more()
+        elif self.phase == "draining":
             self.stall = None
             self.phase = self.draining
             self.deadline = self.loop.time() + (self.s.idle_timeout if self.phase == "idle" else self.s.header_timeout)
@@ -6281,8 +6330,11 @@ class _HTTPConnection(asyncio.Protocol):
             return
         if self.phase == "idle":
             self.transport.close()
-        elif self.phase in ("head", "body"):
-            self._refuse(408, "request not received in time")
+        elif self.phase == "head":
+            self._refuse(408, "request head not received in time")
+        elif self.phase == "body":
+            self._refuse(408, f"request body not received in time (after {self.s.body_timeout:g} s it must "
+                              f"average {BODY_MIN_RATE} bytes/s, with no pause of {self.s.body_timeout:g} s)")
         elif self.phase == "ws":
             self._ws_tick(now)
         elif self.phase == "ws-closing":
@@ -6309,13 +6361,17 @@ class _HTTPConnection(asyncio.Protocol):
         if self.phase == "idle":
             self.phase = "head"
             self.deadline = self.loop.time() + self.s.header_timeout
-        elif self.phase == "body":
-            self.deadline = self.loop.time() + self.s.body_timeout
         elif self.phase in ("busy", "draining"):
             if self.parser.pending_size > _PAUSE_AT:
                 self._pause_reading()
             return
         self._advance()
+        if self.phase == "body" and not self.closed:
+            # A pause of body_timeout ends the request, and so does a body slower on average than
+            # BODY_MIN_RATE after its first body_timeout: a byte now and then cannot hold a connection.
+            timeout = self.s.body_timeout
+            self.deadline = min(self.loop.time() + timeout,
+                                self.body_started + timeout + self.body.size / BODY_MIN_RATE)
 
     def eof_received(self):
         if self.wsconn is not None:
@@ -6339,7 +6395,8 @@ class _HTTPConnection(asyncio.Protocol):
                 self.head = event
                 self.body = _BodyBuffer()
                 self.phase = "body"
-                self.deadline = self.loop.time() + self.s.body_timeout
+                self.body_started = self.loop.time()
+                self.deadline = self.body_started + self.s.body_timeout
                 if event.expect_continue:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, Body):
@@ -6364,10 +6421,10 @@ class _HTTPConnection(asyncio.Protocol):
                 self.transport.close()
                 return
 
-    def _refuse(self, status, message):
+    def _refuse(self, status, message, headers=()):
         """Answer a request we cannot parse or wait for, then close the connection."""
         body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
-        head = render_response_head(status, [("Content-Type", "text/plain; charset=utf-8"),
+        head = render_response_head(status, [("Content-Type", "text/plain; charset=utf-8"), *headers,
                                              ("Content-Length", str(len(body))), ("Connection", "close")])
         if not self.closed:
             self.transport.write(head + body)
@@ -6561,11 +6618,14 @@ class _HTTPConnection(asyncio.Protocol):
         self.wsconn = WSConnection(max_size=route.max_size)
         self.ws = _ServerWebSocket(request, self)
         self.heard = True
+        self.owed_pong = None    # the payload of the latest ping not answered yet (the peer is not reading)
+        self.ws_waiting = 0      # bytes of sends waiting for the peer to read
+        self.ws_turn = None      # the next turn of the loop, when frames are left to handle
         self.deadline = self.loop.time() + self.s.ping_interval
         leftover = self.parser.pending_bytes
         if leftover:
             self._ws_data(leftover)
-        self._resume_reading()
+        self._ws_read_more()
         await _run_ws_handler(route, self.ws, params)
 
     def _ws_tick(self, now):
@@ -6582,17 +6642,27 @@ class _HTTPConnection(asyncio.Protocol):
 
     def _ws_data(self, data):
         self.heard = True
+        self.wsconn.receive_data(data)
+        if self.ws_turn is None:
+            self._ws_handle()
+
+    def _ws_handle(self):
+        """Handle the frames the peer sent, WS_FRAMES_PER_TURN at a time: with more left, reading
+        pauses and the rest waits for the next turn of the loop, so a peer sending a flood of
+        tiny frames takes its turn like everyone else."""
+        self.ws_turn = None
         conn = self.wsconn
-        conn.receive_data(data)
         try:
-            for event in conn.events():
+            for event in conn.events(max_frames=WS_FRAMES_PER_TURN):
                 if isinstance(event, (TextMessage, BytesMessage)):
                     self.ws._deliver(event.data)
-                    if self.ws._queue.qsize() > 64:
-                        self._pause_reading()
                 elif isinstance(event, Ping):
-                    if conn.state == "OPEN":  # once our close is out, no pong is owed (RFC 6455 §5.5.2)
+                    if conn.state != "OPEN":  # once our close is out, no pong is owed (RFC 6455 §5.5.2)
+                        pass
+                    elif self.writable.is_set():
                         self.transport.write(conn.send(Pong(event.payload)))
+                    else:  # §5.5.3: only the latest ping needs a pong; it goes when the peer reads
+                        self.owed_pong = event.payload
                 elif isinstance(event, CloseConnection):
                     if conn.state != "CLOSED" and event.code != CloseCode.ABNORMAL:
                         self.transport.write(conn.send(CloseConnection(event.code)))
@@ -6604,13 +6674,39 @@ class _HTTPConnection(asyncio.Protocol):
                 self.transport.write(conn.send(CloseConnection(exc.close_code, str(exc))))
             self.ws._closed(exc.close_code, str(exc))
             self.transport.close()
+            return
+        if conn.frames_left and not self.closed:
+            self.ws_turn = self.loop.call_soon(self._ws_handle)
+        self._ws_read_more()
+
+    def _ws_read_more(self):
+        """Read from the peer again unless it is not reading (writes pending), the handler has
+        WS_MAX_INPUT bytes of messages still to take, or frames wait for their turn."""
+        if self.writable.is_set() and self.ws.queued < WS_MAX_INPUT and self.ws_turn is None:
+            self._resume_reading()
+        else:
+            self._pause_reading()
 
     async def _ws_write(self, event):
         if self.closed:
             raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
-        self.transport.write(self.wsconn.send(event))
-        if not self.writable.is_set():
-            await self.writable.wait()
+        frame = self.wsconn.send(event)
+        queued = self.transport.get_write_buffer_size() + self.ws_waiting
+        if queued and queued + len(frame) > WS_MAX_OUTPUT:
+            log.warning("%s: dropping a WebSocket peer that leaves %d bytes unread (WS_MAX_OUTPUT is %d)",
+                        self.peer, queued, WS_MAX_OUTPUT)
+            self.ws._closed(CloseCode.ABNORMAL, "peer does not read what it is sent")
+            self.transport.abort()
+            raise ConnectionClosed(CloseCode.ABNORMAL, "peer does not read what it is sent")
+        self.ws_waiting += len(frame)
+        try:
+            while not self.writable.is_set() and not self.closed:
+                await self.writable.wait()
+        finally:
+            self.ws_waiting -= len(frame)
+        if self.closed or self.wsconn.state != "OPEN":
+            raise ConnectionClosed(*(self.ws.closed or (CloseCode.ABNORMAL, "connection lost")))
+        self.transport.write(frame)
 
     async def _ws_close(self, code, reason):
         if self.closed or self.wsconn.state != "OPEN":
@@ -6630,14 +6726,32 @@ class _HTTPConnection(asyncio.Protocol):
             self.loop.call_later(1.0, self.transport.close)
 
 
+def _connection_limit(requested):
+    """`requested` (default MAX_CONNECTIONS), lowered to what the descriptor limit allows after
+    _FDS_KEPT, so that a connection over the limit can still be accepted and told 503 rather
+    than left waiting. The soft descriptor limit is raised to the hard one first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    allowed = max(16, soft - _FDS_KEPT) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
+    limit = min(requested or MAX_CONNECTIONS, allowed)
+    if requested and limit < requested:
+        log.warning("max_connections=%d lowered to %d: the process may open %d files", requested, limit, soft)
+    return limit
+
+
 async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=HEADER_TIMEOUT,
                 body_timeout=BODY_TIMEOUT, idle_timeout=IDLE_TIMEOUT, ping_interval=WS_PING_INTERVAL,
-                stop=None, sock=None):
+                stop=None, sock=None, max_connections=None):
     """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set), on host:port or
     on `sock`, a listening socket already bound (how `--workers` shares one)."""
     loop = asyncio.get_running_loop()
     sys.setswitchinterval(SWITCH_INTERVAL)
-    state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval)
+    state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval,
+                         _connection_limit(max_connections))
     where = {"sock": sock} if sock is not None else {"host": host, "port": port}
     server = await loop.create_server(lambda: _HTTPConnection(state), backlog=1024, **where)
     stop = stop or asyncio.Event()

@@ -111,6 +111,92 @@ def serve_process(app_dir, *args, env=None):
         proc.stdout.close()
 
 
+@contextlib.contextmanager
+def serve_measured(app_dir, log_path, **options):
+    """asok.serve(load_app(app_dir), **options) in a subprocess of its own, so its memory can be
+    read from /proc; yields (port, pid). Its log goes to log_path."""
+    port = free_port()
+    code = ("import asyncio, json, logging, sys; sys.path.insert(0, sys.argv[1]); import asok; "
+            "logging.basicConfig(level=logging.WARNING); "
+            "asyncio.run(asok.serve(asok.load_app(sys.argv[2]), '127.0.0.1', int(sys.argv[3]), "
+            "**json.loads(sys.argv[4])))")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(app_dir), str(port), json.dumps(options)],
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: proc.poll() is not None or not socket.socket().connect_ex(("127.0.0.1", port)))
+        assert proc.poll() is None, Path(log_path).read_text()
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def peak_rss_mib(pid):
+    """The most memory the process has held (VmHWM in /proc/PID/status), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def server_holds(port, client):
+    """Whether the server on `port` still holds its end of the client socket's connection
+    (established, or closed only by the client), read from /proc/net/tcp."""
+    here = f"{port:04X}"
+    there = f"{client.getsockname()[1]:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if local.endswith(":" + here) and remote.endswith(":" + there):
+            return state in ("01", "08")
+    return False
+
+
+def counter_served(port, jar):
+    """A well-behaved tab (of the browser whose cookies are `jar`): it gets the counter page,
+    and an increment answers the count plus one."""
+    tab = SocketTab(port, jar)
+    try:
+        before = json.loads(tab.components["Counter"][1].rpartition(".")[0])["s"]["count"]
+        reply = tab.call("Counter", "increment")
+        return json.loads(reply["state"].rpartition(".")[0])["s"]["count"] == before + 1
+    finally:
+        tab.close()
+
+
+def flood(sock, data, limit):
+    """Send `data` again and again until `limit` bytes went or the server stopped taking them
+    for 2 s (or dropped us); returns the bytes sent."""
+    sock.settimeout(2)
+    sent = 0
+    with contextlib.suppress(OSError):
+        while sent < limit:
+            sock.sendall(data)
+            sent += len(data)
+    return sent
+
+
+def ends_without_reading_more(sock, limit=64 << 20):
+    """Read what the kernel holds: True if the stream then ends (the server dropped us)."""
+    sock.settimeout(10)
+    got = 0
+    try:
+        while got < limit:
+            data = sock.recv(1 << 20)
+            if not data:
+                return True
+            got += len(data)
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
 class Conn:
     """A client socket with a read buffer, so pipelined responses can be read one by one."""
 
@@ -374,6 +460,62 @@ def test_slow_client_is_dropped_and_others_are_served(tmp_path):
                 slow.setblocking(True)
         slow.close()
         assert dropped
+
+
+def test_a_request_body_trickling_in_is_dropped_however_short_its_pauses(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    jar = {}
+    with serve_measured(app_dir, tmp_path / "server.log", body_timeout=0.5) as (port, pid):
+        slow = [connect(port, timeout=10) for _ in range(40)]
+        for sock in slow:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answers = {}
+        for _ in range(60):  # a byte each every 0.2 s: no pause reaches body_timeout, the average is too low
+            for i, sock in enumerate(slow):
+                if i in answers:
+                    continue
+                sock.setblocking(False)
+                try:
+                    answers[i] = sock.recv(4096)
+                except BlockingIOError:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"x")
+                except OSError:
+                    answers[i] = b""
+            if len(answers) == len(slow):
+                break
+            time.sleep(0.2)
+        assert len(answers) == len(slow)  # every one was dropped
+        assert b"HTTP/1.1 408" in answers[0] and b"1024 bytes/s" in answers[0]
+        assert counter_served(port, jar)
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, max_connections=4, idle_timeout=30) as port:
+        held = [connect(port) for _ in range(4)]
+        for sock in held:
+            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200
+        status, headers, body = get(port, "/about")
+        assert status == 503 and headers["retry-after"] == "1" and b"4 connections open, its limit" in body
+        held.pop().close()
+        wait_for(lambda: get(port, "/about")[0] == 200)
+        for sock in held:
+            sock.close()
+
+
+def test_the_connection_limit_leaves_descriptors_to_refuse_with(tmp_path):
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import asok; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)); "
+            "print(asok._connection_limit(None), asok._connection_limit(5000), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == [str(1024 - asok._FDS_KEPT)] * 2 + ["1024"]  # soft limit raised to the hard one
+    assert "max_connections=5000 lowered" in out.stderr
 
 
 def test_idle_keep_alive_connection_is_closed(tmp_path):
@@ -3160,6 +3302,29 @@ def test_default_limit_is_max_ws_message(bytewise):
     fails(asok.WSConnection(), header_only, bytewise, 1009)
 
 
+def test_fragments_of_one_message_are_counted(bytewise):
+    server = asok.WSConnection(max_fragments=3)
+    pieces = frame(1, b"a", fin=False) + frame(0, b"b", fin=False) + frame(0, b"c")
+    assert feed(server, pieces, bytewise) == [asok.TextMessage("abc")]
+    fails(asok.WSConnection(max_fragments=3), pieces[:-len(frame(0, b"c"))] + frame(0, b"c", fin=False)
+          + frame(0, b"d"), bytewise, 1009)
+
+
+def test_fragments_are_joined_as_they_arrive():
+    server = asok.WSConnection()
+    server.receive_data(frame(2, b"x", fin=False) + frame(0, b"y" * 10, fin=False) * 1000)
+    assert list(server.events()) == []
+    assert bytes(server._message) == b"x" + b"y" * 10000  # one buffer, not a list of 1001 pieces
+
+
+def test_events_can_stop_after_a_number_of_frames():
+    server = asok.WSConnection()
+    server.receive_data(frame(1, b"m") * 5 + frame(9, b"p"))
+    assert len(list(server.events(max_frames=2))) == 2 and server.frames_left
+    assert len(list(server.events(max_frames=3))) == 3 and server.frames_left
+    assert list(server.events(max_frames=3)) == [asok.Ping(b"p")] and not server.frames_left
+
+
 # ─── handshake ───
 
 GOOD_HEADERS = {
@@ -4771,6 +4936,75 @@ def test_autobahn_limits_asok_client_receives_what_the_route_allows(echo_port):
     with asok.WebSocketClient.connect(f"ws://127.0.0.1:{echo_port}/echo", timeout=30) as ws:
         ws.send(b"\x07" * (2 * 1024 * 1024))
         assert ws.receive(30) == b"\x07" * (2 * 1024 * 1024)
+
+
+def _greedy_counter(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    return serve_measured(app_dir, tmp_path / "server.log", body_timeout=1.0)
+
+
+def test_limits_a_peer_that_pings_and_never_reads_the_pongs_is_dropped_in_bounded_memory(tmp_path):
+    jar = {}
+    with _greedy_counter(tmp_path) as (port, pid):
+        assert counter_served(port, jar)
+        base = peak_rss_mib(pid)
+        with RawWebSocket(port, "/asok/live") as greedy:
+            flood(greedy.sock, wsi_frame(0x9, b"p" * 125) * 1000, 64 << 20)
+            assert counter_served(port, jar)  # served while the greedy one is stuck
+            wait_for(lambda: not server_holds(port, greedy.sock), 30)  # then dropped
+            assert ends_without_reading_more(greedy.sock)
+        assert peak_rss_mib(pid) - base < 32
+        assert counter_served(port, jar)
+
+
+def test_limits_a_live_client_that_stops_reading_its_replies_is_dropped_in_bounded_memory(tmp_path):
+    jar = {}
+    with _greedy_counter(tmp_path) as (port, pid):
+        assert counter_served(port, jar)
+        base, tab = peak_rss_mib(pid), SocketTab(port, jar)
+        tab.close()
+        # each event names a 200 KB component, so each refusal is a large reply it never reads
+        event = json.dumps({"id": "g:1", "cid": "c", "component": "X" * 200_000, "state": "s", "method": "m",
+                            "args": [], "csrf": tab.csrf}).encode()
+        cookie = "Cookie: " + "; ".join(f"{k}={v}" for k, v in jar.items()) + "\r\n"
+        with RawWebSocket(port, "/asok/live", extra=cookie) as greedy:
+            flood(greedy.sock, wsi_frame(1, event), 256 << 20)
+            assert counter_served(port, jar)
+            wait_for(lambda: not server_holds(port, greedy.sock), 30)
+            assert ends_without_reading_more(greedy.sock, 1 << 30)
+        assert peak_rss_mib(pid) - base < 32
+        assert counter_served(port, jar)
+
+
+def test_limits_live_events_far_over_the_live_limit_close_the_socket_at_once(tmp_path):
+    jar = {}
+    with _greedy_counter(tmp_path) as (port, pid):
+        assert counter_served(port, jar)
+        base = peak_rss_mib(pid)
+        huge = wsi_frame(1, b'{"id": "' + b"x" * (16 << 20) + b'"}')
+        with RawWebSocket(port, "/asok/live") as greedy:
+            flood(greedy.sock, huge, 5 * len(huge))
+            assert greedy.read_close()[0] == 1009  # from the frame header: it was never buffered
+        with RawWebSocket(port, "/asok/live") as fine:  # the largest message that gets a too_large reply
+            fine.send(wsi_frame(1, b"x" * (asok.LIVE_SOCKET_MAX - 1)))
+            assert json.loads(fine.read_message()[1])["error"]["code"] == "too_large"
+        assert peak_rss_mib(pid) - base < 32
+        assert counter_served(port, jar)
+
+
+def test_limits_millions_of_tiny_fragments_are_refused_in_bounded_memory(tmp_path):
+    jar = {}
+    with _greedy_counter(tmp_path) as (port, pid):
+        assert counter_served(port, jar)
+        base = peak_rss_mib(pid)
+        with RawWebSocket(port, "/asok/live") as greedy:
+            greedy.send(wsi_frame(1, b"[1", fin=False))
+            flood(greedy.sock, wsi_frame(0, b",1", fin=False) * 10_000, 16 << 20)  # two million of them
+            code, reason = greedy.read_close()
+            assert code == 1009 and b"fragments" in reason
+        assert peak_rss_mib(pid) - base < 32
+        assert counter_served(port, jar)
 
 
 # ── closing handshake ───────────────────────────────────────────────────────
