@@ -6325,6 +6325,9 @@ class _HTTPConnection(asyncio.Protocol):
                 self.deadline = now + self.s.body_timeout
             elif left:
                 self.transport.abort()
+            elif self.phase == "ws":  # it read everything: back to pinging it
+                self.stall = None
+                self.deadline = now + self.s.ping_interval
             return
         if self.closed:
             return
@@ -6639,6 +6642,8 @@ class _HTTPConnection(asyncio.Protocol):
         if self.wsconn.state == "OPEN":
             self.transport.write(self.wsconn.send(Ping(b"asok")))
         self.deadline = now + self.s.ping_interval
+        if self.transport.get_write_buffer_size() > len(b"asok") + 2:  # more than our ping waits: is it read?
+            self._watch_writes()
 
     def _ws_data(self, data):
         self.heard = True
