@@ -14,6 +14,8 @@ Measures, in one run and beside a baseline each time:
      protocol, rounds alternating the two servers; the ratios asok/pyview and issue 16's targets.
   8. scale-out: `--workers 2` beside one worker (page req/s, live events/s, both unpinned),
      and live events/s with the Redis session store and broker beside the file store.
+  9. a 10 MiB upload through a page route and through examples/upload's live component:
+     MiB/s and the server's peak RSS growth (streamed to disk, so it stays under 4 MiB).
 Prints the tables and writes the same figures to bench-results.json (--json to change).
 
 Servers are subprocesses bound to 127.0.0.1, started on a temporary copy of the example
@@ -77,6 +79,8 @@ TARGETS = {  # key: (comparison, limit, label)
     "bytes_counter_page": ("<=", 4096, "counter page bytes (body)"),
     "bytes_alive_js_gz": ("<=", 2048, "alive.js gzip -9 bytes"),
     "bytes_increment_reply": ("<=", 400, "increment reply bytes (frame)"),
+    "upload_route_rss_mib": ("<", 4, "10 MiB upload to a page route: server RSS growth, MiB"),
+    "upload_live_rss_mib": ("<", 4, "10 MiB live upload: server RSS growth, MiB"),
     "workers2_page10_ratio": (">=", 1.3, "--workers 2 / 1 worker, page req/s"),
     "workers2_live50_ratio": (">=", 1.3, "--workers 2 / 1 worker, live events/s"),
 }
@@ -1049,6 +1053,133 @@ def run_increment_bytes(tmp):
         return asyncio.run(main(server))
 
 
+# ═══ A 10 MiB upload: through a page route and through the live component ═══
+
+UPLOAD_BYTES = 10 << 20
+UPLOAD_ROUTE = """from asok import Asok
+
+app = Asok(__file__)
+
+
+@app.route("/bench-upload", methods=["POST"], csrf=False)
+def bench_upload(request):
+    upload = request.files["photo"]
+    return {"size": upload.size, "first": upload.read(8).hex()}
+"""
+
+
+class RSSPeak:
+    """Samples a process's RSS every 2 ms in a thread while the `with` block runs."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.done = pid, 0, None
+
+    def __enter__(self):
+        import threading
+        self.done = threading.Event()
+        self.peak = proc_rss_bytes(self.pid)
+
+        def sample():
+            for _ in range(100_000):  # ~200 s at most
+                self.peak = max(self.peak, proc_rss_bytes(self.pid))
+                if self.done.wait(0.002):
+                    return
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join(5)
+        self.peak = max(self.peak, proc_rss_bytes(self.pid))
+
+
+def post_multipart(port, path, fields, data, cookie=None):
+    """POST fields and `data` as the file `photo` (multipart); the JSON answer."""
+    boundary = "bench" + secrets.token_hex(8)
+    head = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                   for k, v in fields.items())
+    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="big.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n")
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(len(head.encode()) + len(data) + len(tail)))
+        if cookie:
+            conn.putheader("Cookie", cookie)
+        conn.endheaders()
+        conn.send(head.encode())
+        view = memoryview(data)
+        for at in range(0, len(data), 256 * 1024):  # as a browser sends it: in pieces, not one buffer
+            conn.send(view[at:at + 256 * 1024])
+        conn.send(tail)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def run_upload(tmp, cfg):
+    """MiB/s and the server's peak RSS growth for a 10 MiB file: POSTed to a route that reads
+    request.files, and uploaded for examples/upload's Avatar as alive.js does (POST /asok/upload,
+    then the live event whose method gets the UploadedFile)."""
+    sys.path.insert(0, str(HERE))
+    import asok
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(UPLOAD_BYTES - 8)
+    out = {}
+    with asok_server("upload", tmp, "upload", files={"app.py": UPLOAD_ROUTE}) as server:
+        page = http_get(server.port)
+        cookie = next(v.split(";")[0] for k, v in page[1] if k.lower() == "set-cookie")
+        text = page[2].decode()
+        csrf = CSRF_RE.search(text).group(1)
+        cid, name, state = (html.unescape(x) for x in COMPONENT_RE.search(text).groups())
+        post_multipart(server.port, "/bench-upload", {}, data[:4096])  # warm: imports, first allocations
+        rounds = []
+        for _ in range(cfg.get("upload_rounds", 3)):
+            time.sleep(0.3)
+            base = server.rss()
+            with RSSPeak(server.pid) as peak:
+                t = time.perf_counter()
+                status, answer = post_multipart(server.port, "/bench-upload", {}, data)
+                elapsed = time.perf_counter() - t
+            if status != 200 or answer["size"] != UPLOAD_BYTES:
+                raise RuntimeError(f"the page route answered {status} {answer}")
+            rounds.append((UPLOAD_BYTES / 2**20 / elapsed, (peak.peak - base) / 2**20))
+        out["route"] = {"mib_per_s": median([r[0] for r in rounds]), "rss_growth_mib": max(r[1] for r in rounds),
+                        "rounds": rounds}
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{server.port}/asok/live",
+                                          origin=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie})
+        try:
+            rounds = []
+            for n in range(cfg.get("upload_rounds", 3)):
+                time.sleep(0.3)
+                base = server.rss()
+                with RSSPeak(server.pid) as peak:
+                    t = time.perf_counter()
+                    status, answer = post_multipart(server.port, "/asok/upload", {
+                        "cid": cid, "component": name, "state": state, "csrf_token": csrf}, data, cookie)
+                    if status != 200:
+                        raise RuntimeError(f"/asok/upload answered {status} {answer}")
+                    ws.send(json.dumps({"id": f"bench:{n}", "cid": cid, "component": name, "state": state,
+                                        "method": "save", "csrf": csrf,
+                                        "args": [{"name": "bench", "photo": {"$upload": answer["files"]["photo"][0]}}]}))
+                    reply = json.loads(ws.receive(timeout=30))
+                    elapsed = time.perf_counter() - t
+                if "error" in reply or "1 MiB at most" not in reply.get("html", ""):
+                    raise RuntimeError(f"the live event did not reach the method: {str(reply)[:300]}")
+                state = reply["state"]
+                rounds.append((UPLOAD_BYTES / 2**20 / elapsed, (peak.peak - base) / 2**20))
+        finally:
+            ws.close()
+        left = list((Path(tmp) / "upload" / ".asok" / "uploads").glob("*"))
+        out["live"] = {"mib_per_s": median([r[0] for r in rounds]), "rss_growth_mib": max(r[1] for r in rounds),
+                       "rounds": rounds, "files_left": len(left)}
+    return out
+
+
 # ═══ Beside pyview: the same load generator against a pyview counter ═════
 
 PYVIEW_PYTHON = HERE / ".venv-pyview" / "bin" / "python"   # `make bench` creates it (pyview-web, uvicorn[standard])
@@ -1753,7 +1884,7 @@ def print_profile(prof):
 
 def check(key, value):
     op, limit, _ = TARGETS[key]
-    ok = value >= limit if op == ">=" else value <= limit
+    ok = value >= limit if op == ">=" else value < limit if op == "<" else value <= limit
     return f"{op} {limit:g}", "pass" if ok else "FAIL"
 
 
@@ -1883,6 +2014,13 @@ def build(results):
             "bytes_counter_page")
         row("alive.js gzip -9 bytes", pages["alive_js"]["gzip9"], f"{pages['alive_js']['bytes']} B raw",
             "bytes_alive_js_gz")
+    up = results.get("upload")
+    if up:
+        for key, label in (("route", "upload 10 MiB  page route MiB/s"), ("live", "upload 10 MiB  live MiB/s")):
+            row(label, up[key]["mib_per_s"], "POST multipart, read in request.files" if key == "route" else
+                "POST /asok/upload, then the event; method gets the UploadedFile")
+            row(label.replace("MiB/s", "RSS MiB"), up[key]["rss_growth_mib"],
+                "server's peak RSS growth during it (the most of the rounds)", f"upload_{key}_rss_mib")
     inc = results.get("increment")
     if inc:
         row("increment request bytes", inc["request"], f"{inc['request_frame']} B framed")
@@ -1921,7 +2059,7 @@ def main(argv=None):
     parser.add_argument("--client", choices=("raw", "asok"), default="raw",
                         help="WebSocket load generator: a lean asyncio client (default) or "
                              "asok.AsyncWebSocketClient")
-    parser.add_argument("--only", default="live,pages,templates,idle,fanout,increment,peers,scale",
+    parser.add_argument("--only", default="live,pages,templates,idle,fanout,increment,upload,peers,scale",
                         help="comma-separated parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="also run py-spy on the server during live-50 and page-10 and print the top "
@@ -1946,7 +2084,8 @@ def main(argv=None):
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
                  ("fanout", lambda: run_fanout(tmp, cfg)),
-                 ("increment", lambda: run_increment_bytes(tmp)), ("peers", lambda: run_peers(tmp, opts, cfg)),
+                 ("increment", lambda: run_increment_bytes(tmp)), ("upload", lambda: run_upload(tmp, cfg)),
+                 ("peers", lambda: run_peers(tmp, opts, cfg)),
                  ("scale", lambda: run_scale(tmp, opts, cfg)),
                  ("profile", lambda: run_profile(tmp, cfg))]
         if opts.profile:
