@@ -3870,6 +3870,9 @@ class Component:
                 cls._asok_fields[name] = value
         if isinstance(cls.url, str):
             cls.url = (cls.url,)
+        if not isinstance(cls.max_upload, int) or isinstance(cls.max_upload, bool) or cls.max_upload < 0:
+            raise TypeError(f"{cls.__name__}.max_upload must be a number of bytes (an int >= 0), "
+                            f"not {cls.max_upload!r}")
         # the part of alive.js for uploads and URL binding: for these, and any component with a file input
         cls._asok_forms = bool(cls.url) or any("max_upload" in vars(k) for k in cls.__mro__[:-2])
         for name in cls.url:

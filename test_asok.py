@@ -3788,7 +3788,7 @@ UPLOAD_FILES = {
             locked = False
 
             def authorize(self, method, args):
-                return not self.locked
+                return not self.locked or method == "unlock"
 
             @exposed
             def save(self, fields: dict):
@@ -3800,6 +3800,10 @@ UPLOAD_FILES = {
             @exposed
             def lock(self):
                 self.locked = True
+
+            @exposed
+            def unlock(self):
+                self.locked = False
     ''',
     "src/components/avatar.html": "<form ws-submit='save'><input type='file' name='photo'><input name='caption'></form>",
     "src/pages/index.html": "<head></head><body><< component('Avatar') >><< component('Avatar') >></body>",
@@ -3864,6 +3868,13 @@ def test_live_uploads_are_refused_past_the_limit_and_for_another_component_or_se
     first.call("lock")
     refused = first.upload({"photo": ("a.bin", b"y", "image/png")})
     assert refused["error"]["code"] == "forbidden"
+    # a disk that cannot hold the files: 503, and nothing is kept
+    first.call("unlock")
+    before = pending_uploads(app)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asok.UploadedFile, "save", lambda self, dest: (_ for _ in ()).throw(OSError(28, "No space left")))
+        r = client.post("/asok/upload", data={**fields, "state": first.state_token}, files={"photo": ("a", b"1", "x/y")})
+    assert r.status == 503 and r.json()["error"]["code"] == "store_unavailable" and pending_uploads(app) == before
     # an upload no event took is collected after its lifetime
     left = pending_uploads(app)
     assert left
@@ -3910,6 +3921,11 @@ def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_p
     r = client.get("/?page=abc&desc=maybe&sort=")
     assert r.status == 200 and "<p>1||False|2</p>" in r.text
     assert "<p>1|x|False|0</p>" in asok.TestClient(app).get("/?page=1e999&sort=x").text  # another session
+
+
+def test_max_upload_must_be_a_number_of_bytes():
+    with pytest.raises(TypeError, match=r"Big.max_upload must be a number of bytes \(an int >= 0\), not '10MB'"):
+        type("Big", (asok.Component,), {"max_upload": "10MB"})
 
 
 def test_url_must_name_state_fields(tmp_path):
