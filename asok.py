@@ -4268,7 +4268,10 @@ class _LoopInbox:
         with self.lock:
             calls, self.calls = self.calls, []
         for fn, args in calls:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # one page's failure does not cost the others their pushes
+                log.exception("a live push failed")
 
 
 class _LiveOutbox:
@@ -4529,6 +4532,7 @@ class LiveHub:
             with self._lock:
                 view.seq = max(view.seq, saved.seq)  # the reply brings it
         token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+        self._adopt(conn, inner)
         self._flush(outbox)
         return json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))
 
@@ -4571,6 +4575,8 @@ class LiveHub:
         view = conn.views.get(cid)
         if view is not None:
             return view
+        if conn.push is None:  # nobody to push to (app.live_event): answered, not kept
+            return _View(conn, cid, token.seq)
         if len(conn.views) >= LIVE_MAX_JOIN:
             raise LiveError("bad_message", f"a page may show at most {LIVE_MAX_JOIN} live components")
         self._subscribe()
@@ -4711,7 +4717,22 @@ class LiveHub:
         session = self.app._load_session(sid)
         inner = str(self._restore(cls, saved.state, session, sid, cid, conn).render())
         token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        self._adopt(conn, inner)
         return json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
+
+    def _adopt(self, conn, inner):
+        """Components nested in HTML on its way to a page are views of that page too: a parent's
+        re-render can add children that the page's join did not list."""
+        if conn.push is None or "data-asok-component" not in inner:
+            return
+        for cid, name, token in _find_components(inner):
+            cls = self.app.components.get(name)
+            if cid in conn.views or cls is None:
+                continue
+            try:
+                self._attach(conn, cid, cls, self.read(name, cid, conn.sid, token))
+            except LiveError as exc:
+                log.warning("nested component %s not followed: %s", cid, exc.message)
 
     # ── 5. push ───────────────────────────────────────────────────────
     def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for):
@@ -4719,11 +4740,15 @@ class LiveHub:
         views get the new HTML, the other processes hear of the save. Returns the new token."""
         token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
         if cls._asok_on:
-            topics = self._topics_of(cls, saved.state)
-            with self._lock:
-                key = self._keys.get((sid, cid))
-                if key is not None:
-                    self._retopic(key, topics)
+            try:
+                topics = self._topics_of(cls, saved.state)
+            except LiveError as exc:  # the change is saved; the component keeps its topics
+                log.warning("%s keeps its topics: %s", cid, exc.message)
+            else:
+                with self._lock:
+                    key = self._keys.get((sid, cid))
+                    if key is not None:
+                        self._retopic(key, topics)
         self._push_local(sid, cid, cls, saved, inner, token, rendered_for)
         self.broker.publish(('{"o":"%s","c":%s}' % (self._origin(), json.dumps([sid, cid, saved.seq]))).encode())
         return token
@@ -4742,6 +4767,8 @@ class LiveHub:
             url = (view.conn.path, view.conn.query_string)
             if url not in made:
                 made[url] = self._render_push(sid, cid, cls, saved, view.conn)
+            elif inner is not None:
+                self._adopt(view.conn, inner)
             with self._lock:
                 if view.seq < saved.seq:  # another thread may have pushed a newer one meanwhile
                     view.seq = saved.seq
@@ -4833,8 +4860,15 @@ class LiveHub:
                 self._do(key, job)
             except LiveError as exc:
                 self._refused(key, exc)
+            except StoreUnavailable as exc:
+                self._refused(key, LiveError("store_unavailable", f"the session storage is unavailable "
+                                                                  f"({exc.reason}); a live update was not saved"))
+            except SessionTooLarge as exc:
+                self._refused(key, LiveError("session_too_large", f"{exc}; a live update was not saved"))
             except Exception:
                 log.exception("%s of %s (%s) failed", job[0], key.cls.__name__, key.cid)
+            else:
+                key.error = None
             with self._lock:
                 if key.jobs:
                     self._ready.append(key)
@@ -4950,8 +4984,6 @@ class LiveHub:
 BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
 BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
-BROKER_RELIST = 2.0         # seconds between listings of the folder (a new process also says hello)
-_BROKER_HELLO = b"asok-broker-hello"
 
 
 class Broker:
@@ -4996,7 +5028,7 @@ class FolderBroker(Broker):
         self._send = None      # an unbound socket for sending, with a timeout
         self._path = None
         self._queue = None
-        self._peers = (-math.inf, ())  # (when listed, the other processes' socket paths)
+        self._peers = (None, ())  # (the folder's mtime when listed, the other processes' socket paths)
         self._closed = False
         self._pid = None
 
@@ -5019,7 +5051,6 @@ class FolderBroker(Broker):
         threading.Thread(target=self._receive_loop, args=(self._recv,), name="asok-broker-in", daemon=True).start()
         threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
         atexit.register(self.close)
-        self._queue.put_nowait(_BROKER_HELLO)  # so the others list the folder again and find this one
 
     def subscribe(self, callback):
         with self._lock:
@@ -5041,17 +5072,18 @@ class FolderBroker(Broker):
                 log.error("the broker's send queue is full (%d messages); a message is dropped", BROKER_QUEUE)
 
     def _others(self):
-        """The other processes' sockets: listed every BROKER_RELIST seconds, and at once after a
-        hello from a new process or a send to one that is gone."""
+        """The other processes' sockets, listed again when the folder changes (a process came or
+        went): one stat per message, so a process that just started is never missed."""
+        try:
+            stamp = os.stat(self.folder).st_mtime_ns
+        except OSError:
+            return ()
         listed, peers = self._peers
-        now = time.monotonic()
-        if now - listed > BROKER_RELIST:
+        if stamp != listed or time.time_ns() - stamp < 50_000_000:  # a folder's mtime ticks coarsely
+            # (a few ms): right after a change, another one may not have moved it yet
             mine = os.path.basename(self._path)
-            try:
-                peers = tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine)
-            except OSError:
-                peers = ()
-            self._peers = (now, peers)
+            peers = tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine)
+            self._peers = (stamp, peers)
         return peers
 
     def _send_loop(self):
@@ -5063,7 +5095,6 @@ class FolderBroker(Broker):
                 try:
                     self._send.sendto(data, path)
                 except (ConnectionRefusedError, FileNotFoundError):
-                    self._peers = (-math.inf, ())
                     try:  # nobody listens there: a process that died without cleaning up
                         os.unlink(path)
                     except OSError:
@@ -5077,9 +5108,6 @@ class FolderBroker(Broker):
                 data = sock.recv(BROKER_MAX_DATAGRAM)
             except OSError:
                 return
-            if data == _BROKER_HELLO:
-                self._peers = (-math.inf, ())
-                continue
             callback = self._callback
             if callback is not None:
                 try:

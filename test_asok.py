@@ -4525,6 +4525,33 @@ def test_a_bad_join_is_refused_and_registers_nothing(live_app, join, code):
     assert live_app.live.stats()["views"] == 0
 
 
+def test_a_component_a_re_render_adds_is_followed_by_that_page(tmp_path):
+    files = dict(COMPONENT_FILES)
+    files["src/components/Panel.py"] = '''
+        from asok import Component, exposed
+
+        class Panel(Component):
+            opened = False
+
+            @exposed
+            def open(self):
+                self.opened = True
+    '''
+    files["src/components/panel.html"] = "<% if opened %><< component('Labels') >><% endif %>"
+    files["src/pages/panel.html"] = "<head></head><< component('Panel') >>"
+    client = asok.TestClient(make_app(tmp_path, files))
+    pushed = []
+    page = client.get("/panel").text
+    cid, name, token = asok._find_components(page)[0]
+    csrf = re.search(r'name="csrf-token" content="([^"]*)"', page).group(1)
+    conn = asok.LiveConnection(client.sid, lambda cid, text: pushed.append(json.loads(text)))
+    client.app.live.handle(conn, json.dumps({"join": [[cid, name, token]], "url": "/panel", "csrf": csrf}))
+    client.app.live.handle(conn, json.dumps({"id": "p:1", "cid": cid, "component": name, "state": token,
+                                             "method": "open", "args": [], "csrf": csrf}))
+    assert set(conn.views) == {cid, "/panel#Panel-0#Labels-0"}  # the child the reply brought
+    client.live("/panel", "Labels").call("tag", "x")  # another tab changes the child
+    assert pushed[-1]["cid"] == "/panel#Panel-0#Labels-0" and ":x</b>" in pushed[-1]["html"]
+
 def test_live_renders_see_the_path_and_query_of_the_page(tmp_path):
     files = {**COMPONENT_FILES, "src/components/counter.html":
              "<p><< request.path >>?<< request.query.get('q', '-') >> << count >></p>",
