@@ -4205,7 +4205,11 @@ class StateToken:
     @classmethod
     def parse(cls, token):
         """The fields of a token, not verified (the test client's view of what a page shows)."""
-        payload = json.loads(token.rpartition(".")[0])
+        return cls.from_json(token.rpartition(".")[0])
+
+    @classmethod
+    def from_json(cls, text):
+        payload = json.loads(text)
         return cls(payload["s"], payload["v"], payload.get("q", 0), payload["t"])
 
 
@@ -4240,11 +4244,12 @@ _LOOP_INBOXES = weakref.WeakKeyDictionary()  # event loop -> its _LoopInbox
 class _LoopInbox:
     """Calls handed to one event loop from other threads, many per wake-up: one publish pushes
     to a thousand pages, and a wake-up (a write to the loop's self-pipe) for each would cost
-    more than the pushes."""
+    more than the pushes. A call under the key of one still waiting replaces it (the newest
+    push of a component to a page is all it needs), so a stalled loop holds one per key."""
 
     def __init__(self, loop):
         self.loop = loop
-        self.calls = []
+        self.calls = {}
         self.lock = threading.Lock()
 
     @classmethod
@@ -4254,10 +4259,12 @@ class _LoopInbox:
             inbox = _LOOP_INBOXES[loop] = cls(loop)
         return inbox
 
-    def put(self, fn, *args):
+    def put(self, key, fn, *args):
         with self.lock:
-            self.calls.append((fn, args))
-            if len(self.calls) > 1:
+            waiting = bool(self.calls)
+            self.calls.pop(key, None)
+            self.calls[key] = (fn, args)
+            if waiting:
                 return  # a wake-up is already on its way
         try:
             self.loop.call_soon_threadsafe(self._run)
@@ -4266,8 +4273,8 @@ class _LoopInbox:
 
     def _run(self):
         with self.lock:
-            calls, self.calls = self.calls, []
-        for fn, args in calls:
+            calls, self.calls = self.calls, {}
+        for fn, args in calls.values():
             try:
                 fn(*args)
             except Exception:  # one page's failure does not cost the others their pushes
@@ -4294,7 +4301,7 @@ class _LiveOutbox:
 
     def push(self, cid, text):
         """Any thread."""
-        self.inbox.put(self._push, cid, text)
+        self.inbox.put((id(self), cid), self._push, cid, text)
 
     def _push(self, cid, text):
         if self.closed:
@@ -4428,7 +4435,7 @@ class LiveHub:
 
     def read(self, name, cid, sid, token):
         try:
-            token = StateToken.parse(self.app._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}") + ".")
+            token = StateToken.from_json(self.app._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}"))
         except (BadSignature, ValueError, KeyError, TypeError):
             raise LiveError("bad_state", "state signature does not match this component, "
                                          "cid and session (tampered or foreign state)")
