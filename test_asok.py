@@ -3923,6 +3923,29 @@ def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_p
     assert "<p>1|x|False|0</p>" in asok.TestClient(app).get("/?page=1e999&sort=x").text  # another session
 
 
+def test_the_default_upload_limit_admits_10_mib(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Plain.py": """
+            from asok import Component, exposed
+
+            class Plain(Component):
+                size = 0
+
+                @exposed
+                def save(self, fields: dict):
+                    self.size = fields["f"].size
+        """,
+        "src/components/plain.html": "<form ws-submit='save'><input type='file' name='f'></form>",
+        "src/pages/index.html": "<body><< component('Plain') >></body>",
+    })
+    plain = asok.TestClient(app).live("/", "Plain")
+    assert asok.Component.max_upload == 10 << 20
+    assert "error" not in plain.submit("form", files={"f": ("a.bin", b"\0" * (10 << 20), "application/octet-stream")})
+    assert plain.state["size"] == 10 << 20
+    refused = plain.submit("form", files={"f": ("a.bin", b"\0" * ((10 << 20) + 1), "application/octet-stream")})
+    assert refused["error"]["code"] == "too_large"
+
+
 def test_max_upload_must_be_a_number_of_bytes():
     with pytest.raises(TypeError, match=r"Big.max_upload must be a number of bytes \(an int >= 0\), not '10MB'"):
         type("Big", (asok.Component,), {"max_upload": "10MB"})
