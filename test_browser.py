@@ -444,6 +444,27 @@ def test_chat_two_users_see_each_other_at_once_while_typing_keeps_text_focus_and
         bob_context.close()
 
 
+def test_chat_across_two_nodes_on_redis(redis_nodes, browser):
+    node_a, node_b = redis_nodes("chat")
+    ann_context, bob_context = new_context(browser), new_context(browser)
+    try:
+        ann, bob = ann_context.new_page(), bob_context.new_page()
+        chat_open(ann, node_a, "Ann")
+        chat_open(bob, node_b, "Bob")
+        bob.locator(".draft").click()
+        bob.keyboard.type("typing on B")
+        chat_say(ann, "hello from A")
+        expect(bob.locator(".log li").first).to_contain_text("Ann hello from A")  # carried by Redis
+        expect(bob.locator(".draft")).to_be_focused()
+        expect(bob.locator(".draft")).to_have_value("typing on B")
+        bob.keyboard.press("Enter")
+        expect(ann.locator(".log li").first).to_contain_text("Bob typing on B")
+        assert ann.evaluate("asokErrors") == [] and bob.evaluate("asokErrors") == []
+    finally:
+        ann_context.close()
+        bob_context.close()
+
+
 def test_a_timer_updates_the_page_on_its_own_and_stops_when_the_tab_closes(serve, context):
     server = serve("clock", {"app.py": STATS_APP})
     page = context.new_page()
