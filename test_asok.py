@@ -1029,6 +1029,24 @@ def test_an_uploaded_filename_is_never_a_path(tmp_path, raw, safe):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder) == ["app.py"]
 
 
+def test_uploaded_file_save_is_whole_or_leaves_the_target_untouched(tmp_path, monkeypatch):
+    upload = asok.UploadedFile("f", "new.txt", "text/plain", io.BytesIO(b"new content"), 11)
+    target = tmp_path / "kept.txt"
+    target.write_bytes(b"old content")
+
+    def full_disk(src, dst, length=0):
+        dst.write(b"new")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(asok.shutil, "copyfileobj", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        upload.save(target)
+    assert target.read_bytes() == b"old content" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+    monkeypatch.undo()
+    assert upload.save(target) == target and target.read_bytes() == b"new content"
+    assert upload.save(tmp_path) == tmp_path / "new.txt" and upload.read() == b"new content"
+
+
 def test_csrf_token_is_read_from_a_multipart_body(tmp_path):
     client = asok.TestClient(session_app(tmp_path))
     token = client.get("/form").text
