@@ -3782,7 +3782,9 @@ def _parameters(fn):
 
 LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
-LIVE_RECENT_IDS = 8             # request ids remembered per component, to apply a resend once
+LIVE_RECENT_PAGES = 8           # pages per component whose last applied request id is kept (a resend applies once)
+LIVE_MAX_ID = 100               # characters of a request id, else id_too_long
+LIVE_MAX_STATE = 64 * 1024      # bytes of one component's state as JSON, else state_too_large
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
 LIVE_MAX_JOIN = 500             # live components one page may show
@@ -3835,6 +3837,8 @@ def every(seconds):
 
 
 def _check_json_safe(value, where):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}; state numbers must be finite (JSON has no NaN or Infinity)")
     if isinstance(value, _JSON_SCALARS):
         return
     if isinstance(value, list):
@@ -3949,6 +3953,10 @@ class Component:
         state = self.state
         for name, value in state.items():
             _check_json_safe(value, f"{type(self).__name__}.{name}")
+        size = len(json.dumps(state, separators=(",", ":")))
+        if size > LIVE_MAX_STATE:
+            raise LiveError("state_too_large", f"{type(self).__name__}'s state is {size} bytes as JSON; the limit "
+                                               f"is {LIVE_MAX_STATE} (LIVE_MAX_STATE), so it was not saved")
         return state
 
     @classmethod
@@ -4047,12 +4055,15 @@ def _bind_args(cls, method, args):
     return converted
 
 
-def _model_value(cls, prop, value):
+def _model_value(cls, prop, value, current=None):
+    """The value ws-model sets, in the field's type: that of its class default, or of its
+    current value when the default is None (a dict cannot land in a str field)."""
     if prop.startswith("_") or prop not in cls._asok_fields:
         raise LiveError("bad_args", f"ws-model names {prop!r}, which is not a state attribute of {cls.__name__}")
     default = cls._asok_fields[prop]
-    if isinstance(default, (bool, int, float)) and not isinstance(value, type(default)):
-        return _convert_arg(value, type(default), prop)
+    kind = type(default if default is not None else current)
+    if kind in (bool, int, float, str, list, dict):
+        return _convert_arg(value, kind, prop)
     return value
 
 
@@ -4173,7 +4184,7 @@ class SavedComponent:
     state: dict                                 # s: its state
     version: int = 0                            # v: events, handlers and timer ticks that changed it
     seq: int = 0                                # q: the session-wide number of the save that wrote it
-    ids: list = field(default_factory=list)     # ids: the last request ids applied (a resend is applied once)
+    ids: dict = field(default_factory=dict)     # ids: page -> the highest request counter applied from it
     heard: dict = field(default_factory=dict)   # h: publishing process -> number of its last message applied
     ticks: dict = field(default_factory=dict)   # t: timer method -> the last period it ran in
 
@@ -4182,7 +4193,7 @@ class SavedComponent:
         """The saved component in `raw`, or None if there is none or it belongs to another class."""
         if not raw or raw.get("c") != name:
             return None
-        return cls(name, raw["s"], raw["v"], raw.get("q", 0), raw.get("ids", []), raw.get("h", {}), raw.get("t", {}))
+        return cls(name, raw["s"], raw["v"], raw.get("q", 0), raw.get("ids", {}), raw.get("h", {}), raw.get("t", {}))
 
     def dump(self):
         raw = {"c": self.name, "s": self.state, "v": self.version, "q": self.seq, "ids": self.ids}
@@ -4211,6 +4222,16 @@ class StateToken:
     def from_json(cls, text):
         payload = json.loads(text)
         return cls(payload["s"], payload["v"], payload.get("q", 0), payload["t"])
+
+
+def _request_order(rid):
+    """(page, counter) of a request id: alive.js numbers the events of a page ("<page>:<n>"), and
+    a page sends the events of one component in order, so a resend is any id whose counter is
+    not above the highest applied from its page. Another id is its own page, counter 0."""
+    page, colon, counter = rid.rpartition(":")
+    if colon and counter.isdigit() and counter.isascii() and len(counter) < 16:
+        return page, int(counter)
+    return rid, 0
 
 
 @dataclass
@@ -4449,7 +4470,7 @@ class LiveHub:
         rid = None
         try:
             try:
-                message = json.loads(text)
+                message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
             except ValueError as exc:
                 raise LiveError("bad_json", f"message is not JSON: {exc}")
             if not isinstance(message, dict):
@@ -4457,6 +4478,11 @@ class LiveHub:
             if "join" in message:
                 return self._join(conn, message)
             rid = message.get("id")
+            if not isinstance(rid, str) or len(rid) > LIVE_MAX_ID:  # an id is echoed only if it is small
+                rid = None
+                if isinstance(message.get("id"), str):
+                    raise LiveError("id_too_long", f"the request id has {len(message['id'])} characters; "
+                                                   f"the limit is {LIVE_MAX_ID}")
             return [self._event(conn, message)]
         except LiveError as exc:
             log.warning("live event refused: %s: %s", exc.code, exc.message)
@@ -4500,7 +4526,8 @@ class LiveHub:
         if method == "$model":
             if len(args) != 2 or not isinstance(args[0], str):
                 raise LiveError("bad_args", "$model takes [property, value]")
-            return _LiveCall(rid, cid, cls, token, method, [args[0], _model_value(cls, args[0], args[1])])
+            value = _model_value(cls, args[0], args[1], token.state.get(args[0]))
+            return _LiveCall(rid, cid, cls, token, method, [args[0], value])
         if method.startswith("_"):
             raise LiveError("private_method", f"{name}.{method} is private")
         fn = getattr(cls, method, None)
@@ -4522,7 +4549,9 @@ class LiveHub:
 
     def _run_event(self, conn, call):
         def run(comp, saved):
-            if call.rid in saved.ids:  # a resend: answered with the saved result, not applied again
+            page, order = _request_order(call.rid)
+            ids = saved.ids if isinstance(saved.ids, dict) else {}
+            if order <= ids.get(page, -1):  # a resend: answered with the saved result, not applied again
                 return False
             if comp.authorize(call.method, list(call.args)) is False:
                 raise LiveError("forbidden", f"{call.cls.__name__}.{call.method} is not allowed")
@@ -4530,7 +4559,11 @@ class LiveHub:
                 setattr(comp, call.args[0], call.args[1])
             else:
                 getattr(comp, call.method)(*call.args)
-            saved.ids = (saved.ids + [call.rid])[-LIVE_RECENT_IDS:]
+            ids.pop(page, None)  # the page heard from last goes last; the oldest goes past the limit
+            ids[page] = order
+            while len(ids) > LIVE_RECENT_PAGES:
+                del ids[next(iter(ids))]
+            saved.ids = ids
             return True
 
         view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
@@ -5874,6 +5907,17 @@ def _describe(exc):
     where = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.endswith(".py")]
     place = f" ({where[-1].filename}, line {where[-1].lineno})" if where else ""
     return traceback.format_exception_only(type(exc), exc)[-1].strip() + place
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number (numbers must be finite)")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a finite number")
+    return value
 
 
 def _live_error(rid, code, message):

@@ -8,6 +8,8 @@ Measures, in one run and beside a baseline each time:
   4. template renders/s beside Jinja2 (the counter component's template and a 100-row page),
   5. server RSS per idle WebSocket connection with 1,000 open, and push fan-out: one publish to
      1,000 joined views of 1,000 sessions (ms until the last has its HTML, CPU per update),
+     and the server's RSS after greedy clients (pings never read, replies never read, 16 MiB
+     events, two million tiny fragments, bodies a byte at a time) beside its idle RSS,
   6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply,
   7. beside pyview (its own .venv-pyview; uvicorn with uvloop and httptools): the same counter
      and a 1,000-row list written for both, the same load generator speaking each one's browser
@@ -58,9 +60,11 @@ CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
 
 FULL = dict(live_warm=0.5, live_secs=5.0, wrk_secs=10, wrk_nocookie_secs=3, tpl_secs=0.5, tpl_rounds=3,
-            idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=3, peer_live_secs=3.0, peer_wrk_secs=5)
+            idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=3, peer_live_secs=3.0, peer_wrk_secs=5,
+            greedy_bodies=200)
 QUICK = dict(live_warm=0.3, live_secs=1.5, wrk_secs=2, wrk_nocookie_secs=1, tpl_secs=0.2, tpl_rounds=2,
-             idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=1, peer_live_secs=1.0, peer_wrk_secs=1)
+             idle_conns=1000, fanout_views=1000, fanout_rounds=5, peer_rounds=1, peer_live_secs=1.0, peer_wrk_secs=1,
+             greedy_bodies=200)
 MAX_EVENTS_PER_CLIENT = 1_000_000   # the time window ends a run long before this
 REPLY_TIMEOUT = 5.0                 # an event without a reply after this is lost
 SERVER_START_TIMEOUT = 15.0
@@ -74,6 +78,7 @@ TARGETS = {  # key: (comparison, limit, label)
     "tpl_counter_x_jinja": (">=", 2.0, "template counter / Jinja2"),
     "tpl_rows_x_jinja": (">=", 1.0, "template 100-row page / Jinja2"),
     "idle_ws_kib_per_conn": ("<=", 16, "RSS per idle WebSocket, KiB"),
+    "greedy_rss_growth_mib": ("<=", 32, "RSS growth after the greedy clients, MiB"),
     "fanout_p99_ms": ("<=", 200, "one publish to 1,000 views: ms until the last has its HTML (p99)"),
     "fanout_kib_per_view": ("<=", 16, "RSS per joined idle view, KiB"),
     "bytes_counter_page": ("<=", 4096, "counter page bytes (body)"),
@@ -920,6 +925,116 @@ def run_idle(tmp, cfg):
         before, after, alive = asyncio.run(main(server, visitor.cookie))
     return {"connections": n, "open_at_measure": alive, "rss_before_mib": before / 2**20,
             "rss_after_mib": after / 2**20, "kib_per_conn": (after - before) / n / 1024}
+
+
+# ═══ Memory: RSS after greedy clients ════════════════════════════════════
+
+def proc_peak_rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def ws_open(port, cookie=None):
+    """A blocking socket after a WebSocket handshake on /asok/live (the greedy clients' side)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    head = (f"GET /asok/live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n")
+    sock.sendall(head.encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError(f"closed during the handshake: {data!r}")
+        data += chunk
+    if not data.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"upgrade refused: {data[:80]!r}")
+    return sock
+
+
+def flood(sock, data, limit):
+    """Send `data` again and again until `limit` bytes went or the server stopped taking them
+    for 2 s (or closed); the bytes sent."""
+    sock.settimeout(2)
+    sent = 0
+    try:
+        while sent < limit:
+            sock.sendall(data)
+            sent += len(data)
+    except OSError:
+        pass
+    return sent
+
+
+def run_greedy(tmp, cfg):
+    """The counter server's RSS when idle, then after each greedy client of issue 10 has done
+    its worst (each kept open, none reading), and whether a normal client still gets a correct
+    increment. Each case is bounded in bytes and in time (a flood stops after 2 s refused)."""
+    limit = raise_fd_limit(cfg["greedy_bodies"] + 512)
+    bodies = min(cfg["greedy_bodies"], limit - 256)
+    with asok_server("counter", tmp, "counter-greedy") as server:
+        visitor = Visitor(server.port)
+        for _ in range(20):  # warm: pages and increments, so the idle figure is not a cold start
+            asyncio.run(_one_increment(server.port, visitor))
+        time.sleep(0.5)
+        idle = server.rss()
+        held, cases = [], {}
+        try:
+            sock = ws_open(server.port)
+            cases["pings, pongs never read"] = flood(sock, frame(0x9, b"p" * 125) * 1000, 64 << 20)
+            held.append(sock)
+            event = json.dumps({"id": "g:1", "cid": visitor.cid, "component": "X" * 200_000, "state": "s",
+                                "method": "m", "args": [], "csrf": visitor.csrf}).encode()
+            sock = ws_open(server.port, visitor.cookie)
+            cases["200 KB refusals never read"] = flood(sock, frame(0x1, event), 256 << 20)
+            held.append(sock)
+            sock = ws_open(server.port, visitor.cookie)
+            huge = frame(0x1, b'{"id": "' + b"x" * (16 << 20) + b'"}')
+            cases["16 MiB events"] = flood(sock, huge, 4 * len(huge))
+            held.append(sock)
+            sock = ws_open(server.port, visitor.cookie)
+            opening = bytearray(frame(0x1, b"[1"))
+            opening[0] &= 0x7F  # not final: the fragments below continue it
+            tiny = bytearray(frame(0x0, b",1"))
+            tiny[0] &= 0x7F
+            cases["2,000,000 fragments"] = flood(sock, bytes(opening) + bytes(tiny) * 2_000_000, 32 << 20)
+            held.append(sock)
+            trickling = []
+            for _ in range(bodies):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nx")
+                trickling.append(sock)
+            held += trickling
+            cases[f"{bodies} bodies a byte at a time"] = bodies
+            time.sleep(1.0)
+            after, peak = server.rss(), proc_peak_rss_bytes(server.pid)
+            served = asyncio.run(_one_increment(server.port, visitor))
+        finally:
+            for sock in held:
+                sock.close()
+    return {"idle_mib": idle / 2**20, "after_mib": after / 2**20, "peak_mib": peak / 2**20,
+            "growth_mib": (max(after, peak) - idle) / 2**20, "normal_increment_ok": served,
+            "bytes_sent": cases}
+
+
+async def _one_increment(port, visitor):
+    """One increment by a well-behaved client: True if it answers the count plus one."""
+    ws = await RawWS.connect(port, "/asok/live", visitor.cookie)
+    try:
+        rid = f"{random.random()}:1"
+        await send(ws, json.dumps({"id": rid, "cid": visitor.cid, "component": visitor.component,
+                                   "state": visitor.state, "method": "increment", "args": [],
+                                   "csrf": visitor.csrf}))
+        data = json.loads(await ws.recv())
+        if data.get("id") != rid or "error" in data:
+            return False
+        count = int(COUNT_RE.search(data["html"]).group(1))
+        ok = count == visitor.count + 1
+        visitor.state, visitor.count = data["state"], count
+        return ok
+    finally:
+        await ws.close()
 
 
 # ═══ Push fan-out: one publish to 1,000 views of 1,000 sessions ══════════
@@ -1997,6 +2112,14 @@ def build(results):
             "idle_ws_kib_per_conn")
     elif idle:
         rows.append(("RSS per idle WebSocket KiB", "skipped", idle["skipped"], "", ""))
+    greedy = results.get("greedy")
+    if greedy:
+        row("RSS idle MiB", greedy["idle_mib"], "the counter server before the greedy clients")
+        row("RSS after greedy clients MiB", greedy["after_mib"],
+            f"peak {greedy['peak_mib']:.1f} MiB; {len(greedy['bytes_sent'])} greedy cases still open "
+            f"(details in the JSON); a normal increment " + ("right" if greedy["normal_increment_ok"] else "FAILED"))
+        row("RSS growth after greedy clients MiB", greedy["growth_mib"], "peak or final, minus idle",
+            "greedy_rss_growth_mib")
     fan = results.get("fanout")
     if fan and "p50_ms" in fan:
         row(f"fan-out {fan['views']:,} views  p50 ms", fan["p50_ms"],
@@ -2059,7 +2182,7 @@ def main(argv=None):
     parser.add_argument("--client", choices=("raw", "asok"), default="raw",
                         help="WebSocket load generator: a lean asyncio client (default) or "
                              "asok.AsyncWebSocketClient")
-    parser.add_argument("--only", default="live,pages,templates,idle,fanout,increment,upload,peers,scale",
+    parser.add_argument("--only", default="live,pages,templates,idle,greedy,fanout,increment,upload,peers,scale",
                         help="comma-separated parts to run")
     parser.add_argument("--profile", action="store_true",
                         help="also run py-spy on the server during live-50 and page-10 and print the top "
@@ -2083,6 +2206,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="asok-bench-") as tmp:
         steps = [("live", lambda: run_live(tmp, opts, cfg)), ("pages", lambda: run_pages(tmp, cfg)),
                  ("templates", lambda: run_templates(tmp, cfg)), ("idle", lambda: run_idle(tmp, cfg)),
+                 ("greedy", lambda: run_greedy(tmp, cfg)),
                  ("fanout", lambda: run_fanout(tmp, cfg)),
                  ("increment", lambda: run_increment_bytes(tmp)), ("upload", lambda: run_upload(tmp, cfg)),
                  ("peers", lambda: run_peers(tmp, opts, cfg)),

@@ -4054,6 +4054,60 @@ def test_a_resent_event_is_applied_once(live_app):
     assert "Count: 11" in first["html"] and "Count: 11" in again["html"]
 
 
+def test_a_resend_is_applied_once_however_many_events_other_tabs_made(live_app):
+    client = asok.TestClient(live_app)
+    tab, other = client.live("/", "Counter"), client.live("/", "Counter")
+    message = {"id": "tab-a:1", "cid": tab.cid, "component": "Counter", "state": tab.state_token,
+               "method": "increment", "args": [], "csrf": tab.csrf}
+    assert "Count: 11" in tab.send(message)["html"]
+    for _ in range(3 * asok.LIVE_RECENT_PAGES):  # the other tab's ids would have pushed a list of ids out
+        other.call("increment")
+    assert "Count: 35" in tab.send(message)["html"]  # the resend (its reply was lost): not applied again
+    assert "Count: 36" in tab.send({**message, "id": "tab-a:2"})["html"]
+    assert "Count: 36" in tab.send(message)["html"]  # an older id of that page is older still
+
+
+def test_a_request_id_is_capped_and_never_echoed_past_the_cap(live_app):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    reply = counter.call("increment", id="i" * (asok.LIVE_MAX_ID + 1))
+    assert reply["id"] is None and reply["error"]["code"] == "id_too_long"
+    assert str(asok.LIVE_MAX_ID) in reply["error"]["message"]
+    assert counter.send({"id": {"big": "x" * 1000}})["id"] is None  # nor any id that is not a short str
+    assert "Count: 11" in counter.call("increment", id="i" * asok.LIVE_MAX_ID)["html"]
+
+
+def test_a_component_state_over_its_cap_is_refused_and_not_saved(live_app):
+    client = asok.TestClient(live_app)
+    labels = client.live("/labels", "Labels")
+    labels.call("tag", "small")
+    reply = labels.call("tag", "x" * asok.LIVE_MAX_STATE)
+    assert reply["error"]["code"] == "state_too_large" and "LIVE_MAX_STATE" in reply["error"]["message"]
+    assert client.live("/labels", "Labels").state["tags"] == ["small"]
+
+
+@pytest.mark.parametrize("args", ["[NaN]", "[Infinity]", "[-Infinity]", "[1e999]"])
+def test_numbers_that_are_not_finite_are_refused(live_app, args):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    text = json.dumps({"id": "p:1", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+                       "method": "scale", "args": [], "csrf": counter.csrf}).replace('"args": []', f'"args": {args}')
+    reply = counter.send(text)
+    assert reply["error"]["code"] == "bad_json" and "finite" in reply["error"]["message"]
+    assert counter.client.live("/", "Counter").state["count"] == 10
+
+
+def test_a_state_that_is_not_finite_json_is_refused_naming_the_attribute(tmp_path):
+    files = {"src/components/Ratio.py": ("from asok import Component, exposed\n"
+                                         "class Ratio(Component):\n    r = 1.0\n"
+                                         "    @exposed\n    def blow(self):\n        self.r = float('inf')\n"),
+             "src/components/ratio.html": "<< r >>", "src/pages/index.html": "{{ component('Ratio') }}"}
+    app = make_app(tmp_path, files, debug=True)
+    client = asok.TestClient(app)
+    ratio = client.live("/", "Ratio")
+    reply = ratio.call("blow")
+    assert reply["error"]["code"] == "server_error" and "Ratio.r is inf" in reply["error"]["message"]
+    assert client.live("/", "Ratio").state["r"] == 1.0
+
+
 @pytest.mark.parametrize("message, code", [
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_message"),
@@ -4224,6 +4278,17 @@ def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
     assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
 
 
+def test_ws_model_values_must_have_the_field_type(live_app):
+    client = asok.TestClient(live_app)
+    labels = client.live("/labels", "Labels")
+    for prop, value in [("text", {"a": 1}), ("text", ["x"]), ("tags", "x"), ("tags", {"a": 1}), ("size", [1])]:
+        reply = labels.call("$model", prop, value)
+        assert reply["error"]["code"] == "bad_args" and repr(prop) in reply["error"]["message"], (prop, value)
+    assert labels.call("$model", "tags", ["a", "b"])["html"]
+    assert "error" not in labels.call("tag", "c")  # later events still work
+    assert client.live("/labels", "Labels").state == {"text": "", "size": 1, "tags": ["a", "b", "c"]}
+
+
 def test_component_errors_name_the_problem(tmp_path):
     app = make_app(tmp_path, {**COMPONENT_FILES,
                               "src/pages/typo.html": "{{ component('Counter', cuont=1) }}",
@@ -4318,6 +4383,39 @@ def test_a_page_that_does_not_read_holds_one_push_per_component():
         return sent
 
     assert asyncio.run(main()) == ["a0", "a99", "b99"]
+
+
+def test_an_error_during_the_websocket_upgrade_answers_500(live_app, monkeypatch):
+    client = asok.TestClient(live_app)
+    client.live("/", "Counter")
+
+    def broken(request):
+        raise RuntimeError("the session could not be opened")
+
+    with running(live_app) as port:
+        monkeypatch.setattr(live_app, "_open_session", broken)
+        raw = wsi_upgrade("/asok/live", f"127.0.0.1:{port}", f"Cookie: asok_session={client.cookies['asok_session']}\r\n")
+        status, _, body = exchange(port, raw)
+        assert status == 500 and b"failed to open this WebSocket" in body
+        monkeypatch.undo()
+        with live_socket(port, client) as ws:  # and the next upgrade works
+            ws.send("{}")
+            assert json.loads(ws.receive(timeout=10))["error"]["code"] == "bad_message"
+
+
+def test_a_malformed_session_record_still_gets_a_websocket_answer(live_app, tmp_path):
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    path = tmp_path / ".asok" / "sessions" / f"{client.sid}.json"
+    path.write_text(json.dumps({"data": {}, "live": {"x": {"c": 1}}, "expires": time.time() + 3600}) + "\n")
+    with running(live_app) as port:
+        with live_socket(port, client) as ws:
+            ws.send(json.dumps({"id": "m:1", "cid": counter.cid, "component": "Counter",
+                                "state": counter.state_token, "method": "increment", "args": [],
+                                "csrf": counter.csrf}))
+            reply = json.loads(ws.receive(timeout=10))
+    assert "Count: 11 / 1" in reply["html"]  # the page's own state, on a fresh record
+    assert asok._record_problem(asok.FileSessionStore(path.parent).load(client.sid)) is None
 
 
 def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
