@@ -13,8 +13,8 @@ top to bottom in dependency order:
   8. Components       Component, exposed, the live protocol
   9. The application  Asok: file pages, @app.route, @app.websocket, WSGI, app.asgi
  10. The server       asyncio, one protocol object per connection
- 11. Testing          TestClient
- 12. Command line     python asok.py serve [APP_DIR] [--host] [--port] [--reload] [--debug]
+ 11. Testing          TestClient (Flask/Starlette-shaped), LiveHandle (click, type, submit)
+ 12. Command line     python asok.py serve --help; serving a folder of apps as a gallery
 """
 
 __version__ = "0.1.0"
@@ -24,16 +24,17 @@ __all__ = [
     "Session", "SessionStore", "FileSessionStore", "RedisSessionStore", "RedisBroker", "StoreUnavailable", "SessionTooLarge",
     "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
-    "TestClient", "serve", "serve_workers", "load_app", "main",
+    "TestClient", "TestResponse", "LiveHandle", "serve", "serve_workers", "load_app", "main",
 ]
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
 from enum import IntEnum
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 import argparse
 import ast
@@ -95,7 +96,7 @@ _TPL_MERGE_CACHE_SIZE = 64
 class TemplateError(Exception):
     """A template that cannot be loaded or compiled; names the file and line."""
 
-    def __init__(self, message, name=None, lineno=None):
+    def __init__(self, message: str, name: str | None = None, lineno: int | None = None) -> None:
         super().__init__(message)
         self.message, self.name, self.lineno = message, name, lineno
 
@@ -147,19 +148,21 @@ class Markup(str):
             arg = _TplEscaped(arg)
         return Markup(str.__mod__(self, arg))
 
-    def format(self, *args, **kwargs):
+    def format(self, *args: Any, **kwargs: Any) -> 'Markup':
+        """str.format with every argument escaped."""
         args = [_TplEscaped(a) for a in args]
         kwargs = {k: _TplEscaped(v) for k, v in kwargs.items()}
         return Markup(str.format(self, *args, **kwargs))
 
-    def join(self, seq):
+    def join(self, seq: Iterable[Any]) -> 'Markup':
+        """str.join with every item escaped."""
         return Markup(str.join(self, map(escape, seq)))
 
     def __repr__(self):
         return f'Markup({str.__repr__(self)})'
 
     @classmethod
-    def escape(cls, s):
+    def escape(cls, s: Any) -> 'Markup':
         """Escape `s` and return it as this class."""
         rv = escape(s)
         return rv if cls is Markup else cls(rv)
@@ -209,7 +212,7 @@ def _tpl_esc(v):
     return _tpl_esc(str(v))
 
 
-def escape(obj):
+def escape(obj: Any) -> Markup:
     """Escape `& < > " '` in `str(obj)`; objects with `__html__` are trusted.
 
     None becomes "None", as in Jinja and MarkupSafe."""
@@ -1081,7 +1084,8 @@ def _tpl_no_super():
 class Template:
     """One compiled template. `render(**context)` returns a str."""
 
-    def __init__(self, source, name='<string>', env=None, filename=None):
+    def __init__(self, source: str, name: str = '<string>', env: 'Templates | None' = None,
+                 filename: str | None = None) -> None:
         self.source, self.name, self.env = source, name, env
         self.filename = filename or name
         filters = env.filters if env is not None else _TPL_FILTERS
@@ -1099,10 +1103,11 @@ class Template:
         self._blocks = {b: [ns['_tpl_block_' + b]] for b in compiler.blocks}
         self._merged = {}
 
-    def render(self, /, **context):
+    def render(self, /, **context: Any) -> str:
+        """The template rendered with `context` as its names."""
         return self._root(context, self._blocks)
 
-    def render_context(self, context):
+    def render_context(self, context: dict[str, Any]) -> str:
         """Render with `context` as is (not copied, not modified)."""
         return self._root(context, self._blocks)
 
@@ -1119,7 +1124,7 @@ class Template:
 class Templates:
     """Loads templates from `root`, caches them, recompiles changed files in debug mode."""
 
-    def __init__(self, root, debug=False):
+    def __init__(self, root: str | os.PathLike, debug: bool = False) -> None:
         self.root = Path(root).resolve()
         self.debug = debug
         self.filters = dict(_TPL_FILTERS)
@@ -1127,7 +1132,7 @@ class Templates:
         self._by_name = {}
         self._by_path = {}
 
-    def filter(self, name=None):
+    def filter(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering a filter: `@templates.filter()` or `@templates.filter("name")`."""
         if callable(name):
             self.filters[name.__name__] = name
@@ -1138,10 +1143,12 @@ class Templates:
             return fn
         return register
 
-    def get(self, name):
+    def get(self, name: str) -> Template:
+        """The template `name` under the root, compiled once (again when it changes, in debug mode);
+        TemplateNotFound if there is none."""
         return self._get_related(name, None)
 
-    def get_file(self, path):
+    def get_file(self, path: str | os.PathLike) -> Template:
         """A template from a file path (a component's template beside its .py file)."""
         key = (None, str(path))
         hit = self._by_name.get(key)
@@ -1155,10 +1162,12 @@ class Templates:
         template = self._by_name[key] = self._load(full, display)
         return template
 
-    def from_string(self, source, name='<string>'):
+    def from_string(self, source: str, name: str = '<string>') -> Template:
+        """A template from source text."""
         return Template(source, name, self)
 
-    def render(self, name, /, **context):
+    def render(self, name: str, /, **context: Any) -> str:
+        """Render the template `name` with `context`."""
         return self.get(name).render_context(context)
 
     def _get_related(self, name, base):
@@ -1850,7 +1859,8 @@ class WSConnection:
     "CLOSED" when both closes have passed (or the stream ended).
     """
 
-    def __init__(self, client=False, max_size=MAX_WS_MESSAGE, max_fragments=MAX_WS_FRAGMENTS):
+    def __init__(self, client: bool = False, max_size: int = MAX_WS_MESSAGE,
+                 max_fragments: int = MAX_WS_FRAGMENTS) -> None:
         self.client = client
         self.max_size = max_size
         self.max_fragments = max_fragments
@@ -1869,7 +1879,7 @@ class WSConnection:
 
     # -- receiving --------------------------------------------------------
 
-    def receive_data(self, data):
+    def receive_data(self, data: bytes | None) -> None:
         """Feed bytes read from the peer; b"" or None means the peer ended the stream
         (so never pass an empty leftover buffer by accident)."""
         if self._eof:
@@ -1879,7 +1889,7 @@ class WSConnection:
         elif not self._peer_closed:
             self._buffer += data
 
-    def events(self, max_frames=None):
+    def events(self, max_frames: int | None = None) -> Iterator[TextMessage | BytesMessage | Ping | Pong | CloseConnection]:
         """Yield events until more data is needed, or until `max_frames` frames have been read;
         then `frames_left` is true and events() should be called again (with no new data), so
         a server can take turns between connections however many frames one peer sends."""
@@ -1891,7 +1901,7 @@ class WSConnection:
         finally:
             self._budget = math.inf
 
-    def next_event(self):
+    def next_event(self) -> TextMessage | BytesMessage | Ping | Pong | CloseConnection | None:
         """The next event, or None when more data is needed. Raises WebSocketError on bad data."""
         if self._error is not None:
             raise self._error
@@ -2024,7 +2034,7 @@ class WSConnection:
 
     # -- sending ----------------------------------------------------------
 
-    def send(self, event):
+    def send(self, event: TextMessage | BytesMessage | Ping | Pong | CloseConnection) -> bytes:
         """The bytes that put `event` on the wire. A client masks with a fresh random key."""
         if self.state in ("CLOSING", "CLOSED"):
             raise RuntimeError(f"cannot send {type(event).__name__}: connection is {self.state}")
@@ -2119,7 +2129,7 @@ def ws_check_handshake_response(status, headers, key):
 class ConnectionClosed(Exception):
     """The WebSocket is closed; `code` and `reason` come from the close frame (1006: none came)."""
 
-    def __init__(self, code, reason=""):
+    def __init__(self, code: int, reason: str = "") -> None:
         super().__init__(f"WebSocket closed ({code}){': ' + reason if reason else ''}")
         self.code = code
         self.reason = reason
@@ -2202,13 +2212,15 @@ class _WSClientCore:
 class WebSocketClient(_WSClientCore):
     """A blocking WebSocket client: `with WebSocketClient.connect("ws://host:port/path") as ws:`."""
 
-    def __init__(self, sock, conn, response_headers, timeout):
+    def __init__(self, sock: socket.socket, conn: WSConnection, response_headers: dict[str, str],
+                 timeout: float | None) -> None:
         super().__init__(conn, response_headers)
         self._sock = sock
         self._timeout = timeout
 
     @classmethod
-    def connect(cls, url, origin=None, headers=None, timeout=10, max_size=WS_CLIENT_MAX_MESSAGE):
+    def connect(cls, url: str, origin: str | None = None, headers: Mapping[str, str] | None = None,
+                timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> 'WebSocketClient':
         """Open the TCP connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -2233,16 +2245,17 @@ class WebSocketClient(_WSClientCore):
             conn.receive_data(rest)
         return cls(sock, conn, response_headers, timeout)
 
-    def send(self, message):
+    def send(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message."""
         self._raise_if_closed()
         self._write(self._conn.send(self._message_event(message)))
 
-    def ping(self, payload=b""):
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; receive() reads its pong."""
         self._raise_if_closed()
         self._write(self._conn.send(Ping(payload)))
 
-    def receive(self, timeout=None):
+    def receive(self, timeout: float | None = None) -> str | bytes:
         """The next message (str or bytes); answers pings; raises ConnectionClosed or TimeoutError."""
         self._raise_if_closed()
         while True:
@@ -2263,7 +2276,7 @@ class WebSocketClient(_WSClientCore):
                 data = b""
             self._conn.receive_data(data)
 
-    def close(self, code=CloseCode.NORMAL, reason=""):
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Do the closing handshake (waiting up to the connect timeout for the echo), then close."""
         if self._closed is not None:
             return
@@ -2286,24 +2299,26 @@ class WebSocketClient(_WSClientCore):
             self._closed = ConnectionClosed(CloseCode.ABNORMAL, str(err))
             self._raise_if_closed()
 
-    def __enter__(self):
+    def __enter__(self) -> 'WebSocketClient':
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
 class AsyncWebSocketClient(_WSClientCore):
     """The asyncio twin of WebSocketClient: `ws = await AsyncWebSocketClient.connect(url)`."""
 
-    def __init__(self, reader, writer, conn, response_headers, timeout):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: WSConnection,
+                 response_headers: dict[str, str], timeout: float | None) -> None:
         super().__init__(conn, response_headers)
         self._reader = reader
         self._writer = writer
         self._timeout = timeout
 
     @classmethod
-    async def connect(cls, url, origin=None, headers=None, timeout=10, max_size=WS_CLIENT_MAX_MESSAGE):
+    async def connect(cls, url: str, origin: str | None = None, headers: Mapping[str, str] | None = None,
+                      timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> 'AsyncWebSocketClient':
         """Open the connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         reader, writer = await asyncio.wait_for(
@@ -2321,16 +2336,17 @@ class AsyncWebSocketClient(_WSClientCore):
             raise
         return cls(reader, writer, WSConnection(client=True, max_size=max_size), response_headers, timeout)
 
-    async def send(self, message):
+    async def send(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) message."""
         self._raise_if_closed()
         await self._write(self._conn.send(self._message_event(message)))
 
-    async def ping(self, payload=b""):
+    async def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; receive() reads its pong."""
         self._raise_if_closed()
         await self._write(self._conn.send(Ping(payload)))
 
-    async def receive(self, timeout=None):
+    async def receive(self, timeout: float | None = None) -> str | bytes:
         """The next message (str or bytes); answers pings; raises ConnectionClosed or TimeoutError."""
         self._raise_if_closed()
         while True:
@@ -2350,7 +2366,7 @@ class AsyncWebSocketClient(_WSClientCore):
                 data = b""
             self._conn.receive_data(data)
 
-    async def close(self, code=CloseCode.NORMAL, reason=""):
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Do the closing handshake (waiting up to the connect timeout for the echo), then close."""
         if self._closed is not None:
             return
@@ -2404,7 +2420,8 @@ class AsyncWebSocketClient(_WSClientCore):
 class HTTPError(Exception):
     """Raise from a handler to answer with `status` and a short `detail`."""
 
-    def __init__(self, status, detail=None, headers=None):
+    def __init__(self, status: int, detail: str | None = None,
+                 headers: Iterable[tuple[str, str]] | None = None) -> None:
         self.status = int(status)
         self.detail = detail or HTTPStatus(self.status).phrase
         self.headers = list(headers or ())
@@ -2419,7 +2436,7 @@ class LiveError(Exception):
     """A refused live event: `code` is machine-readable, `message` says why. Raise it from a
     component method or `authorize()`: nothing changes and the browser gets both."""
 
-    def __init__(self, code, message):
+    def __init__(self, code: str, message: str) -> None:
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
@@ -2430,7 +2447,7 @@ class StoreUnavailable(Exception):
     folder), so nothing was saved. A live event answers `store_unavailable`, a page or a
     route 503. `reason` is the storage problem in a few words."""
 
-    def __init__(self, message, reason):
+    def __init__(self, message: str, reason: str) -> None:
         self.reason = reason
         super().__init__(message)
 
@@ -2459,7 +2476,7 @@ def derive_key(master, purpose):
 class Signer:
     """HMAC-SHA256 over `bind` + value; the first key signs, every key verifies (rotation)."""
 
-    def __init__(self, master_keys, purpose):
+    def __init__(self, master_keys: Iterable[bytes], purpose: str) -> None:
         self.purpose = purpose
         self._keys = [hmac.new(derive_key(k, purpose), digestmod=hashlib.sha256) for k in master_keys]
 
@@ -2471,10 +2488,12 @@ class Signer:
         mac.update(bind.encode() + b"\0" + value.encode())
         return _b64(mac.digest())
 
-    def sign(self, value, bind=""):
+    def sign(self, value: str, bind: str = "") -> str:
+        """`value` + "." + its HMAC-SHA256 for `bind`, made with the first key."""
         return value + "." + self._mac(self._keys[0], value, bind)
 
-    def unsign(self, token, bind=""):
+    def unsign(self, token: str, bind: str = "") -> str:
+        """The value in `token` when one of the keys made its signature for `bind`; BadSignature otherwise."""
         if not isinstance(token, str) or "." not in token:
             raise BadSignature("not a signed value")
         value, _, mac = token.rpartition(".")
@@ -2594,7 +2613,7 @@ class Session(dict):
     `regenerate()` gives it a new id (call it at sign-in); `clear()` empties it, component
     states included (sign-out)."""
 
-    def __init__(self, data=None, sid=None):
+    def __init__(self, data: Mapping[str, Any] | None = None, sid: str | None = None) -> None:
         super().__init__(data or ())
         self.sid = sid
         self.new = False
@@ -2618,23 +2637,26 @@ class Session(dict):
         self.changed.discard(key)
         self.modified = True
 
-    def pop(self, key, *default):
+    def pop(self, key: str, *default: Any) -> Any:
+        """As dict.pop; removing a key marks the session modified."""
         if key in self:
             self.deleted.add(key)
             self.changed.discard(key)
             self.modified = True
         return super().pop(key, *default)
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """As dict.setdefault; marks the session modified when it adds the key."""
         if key not in self:
             self[key] = default
         return self[key]
 
-    def update(self, *args, **kwargs):
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """As dict.update; marks the session modified."""
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
-    def clear(self):
+    def clear(self) -> None:
         """Forget everything: the data and every component's state (what sign-out needs).
         Pages open before keep working only after a reload (their states get `bad_state`)."""
         for key in list(self):
@@ -2643,7 +2665,7 @@ class Session(dict):
         self.seq += 1  # components rendered after this get tokens the cleared record accepts
         self.cleared = self.modified = True
 
-    def regenerate(self):
+    def regenerate(self) -> None:
         """Give the session a new id, so a new cookie and a new CSRF token, keeping its data.
         Call it at sign-in: an id planted in the browser before (session fixation) stops
         working, because the old id is deleted when the session is saved."""
@@ -2652,7 +2674,7 @@ class Session(dict):
         self.sid = secrets.token_urlsafe(SESSION_ID_BYTES)
         self.new = self.modified = True
 
-    def merge_into(self, data):
+    def merge_into(self, data: dict[str, Any]) -> dict[str, Any]:
         """Apply this request's changes onto `data` freshly read under the lock,
         so two processes writing different keys both keep their writes."""
         if self.cleared:
@@ -2686,23 +2708,23 @@ class SessionStore:
 
     lifetime = SESSION_LIFETIME
 
-    def load(self, sid):
+    def load(self, sid: str) -> dict[str, Any] | None:
         """The record of `sid` (a copy of its own), or None when there is none or it expired."""
         raise NotImplementedError
 
-    def save(self, sid, record):
+    def save(self, sid: str, record: dict[str, Any]) -> None:
         """Write `record` as the whole record of `sid`, without a read (prefer `update`)."""
         raise NotImplementedError
 
-    def delete(self, sid):
+    def delete(self, sid: str) -> None:
         """Forget `sid`'s record (a missing one is not an error)."""
         raise NotImplementedError
 
-    def update(self, sid, fn):
+    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
         """Read-modify-write under the session's lock, as the class docstring says."""
         raise NotImplementedError
 
-    def collect(self, max_age=None):
+    def collect(self, max_age: float | None = None) -> int:
         """Remove expired records (a store whose backend expires them may do nothing);
         returns how many went."""
         raise NotImplementedError
@@ -2721,7 +2743,8 @@ class FileSessionStore(SessionStore):
     last line read or written of recent files, keyed by (inode, size, mtime), and parses it
     for each caller: nobody shares a live object with a writer."""
 
-    def __init__(self, folder, lifetime=SESSION_LIFETIME, max_record=SESSION_MAX_RECORD):
+    def __init__(self, folder: str | os.PathLike, lifetime: float = SESSION_LIFETIME,
+                 max_record: int = SESSION_MAX_RECORD) -> None:
         self.folder = Path(folder)
         self.lifetime = lifetime
         self.max_record = max_record
@@ -2801,7 +2824,7 @@ class FileSessionStore(SessionStore):
         if entry is not None:
             os.close(entry[1])
 
-    def load(self, sid):
+    def load(self, sid: str) -> dict[str, Any] | None:
         try:
             path = self._path(sid)
         except ValueError:
@@ -2870,13 +2893,13 @@ class FileSessionStore(SessionStore):
             os.close(self._append_fds.pop(next(iter(self._append_fds)))[1])
         return fd
 
-    def save(self, sid, record):
+    def save(self, sid: str, record: dict[str, Any]) -> None:
         path = self._path(sid)
         with self._lock(sid):
             _, size, clean_end, ino = self._read(path)
             self._write(path, dict(record), size, clean_end, ino)
 
-    def delete(self, sid):
+    def delete(self, sid: str) -> None:
         path = self._path(sid)
         with self._lock(sid):
             self._forget(path)
@@ -2887,7 +2910,7 @@ class FileSessionStore(SessionStore):
             except OSError as exc:
                 raise _unavailable("delete", path, exc) from exc
 
-    def update(self, sid, fn):
+    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
         """Run fn(record) under the session's lock and save the record it changed. The record
         is this call's own copy, so if fn raises or the write fails, nothing changed anywhere."""
         path = self._path(sid)
@@ -2898,7 +2921,7 @@ class FileSessionStore(SessionStore):
             self._write(path, record, size, clean_end, ino)
             return result
 
-    def collect(self, max_age=None):
+    def collect(self, max_age: float | None = None) -> int:
         """Delete expired session files; returns how many went. If every session looks
         expired, the clock has more likely jumped than every user left: none is deleted."""
         now = time.time()
@@ -3013,8 +3036,8 @@ class RedisSessionStore(SessionStore):
     return 1
     """
 
-    def __init__(self, client, lifetime=SESSION_LIFETIME, *, prefix="asok:", lock_timeout=10.0,
-                 lock_wait=5.0, max_record=None):
+    def __init__(self, client: Any, lifetime: float = SESSION_LIFETIME, *, prefix: str = "asok:",
+                 lock_timeout: float = 10.0, lock_wait: float = 5.0, max_record: int | None = None) -> None:
         self.client = client
         self.lifetime = lifetime
         self.prefix = prefix
@@ -3048,23 +3071,23 @@ class RedisSessionStore(SessionStore):
                                   f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
         return line
 
-    def load(self, sid):
+    def load(self, sid: str) -> dict[str, Any] | None:
         try:
             _, key, _ = self._keys(sid)
         except ValueError:
             return None
         return _json_record(self._redis("read", lambda: self.client.get(key)) or b"")
 
-    def save(self, sid, record):
+    def save(self, sid: str, record: dict[str, Any]) -> None:
         _, key, _ = self._keys(sid)
         line = self._encode(record)
         self._redis("write", lambda: self.client.set(key, line, ex=self.lifetime))
 
-    def delete(self, sid):
+    def delete(self, sid: str) -> None:
         _, key, _ = self._keys(sid)
         self._redis("delete", lambda: self.client.delete(key))
 
-    def update(self, sid, fn):
+    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
         """Run fn(record) once under the session's lock and save what it changed; if fn raises,
         nothing is written. Raises StoreUnavailable if the lock cannot be had within `lock_wait`
         seconds or was lost before the write."""
@@ -3093,7 +3116,7 @@ class RedisSessionStore(SessionStore):
                                    "lock expired")
         return result
 
-    def collect(self, max_age=None):
+    def collect(self, max_age: float | None = None) -> int:
         """Redis expires sessions by their TTL: nothing to do."""
         return 0
 
@@ -3220,7 +3243,7 @@ class MultipartParser:
     after the closing boundary; `feed(b"")` says the body ended. Bad input raises
     HTTPError (400 malformed, 413 past a limit). Preamble and epilogue are ignored."""
 
-    def __init__(self, boundary, max_parts=DEFAULT_MAX_FORM_PARTS):
+    def __init__(self, boundary: bytes | str, max_parts: int = DEFAULT_MAX_FORM_PARTS) -> None:
         if isinstance(boundary, str):
             boundary = boundary.encode("latin-1", "replace")
         if not 1 <= len(boundary) <= 70:  # RFC 2046 §5.1.1
@@ -3231,7 +3254,8 @@ class MultipartParser:
         self._buf = b"\r\n"  # the first boundary may open the body: it then follows this CRLF
         self._state = "preamble"
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list[tuple[str, Any]]:
+        """Parse `data` (b"" at the end of the body): the events it completes (see the class)."""
         events = []
         self._buf += data
         delim = self._delim
@@ -3299,7 +3323,8 @@ class UploadedFile:
     control characters; "" if nothing is left); `raw_filename` is what the client sent.
     The content sits in memory up to MULTIPART_SPOOL bytes, then in a temporary file."""
 
-    def __init__(self, name, raw_filename, content_type, file, size, path=None):
+    def __init__(self, name: str, raw_filename: str, content_type: str, file: BinaryIO, size: int,
+                 path: str | None = None) -> None:
         self.name = name
         self.raw_filename = raw_filename
         self.filename = _safe_filename(raw_filename)
@@ -3312,13 +3337,15 @@ class UploadedFile:
     def __repr__(self):
         return f"<UploadedFile {self.name}={self.filename!r} {self.content_type} {self.size} bytes>"
 
-    def read(self, size=-1):
+    def read(self, size: int = -1) -> bytes:
+        """Read up to `size` bytes of the content (all of it by default)."""
         return self.file.read(size)
 
-    def seek(self, offset, whence=0):
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move in the content, as a file's seek does."""
         return self.file.seek(offset, whence)
 
-    def save(self, dest):
+    def save(self, dest: str | os.PathLike) -> Path:
         """Write the content to `dest`, a file path or a folder (then `filename` inside it).
         Written beside it and renamed into place, so `dest` is complete or untouched; the
         OSError of a full disk reaches the caller. Returns the path written."""
@@ -3350,7 +3377,7 @@ class UploadedFile:
         self.saved = dest
         return dest
 
-    def close(self):
+    def close(self) -> None:
         """Close the content; a live upload not saved is deleted."""
         self.file.close()
         if self._path is not None:
@@ -3443,8 +3470,9 @@ class Request:
     """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient.
     `body` is given as bytes or, for a large body, as a binary file at its start."""
 
-    def __init__(self, method, path, query_string="", headers=None, body=b"",
-                 scheme="http", remote_addr="", app=None):
+    def __init__(self, method: str, path: str, query_string: str = "",
+                 headers: dict[str, str] | None = None, body: bytes | BinaryIO = b"", scheme: str = "http",
+                 remote_addr: str = "", app: 'Asok | None' = None) -> None:
         self.method = method.upper()
         self.path = path
         self.query_string = query_string
@@ -3499,23 +3527,26 @@ class Request:
                 break
 
     @property
-    def query(self):
+    def query(self) -> MultiDict:
+        """The query string's fields: a MultiDict (`.get(name)`, `.getlist(name)`)."""
         if self._query is None:
             self._query = _parse_qs(self.query_string)
         return self._query
 
     @property
-    def cookies(self):
+    def cookies(self) -> dict[str, str]:
+        """The request's cookies by name."""
         if self._cookies is None:
             self._cookies = _parse_cookies(self.headers.get("cookie", ""))
         return self._cookies
 
     @property
-    def content_type(self):
+    def content_type(self) -> str:
+        """The media type of the body in lower case, without parameters ("" when there is none)."""
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
     @property
-    def body(self):
+    def body(self) -> bytes:
         """The body as bytes (a large body is read from its temporary file when asked for)."""
         if not isinstance(self._body, (bytes, bytearray)):
             self._body.seek(0)
@@ -3533,7 +3564,7 @@ class Request:
         return self._body
 
     @property
-    def form(self):
+    def form(self) -> MultiDict:
         """Form fields of an urlencoded or a multipart/form-data body (a MultiDict of str)."""
         if self._form is None:
             if self.content_type == "application/x-www-form-urlencoded":
@@ -3552,7 +3583,7 @@ class Request:
         return self._form
 
     @property
-    def files(self):
+    def files(self) -> MultiDict:
         """Files of a multipart/form-data body: a MultiDict of UploadedFile by field name.
         They are closed (and their temporary files removed) when the handler returns."""
         if self._files is None:
@@ -3561,7 +3592,7 @@ class Request:
                 self._files = MultiDict()
         return self._files
 
-    def close(self):
+    def close(self) -> None:
         """Release the body's temporary file and the uploaded files."""
         for uploads in (self._files._lists.values() if self._files else ()):
             for upload in uploads:
@@ -3570,7 +3601,8 @@ class Request:
             self._body.close()
 
     @property
-    def json(self):
+    def json(self) -> Any:
+        """The body parsed as JSON (None when empty); HTTPError 400 when it is not JSON."""
         if not self.body:
             return None
         try:
@@ -3579,17 +3611,20 @@ class Request:
             raise HTTPError(400, f"body is not valid JSON: {exc}")
 
     @property
-    def host(self):
+    def host(self) -> str:
+        """The Host header ("" when absent; from X-Forwarded-Host behind a trusted proxy)."""
         return self.headers.get("host", "")
 
     @property
-    def session(self):
+    def session(self) -> Session:
+        """The user's session, opened from the cookie when first used."""
         if self._session is None:
             self._session = self.app._open_session(self) if self.app else Session()
         return self._session
 
     @property
-    def csrf_token(self):
+    def csrf_token(self) -> str:
+        """The session's CSRF token (starting a session if there is none)."""
         return self.app._csrf_token(self)
 
 
@@ -3635,7 +3670,9 @@ def _parse_cookies(header):
 class Response:
     """Status, headers, cookies and a body: bytes, or an iterable of bytes to stream."""
 
-    def __init__(self, body=b"", status=200, headers=None, content_type="text/html; charset=utf-8"):
+    def __init__(self, body: bytes | str | Iterable[bytes] = b"", status: int = 200,
+                 headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                 content_type: str | None = "text/html; charset=utf-8") -> None:
         self.status = int(status)
         self.headers = list(headers.items() if isinstance(headers, dict) else headers or ())
         if content_type and not any(k.lower() == "content-type" for k, _ in self.headers):
@@ -3647,15 +3684,18 @@ class Response:
     def __repr__(self):
         return f"<Response {self.status}>"
 
-    def header(self, name, default=None):
+    def header(self, name: str, default: str | None = None) -> str | None:
+        """The first value of the header field `name` (any case), or `default`."""
         name = name.lower()
         for key, value in self.headers:
             if key.lower() == name:
                 return value
         return default
 
-    def set_cookie(self, name, value, max_age=None, path="/", httponly=True,
-                   samesite="Lax", secure=False, expires=None):
+    def set_cookie(self, name: str, value: str, max_age: float | None = None, path: str = "/",
+                   httponly: bool = True, samesite: str | None = "Lax", secure: bool = False,
+                   expires: float | None = None) -> None:
+        """Add a Set-Cookie field: HttpOnly and SameSite=Lax unless told otherwise."""
         parts = [f"{name}={value}", f"Path={path}"]
         if max_age is not None:
             parts.append(f"Max-Age={int(max_age)}")
@@ -3669,19 +3709,22 @@ class Response:
             parts.append("Secure")
         self.headers.append(("Set-Cookie", "; ".join(parts)))
 
-    def delete_cookie(self, name, path="/"):
+    def delete_cookie(self, name: str, path: str = "/") -> None:
+        """Tell the browser to drop the cookie `name`."""
         self.set_cookie(name, "", max_age=0, path=path, expires=0)
 
     @property
-    def streamed(self):
+    def streamed(self) -> bool:
+        """True when the body is an iterable of chunks (sent chunked) rather than bytes."""
         return not isinstance(self.body, (bytes, bytearray, memoryview))
 
 
-def redirect(location, status=302):
+def redirect(location: str, status: int = 302) -> Response:
+    """A response sending the browser to `location`: 302, or `status` (301, 303, 307, 308)."""
     return Response(b"", status, [("Location", location)], content_type=None)
 
 
-def make_response(rv):
+def make_response(rv: Any) -> Response:
     """Turn what a handler returned into a Response:
     Response as is; str -> HTML; bytes -> application/octet-stream; dict or list -> JSON;
     an iterator or generator of str/bytes -> streamed; (body, status) and
@@ -3804,13 +3847,13 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
 
-def exposed(fn):
+def exposed(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a component method as callable from the browser."""
     fn.__asok_exposed__ = True
     return fn
 
 
-def on(topic):
+def on(topic: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`@on("chat:{room}")` on a component method: it runs with the payload, `method(self,
     payload)`, when `topic` is published, while at least one view of the component is open.
     `{field}` is filled in from the component's state (when it joins and after each change)."""
@@ -3825,7 +3868,7 @@ def on(topic):
     return mark
 
 
-def every(seconds):
+def every(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """`@every(5)` on a component method taking no arguments: it runs once per period per
     (session, cid) while at least one view of the component is open."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= LIVE_MIN_PERIOD:
@@ -3904,23 +3947,25 @@ class Component:
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
 
-    def mount(self):
+    def mount(self) -> None:
         """Runs once, on the first render of this component for a session."""
 
-    def update(self, **props):
+    def update(self, **props: Any) -> None:
         """Runs on every later render that passes props (the first render sets them as state
         before `mount()`); by default the saved state wins and the props are ignored."""
 
-    def authorize(self, method, args):
+    def authorize(self, method: str, args: list[Any]) -> bool:
         """Runs before every call from the browser (`method` is "$model" for ws-model) with
         the state restored; return False to refuse with `forbidden`, or raise
         LiveError(code, message) to refuse with your own. Default: allow."""
         return True
 
-    def render(self):
+    def render(self) -> str:
+        """The component's HTML: by default the template named after the class in lower case (Counter:
+        counter.html) beside its file."""
         return self.html(type(self).__name__.lower() + ".html")
 
-    def html(self, name, /, **extra):
+    def html(self, name: str, /, **extra: Any) -> Markup:
         """Render a template beside the component's file with the state (and `extra`) as context."""
         path = self._asok_paths.get(name)
         if path is None:
@@ -3933,10 +3978,11 @@ class Component:
         return Markup(template.render(**context))
 
     @property
-    def session(self):
+    def session(self) -> Session:
+        """The session of the user the component belongs to (see Session)."""
         return self._asok_session
 
-    def publish(self, topic, payload=None):
+    def publish(self, topic: str, payload: Any = None) -> None:
         """`app.publish` from inside a component: sent once this call's result is saved
         (not at all if the call fails)."""
         encoded = self._asok_app.live.encode(topic, payload)
@@ -3947,7 +3993,8 @@ class Component:
             outbox.append(encoded)
 
     @property
-    def state(self):
+    def state(self) -> dict[str, Any]:
+        """The component's state: its public attributes, as rendered, signed and saved."""
         state = {name: getattr(self, name) for name in self._asok_fields}
         for name, value in vars(self).items():
             if not name.startswith("_"):
@@ -4243,13 +4290,14 @@ class SavedComponent:
     ticks: dict = field(default_factory=dict)   # t: timer method -> the last period it ran in
 
     @classmethod
-    def load(cls, raw, name):
+    def load(cls, raw: dict[str, Any] | None, name: str) -> 'SavedComponent | None':
         """The saved component in `raw`, or None if there is none or it belongs to another class."""
         if not raw or raw.get("c") != name:
             return None
         return cls(name, raw["s"], raw["v"], raw.get("q", 0), raw.get("ids", {}), raw.get("h", {}), raw.get("t", {}))
 
-    def dump(self):
+    def dump(self) -> dict[str, Any]:
+        """The record as the store keeps it (a JSON-safe dict)."""
         raw = {"c": self.name, "s": self.state, "v": self.version, "q": self.seq, "ids": self.ids}
         if self.heard:
             raw["h"] = self.heard
@@ -5095,13 +5143,15 @@ class Broker:
     what that costs a page on its next join or event, since every view re-renders from the
     session store; only a published payload that never arrives is not applied there."""
 
-    def publish(self, data):
+    def publish(self, data: bytes) -> None:
+        """Hand `data` to the subscriber of every process, this one included (see the class)."""
         raise NotImplementedError
 
-    def subscribe(self, callback):
+    def subscribe(self, callback: Callable[[bytes], Any]) -> None:
+        """Call `callback(data)` for each message from now on, from any thread."""
         raise NotImplementedError
 
-    def close(self):
+    def close(self) -> None:
         """Flush what is queued and let go of sockets and threads (at exit, or in tests)."""
 
 
@@ -5114,7 +5164,7 @@ class FolderBroker(Broker):
     sender that finds nobody listening. Both folders are mode 0700 and must belong to this user:
     whoever can write to them can publish."""
 
-    def __init__(self, folder):
+    def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self._callback = None
         self._lock = threading.Lock()
@@ -5146,12 +5196,12 @@ class FolderBroker(Broker):
         threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
         atexit.register(self.close)
 
-    def subscribe(self, callback):
+    def subscribe(self, callback: Callable[[bytes], Any]) -> None:
         with self._lock:
             self._callback = callback
             self._open()
 
-    def publish(self, data):
+    def publish(self, data: bytes) -> None:
         if len(data) > BROKER_MAX_DATAGRAM:
             raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
         with self._lock:
@@ -5209,7 +5259,7 @@ class FolderBroker(Broker):
                 except Exception:
                     log.exception("the live broker's subscriber failed")
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             if self._send is None or self._closed:
                 return
@@ -5237,7 +5287,7 @@ class RedisBroker(Broker):
 
     RETRY = 1.0
 
-    def __init__(self, client, channel="asok:live"):
+    def __init__(self, client: Any, channel: str = "asok:live") -> None:
         self.client = client
         self.channel = channel
         self._me = secrets.token_hex(8).encode() + b" "
@@ -5258,11 +5308,11 @@ class RedisBroker(Broker):
         threading.Thread(target=self._receive_loop, name="asok-redis-in", daemon=True).start()
         threading.Thread(target=self._send_loop, name="asok-redis-out", daemon=True).start()
 
-    def subscribe(self, callback):
+    def subscribe(self, callback: Callable[[bytes], Any]) -> None:
         self._callback = callback
         self._start()
 
-    def publish(self, data):
+    def publish(self, data: bytes) -> None:
         if len(data) > BROKER_MAX_DATAGRAM:
             raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
         self._start()
@@ -5308,7 +5358,7 @@ class RedisBroker(Broker):
                           type(exc).__name__, exc, self.RETRY)
                 time.sleep(self.RETRY)
 
-    def close(self):
+    def close(self) -> None:
         self._closed = True
         self._queue.put(None)
 
@@ -5346,11 +5396,14 @@ class Asok:
     """The application: file pages, routes, components, sessions.
     A WSGI application itself; `app.asgi` is its ASGI 3 application."""
 
-    def __init__(self, app_dir=".", *, debug=None, secret_key=None, secret_key_fallbacks=None,
-                 max_body=DEFAULT_MAX_BODY, session_store=None, session_lifetime=SESSION_LIFETIME,
-                 trusted_proxies=None, live_origins=(),
-                 max_form_parts=DEFAULT_MAX_FORM_PARTS, max_field_size=DEFAULT_MAX_FIELD_SIZE,
-                 max_part_size=DEFAULT_MAX_PART_SIZE, broker=None):
+    def __init__(self, app_dir: str | os.PathLike = ".", *, debug: bool | None = None,
+                 secret_key: str | bytes | None = None,
+                 secret_key_fallbacks: Iterable[str | bytes] | None = None,
+                 max_body: int = DEFAULT_MAX_BODY, session_store: SessionStore | None = None,
+                 session_lifetime: float = SESSION_LIFETIME,
+                 trusted_proxies: str | Iterable[str] | None = None, live_origins: Iterable[str] = (),
+                 max_form_parts: int = DEFAULT_MAX_FORM_PARTS, max_field_size: int = DEFAULT_MAX_FIELD_SIZE,
+                 max_part_size: int = DEFAULT_MAX_PART_SIZE, broker: Broker | None = None) -> None:
         root = Path(app_dir).resolve()
         self.root = root.parent if root.is_file() else root
         env = os.environ
@@ -5398,25 +5451,26 @@ class Asok:
     def __repr__(self):
         return f"<Asok {self.root}>"
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         return self.wsgi_app(environ, start_response)
 
-    def wsgi_app(self, environ, start_response):
+    def wsgi_app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         """PEP 3333: the app served by any WSGI server."""
         return _wsgi_call(self, environ, start_response)
 
-    def publish(self, topic, payload=None):
+    def publish(self, topic: str, payload: Any = None) -> None:
         """Run the @on(topic) methods of every component with a view open, in every process
         serving this app folder; each changed view gets its new HTML. Callable from any thread
         or coroutine; `payload` is JSON-safe (at most LIVE_MAX_PUBLISH bytes as JSON)."""
         self.live.publish(topic, payload)
 
-    def run(self, host="127.0.0.1", port=8000, **options):
+    def run(self, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
         """Serve with the built-in asyncio server until SIGINT / SIGTERM."""
         asyncio.run(serve(self, host, port, **options))
 
     # ── registration ──────────────────────────────────────────────────
-    def route(self, path, methods=("GET",), *, csrf=True, name=None):
+    def route(self, path: str, methods: Iterable[str] = ("GET",), *, csrf: bool = True,
+              name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """`@app.route("/users/<int:id>", methods=["GET", "POST"])`. The handler receives the
         path parameters as keyword arguments, and the request too if it has a `request` parameter."""
         def decorator(fn):
@@ -5424,14 +5478,14 @@ class Asok:
             return fn
         return decorator
 
-    def before_request(self, fn):
+    def before_request(self, fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
         """`@app.before_request` on `fn(request)`: runs before every page and route (not static
         files, not the live socket), in the order registered; a return value other than None
         is the response (e.g. `redirect("/signin")`) and the page or route does not run."""
         self.before_request_hooks.append(fn)
         return fn
 
-    def websocket(self, path, *, max_size=MAX_WS_MESSAGE, origins=()):
+    def websocket(self, path: str, *, max_size: int = MAX_WS_MESSAGE, origins: Iterable[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """`@app.websocket("/chat")` on `async def handler(ws)`. Same-origin browsers only,
         unless `origins` lists others (e.g. "https://example.com")."""
         def decorator(fn):
@@ -5442,7 +5496,9 @@ class Asok:
             return fn
         return decorator
 
-    def template_filter(self, name=None):
+    def template_filter(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering a template filter: `@app.template_filter()` (named after the function) or
+        `@app.template_filter("name")`."""
         def decorator(fn):
             self.templates.filters[name or fn.__name__] = fn
             return fn
@@ -5462,7 +5518,7 @@ class Asok:
         return routes
 
     @property
-    def components(self):
+    def components(self) -> dict[str, type[Component]]:
         """{name: Component class}: src/components/*.py, imported on first use (the first request,
         or load_app once app.py has run), so a component module may `from app import helper`."""
         if self._components is None:
@@ -5486,7 +5542,7 @@ class Asok:
                     found[value.__name__] = value
         return found
 
-    def register_component(self, cls):
+    def register_component(self, cls: type[Component]) -> type[Component]:
         """Make `cls` available to `component(name)` and the live endpoint (found files do this)."""
         self._registered[cls.__name__] = cls
         if self._components is not None:
@@ -5494,7 +5550,7 @@ class Asok:
         return cls
 
     # ── keys, sessions, CSRF ──────────────────────────────────────────
-    def log_startup(self):
+    def log_startup(self) -> None:
         """One line at start-up (outside debug mode): where the signing key came from."""
         if not self.debug:
             log.info("signing key from %s; every process and machine serving this app must share it "
@@ -5633,17 +5689,20 @@ class Asok:
                 pass
 
     # ── URLs ──────────────────────────────────────────────────────────
-    def static_url(self, path):
+    def static_url(self, path: str) -> str:
+        """The URL of a file under static/: `static_url("app.css")` is "/static/app.css"."""
         return "/static/" + urllib.parse.quote(str(path).lstrip("/"))
 
-    def url_for(self, name, /, **params):
+    def url_for(self, name: str, /, **params: Any) -> str:
+        """The path of the route named `name` with `params` filled in; LookupError if no route has that
+        name."""
         for route in self.routes:
             if route.name == name:
                 return route.build(**params)
         raise LookupError(f"url_for({name!r}): no route has that name")
 
     # ── handling a request ────────────────────────────────────────────
-    def handle(self, request):
+    def handle(self, request: Request) -> Response:
         """Request in, Response out; never raises."""
         request.app = self
         try:
@@ -5739,7 +5798,7 @@ class Asok:
         return {"request": request, "session": request.session, "csrf_token": _LazyToken(request),
                 "component": _ComponentRenderer(self, request, prefix)}
 
-    def render_template(self, request, name, /, **context):
+    def render_template(self, request: Request, name: str, /, **context: Any) -> str:
         """Render `name` (under src/) for a route handler; adds the page globals and, when a
         component is on the page, the live runtime."""
         full = self._context(request, request.path)
@@ -5765,7 +5824,10 @@ class Asok:
             at = text.find("</body>")
         return text + tags if at < 0 else text[:at] + tags + text[at:]
 
-    def error_response(self, status, detail=None, headers=(), tb=None):
+    def error_response(self, status: int, detail: str | None = None,
+                       headers: Iterable[tuple[str, str]] = (), tb: str | None = None) -> Response:
+        """The error page for `status`: its phrase, `detail` if given, and the traceback `tb` in debug
+        mode."""
         phrase = HTTPStatus(status).phrase
         body = f"<!doctype html><title>{status} {phrase}</title><h1>{status} {phrase}</h1>"
         if detail:
@@ -5950,7 +6012,7 @@ class Asok:
             outbox.closed = True
             self.live.leave(conn)  # quick: no I/O, the lock is only ever held briefly
 
-    def live_event(self, sid, text):
+    def live_event(self, sid: str | None, text: str) -> str:
         """One live event in (JSON text), its reply out (JSON text), with no page behind it
         (no view is kept: nothing is pushed to it). Never raises."""
         return self.live.handle(LiveConnection(sid, None), text)[0]
@@ -6916,9 +6978,12 @@ def _connection_limit(requested):
     return limit
 
 
-async def serve(app, host="127.0.0.1", port=8000, *, ready=None, header_timeout=HEADER_TIMEOUT,
-                body_timeout=BODY_TIMEOUT, idle_timeout=IDLE_TIMEOUT, ping_interval=WS_PING_INTERVAL,
-                stop=None, sock=None, max_connections=None):
+async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
+                ready: Callable[[tuple[Any, ...]], Any] | None = None,
+                header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+                idle_timeout: float = IDLE_TIMEOUT, ping_interval: float = WS_PING_INTERVAL,
+                stop: asyncio.Event | None = None, sock: socket.socket | None = None,
+                max_connections: int | None = None) -> None:
     """Serve `app` until SIGINT / SIGTERM (or until the `stop` event is set), on host:port or
     on `sock`, a listening socket already bound (how `--workers` shares one)."""
     loop = asyncio.get_running_loop()
@@ -6974,24 +7039,24 @@ class Headers(Mapping):
     more than once reads as its values joined with ", " (RFC 9110 §5.3); `getlist(name)` gives
     them one by one (Set-Cookie, say). `raw` is the (name, value) pairs as sent."""
 
-    def __init__(self, raw=()):
+    def __init__(self, raw: Iterable[tuple[str, str]] = ()) -> None:
         self.raw = list(raw)
 
-    def getlist(self, name):
+    def getlist(self, name: str) -> list[str]:
         """Every value of the field `name`, in the order sent; [] when there is none."""
         name = name.lower()
         return [v for k, v in self.raw if k.lower() == name]
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> str:
         values = self.getlist(name)
         if not values:
             raise KeyError(name)
         return ", ".join(values)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(dict.fromkeys(k.lower() for k, _ in self.raw))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len({k.lower() for k, _ in self.raw})
 
     def __repr__(self):
@@ -7005,7 +7070,7 @@ class TestResponse:
 
     __test__ = False  # a class named Test... is not a test class: pytest must not collect it
 
-    def __init__(self, response, url="", history=()):
+    def __init__(self, response: Response, url: str = "", history: 'Iterable[TestResponse]' = ()) -> None:
         self.status = response.status
         self.headers = Headers(response.headers)
         body = response.body
@@ -7014,35 +7079,35 @@ class TestResponse:
         self.history = list(history)
 
     @property
-    def status_code(self):
+    def status_code(self) -> int:
         """The status, under the name Flask, Starlette and requests use."""
         return self.status
 
     @property
-    def content(self):
+    def content(self) -> bytes:
         """The body as bytes (httpx's and Starlette's name)."""
         return self.body
 
     @property
-    def data(self):
+    def data(self) -> bytes:
         """The body as bytes (Flask's name)."""
         return self.body
 
-    def header(self, name, default=None):
+    def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of the header field `name` (any case), or `default`."""
         values = self.headers.getlist(name)
         return values[0] if values else default
 
     @property
-    def text(self):
+    def text(self) -> str:
         """The body decoded as UTF-8."""
         return self.body.decode("utf-8")
 
-    def json(self):
+    def json(self) -> Any:
         """The body parsed as JSON."""
         return json.loads(self.body)
 
-    def get_json(self):
+    def get_json(self) -> Any:
         """The body parsed as JSON (Flask's name)."""
         return self.json()
 
@@ -7074,21 +7139,28 @@ class TestClient:
 
     __test__ = False
 
-    def __init__(self, app, scheme="http", host="testserver", *, follow_redirects=False):
+    def __init__(self, app: Asok, scheme: str = "http", host: str = "testserver", *,
+                 follow_redirects: bool = False) -> None:
         self.app = app
         self.scheme = scheme
         self.host = host
         self.follow_redirects = follow_redirects
         self.cookies = {}
 
-    def __enter__(self):
+    def __enter__(self) -> 'TestClient':
+        """`with TestClient(app) as client:`; the client's cookies are dropped at the end."""
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.cookies.clear()
 
-    def request(self, method, url, *, params=None, data=None, json=None, content=None, headers=None,
-                follow_redirects=None, json_body=None, body=b"", files=None):
+    def request(self, method: str, url: str, *,
+                params: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+                data: Mapping[str, Any] | str | bytes | None = None, json: Any = None,
+                content: str | bytes | None = None,
+                headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                follow_redirects: bool | None = None, json_body: Any = None, body: bytes = b"",
+                files: Mapping[str, Any] | None = None) -> TestResponse:
         """Send one request through the app and return a TestResponse. `url` is a path (with a
         query string if you like) or a full URL; `params` (a dict or pairs) is added to its query;
         `data` is form fields (a dict) or a raw body, `json` a value sent as JSON, `content` raw bytes.
@@ -7147,47 +7219,47 @@ class TestClient:
                 self.cookies[cookie_name] = rest.split(";")[0]
         return response
 
-    def get(self, url, **kwargs):
+    def get(self, url: str, **kwargs: Any) -> TestResponse:
         """GET `url`; keyword arguments as for `request`."""
         return self.request("GET", url, **kwargs)
 
-    def post(self, url, **kwargs):
+    def post(self, url: str, **kwargs: Any) -> TestResponse:
         """POST to `url`; keyword arguments as for `request`."""
         return self.request("POST", url, **kwargs)
 
-    def put(self, url, **kwargs):
+    def put(self, url: str, **kwargs: Any) -> TestResponse:
         """PUT to `url`; keyword arguments as for `request`."""
         return self.request("PUT", url, **kwargs)
 
-    def patch(self, url, **kwargs):
+    def patch(self, url: str, **kwargs: Any) -> TestResponse:
         """PATCH `url`; keyword arguments as for `request`."""
         return self.request("PATCH", url, **kwargs)
 
-    def delete(self, url, **kwargs):
+    def delete(self, url: str, **kwargs: Any) -> TestResponse:
         """DELETE `url`; keyword arguments as for `request`."""
         return self.request("DELETE", url, **kwargs)
 
-    def head(self, url, **kwargs):
+    def head(self, url: str, **kwargs: Any) -> TestResponse:
         """HEAD `url`: the status and headers of a GET, no body."""
         return self.request("HEAD", url, **kwargs)
 
-    def options(self, url, **kwargs):
+    def options(self, url: str, **kwargs: Any) -> TestResponse:
         """OPTIONS `url`; keyword arguments as for `request`."""
         return self.request("OPTIONS", url, **kwargs)
 
     @property
-    def sid(self):
+    def sid(self) -> str | None:
         """The id of the session the client's cookie names, or None."""
         token = self.cookies.get(SESSION_COOKIE)
         return self.app._cookie_signer.unsign(token) if token else None
 
-    def publish(self, topic, payload=None, timeout=5.0):
+    def publish(self, topic: str, payload: Any = None, timeout: float = 5.0) -> None:
         """`app.publish(topic, payload)`, then wait until this process has applied it (and
         pushed the new HTML to the handles that show the component)."""
         self.app.publish(topic, payload)
         self.app.live.settle(timeout)
 
-    def live(self, path, name, index=0):
+    def live(self, path: str, name: str, index: int = 0) -> 'LiveHandle':
         """Load the page at `path` and return a LiveHandle on its `index`-th `name` component,
         joined as alive.js joins: it receives pushes (`handle.pushes`) until `handle.close()`."""
         page = self.get(path)
@@ -7455,7 +7527,8 @@ class LiveHandle:
     newer than what the handle shows replaces `html` and `state`, as in alive.js; `close()` is
     the page closing."""
 
-    def __init__(self, client, cid, name, state, csrf, html=None, path="/"):
+    def __init__(self, client: TestClient, cid: str, name: str, state: str, csrf: str,
+                 html: str | None = None, path: str = "/") -> None:
         self.client = client
         self.cid = cid
         self.name = name
@@ -7473,7 +7546,7 @@ class LiveHandle:
             self._pushed(cid, text)
 
     @property
-    def state(self):
+    def state(self) -> dict[str, Any]:
         """The component's state, as signed into its last render."""
         return StateToken.parse(self.state_token).state
 
@@ -7485,23 +7558,23 @@ class LiveHandle:
                 self.state_token, self.html = message["state"], message["html"]
             self._arrived.notify_all()
 
-    def wait_for_push(self, count=1, timeout=5.0):
+    def wait_for_push(self, count: int = 1, timeout: float = 5.0) -> dict[str, Any]:
         """Wait until this view has received `count` pushes in all; returns the last one."""
         with self._arrived:
             if not self._arrived.wait_for(lambda: len(self.pushes) >= count, timeout):
                 raise AssertionError(f"{self.cid}: {len(self.pushes)} push(es) after {timeout} s, not {count}")
             return self.pushes[-1]
 
-    def close(self):
+    def close(self) -> None:
         """The page closes: this view stops receiving pushes (and its timers stop, if it was the last)."""
         self.client.app.live.leave(self.conn)
 
     @property
-    def text(self):
+    def text(self) -> str:
         """The component's text as a user reads it: tags dropped, white space collapsed."""
         return _parse_html(self.html or "").text
 
-    def send(self, message):
+    def send(self, message: dict[str, Any] | str) -> dict[str, Any]:
         """Send a raw message (dict or text) and return the reply as a dict."""
         text = message if isinstance(message, str) else json.dumps(message)
         if self.conn.sid != self.client.sid:  # the cookie changed (a sign-in): a new socket, as alive.js's next
@@ -7509,7 +7582,7 @@ class LiveHandle:
             self.conn.sid = self.client.sid
         return json.loads(self.client.app.live.handle(self.conn, text)[0])
 
-    def call(self, method, *args, **overrides):
+    def call(self, method: str, *args: Any, **overrides: Any) -> dict[str, Any]:
         """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""
         self._n += 1
         message = {"id": f"{self._page}:{self._n}", "cid": self.cid, "component": self.name,
@@ -7522,7 +7595,7 @@ class LiveHandle:
                 self.html = reply["html"]
         return reply
 
-    def find(self, selector):
+    def find(self, selector: str) -> list[_Node]:
         """The elements of this component matching the CSS `selector`, in document order."""
         groups = _parse_selector(selector)
         return [n for n in _parse_html(self.html or "").walk(into_components=False)
@@ -7542,7 +7615,7 @@ class LiveHandle:
         raise AssertionError(f"{action}: {len(targets)} elements match {selector!r}: "
                              + ", ".join(t.describe() for t in targets) + "; give a selector that finds one")
 
-    def click(self, target):
+    def click(self, target: str) -> dict[str, Any]:
         """Click the element whose text is `target` (or that the CSS selector `target` finds):
         send the `ws-click` of it or of its nearest ancestor with one, with its written arguments."""
         tree = _parse_html(self.html or "")
@@ -7565,7 +7638,7 @@ class LiveHandle:
         method, args = _directive_call(targets[0], "ws-click")
         return self.call(method, *args)
 
-    def type(self, selector, text):
+    def type(self, selector: str, text: str) -> dict[str, Any]:
         """Type `text` into the field `selector` finds, as its events would send it: its `ws-model`
         property is set, or its `ws-input` (else `ws-change`) method is called with its written
         arguments and then the text."""
@@ -7577,7 +7650,8 @@ class LiveHandle:
         method, args = _directive_call(field, attr)
         return self.call(method, *args, text)
 
-    def submit(self, selector="form", fields=None, files=None):
+    def submit(self, selector: str = "form", fields: Mapping[str, Any] | None = None,
+               files: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Submit the form `selector` finds (or the form around it), as alive.js does for
         `ws-submit`: its method gets the form's fields as a dict, the values in the rendered
         HTML with `fields` put over them. Naming a field the form does not have is an error.
@@ -7598,14 +7672,14 @@ class LiveHandle:
         method, args = _directive_call(form, "ws-submit")
         return self.call(method, *(args or [values]))
 
-    def upload(self, files):
+    def upload(self, files: Mapping[str, tuple[str, bytes, str]]) -> dict[str, Any]:
         """POST `files` ({input name: (filename, bytes, content_type)}) to /asok/upload for this
         component, as the browser does before a ws-submit with chosen files. Returns the answer:
         {"files": {name: [upload id]}} (send {"$upload": id} as the field's value) or {"error": ...}."""
         fields = {"cid": self.cid, "component": self.name, "state": self.state_token, "csrf_token": self.csrf}
         return self.client.post("/asok/upload", data=fields, files=files).json()
 
-    def press(self, selector, key):
+    def press(self, selector: str, key: str) -> dict[str, Any]:
         """Press `key` ("Enter", "Escape", ...) in the element `selector` finds: its
         `ws-keydown.<key>` (or its nearest ancestor's) is called with its written arguments."""
         attr = "ws-keydown." + key.lower()
@@ -7617,7 +7691,7 @@ class LiveHandle:
 # Command line
 # ═══════════════════════════════════════════════════════════════════════
 
-def load_app(app_dir="."):
+def load_app(app_dir: str | os.PathLike = ".") -> Asok:
     """The app of a folder: `app` from its app.py if there is one, else a plain Asok(app_dir)."""
     root = Path(app_dir).resolve()
     if not root.is_dir():
@@ -7656,7 +7730,7 @@ WORKER_QUICK_DEATH = 2.0    # a worker that dies sooner than this after its star
 WORKER_MAX_CRASHES = 5      # crashes in a row after which `--workers` gives up
 
 
-def serve_workers(app_dir, host="127.0.0.1", port=8000, workers=2):
+def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> int:
     """`python asok.py serve --workers N`: this process binds the socket and forks N workers;
     each loads the app and serves on the shared socket (the kernel hands each connection to
     one of them). A worker that dies is replaced; SIGTERM or SIGINT stops them all, each
@@ -7851,7 +7925,7 @@ def _stylesheet(request):
     return Response(ASOK_CSS, 200, headers, content_type="text/css; charset=utf-8")
 
 
-def gallery_apps(folder):
+def gallery_apps(folder: str | os.PathLike) -> list[Path]:
     """The app folders inside `folder`, sorted by name: each subfolder with an app.py or a
     src/ folder. [] when `folder` is an app itself (it has app.py or src/)."""
     root = Path(folder)
@@ -7861,7 +7935,7 @@ def gallery_apps(folder):
                   and ((p / "app.py").is_file() or (p / "src").is_dir()))
 
 
-def describe_app(folder):
+def describe_app(folder: str | os.PathLike) -> str:
     """One line on what the app in `folder` shows, for the gallery: the content of a
     `<meta name="description">` in src/pages/index.html (else in a template under src/html),
     else the first line of app.py's docstring, else the page's <title>, else ""."""
@@ -7930,7 +8004,7 @@ def _listen(host, port):
     return socket.create_server((host, port), backlog=1024)
 
 
-def serve_gallery(folder, host="127.0.0.1", port=8000):
+def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> int:
     """`python asok.py serve examples`: the index of `folder`'s apps on host:port, and each app
     on the next free port (port+1, port+2, ...; any free one when that is taken), all in this
     process. They share one signing key, so one session cookie serves them all."""
@@ -8048,7 +8122,7 @@ def _parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """`python asok.py ...`: parse the command line and run it; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
@@ -8118,6 +8192,7 @@ sys.modules.setdefault(__name__, sys.modules.get(__name__))
 if __name__ == "__main__":
     sys.modules.setdefault("asok", sys.modules["__main__"])
 sys.modules.setdefault("asok.component", _component_module)
+del _component_module  # reached as asok.component; not a name of its own
 
 if __name__ == "__main__":
     sys.exit(main())

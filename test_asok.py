@@ -701,6 +701,34 @@ def test_a_gallery_runs_in_one_process():
     assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
 
 
+def test_the_public_api_is_annotated_and_documented():
+    """Everything in __all__ (and the methods of its classes) has a docstring, and annotated
+    parameters and return, so `python -m pydoc asok` reads as a reference."""
+    import inspect
+    problems = []
+    for name in asok.__all__:
+        obj = getattr(asok, name)
+        members = [(name, obj)]
+        if inspect.isclass(obj):
+            if not inspect.getdoc(obj):
+                problems.append(f"{name}: no docstring")
+            members = [(f"{name}.{attr}", value) for attr, value in vars(obj).items()
+                       if not attr.startswith("_") or attr in ("__init__", "__call__", "__enter__", "__exit__")]
+        for qual, value in members:
+            fn = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+            if not inspect.isfunction(fn):
+                continue
+            if not qual.rpartition(".")[2].startswith("__") and not inspect.getdoc(
+                    getattr(obj, qual.rpartition(".")[2]) if inspect.isclass(obj) else fn):
+                problems.append(f"{qual}: no docstring")
+            sig = inspect.signature(fn)
+            bare = [p.name for p in sig.parameters.values()
+                    if p.name not in ("self", "cls") and p.annotation is inspect.Parameter.empty]
+            if bare or sig.return_annotation is inspect.Signature.empty:
+                problems.append(f"{qual}: annotate {', '.join(bare) or 'the return'}")
+    assert problems == []
+
+
 def test_asok_py_is_clean_for_ruff_and_pyflakes():
     pytest.importorskip("ruff")
     pytest.importorskip("pyflakes")
