@@ -5532,10 +5532,8 @@ class Asok:
         return decorator
 
     def template_filter(self, name=None):
-        def decorator(fn):
-            self.templates.filters[name or fn.__name__] = fn
-            return fn
-        return decorator
+        """`Templates.filter` on this app's templates: `@app.template_filter()` or `("name")`."""
+        return self.templates.filter(name)
 
     def _scan_pages(self):
         pages_dir = self.root / "src" / "pages"
