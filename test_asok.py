@@ -2080,6 +2080,17 @@ def test_whitespace_control(S):
     ('<% extends "b.html" %>\nstray', 2, 'content outside of blocks'),
     ('<<  >>', 1, 'empty expression'),
     ('<% macro m(a b) %><% endmacro %>', 1, 'invalid macro signature'),
+    ('<% if a %>x<% else %>\n<% elif b %><% endif %>', 2, "'elif' after 'else' (opened at line 1)"),
+    ('<% for x in xs %>\n<% else %>\n<% else %><% endfor %>', 3, "'else' after 'else' (opened at line 2)"),
+    ('<% for x in xs %><% elif y %><% endfor %>', 1, "'elif' without 'if'"),
+    ('a\n<% if %>', 2, "'if' needs an argument"),
+    ('<% block 1a %><% endblock %>', 1, "invalid block name '1a'"),
+    ('<% macro m() %><% endmacro %>\n<% macro m() %><% endmacro %>', 2, "macro 'm' defined twice"),
+    ('<% endraw %>', 1, "'endraw' without 'raw'"),
+    ('<< | upper >>', 1, "filter 'upper' has no value to filter"),
+    ('<%  %>', 1, 'empty statement'),
+    ('<% for x %><% endfor %>', 1, "expected 'for NAME in EXPRESSION', got 'for x'"),
+    ('<% macro m %><% endmacro %>', 1, "expected 'macro NAME(ARGUMENTS)', got 'macro m'"),
 ])
 def test_syntax_errors_name_file_and_line(S, src, line, message):
     with pytest.raises(asok.TemplateError) as exc:
@@ -2154,6 +2165,11 @@ def test_for_loop_variables(S):
     src = S('<% for x in xs %>[<< loop.index >>/<< loop.index0 >>/<< loop.length >>/'
             '<< loop.revindex >><< "F" if loop.first else "" >><< "L" if loop.last else "" >><< x >>]<% endfor %>')
     assert render(src, xs='ab') == '[1/0/2/2Fa][2/1/2/1Lb]'
+
+
+def test_loop_cycle_and_revindex0(S):
+    src = S('<% for x in xs %><< loop.cycle("odd", "even") >><< loop.revindex0 >> <% endfor %>')
+    assert render(src, xs='abc') == 'odd2 even1 odd0 '
 
 
 def test_for_over_items_and_generators(S):
@@ -2290,6 +2306,19 @@ def test_user_filters(S, tmp_path):
     assert out == 'HI! BA? [x] yy'
 
 
+def test_app_template_filter_registers_on_the_apps_templates(tmp_path):
+    app = make_app(tmp_path, {'src/pages/index.html': '{{ "hi" | shout }} {{ "ab" | rev }}'})
+
+    @app.template_filter()
+    def shout(s):
+        return s.upper() + '!'
+
+    @app.template_filter('rev')
+    def reverse_it(s):
+        return s[::-1]
+    assert asok.TestClient(app).get('/').text == 'HI! ba'
+
+
 def test_undefined_name_raises_at_template_line(tmp_path):
     write(tmp_path, 'page.html', 'ok\n{{ count }}\n\n{{ nothere }}')
     env = asok.Templates(tmp_path)
@@ -2372,6 +2401,11 @@ def test_super_without_parent_block_is_an_error(tmp_path):
     write(tmp_path, 'a.html', '{% block b %}{{ super() }}{% endblock %}')
     with pytest.raises(asok.TemplateError, match='no parent block'):
         asok.Templates(tmp_path).render('a.html')
+
+
+def test_super_outside_a_block_is_an_error(S):
+    with pytest.raises(asok.TemplateError, match=r'super\(\) is only available inside a block'):
+        render(S('<< super() >>'))
 
 
 def test_extends_loop_is_reported(tmp_path):
