@@ -3,7 +3,9 @@
 Copy asok.py and alive.js into a project and run `python asok.py serve`. The file reads
 top to bottom in dependency order:
 
-  1. Templates        `<< >>` / `{{ }}` compiled to Python, autoescaped (Markup, escape)
+  1. Templates        `<< >>` / `{{ }}` compiled to Python, autoescaped (Markup, escape), in four
+                      parts: 1a syntax, 1b expressions, 1c compiler, 1d runtime and loader
+                      (Template, Templates)
   2. HTTP/1.1         a sans-I/O request parser (bytes in, events out)
   3. WebSocket        a sans-I/O RFC 6455 connection, handshake helpers, small clients
   4. Errors           HTTPError, BadSignature, LiveError
@@ -221,271 +223,111 @@ def escape(obj: Any) -> Markup:
     return Markup(_tpl_esc(str(obj)))
 
 
-# ═══ Templates ═══════════════════════════════════════════════════════════════
+# ═══ 1a. Templates: syntax ═══════════════════════════════════════════════════
 #
 # Two spellings of one engine: native `<< expr >>`, `<% stmt %>`, `<# note #>`
 # and Jinja-like `{{ expr }}`, `{% stmt %}`, `{# note #}`; a `-` inside the
-# tag (`<%-`, `-%>`, `{{-`, ...) strips the whitespace on that side.
+# tag (`<%-`, `-%>`, `{{-`, ...) strips the whitespace on that side. In native
+# tags `>>` always ends the tag unless inside brackets or a string.
 #
-# A template is lexed, parsed into a small tree and compiled once to a Python
-# module: the body becomes `_tpl_root(_tplctx, _tplblocks)`, every block a
-# function `_tpl_block_<name>` with the same arguments, every macro
-# `_tpl_macro_<name>(_tplctx, ...)`. `_tplblocks` maps a block name to its
-# functions, most derived template first, which is all extends/super() need.
-# Each function starts by binding the free names it reads to locals (context,
-# then `Templates.globals`, then builtins, then Jinja's true/false/none, else an
-# undefined marker that raises NameError wherever it is used, `if` included;
-# only the `default` filter accepts it). The generated code's line numbers are
-# rewritten to the template's own and it is compiled under the template's file
-# name, so a traceback points at the template line.
-#
-# Expressions are Python with two Jinja habits: `x | name(args)` calls a filter
-# on the primary expression before it (a `|` followed by a name is always a
-# filter, so bitwise-or is not available) and `x.name` falls back to
-# `x["name"]` (dict rows work). In native tags `>>` always ends the tag unless
-# inside brackets. Every output goes through one escape, `_tpl_esc`.
+# A template goes through four steps, a section each: the lexer cuts the source
+# into text, output and statement tokens and the parser builds a tree of the
+# node records below (1a); each expression is rewritten to plain Python (1b);
+# the tree becomes one Python module whose lines are the template's lines (1c);
+# Template runs that module once, and the functions it defines call the
+# runtime helpers of 1d on every render.
 
-_TPL_TAGS = {'<<': ('>>', 'out'), '<%': ('%>', 'stmt'), '<#': ('#>', 'note'),
-             '{{': ('}}', 'out'), '{%': ('%}', 'stmt'), '{#': ('#}', 'note')}
-_TPL_OPEN_RE = re.compile(r'<<(?!<)|<%|<#|\{\{|\{%|\{#')
-_TPL_ENDRAW_RE = re.compile(r'(?:<%|\{%)(-?)\s*endraw\s*(-?)(?:%>|%\})')
+_TPL_TAGS = {"<<": (">>", "out"), "<%": ("%>", "stmt"), "<#": ("#>", "note"),
+             "{{": ("}}", "out"), "{%": ("%}", "stmt"), "{#": ("#}", "note")}
+_TPL_OPEN_RE = re.compile(r"<<(?!<)|<%|<#|\{\{|\{%|\{#")
+_TPL_ENDRAW_RE = re.compile(r"(?:<%|\{%)(-?)\s*endraw\s*(-?)(?:%>|%\})")
 _TPL_STRING = r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*\""""
-_TPL_STMT_RE = re.compile(r'\s*([A-Za-z_]\w*)\s*(.*?)\s*\Z', re.S)
-_TPL_FOR_RE = re.compile(r'(.+?)\s+in\s+(.+)\Z', re.S)
-_TPL_SET_RE = re.compile(r'([A-Za-z_][\w\s,]*?)\s*=(?!=)\s*(.+)\Z', re.S)
-_TPL_MACRO_RE = re.compile(r'([A-Za-z_]\w*)\s*\((.*)\)\Z', re.S)
-_TPL_NAME_RE = re.compile(r'[A-Za-z_]\w*\Z')
-_TPL_STRIPTAGS_RE = re.compile(r'<!--.*?-->|<[^>]*>', re.S)
-_TPL_DICT_ATTRS = frozenset(dir(dict))
-_TPL_ATOM_KEYWORDS = frozenset(('None', 'True', 'False'))
-_TPL_JINJA_LITERALS = {'true': True, 'false': False, 'none': None}
-_TPL_FSTRING_START = getattr(tokenize, 'FSTRING_START', -1)
-_TPL_FSTRING_END = getattr(tokenize, 'FSTRING_END', -1)
-_TPL_END_TAGS = {'if': 'endif', 'for': 'endfor', 'block': 'endblock', 'macro': 'endmacro'}
-
-
-class _TplUndefined:
-    """The value of an unknown name or attribute: any use raises, `default` replaces it."""
-
-    __slots__ = ('_tpl_message', '_tpl_exc')
-
-    def __init__(self, message, exc=NameError):
-        self._tpl_message, self._tpl_exc = message, exc
-
-    def _tpl_fail(self, *args, **kwargs):
-        raise self._tpl_exc(self._tpl_message)
-
-    def __getattr__(self, name):
-        if name.startswith('__'):
-            raise AttributeError(name)
-        self._tpl_fail()
-
-    def __repr__(self):
-        return f'Undefined({self._tpl_message!r})'
-
-    __hash__ = object.__hash__
-    __str__ = __html__ = __format__ = __iter__ = __len__ = __bool__ = _tpl_fail
-    __call__ = __getitem__ = __contains__ = __int__ = __float__ = __index__ = _tpl_fail
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _tpl_fail
-    __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rmod__ = __neg__ = _tpl_fail
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _tpl_fail
-
-
-def _tpl_resolve(globals_, name):
-    """A free name missing from the context: globals, then builtins, else undefined."""
-    if name in globals_:
-        return globals_[name]
-    if name in builtins.__dict__:
-        return builtins.__dict__[name]
-    if name in _TPL_JINJA_LITERALS:
-        return _TPL_JINJA_LITERALS[name]
-    return _TplUndefined(f'{name!r} is undefined')
-
-
-def _tpl_ga(obj, name):
-    """`obj.name` in a template: the attribute, else the item (Jinja's rule)."""
-    if type(obj) is dict:
-        if name in obj:
-            return obj[name]
-    else:
-        try:
-            return getattr(obj, name)
-        except AttributeError:
-            try:
-                return obj[name]
-            except (TypeError, LookupError, AttributeError):
-                pass
-    return _TplUndefined(f'{type(obj).__name__!r} object has no attribute {name!r}',
-                         AttributeError)
-
-
-class _TplLoop:
-    """The `loop` helper of a for loop; the loop itself assigns `index0`."""
-
-    __slots__ = ('index0', 'length', '_seq')
-
-    def __init__(self, seq):
-        try:
-            n = len(seq)
-        except TypeError:
-            seq = list(seq)
-            n = len(seq)
-        self._seq, self.length, self.index0 = seq, n, -1
-
-    index = property(lambda self: self.index0 + 1)
-    revindex = property(lambda self: self.length - self.index0)
-    revindex0 = property(lambda self: self.length - self.index0 - 1)
-    first = property(lambda self: self.index0 == 0)
-    last = property(lambda self: self.index0 == self.length - 1)
-
-    def cycle(self, *values):
-        """The value for this iteration, cycling through `values`."""
-        return values[self.index0 % len(values)]
-
-
-# ─── Filters ───
-
-def _tpl_keep(value, result):
-    """A string filter's result stays trusted when its input was."""
-    return Markup(result) if hasattr(value, '__html__') else result
-
-
-def _tpl_text(value):
-    return value.__html__() if hasattr(value, '__html__') else str(value)
-
-
-def _tpl_f_default(value, default_value='', boolean=False):
-    if isinstance(value, _TplUndefined) or (boolean and not value):
-        return default_value
-    return value
-
-
-def _tpl_f_join(value, d='', attribute=None):
-    items = [_tpl_ga(v, attribute) for v in value] if attribute else list(value)
-    if hasattr(d, '__html__') or any(hasattr(v, '__html__') for v in items):
-        return Markup(d).join(items)
-    return str(d).join(map(str, items))
-
-
-def _tpl_f_json(value, indent=None):
-    text = json.dumps(value, indent=indent, sort_keys=indent is not None)
-    return Markup(text.replace('&', '\\u0026').replace('<', '\\u003c')
-                  .replace('>', '\\u003e').replace("'", '\\u0027'))
-
-
-def _tpl_f_truncate(s, length=255, killwords=False, end='...', leeway=0):
-    s = _tpl_text(s)
-    if len(s) <= length + leeway:
-        return s
-    cut = s[:max(length - len(end), 0)]
-    if not killwords and ' ' in cut:
-        cut = cut.rsplit(' ', 1)[0]
-    return cut + end
-
-
-def _tpl_f_replace(s, old, new, count=-1):
-    if hasattr(s, '__html__'):
-        return Markup(str.replace(Markup(s), escape(old), escape(new), count))
-    return str(s).replace(str(old), str(new), count)
-
-
-def _tpl_f_first(seq):
-    for item in seq:
-        return item
-    return _TplUndefined('first item of an empty sequence', LookupError)
-
-
-def _tpl_f_last(seq):
-    seq = seq if isinstance(seq, (list, tuple, str)) else list(seq)
-    return seq[-1] if seq else _TplUndefined('last item of an empty sequence', LookupError)
-
-
-def _tpl_f_sort(value, reverse=False, case_sensitive=False, attribute=None):
-    def key(item):
-        if attribute is not None:
-            item = _tpl_ga(item, attribute)
-        return item.lower() if not case_sensitive and isinstance(item, str) else item
-    return sorted(value, key=key, reverse=reverse)
-
-
-def _tpl_f_reverse(value):
-    if isinstance(value, str):
-        return value[::-1]
-    return list(reversed(value if isinstance(value, (list, tuple)) else list(value)))
-
-
-def _tpl_f_round(value, precision=0, method='common'):
-    if method == 'common':
-        return round(value, precision)
-    op = {'ceil': math.ceil, 'floor': math.floor}[method]
-    return op(value * 10 ** precision) / 10 ** precision
-
-
-def _tpl_f_int(value, default=0, base=10):
-    try:
-        return int(value, base) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        try:
-            return int(float(value))
-        except (TypeError, ValueError, OverflowError):
-            return default
-
-
-def _tpl_f_float(value, default=0.0):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _tpl_f_striptags(value):
-    text = _TPL_STRIPTAGS_RE.sub('', _tpl_text(value))
-    return html.unescape(' '.join(text.split()))
-
-
-def _tpl_f_urlencode(value):
-    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
-                                   and isinstance(value[0], (list, tuple))):
-        pairs = value.items() if isinstance(value, dict) else value
-        return '&'.join(urllib.parse.quote(str(k), safe='') + '=' + urllib.parse.quote(str(v), safe='')
-                        for k, v in pairs)
-    return urllib.parse.quote(str(value), safe='/')
-
-
-def _tpl_f_nl2br(value):
-    text = escape(value).replace('\r\n', '\n')
-    return Markup(text.replace('\n', '<br>\n'))
-
-
-_TPL_FILTERS = {
-    'upper': lambda s: _tpl_keep(s, _tpl_text(s).upper()),
-    'lower': lambda s: _tpl_keep(s, _tpl_text(s).lower()),
-    'title': lambda s: _tpl_keep(s, _tpl_text(s).title()),
-    'capitalize': lambda s: _tpl_keep(s, _tpl_text(s).capitalize()),
-    'trim': lambda s, chars=None: _tpl_keep(s, _tpl_text(s).strip(chars)),
-    'length': len, 'count': len,
-    'default': _tpl_f_default, 'd': _tpl_f_default,
-    'join': _tpl_f_join,
-    'safe': lambda s: Markup(_tpl_text(s)),
-    'escape': escape, 'e': escape,
-    'json': _tpl_f_json, 'tojson': _tpl_f_json,
-    'truncate': _tpl_f_truncate,
-    'replace': _tpl_f_replace,
-    'first': _tpl_f_first, 'last': _tpl_f_last,
-    'sort': _tpl_f_sort, 'reverse': _tpl_f_reverse,
-    'round': _tpl_f_round, 'int': _tpl_f_int, 'float': _tpl_f_float,
-    'string': lambda s: _tpl_keep(s, _tpl_text(s)),
-    'abs': abs, 'list': list,
-    'striptags': _tpl_f_striptags, 'urlencode': _tpl_f_urlencode, 'nl2br': _tpl_f_nl2br,
-}
-
-
-# ─── Lexer and parser ───
-
-_TPL_CLOSE_RES = {closer: re.compile(r'(?P<str>%s)|(?P<close>%s)|(?P<br>[][(){}])'
+_TPL_CLOSE_RES = {closer: re.compile(r"(?P<str>%s)|(?P<close>%s)|(?P<br>[][(){}])"
                                      % (_TPL_STRING, re.escape(closer)))
-                  for closer in ('>>', '%>', '}}', '%}')}
+                  for closer in (">>", "%>", "}}", "%}")}
+_TPL_STMT_RE = re.compile(r"\s*([A-Za-z_]\w*)\s*(.*?)\s*\Z", re.S)
+_TPL_FOR_RE = re.compile(r"(.+?)\s+in\s+(.+)\Z", re.S)
+_TPL_SET_RE = re.compile(r"([A-Za-z_][\w\s,]*?)\s*=(?!=)\s*(.+)\Z", re.S)
+_TPL_MACRO_RE = re.compile(r"([A-Za-z_]\w*)\s*\((.*)\)\Z", re.S)
+_TPL_NAME_RE = re.compile(r"[A-Za-z_]\w*\Z")
+_TPL_NEEDS_ARGUMENT = frozenset(("if", "elif", "for", "block", "macro", "set", "include", "extends"))
 
+_TplToken = collections.namedtuple("_TplToken", "kind text line")         # kind: "text", "out", "stmt"
+_TplStatement = collections.namedtuple("_TplStatement", "word arg text line")
+
+
+# ─── Nodes: a template is a list of them; `line` is the template line a node starts on ───
+
+@dataclass(slots=True)
+class _TplText:
+    text: str
+    line: int
+
+
+@dataclass(slots=True)
+class _TplOut:            # << expr >>
+    expr: str
+    line: int
+
+
+@dataclass(slots=True)
+class _TplSet:            # <% set target = expr %>
+    target: str
+    expr: str
+    line: int
+
+
+@dataclass(slots=True)
+class _TplInclude:        # <% include expr %>
+    expr: str
+    line: int
+
+
+@dataclass(slots=True)
+class _TplExtends:        # <% extends expr %>, only ever first in the root
+    expr: str
+    line: int
+
+
+@dataclass(slots=True)
+class _TplBlock:          # <% block name %> body <% endblock %>
+    name: str
+    body: list
+    line: int
+
+
+@dataclass(slots=True)
+class _TplMacro:          # <% macro name(signature) %> body <% endmacro %>
+    name: str
+    signature: str
+    body: list
+    line: int
+
+
+@dataclass(slots=True)
+class _TplBranch:         # the body of an if or elif (with its test), or of an else (test None)
+    test: str | None
+    body: list
+    line: int
+
+
+@dataclass(slots=True)
+class _TplIf:             # if, elif...: branches; else: else_
+    branches: list
+    else_: _TplBranch | None
+    line: int
+
+
+@dataclass(slots=True)
+class _TplFor:            # <% for target in iter %> body <% else %> else_ <% endfor %>
+    target: str
+    iter: str
+    body: list
+    else_: _TplBranch | None
+    line: int
+
+
+# ─── Lexer ───
 
 def _tpl_find_close(source, i, closer):
     """Index of `closer` after `i`, skipping string literals and bracketed code."""
@@ -495,167 +337,229 @@ def _tpl_find_close(source, i, closer):
         if m is None:
             return -1
         kind, tok = m.lastgroup, m.group()
-        if kind == 'str':
+        if kind == "str":
             i = m.end()
             continue
-        if kind == 'close':
+        if kind == "close":
             if depth <= 0:
                 return m.start()
             tok, i = tok[0], m.start() + 1
         else:
             i = m.end()
-        if tok in '([{':
+        if tok in "([{":
             depth += 1
-        elif tok in ')]}':
+        elif tok in ")]}":
             depth -= 1
 
 
 def _tpl_lex(source, name):
-    """Split a template into ('text' | 'out' | 'stmt', text, line) tokens.
+    """Split a template into _TplToken("text" | "out" | "stmt", text, line).
 
     Comments are dropped, `raw` sections become text, `-` strips whitespace and,
     as in Jinja, a single newline ending the template is dropped."""
-    source = source.removesuffix('\n')
+    source = source.removesuffix("\n")
     toks, pos, line, lstrip = [], 0, 1, False
     while True:
         m = _TPL_OPEN_RE.search(source, pos)
         start = m.start() if m else len(source)
         text = source[pos:start].lstrip() if lstrip else source[pos:start]
         if text:
-            toks.append(('text', text, line))
+            toks.append(_TplToken("text", text, line))
         if m is None:
             return toks
-        line += source.count('\n', pos, start)
+        line += source.count("\n", pos, start)
         opener = m.group()
         closer, kind = _TPL_TAGS[opener]
         inner = m.end()
-        if source.startswith('-', inner):
+        if source.startswith("-", inner):
             inner += 1
-            if toks and toks[-1][0] == 'text':
-                toks[-1] = ('text', toks[-1][1].rstrip(), toks[-1][2])
-        end = source.find(closer, inner) if kind == 'note' else _tpl_find_close(source, inner, closer)
+            if toks and toks[-1].kind == "text":
+                toks[-1] = toks[-1]._replace(text=toks[-1].text.rstrip())
+        end = source.find(closer, inner) if kind == "note" else _tpl_find_close(source, inner, closer)
         if end < 0:
-            raise TemplateError(f'unclosed {opener!r} tag: expected {closer!r}', name, line)
-        lstrip = end > inner and source[end - 1] == '-'
+            raise TemplateError(f"unclosed {opener!r} tag: expected {closer!r}", name, line)
+        lstrip = end > inner and source[end - 1] == "-"
         body = source[inner:end - 1 if lstrip else end]
         pos = end + len(closer)
-        if kind == 'stmt' and body.strip() == 'raw':
+        if kind == "stmt" and body.strip() == "raw":
             raw = _TPL_ENDRAW_RE.search(source, pos)
             if raw is None:
                 raise TemplateError(f"expected 'endraw' for 'raw' opened at line {line}",
-                                    name, source.count('\n') + 1)
+                                    name, source.count("\n") + 1)
             text = source[pos:raw.start()]
             text = text.lstrip() if lstrip else text
             text = text.rstrip() if raw.group(1) else text
             if text:
-                toks.append(('text', text, line))
+                toks.append(_TplToken("text", text, line))
             lstrip, pos = bool(raw.group(2)), raw.end()
-        elif kind != 'note':
-            toks.append((kind, body, line))
-        line += source.count('\n', start, pos)
+        elif kind != "note":
+            toks.append(_TplToken(kind, body, line))
+        line += source.count("\n", start, pos)
 
 
-def _tpl_parse(toks, name, last_line):
-    """Build the tree: nested lists ['kind', line, ...] (see _TplCompiler)."""
-    root, stack, blocks = [], [], set()
-    body = root
-    for kind, text, line in toks:
-        if kind == 'text':
-            body.append(['text', line, text])
-            continue
-        if not text.strip():
-            raise TemplateError(f'empty {"expression" if kind == "out" else "statement"}', name, line)
-        if kind == 'out':
-            body.append(['out', line, text])
-            continue
-        m = _TPL_STMT_RE.match(text)
-        word, arg = m.groups() if m else ('', text)
-        if word in ('if', 'for', 'block', 'macro', 'set', 'include', 'extends', 'elif') and not arg:
-            raise TemplateError(f'{word!r} needs an argument', name, line)
-        top = stack[-1] if stack else None
-        if word == 'if':
-            node = ['if', line, [[arg, line, []]], None, None]
-            stack.append((node, body))
-            body = node[2][0][2]
-        elif word == 'for':
-            m = _TPL_FOR_RE.match(arg)
-            if m is None:
-                raise TemplateError(f"expected 'for NAME in EXPRESSION', got {text.strip()!r}", name, line)
-            node = ['for', line, m.group(1).strip(), m.group(2), [], None, None]
-            stack.append((node, body))
-            body = node[4]
-        elif word == 'block':
-            if not _TPL_NAME_RE.match(arg):
-                raise TemplateError(f'invalid block name {arg!r}', name, line)
-            if arg in blocks:
-                raise TemplateError(f'block {arg!r} defined twice', name, line)
-            blocks.add(arg)
-            node = ['block', line, arg, []]
-            stack.append((node, body))
-            body = node[3]
-        elif word == 'macro':
-            m = _TPL_MACRO_RE.match(arg)
-            if m is None:
-                raise TemplateError(f"expected 'macro NAME(ARGUMENTS)', got {text.strip()!r}", name, line)
-            node = ['macro', line, m.group(1), m.group(2), []]
-            stack.append((node, body))
-            body = node[4]
-        elif word in ('elif', 'else'):
-            if top is None or top[0][0] not in (('if',) if word == 'elif' else ('if', 'for')):
-                raise TemplateError(f"{word!r} without 'if'" + ("" if word == 'elif' else " or 'for'"),
-                                    name, line)
-            node = top[0]
-            else_at = 3 if node[0] == 'if' else 5
-            if node[else_at] is not None:
-                raise TemplateError(f"{word!r} after 'else' (opened at line {node[else_at + 1]})",
-                                    name, line)
-            if word == 'elif':
-                node[2].append([arg, line, []])
-                body = node[2][-1][2]
+# ─── Parser ───
+
+class _TplParser:
+    """Builds the node tree from the lexer's tokens: each statement word has its
+    `_parse_<word>` (the table _TPL_PARSERS, after the class).
+
+    New nodes go into `body`; `stack` holds the open statements, innermost last,
+    as (word, node, the body the node joins when its end tag comes)."""
+
+    def __init__(self, name):
+        self.name, self.blocks, self.stack = name, set(), []
+        self.root = self.body = []
+
+    def parse(self, toks, last_line):
+        for kind, text, line in toks:
+            if kind == "text":
+                self.body.append(_TplText(text, line))
+            elif not text.strip():
+                raise self._error(f"empty {'expression' if kind == 'out' else 'statement'}", line)
+            elif kind == "out":
+                self.body.append(_TplOut(text, line))
             else:
-                node[else_at], node[else_at + 1] = [], line
-                body = node[else_at]
-        elif word in ('endif', 'endfor', 'endblock', 'endmacro'):
-            opened = word[3:]
-            if top is None:
-                raise TemplateError(f'{word!r} without {opened!r}', name, line)
-            node, parent = top
-            if _TPL_END_TAGS[node[0]] != word:
-                raise TemplateError(f'expected {_TPL_END_TAGS[node[0]]!r} for {node[0]!r} opened at '
-                                    f'line {node[1]}, got {word!r}', name, line)
-            if word == 'endblock' and arg and arg != node[2]:
-                raise TemplateError(f"'endblock {arg}' closes block {node[2]!r} opened at line {node[1]}",
-                                    name, line)
-            stack.pop()
-            parent.append(node)
-            body = parent
-        elif word in ('set', 'include'):
-            body.append([word, line, arg])
-        elif word == 'extends':
-            if stack or any(n[0] != 'text' or n[2].strip() for n in root):
-                raise TemplateError("'extends' must be the first tag of the template", name, line)
-            root.append(['extends', line, arg])
-        elif word == 'endraw':
-            raise TemplateError("'endraw' without 'raw'", name, line)
-        else:
-            raise TemplateError(f'unknown statement {word or text.strip()!r}', name, line)
-    if stack:
-        node = stack[-1][0]
-        raise TemplateError(f'expected {_TPL_END_TAGS[node[0]]!r} for {node[0]!r} opened at line {node[1]}',
-                            name, last_line)
-    return root
+                self._statement(text, line)
+        if self.stack:
+            word, node, _ = self.stack[-1]
+            raise self._error(f"expected {'end' + word!r} for {word!r} opened at line {node.line}", last_line)
+        return self.root
+
+    def _statement(self, text, line):
+        m = _TPL_STMT_RE.match(text)
+        word, arg = m.groups() if m else ("", text)
+        parse = _TPL_PARSERS.get(word)
+        if parse is None:
+            raise self._error(f"unknown statement {word or text.strip()!r}", line)
+        if word in _TPL_NEEDS_ARGUMENT and not arg:
+            raise self._error(f"{word!r} needs an argument", line)
+        parse(self, _TplStatement(word, arg, text.strip(), line))
+
+    def _error(self, message, line):
+        return TemplateError(message, self.name, line)
+
+    def _open(self, word, node, body):
+        self.stack.append((word, node, self.body))
+        self.body = body
+
+    def _parse_if(self, s):
+        branch = _TplBranch(s.arg, [], s.line)
+        self._open("if", _TplIf([branch], None, s.line), branch.body)
+
+    def _parse_for(self, s):
+        m = _TPL_FOR_RE.match(s.arg)
+        if m is None:
+            raise self._error(f"expected 'for NAME in EXPRESSION', got {s.text!r}", s.line)
+        node = _TplFor(m.group(1).strip(), m.group(2), [], None, s.line)
+        self._open("for", node, node.body)
+
+    def _parse_block(self, s):
+        if not _TPL_NAME_RE.match(s.arg):
+            raise self._error(f"invalid block name {s.arg!r}", s.line)
+        if s.arg in self.blocks:
+            raise self._error(f"block {s.arg!r} defined twice", s.line)
+        self.blocks.add(s.arg)
+        node = _TplBlock(s.arg, [], s.line)
+        self._open("block", node, node.body)
+
+    def _parse_macro(self, s):
+        m = _TPL_MACRO_RE.match(s.arg)
+        if m is None:
+            raise self._error(f"expected 'macro NAME(ARGUMENTS)', got {s.text!r}", s.line)
+        node = _TplMacro(m.group(1), m.group(2), [], s.line)
+        self._open("macro", node, node.body)
+
+    def _parse_elif(self, s):
+        node = self._continued(s, _TplIf, "'elif' without 'if'")
+        node.branches.append(_TplBranch(s.arg, [], s.line))
+        self.body = node.branches[-1].body
+
+    def _parse_else(self, s):
+        node = self._continued(s, (_TplIf, _TplFor), "'else' without 'if' or 'for'")
+        node.else_ = _TplBranch(None, [], s.line)
+        self.body = node.else_.body
+
+    def _continued(self, s, kinds, missing):
+        """The open `if` (or `for`) that an `elif` or `else` continues."""
+        node = self.stack[-1][1] if self.stack else None
+        if not isinstance(node, kinds):
+            raise self._error(missing, s.line)
+        if node.else_ is not None:
+            raise self._error(f"{s.word!r} after 'else' (opened at line {node.else_.line})", s.line)
+        return node
+
+    def _parse_end(self, s):
+        opened = s.word[3:]
+        if not self.stack:
+            raise self._error(f"{s.word!r} without {opened!r}", s.line)
+        word, node, parent = self.stack[-1]
+        if word != opened:
+            raise self._error(f"expected {'end' + word!r} for {word!r} opened at line {node.line}, "
+                              f"got {s.word!r}", s.line)
+        if word == "block" and s.arg and s.arg != node.name:
+            raise self._error(f"'endblock {s.arg}' closes block {node.name!r} opened at line {node.line}",
+                              s.line)
+        self.stack.pop()
+        parent.append(node)
+        self.body = parent
+
+    def _parse_set(self, s):
+        m = _TPL_SET_RE.match(s.arg)
+        if m is None:
+            raise self._error(f"expected 'set NAME = EXPRESSION', got {s.arg!r}", s.line)
+        self.body.append(_TplSet(m.group(1).strip(), m.group(2), s.line))
+
+    def _parse_include(self, s):
+        self.body.append(_TplInclude(s.arg, s.line))
+
+    def _parse_extends(self, s):
+        if self.stack or any(not isinstance(n, _TplText) or n.text.strip() for n in self.root):
+            raise self._error("'extends' must be the first tag of the template", s.line)
+        self.root.append(_TplExtends(s.arg, s.line))
+
+    def _parse_endraw(self, s):
+        raise self._error("'endraw' without 'raw'", s.line)
 
 
-# ─── Expressions ───
+_TPL_PARSERS = {"if": _TplParser._parse_if, "elif": _TplParser._parse_elif, "else": _TplParser._parse_else,
+                "for": _TplParser._parse_for, "block": _TplParser._parse_block,
+                "macro": _TplParser._parse_macro, "set": _TplParser._parse_set,
+                "include": _TplParser._parse_include, "extends": _TplParser._parse_extends,
+                "endraw": _TplParser._parse_endraw, "endif": _TplParser._parse_end,
+                "endfor": _TplParser._parse_end, "endblock": _TplParser._parse_end,
+                "endmacro": _TplParser._parse_end}
+
+
+# ═══ 1b. Templates: expressions ══════════════════════════════════════════════
+#
+# Expressions are Python with two Jinja habits: `x | name(args)` calls a filter
+# on the primary expression before it (a `|` followed by a name is always a
+# filter, so bitwise-or is not available) and `x.name` falls back to
+# `x["name"]` (dict rows work). Both are rewritten on Python's own tokens:
+# `x | f(a)` becomes `_tplf_f(x, a)` and `x.a` becomes `_tplga(x, 'a')`; the
+# result is parsed by `ast` to find the names the expression reads.
 
 _TPL_PRIM = -1      # token type of an already rewritten sub-expression
 _TPL_SKIP_TOKENS = frozenset((tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.ENDMARKER,
                               tokenize.INDENT, tokenize.DEDENT))
+_TPL_FSTRING_START = getattr(tokenize, "FSTRING_START", -1)
+_TPL_FSTRING_END = getattr(tokenize, "FSTRING_END", -1)
+_TPL_DICT_ATTRS = frozenset(dir(dict))
+_TPL_ATOM_KEYWORDS = frozenset(("None", "True", "False"))
+
+
+@dataclass(slots=True)
+class _TplExprEnv:
+    """What rewriting one expression needs and finds: the filters it may name, where it is."""
+    filters: Mapping
+    name: str
+    line: int
+    used: dict = field(default_factory=dict)     # filter names it calls, in order
 
 
 def _tpl_tokens(s):
     """Python tokens of `s` as (type, string, start, end) offsets; f-strings stay whole."""
-    starts = [0] + [i + 1 for i, c in enumerate(s) if c == '\n']
+    starts = [0] + [i + 1 for i, c in enumerate(s) if c == "\n"]
     out, fdepth, fstart = [], 0, 0
     for t in tokenize.generate_tokens(io.StringIO(s).readline):
         if t.type in _TPL_SKIP_TOKENS:
@@ -679,7 +583,7 @@ def _tpl_atom_end(el):
     typ, string = el[0], el[1]
     if typ == tokenize.NAME:
         return string in _TPL_ATOM_KEYWORDS or not keyword.iskeyword(string)
-    return typ in (tokenize.STRING, tokenize.NUMBER, _TPL_PRIM) or (typ == tokenize.OP and string in ')]}')
+    return typ in (tokenize.STRING, tokenize.NUMBER, _TPL_PRIM) or (typ == tokenize.OP and string in ")]}")
 
 
 def _tpl_operand(out):
@@ -687,12 +591,12 @@ def _tpl_operand(out):
     i = len(out) - 1
     while i >= 0:
         typ, string = out[i][0], out[i][1]
-        if typ == tokenize.OP and string in (')', ']', '}'):
+        if typ == tokenize.OP and string in (")", "]", "}"):
             depth = 0
             while i >= 0:
-                s = out[i][1] if out[i][0] == tokenize.OP else ''
-                depth += s in (')', ']', '}')
-                depth -= s in ('(', '[', '{')
+                s = out[i][1] if out[i][0] == tokenize.OP else ""
+                depth += s in (")", "]", "}")
+                depth -= s in ("(", "[", "{")
                 if depth == 0:
                     break
                 i -= 1
@@ -706,13 +610,13 @@ def _tpl_operand(out):
             return None
         while typ == tokenize.STRING and i > 0 and out[i - 1][0] == tokenize.STRING:
             i -= 1
-        if i > 1 and out[i - 1][0] == tokenize.OP and out[i - 1][1] == '.':
+        if i > 1 and out[i - 1][0] == tokenize.OP and out[i - 1][1] == ".":
             i -= 2
             continue
         break
     else:
         return None
-    while i > 0 and out[i - 1][1] in ('-', '+', '~') and (i == 1 or not _tpl_atom_end(out[i - 2])):
+    while i > 0 and out[i - 1][1] in ("-", "+", "~") and (i == 1 or not _tpl_atom_end(out[i - 2])):
         i -= 1
     return i
 
@@ -722,8 +626,8 @@ def _tpl_match(toks, j, hi):
     depth = 0
     for k in range(j, hi):
         if toks[k][0] == tokenize.OP:
-            depth += toks[k][1] in ('(', '[', '{')
-            depth -= toks[k][1] in (')', ']', '}')
+            depth += toks[k][1] in ("(", "[", "{")
+            depth -= toks[k][1] in (")", "]", "}")
             if depth == 0:
                 return k
     return hi
@@ -737,34 +641,34 @@ def _tpl_rewrite(s, toks, lo, hi, env):
         typ, string, _, b = toks[i]
         nxt = toks[i + 1] if i + 1 < hi else None
         is_name = nxt is not None and nxt[0] == tokenize.NAME and not keyword.iskeyword(nxt[1])
-        if typ == tokenize.OP and string == '|' and is_name:
-            fname, j, args = nxt[1], i + 2, ''
-            if fname not in env['filters']:
-                raise TemplateError(f'no filter named {fname!r}', env['name'], env['line'])
-            if j < hi and toks[j][0] == tokenize.OP and toks[j][1] == '(':
+        if typ == tokenize.OP and string == "|" and is_name:
+            fname, j, args = nxt[1], i + 2, ""
+            if fname not in env.filters:
+                raise TemplateError(f"no filter named {fname!r}", env.name, env.line)
+            if j < hi and toks[j][0] == tokenize.OP and toks[j][1] == "(":
                 k = _tpl_match(toks, j, hi)
                 args, j = _tpl_rewrite(s, toks, j + 1, k, env).strip(), k + 1
             start = _tpl_operand(out)
             if start is None:
-                raise TemplateError(f'filter {fname!r} has no value to filter', env['name'], env['line'])
-            env['used'][fname] = None
-            value = ''.join(el[2] for el in out[start:])
+                raise TemplateError(f"filter {fname!r} has no value to filter", env.name, env.line)
+            env.used[fname] = None
+            value = "".join(el[2] for el in out[start:])
             lead = value[:len(value) - len(value.lstrip())]
-            call = f'{lead}_tplf_{fname}({value.strip()}{", " + args if args else ""})'
-            out[start:] = [(_TPL_PRIM, '', call)]
+            call = f"{lead}_tplf_{fname}({value.strip()}{', ' + args if args else ''})"
+            out[start:] = [(_TPL_PRIM, "", call)]
             prev, i = toks[j - 1][3], j
             continue
-        if typ == tokenize.OP and string == '.' and is_name and nxt[1] not in _TPL_DICT_ATTRS:
+        if typ == tokenize.OP and string == "." and is_name and nxt[1] not in _TPL_DICT_ATTRS:
             start = _tpl_operand(out)
-            if start is not None and not (start == len(out) - 1 and out[start][1] == 'loop'):
-                value = ''.join(el[2] for el in out[start:])
+            if start is not None and not (start == len(out) - 1 and out[start][1] == "loop"):
+                value = "".join(el[2] for el in out[start:])
                 lead = value[:len(value) - len(value.lstrip())]
-                out[start:] = [(_TPL_PRIM, '', f'{lead}_tplga({value.strip()}, {nxt[1]!r})')]
+                out[start:] = [(_TPL_PRIM, "", f"{lead}_tplga({value.strip()}, {nxt[1]!r})")]
                 prev, i = nxt[3], i + 2
                 continue
         out.append((typ, string, s[prev:b]))
         prev, i = b, i + 1
-    return ''.join(el[2] for el in out)
+    return "".join(el[2] for el in out)
 
 
 def _tpl_free_names(tree):
@@ -778,38 +682,52 @@ def _tpl_free_names(tree):
         elif isinstance(node, ast.comprehension):
             local.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
     return [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
-            and n.id not in local and not n.id.startswith('_tpl')]
+            and n.id not in local and not n.id.startswith("_tpl")]
 
 
 def _tpl_expr(src, name, line, filters):
     """Compile one template expression to Python: (code, free names, filters used)."""
-    wrapped = '(' + src + ')'
-    env = {'filters': filters, 'name': name, 'line': line, 'used': {}}
+    wrapped = "(" + src + ")"
+    env = _TplExprEnv(filters, name, line)
     try:
         toks = _tpl_tokens(wrapped)
     except (tokenize.TokenError, SyntaxError):
-        raise TemplateError(f'invalid expression {src.strip()!r}', name, line) from None
-    code = '(' + _tpl_rewrite(wrapped, toks, 1, len(toks) - 1, env) + ')'
+        raise TemplateError(f"invalid expression {src.strip()!r}", name, line) from None
+    code = "(" + _tpl_rewrite(wrapped, toks, 1, len(toks) - 1, env) + ")"
     try:
-        tree = ast.parse(code, mode='eval')
+        tree = ast.parse(code, mode="eval")
     except SyntaxError as e:
-        raise TemplateError(f'invalid expression {src.strip()!r}: {e.msg}', name, line) from None
-    return code, _tpl_free_names(tree), env['used']
+        raise TemplateError(f"invalid expression {src.strip()!r}: {e.msg}", name, line) from None
+    return code, _tpl_free_names(tree), env.used
 
 
 def _tpl_targets(src, name, line):
     """Names assigned by a `for`/`set` target such as `k, v`; anything else is an error."""
     try:
-        tree = ast.parse(f'{src} = 0').body[0].targets[0]
+        tree = ast.parse(f"{src} = 0").body[0].targets[0]
     except SyntaxError:
         tree = None
     nodes = list(ast.walk(tree)) if tree is not None else []
     if not nodes or any(not isinstance(n, (ast.Name, ast.Tuple, ast.List, ast.Store)) for n in nodes):
-        raise TemplateError(f'invalid assignment target {src.strip()!r}', name, line)
+        raise TemplateError(f"invalid assignment target {src.strip()!r}", name, line)
     return [n.id for n in nodes if isinstance(n, ast.Name)]
 
 
-# ─── Code generation ───
+# ═══ 1c. Templates: compiler ═════════════════════════════════════════════════
+#
+# The tree compiles once to a Python module: the body becomes `_tpl_root(_tplctx,
+# _tplblocks)`, every block a function `_tpl_block_<name>` with the same
+# arguments, every macro `_tpl_macro_<name>(_tplctx, ...)`. `_tplblocks` maps a
+# block name to its functions, most derived template first, which is all
+# extends/super() need. Each function starts by binding the free names it reads
+# to locals: from the context, else through `_tplresolve` (1d). Literal text
+# compiles to a constant, every output to `_tple(...)`: one escape, `_tpl_esc`.
+# Each generated line carries the template line it came from; the code's line
+# numbers are rewritten to those and it is compiled under the template's file
+# name, so a traceback points at the template line.
+
+_TPL_LOOP_RE = re.compile(r"\bloop\b")
+
 
 class _TplScope:
     """What one generated function reads, binds and emits."""
@@ -819,29 +737,45 @@ class _TplScope:
         self.needed, self.filters, self.out = {}, {}, []
 
 
+def _tpl_bodies(node):
+    """The node lists nested in `node`, in template order."""
+    if isinstance(node, (_TplBlock, _TplMacro)):
+        return [node.body]
+    if isinstance(node, _TplIf):
+        return [b.body for b in node.branches] + ([node.else_.body] if node.else_ else [])
+    if isinstance(node, _TplFor):
+        return [node.body] + ([node.else_.body] if node.else_ else [])
+    return []
+
+
 def _tpl_mentions_loop(nodes):
-    """Whether these nodes read `loop` (nested for bodies have their own).
+    """Whether these nodes read `loop` (a nested for has its own; blocks and macros are functions).
 
     An included template may read it, so an `include` counts as a use."""
-    rx = re.compile(r'\bloop\b')
     for n in nodes:
-        if n[0] == 'include' or (n[0] in ('out', 'set') and rx.search(n[2])):
-            return True
-        if n[0] == 'if' and (any(rx.search(c) or _tpl_mentions_loop(b) for c, _, b in n[2])
-                             or _tpl_mentions_loop(n[3] or ())):
-            return True
-        if n[0] == 'for' and (rx.search(n[3]) or _tpl_mentions_loop(n[5] or ())):
-            return True
+        match n:
+            case _TplInclude():
+                return True
+            case _TplOut(expr=text) | _TplSet(expr=text) if _TPL_LOOP_RE.search(text):
+                return True
+            case _TplSet(target=target) if _TPL_LOOP_RE.search(target):
+                return True
+            case _TplIf(branches=branches, else_=else_) if (
+                    any(_TPL_LOOP_RE.search(b.test) or _tpl_mentions_loop(b.body) for b in branches)
+                    or (else_ and _tpl_mentions_loop(else_.body))):
+                return True
+            case _TplFor(iter=seq, else_=else_) if (
+                    _TPL_LOOP_RE.search(seq) or (else_ and _tpl_mentions_loop(else_.body))):
+                return True
     return False
 
 
 class _TplCompiler:
     """Turns a parsed template into (python line, template line) pairs.
 
-    Tree nodes: ['text', line, s] · ['out', line, expr] · ['set', line, arg]
-    · ['include', line, expr] · ['extends', line, expr] · ['block', line, name, body]
-    · ['macro', line, name, signature, body] · ['if', line, [[cond, line, body], ...],
-    else_body, else_line] · ['for', line, target, iterable, body, else_body, else_line]."""
+    `module(tree)` writes the functions; inside one, `_body` joins text and
+    output into one write and hands each statement node to its `_compile_<kind>`
+    (the table _TPL_COMPILERS, after the class)."""
 
     def __init__(self, name, filters):
         self.name, self.filters = name, filters
@@ -850,66 +784,65 @@ class _TplCompiler:
 
     def module(self, tree):
         self._collect(tree)
-        extends = next((n for n in tree if n[0] == 'extends'), None)
-        lines = self._function('_tpl_root(_tplctx, _tplblocks)', 1, tree, (), None, extends)
+        extends = next((n for n in tree if isinstance(n, _TplExtends)), None)
+        lines = self._function("_tpl_root(_tplctx, _tplblocks)", 1, tree, (), None, extends)
         for bname, node in self.blocks.items():
-            lines += self._function(f'_tpl_block_{bname}(_tplctx, _tplblocks)', node[1], node[3], (), bname)
+            lines += self._function(f"_tpl_block_{bname}(_tplctx, _tplblocks)", node.line, node.body,
+                                    (), bname)
         for mname, node in self.macros.items():
             params = self._signature(node)
-            sig = f', {node[3]}' if node[3].strip() else ''
-            lines += self._function(f'_tpl_macro_{mname}(_tplctx{sig})', node[1], node[4], params, None)
+            sig = f", {node.signature}" if node.signature.strip() else ""
+            lines += self._function(f"_tpl_macro_{mname}(_tplctx{sig})", node.line, node.body, params, None)
         return lines
 
     def _collect(self, nodes):
+        """Every block and macro, however deep: each becomes a function of the module."""
         for n in nodes:
-            if n[0] in ('block', 'macro'):
-                if n[0] == 'macro' and n[2] in self.macros:
-                    raise TemplateError(f'macro {n[2]!r} defined twice', self.name, n[1])
-                (self.blocks if n[0] == 'block' else self.macros)[n[2]] = n
-                self._collect(n[3] if n[0] == 'block' else n[4])
-            elif n[0] == 'if':
-                for _, _, body in n[2]:
-                    self._collect(body)
-                self._collect(n[3] or ())
-            elif n[0] == 'for':
-                self._collect(n[4])
-                self._collect(n[5] or ())
+            if isinstance(n, _TplBlock):
+                self.blocks[n.name] = n
+            elif isinstance(n, _TplMacro):
+                if n.name in self.macros:
+                    raise TemplateError(f"macro {n.name!r} defined twice", self.name, n.line)
+                self.macros[n.name] = n
+            for body in _tpl_bodies(n):
+                self._collect(body)
 
     def _signature(self, node):
         try:
-            a = ast.parse(f'def _({node[3]}): pass').body[0].args
+            a = ast.parse(f"def _({node.signature}): pass").body[0].args
         except SyntaxError:
-            raise TemplateError(f'invalid macro signature {node[3]!r}', self.name, node[1]) from None
+            raise TemplateError(f"invalid macro signature {node.signature!r}", self.name,
+                                node.line) from None
         return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if x]
 
     def _function(self, header, line, body, params, block, extends=None):
         self.fn = fn = _TplScope(params, block)
-        macro = header.startswith('_tpl_macro_')
-        wrap = ('_tplMarkup(', ')') if macro else ('', '')
-        simple = extends is None and all(n[0] in ('text', 'out') for n in body)
+        macro = header.startswith("_tpl_macro_")
+        wrap = ("_tplMarkup(", ")") if macro else ("", "")
+        simple = extends is None and all(isinstance(n, (_TplText, _TplOut)) for n in body)
         if extends is not None:
             self._extending_root(body, extends)
         elif simple:
-            self._run(body, 1, 'return ' + wrap[0], wrap[1])
+            self._run(body, 1, "return " + wrap[0], wrap[1])
         else:
             self._body(body, 1)
             self._emit(1, f"return {wrap[0]}''.join(_tplout){wrap[1]}", line)
-        text = '\n'.join(code for code, _ in fn.out)
-        pro = [] if simple or extends is not None else ['_tplout = []', '_tplw = _tplout.append']
-        pro += ['_tple = _tplesc'] * ('_tple(' in text) + ['_tplga = _tplgetattr'] * ('_tplga(' in text)
-        pro += [f'_tplf_{f} = _tplF[{f!r}]' for f in fn.filters]
+        text = "\n".join(code for code, _ in fn.out)
+        pro = [] if simple or extends is not None else ["_tplout = []", "_tplw = _tplout.append"]
+        pro += ["_tple = _tplesc"] * ("_tple(" in text) + ["_tplga = _tplgetattr"] * ("_tplga(" in text)
+        pro += [f"_tplf_{f} = _tplF[{f!r}]" for f in fn.filters]
         for n in fn.needed:
             if n in self.macros:
-                pro.append(f'{n} = _tplpartial(_tpl_macro_{n}, _tplctx)')
-            elif n == 'super':
-                pro.append(f'super = _tplpartial(_tplsuper, _tplctx, _tplblocks, {block!r}, _tpl_block_{block})'
-                           if block else 'super = _tplnosuper')
+                pro.append(f"{n} = _tplpartial(_tpl_macro_{n}, _tplctx)")
+            elif n == "super":
+                pro.append(f"super = _tplpartial(_tplsuper, _tplctx, _tplblocks, {block!r}, _tpl_block_{block})"
+                           if block else "super = _tplnosuper")
             else:
-                pro.append(f'{n} = _tplctx[{n!r}] if {n!r} in _tplctx else _tplresolve(_tplG, {n!r})')
-        return [(f'def {header}:', line)] + [('    ' + p, line) for p in pro] + fn.out
+                pro.append(f"{n} = _tplctx[{n!r}] if {n!r} in _tplctx else _tplresolve(_tplG, {n!r})")
+        return [(f"def {header}:", line)] + [("    " + p, line) for p in pro] + fn.out
 
     def _emit(self, indent, code, line):
-        self.fn.out.append(('    ' * indent + code, line))
+        self.fn.out.append(("    " * indent + code, line))
 
     def _expr(self, src, line):
         code, names, used = _tpl_expr(src, self.name, line, self.filters)
@@ -922,127 +855,227 @@ class _TplCompiler:
     def _body(self, nodes, indent):
         start, run = len(self.fn.out), []
         for node in nodes:
-            if node[0] in ('text', 'out'):
+            if isinstance(node, (_TplText, _TplOut)):
                 run.append(node)
                 continue
-            self._run(run, indent, '_tplw(', ')')
+            self._run(run, indent, "_tplw(", ")")
             run = []
-            getattr(self, '_do_' + node[0])(node, indent)
-        self._run(run, indent, '_tplw(', ')')
+            _TPL_COMPILERS[type(node)](self, node, indent)
+        self._run(run, indent, "_tplw(", ")")
         if len(self.fn.out) == start:
-            self._emit(indent, 'pass', nodes[0][1] if nodes else 1)
+            self._emit(indent, "pass", nodes[0].line if nodes else 1)
 
     def _run(self, run, indent, head, tail):
         """Output text and expressions in one call: head + ''.join((...)) + tail."""
-        pieces = [(repr(n[2]) if n[0] == 'text' else f'_tple({self._expr(n[2], n[1])})', n[1])
-                  for n in run]
+        pieces = [(repr(n.text) if isinstance(n, _TplText) else f"_tple({self._expr(n.expr, n.line)})",
+                   n.line) for n in run]
         if len(pieces) == 1:
             self._emit(indent, head + pieces[0][0] + tail, pieces[0][1])
         elif pieces:
             self._emit(indent, head + "''.join((", pieces[0][1])
             for code, line in pieces:
-                self._emit(indent + 1, code + ',', line)
-            self._emit(indent, '))' + tail, pieces[-1][1])
-        elif head.startswith('return'):
+                self._emit(indent + 1, code + ",", line)
+            self._emit(indent, "))" + tail, pieces[-1][1])
+        elif head.startswith("return"):
             self._emit(indent, head + "''" + tail, 1)
 
     def _extending_root(self, nodes, extends):
         """A child template's body: its `set`s, then the parent renders with its blocks."""
         sets = []
         for node in nodes:
-            if node[0] == 'set':
-                sets += self._do_set(node, 1)
-            elif node[0] not in ('extends', 'block', 'macro') and (node[0] != 'text' or node[2].strip()):
-                line = node[1] + (node[2][:len(node[2]) - len(node[2].lstrip())].count('\n')
-                                  if node[0] == 'text' else 0)
-                raise TemplateError('content outside of blocks is never rendered in a template that '
-                                    "uses 'extends'", self.name, line)
-        ctx = '{**_tplctx, %s}' % ', '.join(f'{n!r}: {n}' for n in sets) if sets else '_tplctx'
-        parent = self._expr(extends[2], extends[1])
-        self._emit(1, f'return _tplextends(_tplT, {ctx}, _tplblocks, {parent})', extends[1])
+            stray = None
+            if isinstance(node, _TplSet):
+                sets += self._compile_set(node, 1)
+            elif isinstance(node, _TplText):
+                if node.text.strip():
+                    stray = node.line + node.text[:len(node.text) - len(node.text.lstrip())].count("\n")
+            elif not isinstance(node, (_TplExtends, _TplBlock, _TplMacro)):
+                stray = node.line
+            if stray is not None:
+                raise TemplateError("content outside of blocks is never rendered in a template that "
+                                    "uses 'extends'", self.name, stray)
+        ctx = "{**_tplctx, %s}" % ", ".join(f"{n!r}: {n}" for n in sets) if sets else "_tplctx"
+        parent = self._expr(extends.expr, extends.line)
+        self._emit(1, f"return _tplextends(_tplT, {ctx}, _tplblocks, {parent})", extends.line)
 
-    def _do_if(self, node, indent):
+    def _compile_if(self, node, indent):
         bound = set(self.fn.bound)
-        for i, (cond, line, body) in enumerate(node[2]):
-            self._emit(indent, f"{'elif' if i else 'if'} {self._expr(cond, line)}:", line)
-            self._body(body, indent + 1)
+        for i, branch in enumerate(node.branches):
+            test = self._expr(branch.test, branch.line)
+            self._emit(indent, f"{'elif' if i else 'if'} {test}:", branch.line)
+            self._body(branch.body, indent + 1)
             self.fn.bound = set(bound)
-        if node[3] is not None:
-            self._emit(indent, 'else:', node[4])
-            self._body(node[3], indent + 1)
+        if node.else_ is not None:
+            self._emit(indent, "else:", node.else_.line)
+            self._body(node.else_.body, indent + 1)
             self.fn.bound = bound
 
-    def _do_for(self, node, indent):
-        _, line, target, iterable, body, else_body, else_line = node
+    def _compile_for(self, node, indent):
+        target, line, else_ = node.target, node.line, node.else_
         names = _tpl_targets(target, self.name, line)
-        seq = self._expr(iterable, line)
-        bound, uses_loop = set(self.fn.bound), _tpl_mentions_loop(body)
+        seq = self._expr(node.iter, line)
+        bound, uses_loop = set(self.fn.bound), _tpl_mentions_loop(node.body)
         self.uid += 1
-        save, empty = f'_tplsave{self.uid}', f'_tplempty{self.uid}'
-        outer_loop = uses_loop and 'loop' in bound
+        save, empty = f"_tplsave{self.uid}", f"_tplempty{self.uid}"
+        outer_loop = uses_loop and "loop" in bound
         if outer_loop:
-            self._emit(indent, f'{save} = loop', line)
+            self._emit(indent, f"{save} = loop", line)
         if uses_loop:
-            self._emit(indent, f'loop = _tplLoop({seq})', line)
-            self._emit(indent, f'for loop.index0, ({target}) in enumerate(loop._seq):', line)
+            self._emit(indent, f"loop = _tplLoop({seq})", line)
+            self._emit(indent, f"for loop.index0, ({target}) in enumerate(loop._seq):", line)
         else:
-            if else_body is not None:
-                self._emit(indent, f'{empty} = True', line)
-            self._emit(indent, f'for {target} in {seq}:', line)
-            if else_body is not None:
-                self._emit(indent + 1, f'{empty} = False', line)
-        self.fn.bound |= set(names) | ({'loop'} if uses_loop else set())
-        self._body(body, indent + 1)
+            if else_ is not None:
+                self._emit(indent, f"{empty} = True", line)
+            self._emit(indent, f"for {target} in {seq}:", line)
+            if else_ is not None:
+                self._emit(indent + 1, f"{empty} = False", line)
+        self.fn.bound |= set(names) | ({"loop"} if uses_loop else set())
+        self._body(node.body, indent + 1)
         self.fn.bound = set(bound)
-        if else_body is not None:
-            self._emit(indent, f"if {'not loop.length' if uses_loop else empty}:", else_line)
-            self._body(else_body, indent + 1)
+        if else_ is not None:
+            self._emit(indent, f"if {'not loop.length' if uses_loop else empty}:", else_.line)
+            self._body(else_.body, indent + 1)
             self.fn.bound = set(bound)
         if outer_loop:
-            self._emit(indent, f'loop = {save}', line)
+            self._emit(indent, f"loop = {save}", line)
 
-    def _do_set(self, node, indent):
-        m = _TPL_SET_RE.match(node[2])
-        if m is None:
-            raise TemplateError(f"expected 'set NAME = EXPRESSION', got {node[2]!r}", self.name, node[1])
-        names = _tpl_targets(m.group(1), self.name, node[1])
-        self._emit(indent, f'{m.group(1).strip()} = {self._expr(m.group(2), node[1])}', node[1])
+    def _compile_set(self, node, indent):
+        names = _tpl_targets(node.target, self.name, node.line)
+        self._emit(indent, f"{node.target} = {self._expr(node.expr, node.line)}", node.line)
         self.fn.bound.update(names)
         return names
 
-    def _do_include(self, node, indent):
-        target = self._expr(node[2], node[1])
-        local = sorted(n for n in self.fn.bound if not n.startswith('_tpl'))
-        extra = '{%s}' % ', '.join(f'{n!r}: {n}' for n in local) if local else 'None'
-        self._emit(indent, f'_tplw(_tplinclude(_tplT, _tplctx, {target}, {extra}))', node[1])
+    def _compile_include(self, node, indent):
+        target = self._expr(node.expr, node.line)
+        local = sorted(n for n in self.fn.bound if not n.startswith("_tpl"))
+        extra = "{%s}" % ", ".join(f"{n!r}: {n}" for n in local) if local else "None"
+        self._emit(indent, f"_tplw(_tplinclude(_tplT, _tplctx, {target}, {extra}))", node.line)
 
-    def _do_block(self, node, indent):
-        self._emit(indent, f'_tplw(_tplblocks[{node[2]!r}][0](_tplctx, _tplblocks))', node[1])
+    def _compile_block(self, node, indent):
+        self._emit(indent, f"_tplw(_tplblocks[{node.name!r}][0](_tplctx, _tplblocks))", node.line)
 
-    def _do_macro(self, node, indent):
+    def _compile_macro(self, node, indent):
         """Macros are module-level functions; nothing happens where they are defined."""
+
+
+_TPL_COMPILERS = {_TplIf: _TplCompiler._compile_if, _TplFor: _TplCompiler._compile_for,
+                  _TplSet: _TplCompiler._compile_set, _TplInclude: _TplCompiler._compile_include,
+                  _TplBlock: _TplCompiler._compile_block, _TplMacro: _TplCompiler._compile_macro}
 
 
 def _tpl_code(lines, source, filename, name):
     """Compile generated lines with every node moved to its template line."""
     linemap = []
     for code, line in lines:
-        linemap.extend(line + k for k in range(code.count('\n') + 1))
+        linemap.extend(line + k for k in range(code.count("\n") + 1))
     try:
-        tree = ast.parse('\n'.join(code for code, _ in lines), filename)
+        tree = ast.parse("\n".join(code for code, _ in lines), filename)
     except SyntaxError as e:
         where = linemap[e.lineno - 1] if e.lineno and e.lineno <= len(linemap) else None
-        raise TemplateError(f'invalid syntax: {e.msg}', name, where) from None
-    widths = [len(text.encode()) for text in source.split('\n')]
+        raise TemplateError(f"invalid syntax: {e.msg}", name, where) from None
+    widths = [len(text.encode()) for text in source.split("\n")]
     for node in ast.walk(tree):
-        if 'lineno' in node._attributes:
+        if "lineno" in node._attributes:
             line = linemap[node.lineno - 1]
             node.lineno = node.end_lineno = line
             node.col_offset, node.end_col_offset = 0, widths[line - 1] if line <= len(widths) else 0
-    return compile(tree, filename, 'exec')
+    return compile(tree, filename, "exec")
 
 
-# ─── Runtime helpers called by compiled templates ───
+# ═══ 1d. Templates: runtime and loader ═══════════════════════════════════════
+#
+# What compiled templates call while they render, handed to their module by
+# name (_TPL_RUNTIME below): the escape `_tpl_esc` (HTML safety, above),
+# `_tplga` for `x.name`, `_tplresolve` for a free name the context lacks
+# (`Templates.globals`, then builtins, then Jinja's true/false/none, else an
+# undefined marker that raises NameError wherever it is used, `if` included;
+# only the `default` filter accepts it), the `loop` helper, the filters, and
+# include/extends/super().
+# Then the loader: Template compiles one source, Templates finds, caches and
+# recompiles the files under a root.
+
+_TPL_JINJA_LITERALS = {"true": True, "false": False, "none": None}
+_TPL_STRIPTAGS_RE = re.compile(r"<!--.*?-->|<[^>]*>", re.S)
+
+
+class _TplUndefined:
+    """The value of an unknown name or attribute: any use raises, `default` replaces it."""
+
+    __slots__ = ("_tpl_message", "_tpl_exc")
+
+    def __init__(self, message, exc=NameError):
+        self._tpl_message, self._tpl_exc = message, exc
+
+    def _tpl_fail(self, *args, **kwargs):
+        raise self._tpl_exc(self._tpl_message)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._tpl_fail()
+
+    def __repr__(self):
+        return f"Undefined({self._tpl_message!r})"
+
+    __hash__ = object.__hash__
+    __str__ = __html__ = __format__ = __iter__ = __len__ = __bool__ = _tpl_fail
+    __call__ = __getitem__ = __contains__ = __int__ = __float__ = __index__ = _tpl_fail
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _tpl_fail
+    __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __rmod__ = __neg__ = _tpl_fail
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _tpl_fail
+
+
+def _tpl_resolve(globals_, name):
+    """A free name missing from the context: globals, then builtins, else undefined."""
+    if name in globals_:
+        return globals_[name]
+    if name in builtins.__dict__:
+        return builtins.__dict__[name]
+    if name in _TPL_JINJA_LITERALS:
+        return _TPL_JINJA_LITERALS[name]
+    return _TplUndefined(f"{name!r} is undefined")
+
+
+def _tpl_ga(obj, name):
+    """`obj.name` in a template: the attribute, else the item (Jinja's rule)."""
+    if type(obj) is dict:
+        if name in obj:
+            return obj[name]
+    else:
+        try:
+            return getattr(obj, name)
+        except AttributeError:
+            try:
+                return obj[name]
+            except (TypeError, LookupError, AttributeError):
+                pass
+    return _TplUndefined(f"{type(obj).__name__!r} object has no attribute {name!r}",
+                         AttributeError)
+
+
+class _TplLoop:
+    """The `loop` helper of a for loop; the loop itself assigns `index0`."""
+
+    __slots__ = ("index0", "length", "_seq")
+
+    def __init__(self, seq):
+        try:
+            n = len(seq)
+        except TypeError:
+            seq = list(seq)
+            n = len(seq)
+        self._seq, self.length, self.index0 = seq, n, -1
+
+    index = property(lambda self: self.index0 + 1)
+    revindex = property(lambda self: self.length - self.index0)
+    revindex0 = property(lambda self: self.length - self.index0 - 1)
+    first = property(lambda self: self.index0 == 0)
+    last = property(lambda self: self.index0 == self.length - 1)
+
+    def cycle(self, *values):
+        """The value for this iteration, cycling through `values`."""
+        return values[self.index0 % len(values)]
+
 
 def _tpl_include(template, ctx, name, extra):
     target = template._related(name)
@@ -1057,8 +1090,8 @@ def _tpl_extends(template, ctx, blocks, name):
     if hit is None or hit[0] is not blocks or hit[1] is not parent:
         chain = blocks.get(None, [template])
         if parent in chain or len(chain) >= MAX_TEMPLATE_DEPTH:
-            names = ' -> '.join(t.name for t in chain + [parent])
-            raise TemplateError(f'extends loop or chain too deep: {names}', template.name)
+            names = " -> ".join(t.name for t in chain + [parent])
+            raise TemplateError(f"extends loop or chain too deep: {names}", template.name)
         merged = {n: fns + parent._blocks.get(n, []) for n, fns in blocks.items() if n is not None}
         for n, fns in parent._blocks.items():
             merged.setdefault(n, list(fns))
@@ -1073,34 +1106,177 @@ def _tpl_super(ctx, blocks, name, fn):
     chain = blocks[name]
     i = next(i for i, f in enumerate(chain) if f is fn)
     if i + 1 >= len(chain):
-        raise TemplateError(f'super(): block {name!r} has no parent block')
+        raise TemplateError(f"super(): block {name!r} has no parent block")
     return Markup(chain[i + 1](ctx, blocks))
 
 
 def _tpl_no_super():
-    raise TemplateError('super() is only available inside a block')
+    raise TemplateError("super() is only available inside a block")
 
+
+# ─── Filters ───
+
+def _tpl_keep(value, result):
+    """A string filter's result stays trusted when its input was."""
+    return Markup(result) if hasattr(value, "__html__") else result
+
+
+def _tpl_text(value):
+    return value.__html__() if hasattr(value, "__html__") else str(value)
+
+
+def _tpl_f_default(value, default_value="", boolean=False):
+    if isinstance(value, _TplUndefined) or (boolean and not value):
+        return default_value
+    return value
+
+
+def _tpl_f_join(value, d="", attribute=None):
+    items = [_tpl_ga(v, attribute) for v in value] if attribute else list(value)
+    if hasattr(d, "__html__") or any(hasattr(v, "__html__") for v in items):
+        return Markup(d).join(items)
+    return str(d).join(map(str, items))
+
+
+def _tpl_f_json(value, indent=None):
+    text = json.dumps(value, indent=indent, sort_keys=indent is not None)
+    return Markup(text.replace("&", "\\u0026").replace("<", "\\u003c")
+                  .replace(">", "\\u003e").replace("'", "\\u0027"))
+
+
+def _tpl_f_truncate(s, length=255, killwords=False, end="...", leeway=0):
+    s = _tpl_text(s)
+    if len(s) <= length + leeway:
+        return s
+    cut = s[:max(length - len(end), 0)]
+    if not killwords and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut + end
+
+
+def _tpl_f_replace(s, old, new, count=-1):
+    if hasattr(s, "__html__"):
+        return Markup(str.replace(Markup(s), escape(old), escape(new), count))
+    return str(s).replace(str(old), str(new), count)
+
+
+def _tpl_f_first(seq):
+    for item in seq:
+        return item
+    return _TplUndefined("first item of an empty sequence", LookupError)
+
+
+def _tpl_f_last(seq):
+    seq = seq if isinstance(seq, (list, tuple, str)) else list(seq)
+    return seq[-1] if seq else _TplUndefined("last item of an empty sequence", LookupError)
+
+
+def _tpl_f_sort(value, reverse=False, case_sensitive=False, attribute=None):
+    def key(item):
+        if attribute is not None:
+            item = _tpl_ga(item, attribute)
+        return item.lower() if not case_sensitive and isinstance(item, str) else item
+    return sorted(value, key=key, reverse=reverse)
+
+
+def _tpl_f_reverse(value):
+    if isinstance(value, str):
+        return value[::-1]
+    return list(reversed(value if isinstance(value, (list, tuple)) else list(value)))
+
+
+def _tpl_f_round(value, precision=0, method="common"):
+    if method == "common":
+        return round(value, precision)
+    op = {"ceil": math.ceil, "floor": math.floor}[method]
+    return op(value * 10 ** precision) / 10 ** precision
+
+
+def _tpl_f_int(value, default=0, base=10):
+    try:
+        return int(value, base) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError, OverflowError):
+            return default
+
+
+def _tpl_f_float(value, default=0.0):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _tpl_f_striptags(value):
+    text = _TPL_STRIPTAGS_RE.sub("", _tpl_text(value))
+    return html.unescape(" ".join(text.split()))
+
+
+def _tpl_f_urlencode(value):
+    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and value
+                                   and isinstance(value[0], (list, tuple))):
+        pairs = value.items() if isinstance(value, dict) else value
+        return "&".join(urllib.parse.quote(str(k), safe="") + "=" + urllib.parse.quote(str(v), safe="")
+                        for k, v in pairs)
+    return urllib.parse.quote(str(value), safe="/")
+
+
+def _tpl_f_nl2br(value):
+    text = escape(value).replace("\r\n", "\n")
+    return Markup(text.replace("\n", "<br>\n"))
+
+
+_TPL_FILTERS = {
+    "upper": lambda s: _tpl_keep(s, _tpl_text(s).upper()),
+    "lower": lambda s: _tpl_keep(s, _tpl_text(s).lower()),
+    "title": lambda s: _tpl_keep(s, _tpl_text(s).title()),
+    "capitalize": lambda s: _tpl_keep(s, _tpl_text(s).capitalize()),
+    "trim": lambda s, chars=None: _tpl_keep(s, _tpl_text(s).strip(chars)),
+    "length": len, "count": len,
+    "default": _tpl_f_default, "d": _tpl_f_default,
+    "join": _tpl_f_join,
+    "safe": lambda s: Markup(_tpl_text(s)),
+    "escape": escape, "e": escape,
+    "json": _tpl_f_json, "tojson": _tpl_f_json,
+    "truncate": _tpl_f_truncate,
+    "replace": _tpl_f_replace,
+    "first": _tpl_f_first, "last": _tpl_f_last,
+    "sort": _tpl_f_sort, "reverse": _tpl_f_reverse,
+    "round": _tpl_f_round, "int": _tpl_f_int, "float": _tpl_f_float,
+    "string": lambda s: _tpl_keep(s, _tpl_text(s)),
+    "abs": abs, "list": list,
+    "striptags": _tpl_f_striptags, "urlencode": _tpl_f_urlencode, "nl2br": _tpl_f_nl2br,
+}
+
+# The names compiled code calls, besides each template's own `_tplT` (the
+# Template), `_tplG` (its globals) and `_tplF` (its filters).
+_TPL_RUNTIME = {"_tplesc": _tpl_esc, "_tplgetattr": _tpl_ga, "_tplresolve": _tpl_resolve,
+                "_tplLoop": _TplLoop, "_tplMarkup": Markup, "_tplpartial": functools.partial,
+                "_tplinclude": _tpl_include, "_tplextends": _tpl_extends, "_tplsuper": _tpl_super,
+                "_tplnosuper": _tpl_no_super, "__builtins__": builtins}
+
+
+# ─── Loader ───
 
 class Template:
     """One compiled template. `render(**context)` returns a str."""
 
-    def __init__(self, source: str, name: str = '<string>', env: 'Templates | None' = None,
+    def __init__(self, source: str, name: str = "<string>", env: "Templates | None" = None,
                  filename: str | None = None) -> None:
         self.source, self.name, self.env = source, name, env
         self.filename = filename or name
         filters = env.filters if env is not None else _TPL_FILTERS
         compiler = _TplCompiler(name, filters)
-        last_line = source.count('\n') + (not source.endswith('\n'))
-        tree = _tpl_parse(_tpl_lex(source, name), name, max(last_line, 1))
+        last_line = source.count("\n") + (not source.endswith("\n"))
+        tree = _TplParser(name).parse(_tpl_lex(source, name), max(last_line, 1))
         code = _tpl_code(compiler.module(tree), source, self.filename, name)
-        ns = {'_tplT': self, '_tplG': env.globals if env is not None else {}, '_tplF': filters,
-              '_tplesc': _tpl_esc, '_tplgetattr': _tpl_ga, '_tplresolve': _tpl_resolve,
-              '_tplLoop': _TplLoop, '_tplMarkup': Markup, '_tplpartial': functools.partial,
-              '_tplinclude': _tpl_include, '_tplextends': _tpl_extends, '_tplsuper': _tpl_super,
-              '_tplnosuper': _tpl_no_super, '__builtins__': builtins}
+        ns = {**_TPL_RUNTIME, "_tplT": self, "_tplG": env.globals if env is not None else {},
+              "_tplF": filters}
         exec(code, ns)  # noqa: S102 (a template compiles to Python code, run here once)
-        self._root = ns['_tpl_root']
-        self._blocks = {b: [ns['_tpl_block_' + b]] for b in compiler.blocks}
+        self._root = ns["_tpl_root"]
+        self._blocks = {b: [ns["_tpl_block_" + b]] for b in compiler.blocks}
         self._merged = {}
 
     def render(self, /, **context: Any) -> str:
@@ -1114,11 +1290,11 @@ class Template:
     def _related(self, name):
         """A template named by this one's `extends` or `include`."""
         if self.env is None:
-            raise TemplateError(f'cannot load {name!r}: this template has no Templates loader', self.name)
+            raise TemplateError(f"cannot load {name!r}: this template has no Templates loader", self.name)
         return self.env._get_related(name, self.filename if os.path.isabs(self.filename) else None)
 
     def __repr__(self):
-        return f'<Template {self.name!r}>'
+        return f"<Template {self.name!r}>"
 
 
 class Templates:
@@ -1162,7 +1338,7 @@ class Templates:
         template = self._by_name[key] = self._load(full, display)
         return template
 
-    def from_string(self, source: str, name: str = '<string>') -> Template:
+    def from_string(self, source: str, name: str = "<string>") -> Template:
         """A template from source text."""
         return Template(source, name, self)
 
@@ -1172,17 +1348,17 @@ class Templates:
 
     def _get_related(self, name, base):
         """`name` under root, or beside `base` (a file) when it starts with './'."""
-        relative = isinstance(name, str) and name.startswith('./') and base is not None
+        relative = isinstance(name, str) and name.startswith("./") and base is not None
         key = (base, name) if relative else name
         hit = self._by_name.get(key)
         if hit is not None and not self.debug:
             return hit
-        if not isinstance(name, str) or not name or '\0' in name:
-            raise TemplateNotFound(f'invalid template name {name!r}', str(name))
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise TemplateNotFound(f"invalid template name {name!r}", str(name))
         top = Path(base).resolve().parent if relative else self.root
         path = (top / name).resolve()
         if os.path.isabs(name) or not path.is_relative_to(top):
-            raise TemplateNotFound(f'template {name!r} is outside {top}', name)
+            raise TemplateNotFound(f"template {name!r} is outside {top}", name)
         template = self._by_name[key] = self._load(path, path.relative_to(top).as_posix()
                                                    if not relative else name)
         return template
@@ -1195,13 +1371,13 @@ class Templates:
         except OSError:
             mtime = None
         if mtime is None or not path.is_file():
-            raise TemplateNotFound(f'template {display!r} not found (looked for {key})', display)
+            raise TemplateNotFound(f"template {display!r} not found (looked for {key})", display)
         if entry is not None and entry[0] == mtime:
             return entry[1]
         try:
-            source = path.read_text(encoding='utf-8')
+            source = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise TemplateError(f'not UTF-8: {e}', display) from None
+            raise TemplateError(f"not UTF-8: {e}", display) from None
         template = Template(source, display, self, filename=key)
         self._by_path[key] = (mtime, template)
         return template
@@ -5497,12 +5673,9 @@ class Asok:
         return decorator
 
     def template_filter(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering a template filter: `@app.template_filter()` (named after the function) or
-        `@app.template_filter("name")`."""
-        def decorator(fn):
-            self.templates.filters[name or fn.__name__] = fn
-            return fn
-        return decorator
+        """`Templates.filter` on this app's templates: `@app.template_filter()` (named after the
+        function) or `@app.template_filter("name")`."""
+        return self.templates.filter(name)
 
     def _scan_pages(self):
         pages_dir = self.root / "src" / "pages"

@@ -2039,43 +2039,7 @@ def frames_of(excinfo):
     return [(f.filename, f.lineno) for f in traceback.extract_tb(excinfo.value.__traceback__)]
 
 
-# ─── output and escaping ───
-
-def test_output_escapes_html_specials(S):
-    assert render(S('<p><< v >></p>'), v='& < > " \'') == '<p>&amp; &lt; &gt; &#34; &#39;</p>'
-
-
-def test_output_of_non_strings(S):
-    out = render(S('<< i >>|<< n >>|<< xs >>|<< f >>|<< b >>'), i=42, n=None, xs=['<a>', 1], f=1.5, b=True)
-    assert out == "42|None|[&#39;&lt;a&gt;&#39;, 1]|1.5|True"
-
-
-def test_html_objects_are_inserted_as_is(S):
-    class Widget:
-        def __html__(self):
-            return '<b>w</b>'
-    assert render(S('<< w >><< m >>'), w=Widget(), m=asok.Markup('<i>')) == '<b>w</b><i>'
-
-
-def test_safe_filter_and_no_double_escape(S):
-    assert render(S('<< v | safe >>|<< v | e >>|<< v | e | e >>'), v='<a>') == '<a>|&lt;a&gt;|&lt;a&gt;'
-
-
-def test_comments_are_dropped(S):
-    assert render(S('a<# hidden << x >> #>b')) == 'ab'
-
-
-def test_trailing_newline_is_dropped_like_jinja():
-    assert render('line\n') == 'line'
-    assert render('line\n\n') == 'line\n'
-
-
-def test_closers_inside_strings_and_brackets():
-    assert render('{{ "}}" }}|{{ {"a": {"b": 1}}["a"]["b"] }}') == '}}|1'
-    assert render('<< ">>" >>|<< (16 >> 2) >>') == '&gt;&gt;|4'
-
-
-# ─── Markup and escape ───
+# ─── Markup and escape (HTML safety) ───
 
 def test_escape_returns_markup():
     out = asok.escape('<a href="x">\'&')
@@ -2111,7 +2075,132 @@ def test_markup_of_html_object():
     assert asok.Markup(Widget()) == '<w>'
 
 
-# ─── statements ───
+# ─── syntax: tags, comments, whitespace, raw; errors that say where ───
+
+def test_comments_are_dropped(S):
+    assert render(S('a<# hidden << x >> #>b')) == 'ab'
+
+
+def test_trailing_newline_is_dropped_like_jinja():
+    assert render('line\n') == 'line'
+    assert render('line\n\n') == 'line\n'
+
+
+def test_closers_inside_strings_and_brackets():
+    assert render('{{ "}}" }}|{{ {"a": {"b": 1}}["a"]["b"] }}') == '}}|1'
+    assert render('<< ">>" >>|<< (16 >> 2) >>') == '&gt;&gt;|4'
+
+
+def test_native_tag_next_to_angle_brackets():
+    assert render('<<< name >>>', name='p') == '<p>'
+
+
+def test_raw(S):
+    src = S('<% raw %><< x >> {{ y }} <% if %><% endraw %>!')
+    assert render(src) == S('<< x >>') + ' {{ y }} ' + S('<% if %>') + '!'
+
+
+def test_whitespace_control(S):
+    src = S('<ul>\n  <%- for x in xs -%>\n  <li><< x >></li>\n  <%- endfor -%>\n</ul>')
+    assert render(src, xs=[1, 2]) == '<ul><li>1</li><li>2</li></ul>'
+    assert render(S('a  \n<<- x ->>  \nb'), x=1) == 'a1b'
+    assert render(S('a \n<#- note -#>\n b')) == 'ab'
+
+
+@pytest.mark.parametrize('src,line,message', [
+    ('a\n<% for x in xs %>\n<< x >>', 3, "expected 'endfor' for 'for' opened at line 2"),
+    ('<% if a %>\n<% for x in xs %>\n<% endif %>', 3, "expected 'endfor' for 'for' opened at line 2, got 'endif'"),
+    ('\n\n<% endif %>', 3, "'endif' without 'if'"),
+    ('<% frobnicate x %>', 1, "unknown statement 'frobnicate'"),
+    ('a\n<< 1 + >>', 2, "invalid expression '1 +'"),
+    ('<% if x = 1 %><% endif %>', 1, 'invalid expression'),
+    ('x\n<% extends "b.html" %>', 2, "'extends' must be the first tag"),
+    ('a\n\n<< x ', 3, 'unclosed'),
+    ('<% else %>', 1, "'else' without 'if' or 'for'"),
+    ('<% block a %><% endblock b %>', 1, "'endblock b' closes block 'a'"),
+    ('<% block a %><% endblock %><% block a %><% endblock %>', 1, "block 'a' defined twice"),
+    ('<< x | nosuch >>', 1, "no filter named 'nosuch'"),
+    ('<% raw %>abc', 1, "expected 'endraw' for 'raw' opened at line 1"),
+    ('<% set 1 = 2 %>', 1, "expected 'set NAME = EXPRESSION'"),
+    ('<% for 1 in xs %><% endfor %>', 1, 'invalid assignment target'),
+    ('<% extends "b.html" %>\nstray', 2, 'content outside of blocks'),
+    ('<<  >>', 1, 'empty expression'),
+    ('<% macro m(a b) %><% endmacro %>', 1, 'invalid macro signature'),
+    ('<% if a %>x<% else %>\n<% elif b %><% endif %>', 2, "'elif' after 'else' (opened at line 1)"),
+    ('<% for x in xs %>\n<% else %>\n<% else %><% endfor %>', 3, "'else' after 'else' (opened at line 2)"),
+    ('<% for x in xs %><% elif y %><% endfor %>', 1, "'elif' without 'if'"),
+    ('a\n<% if %>', 2, "'if' needs an argument"),
+    ('<% block 1a %><% endblock %>', 1, "invalid block name '1a'"),
+    ('<% macro m() %><% endmacro %>\n<% macro m() %><% endmacro %>', 2, "macro 'm' defined twice"),
+    ('<% endraw %>', 1, "'endraw' without 'raw'"),
+    ('<< | upper >>', 1, "filter 'upper' has no value to filter"),
+    ('<%  %>', 1, 'empty statement'),
+    ('<% for x %><% endfor %>', 1, "expected 'for NAME in EXPRESSION', got 'for x'"),
+    ('<% macro m %><% endmacro %>', 1, "expected 'macro NAME(ARGUMENTS)', got 'macro m'"),
+])
+def test_syntax_errors_name_file_and_line(S, src, line, message):
+    with pytest.raises(asok.TemplateError) as exc:
+        asok.Template(S(src), name='bad.html')
+    err = exc.value
+    assert (err.name, err.lineno) == ('bad.html', line)
+    assert message in err.message
+    assert str(err).startswith(f'bad.html, line {line}: ')
+
+
+def test_unclosed_jinja_output_tag():
+    with pytest.raises(asok.TemplateError, match=r"line 2: unclosed '\{\{' tag: expected '\}\}'"):
+        asok.Template('a\n{{ x', name='c.html')
+
+
+def test_syntax_error_from_a_file_names_it(tmp_path):
+    write(tmp_path, 'html/counter.html', '{% for x in xs %}\n\n')
+    with pytest.raises(asok.TemplateError) as exc:
+        asok.Templates(tmp_path).get('html/counter.html')
+    assert str(exc.value) == "html/counter.html, line 2: expected 'endfor' for 'for' opened at line 1"
+
+
+def test_template_error_str_without_location():
+    assert str(asok.TemplateError('boom')) == 'boom'
+    assert str(asok.TemplateError('boom', 'a.html')) == 'a.html: boom'
+
+
+# ─── expressions: filters and attributes ───
+
+def test_attribute_falls_back_to_item(S):
+    class User:
+        name = 'obj'
+    assert render(S('<< d.name >> << u.name >> << d.items() | list | length >>'), d={'name': 'dict'}, u=User()) \
+        == 'dict obj 1'
+
+
+def test_filters_in_if_for_and_set(S):
+    src = S('<% if xs | length > 1 %>big<% endif %><% for x in xs | sort %><< x >><% endfor %>'
+            '<% set n = xs | first %><< n >>')
+    assert render(src, xs=[2, 1]) == 'big122'
+
+
+# ─── compiler: output, statements, template lines in tracebacks ───
+
+
+def test_output_escapes_html_specials(S):
+    assert render(S('<p><< v >></p>'), v='& < > " \'') == '<p>&amp; &lt; &gt; &#34; &#39;</p>'
+
+
+def test_output_of_non_strings(S):
+    out = render(S('<< i >>|<< n >>|<< xs >>|<< f >>|<< b >>'), i=42, n=None, xs=['<a>', 1], f=1.5, b=True)
+    assert out == "42|None|[&#39;&lt;a&gt;&#39;, 1]|1.5|True"
+
+
+def test_html_objects_are_inserted_as_is(S):
+    class Widget:
+        def __html__(self):
+            return '<b>w</b>'
+    assert render(S('<< w >><< m >>'), w=Widget(), m=asok.Markup('<i>')) == '<b>w</b><i>'
+
+
+def test_safe_filter_and_no_double_escape(S):
+    assert render(S('<< v | safe >>|<< v | e >>|<< v | e | e >>'), v='<a>') == '<a>|&lt;a&gt;|&lt;a&gt;'
+
 
 def test_if_elif_else(S):
     t = asok.Template(S('<% if n > 1 %>many<% elif n == 1 %>one<% else %>none<% endif %>'))
@@ -2122,6 +2211,11 @@ def test_for_loop_variables(S):
     src = S('<% for x in xs %>[<< loop.index >>/<< loop.index0 >>/<< loop.length >>/'
             '<< loop.revindex >><< "F" if loop.first else "" >><< "L" if loop.last else "" >><< x >>]<% endfor %>')
     assert render(src, xs='ab') == '[1/0/2/2Fa][2/1/2/1Lb]'
+
+
+def test_loop_cycle_and_revindex0(S):
+    src = S('<% for x in xs %><< loop.cycle("odd", "even") >><< loop.revindex0 >> <% endfor %>')
+    assert render(src, xs='abc') == 'odd2 even1 odd0 '
 
 
 def test_for_over_items_and_generators(S):
@@ -2152,18 +2246,6 @@ def test_set_after_read_uses_context_first(S):
     assert render(S('<< x >>,<% set x = 2 %><< x >>'), x=1) == '1,2'
 
 
-def test_raw(S):
-    src = S('<% raw %><< x >> {{ y }} <% if %><% endraw %>!')
-    assert render(src) == S('<< x >>') + ' {{ y }} ' + S('<% if %>') + '!'
-
-
-def test_whitespace_control(S):
-    src = S('<ul>\n  <%- for x in xs -%>\n  <li><< x >></li>\n  <%- endfor -%>\n</ul>')
-    assert render(src, xs=[1, 2]) == '<ul><li>1</li><li>2</li></ul>'
-    assert render(S('a  \n<<- x ->>  \nb'), x=1) == 'a1b'
-    assert render(S('a \n<#- note -#>\n b')) == 'ab'
-
-
 def test_macros(S):
     src = S('<% macro tag(name, body="x") %><b class="<< name >>"><< body >></b><% endmacro %>'
             '<% macro twice(v) %><< tag("i", v) >><< tag("j", v) >><% endmacro %>'
@@ -2171,14 +2253,29 @@ def test_macros(S):
     assert render(src) == '<b class="p">x</b>|<b class="i">&lt;</b><b class="j">&lt;</b>'
 
 
-def test_native_tag_next_to_angle_brackets():
-    assert render('<<< name >>>', name='p') == '<p>'
-
-
 def test_macro_returns_markup(S):
     t = asok.Template(S('<% macro m() %><br><% endmacro %><% set v = m() %><< v >>'))
     assert t.render() == '<br>'
 
+
+def test_runtime_error_traceback_shows_template_line(S, tmp_path):
+    write(tmp_path, 'base.html', S('<% block main %><% endblock %>'))
+    path = write(tmp_path, 'page.html', S('<% extends "base.html" %>\n<% block main %>\nfine\n'
+                                          '<% for x in xs %>\n<< 1 // x >>\n<% endfor %><% endblock %>'))
+    with pytest.raises(ZeroDivisionError) as exc:
+        asok.Templates(tmp_path).render('page.html', xs=[1, 0])
+    assert (str(path), 5) in frames_of(exc)
+
+
+def test_runtime_error_inside_macro_points_at_macro_line(tmp_path):
+    path = write(tmp_path, 'm.html', '{% macro m(x) %}\n{{ 10 // x }}\n{% endmacro %}\n{{ m(0) }}')
+    with pytest.raises(ZeroDivisionError) as exc:
+        asok.Templates(tmp_path).render('m.html')
+    frames = frames_of(exc)
+    assert frames.index((str(path), 4)) < frames.index((str(path), 2))
+
+
+# ─── runtime: names, filters, undefined ───
 
 def test_user_names_starting_with_builtins_and_globals(S, tmp_path):
     env = asok.Templates(tmp_path)
@@ -2186,15 +2283,6 @@ def test_user_names_starting_with_builtins_and_globals(S, tmp_path):
     t = env.from_string(S('<< site >> << who >> << len(xs) >> << range(2) | list >>'))
     assert t.render(xs=[1], who='ctx') == 'G ctx 1 [0, 1]'
 
-
-def test_attribute_falls_back_to_item(S):
-    class User:
-        name = 'obj'
-    assert render(S('<< d.name >> << u.name >> << d.items() | list | length >>'), d={'name': 'dict'}, u=User()) \
-        == 'dict obj 1'
-
-
-# ─── filters ───
 
 @pytest.mark.parametrize('expr,ctx,out', [
     ('s | upper', {'s': 'ab'}, 'AB'),
@@ -2245,12 +2333,6 @@ def test_string_filters_keep_markup():
     assert render('{{ m | upper }}', m=asok.Markup('<b>x</b>')) == '<B>X</B>'
 
 
-def test_filters_in_if_for_and_set(S):
-    src = S('<% if xs | length > 1 %>big<% endif %><% for x in xs | sort %><< x >><% endfor %>'
-            '<% set n = xs | first %><< n >>')
-    assert render(src, xs=[2, 1]) == 'big122'
-
-
 def test_user_filters(S, tmp_path):
     env = asok.Templates(tmp_path)
 
@@ -2270,7 +2352,18 @@ def test_user_filters(S, tmp_path):
     assert out == 'HI! BA? [x] yy'
 
 
-# ─── undefined names ───
+def test_app_template_filter_registers_on_the_apps_templates(tmp_path):
+    app = make_app(tmp_path, {'src/pages/index.html': '{{ "hi" | shout }} {{ "ab" | rev }}'})
+
+    @app.template_filter()
+    def shout(s):
+        return s.upper() + '!'
+
+    @app.template_filter('rev')
+    def reverse_it(s):
+        return s[::-1]
+    assert asok.TestClient(app).get('/').text == 'HI! ba'
+
 
 def test_undefined_name_raises_at_template_line(tmp_path):
     write(tmp_path, 'page.html', 'ok\n{{ count }}\n\n{{ nothere }}')
@@ -2294,7 +2387,7 @@ def test_undefined_in_loop_body(S):
         render(S('<% for x in xs %><< y >><% endfor %>'), xs=[1])
 
 
-# ─── inheritance and include ───
+# ─── loader: inheritance, include, files ───
 
 def test_three_level_inheritance_with_super(S, tmp_path):
     write(tmp_path, 'html/base.html', S('<title><% block title %>Site<% endblock %></title>'
@@ -2356,6 +2449,11 @@ def test_super_without_parent_block_is_an_error(tmp_path):
         asok.Templates(tmp_path).render('a.html')
 
 
+def test_super_outside_a_block_is_an_error(S):
+    with pytest.raises(asok.TemplateError, match=r'super\(\) is only available inside a block'):
+        render(S('<< super() >>'))
+
+
 def test_extends_loop_is_reported(tmp_path):
     write(tmp_path, 'a.html', '{% extends "b.html" %}')
     write(tmp_path, 'b.html', '{% extends "a.html" %}')
@@ -2367,8 +2465,6 @@ def test_include_without_loader_is_an_error():
     with pytest.raises(asok.TemplateError, match='no Templates loader'):
         render('{% include "x.html" %}')
 
-
-# ─── loader ───
 
 def test_names_may_not_escape_the_root(tmp_path):
     write(tmp_path, 'secret.txt', 'secret')
@@ -2411,71 +2507,6 @@ def test_debug_mode_recompiles_changed_files(tmp_path):
     os.utime(base, ns=(10**9, 10**9))
     assert env.render('a.html', x=1) == '1 two'
     assert env.render('child.html') == '(c)'
-
-
-# ─── errors ───
-
-@pytest.mark.parametrize('src,line,message', [
-    ('a\n<% for x in xs %>\n<< x >>', 3, "expected 'endfor' for 'for' opened at line 2"),
-    ('<% if a %>\n<% for x in xs %>\n<% endif %>', 3, "expected 'endfor' for 'for' opened at line 2, got 'endif'"),
-    ('\n\n<% endif %>', 3, "'endif' without 'if'"),
-    ('<% frobnicate x %>', 1, "unknown statement 'frobnicate'"),
-    ('a\n<< 1 + >>', 2, "invalid expression '1 +'"),
-    ('<% if x = 1 %><% endif %>', 1, 'invalid expression'),
-    ('x\n<% extends "b.html" %>', 2, "'extends' must be the first tag"),
-    ('a\n\n<< x ', 3, 'unclosed'),
-    ('<% else %>', 1, "'else' without 'if' or 'for'"),
-    ('<% block a %><% endblock b %>', 1, "'endblock b' closes block 'a'"),
-    ('<% block a %><% endblock %><% block a %><% endblock %>', 1, "block 'a' defined twice"),
-    ('<< x | nosuch >>', 1, "no filter named 'nosuch'"),
-    ('<% raw %>abc', 1, "expected 'endraw' for 'raw' opened at line 1"),
-    ('<% set 1 = 2 %>', 1, "expected 'set NAME = EXPRESSION'"),
-    ('<% for 1 in xs %><% endfor %>', 1, 'invalid assignment target'),
-    ('<% extends "b.html" %>\nstray', 2, 'content outside of blocks'),
-    ('<<  >>', 1, 'empty expression'),
-    ('<% macro m(a b) %><% endmacro %>', 1, 'invalid macro signature'),
-])
-def test_syntax_errors_name_file_and_line(S, src, line, message):
-    with pytest.raises(asok.TemplateError) as exc:
-        asok.Template(S(src), name='bad.html')
-    err = exc.value
-    assert (err.name, err.lineno) == ('bad.html', line)
-    assert message in err.message
-    assert str(err).startswith(f'bad.html, line {line}: ')
-
-
-def test_unclosed_jinja_output_tag():
-    with pytest.raises(asok.TemplateError, match=r"line 2: unclosed '\{\{' tag: expected '\}\}'"):
-        asok.Template('a\n{{ x', name='c.html')
-
-
-def test_syntax_error_from_a_file_names_it(tmp_path):
-    write(tmp_path, 'html/counter.html', '{% for x in xs %}\n\n')
-    with pytest.raises(asok.TemplateError) as exc:
-        asok.Templates(tmp_path).get('html/counter.html')
-    assert str(exc.value) == "html/counter.html, line 2: expected 'endfor' for 'for' opened at line 1"
-
-
-def test_runtime_error_traceback_shows_template_line(S, tmp_path):
-    write(tmp_path, 'base.html', S('<% block main %><% endblock %>'))
-    path = write(tmp_path, 'page.html', S('<% extends "base.html" %>\n<% block main %>\nfine\n'
-                                          '<% for x in xs %>\n<< 1 // x >>\n<% endfor %><% endblock %>'))
-    with pytest.raises(ZeroDivisionError) as exc:
-        asok.Templates(tmp_path).render('page.html', xs=[1, 0])
-    assert (str(path), 5) in frames_of(exc)
-
-
-def test_template_error_str_without_location():
-    assert str(asok.TemplateError('boom')) == 'boom'
-    assert str(asok.TemplateError('boom', 'a.html')) == 'a.html: boom'
-
-
-def test_runtime_error_inside_macro_points_at_macro_line(tmp_path):
-    path = write(tmp_path, 'm.html', '{% macro m(x) %}\n{{ 10 // x }}\n{% endmacro %}\n{{ m(0) }}')
-    with pytest.raises(ZeroDivisionError) as exc:
-        asok.Templates(tmp_path).render('m.html')
-    frames = frames_of(exc)
-    assert frames.index((str(path), 4)) < frames.index((str(path), 2))
 
 
 def test_render_context_leaves_the_dict_alone(tmp_path):
