@@ -3,28 +3,27 @@
 // A line "//# part: name" starts a part served as a second script only to pages that need it.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
-const page = Math.random() + ":", bags = new Map; // root -> {queue, field, timer, sent, id, models}
+const page = Math.random() + ":", bags = new Map, byId = id => document.getElementById(id); // cid -> {queue, field, timer, sent, id, models}
 let socket, retry = 100, counter = 0;
 // a state token is JSON {s: state, v: version, q: save number, t: issued} + "." + signature
 const fields = token => JSON.parse(token.slice(0, token.lastIndexOf("."))), csrf = () => document.querySelector("meta[name=csrf-token]")?.content;
 
 // one FIFO queue per component; a debounced input waits at its tail
-function enqueue(root, call, field) {
-  const bag = bags.get(root) || bags.set(root, {queue: [], models: {}}).get(root);
+function enqueue(cid, call, field) {
+  const bag = bags.get(cid) || bags.set(cid, {queue: [], models: {}}).get(cid);
   clearTimeout(bag.timer);
   if (field && field == bag.field) bag.queue.pop();
   if (call) bag.queue.push(call);
-  if (bag.field = field) bag.timer = setTimeout(() => enqueue(root), DEBOUNCE_MS);
-  send(root, bag);
+  if (bag.field = field) bag.timer = setTimeout(() => enqueue(cid), DEBOUNCE_MS);
+  send(cid, bag);
 }
 
 // one event in flight per component
-function send(root, bag) {
+function send(cid, bag, root = byId(cid)) {
   if (!bag.sent && bag.queue.length > !!bag.field) {
     const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
     if (method == "$model") bag.models[args[0]] = args[1];
-    bag.sent = JSON.stringify({id, cid: root.id, component: data.asokComponent, state: data.asokState,
-      method, args, csrf: csrf()});
+    bag.sent = JSON.stringify({id, cid, component: data.asokComponent, state: data.asokState, method, args, csrf: csrf()});
     socket.readyState == 1 && socket.send(bag.sent);
   }
   root.classList.toggle("asok-loading", !!bag.sent);
@@ -33,24 +32,30 @@ function send(root, bag) {
 // a reply {id, html, state} or {id, error}; a push {cid, html, state} or {cid, error}
 function receive(message) {
   const {id, cid, html, state, error} = JSON.parse(message.data);
-  let root = cid && document.getElementById(cid), bag;
-  for (const [r, b] of bags) if (b.sent && b.id == id) root = r, bag = b;
+  let root = cid && byId(cid), bag;
+  bags.forEach((b, c) => { if (b.sent && b.id == id) root = byId(c), bag = b; });
   if (!root) return;
   if (bag) bag.sent = null;
-  if (error) root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
+  // a refusal that a reload cures reloads the page, once until an event succeeds again
+  if (error?.reload && !sessionStorage.asokReloaded) location.reload(sessionStorage.asokReloaded = 1);
+  else if (error) console.error("asok:", error.code, error.message), root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
   else {
-    // HTML older than what the component shows (a reply overtaken by a push) is dropped
+    delete sessionStorage.asokReloaded;
+    // HTML older than what the component shows (a reply overtaken by a push) is dropped; the
+    // queues of components that left the page are forgotten
     if (fields(state).q >= fields(root.dataset.asokState).q) {
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;
+      self.asokMorphed?.(root);
+      bags.forEach((bag, cid) => byId(cid) || bags.delete(cid, clearTimeout(bag.timer)));
     }
-    sync(root, bag ? bag.models : {}, root.dataset.asokState);
+    sync(root, bag?.models, root.dataset.asokState);
   }
-  bag && send(root, bag);
+  bag && send(root.id, bag);
 }
 
 // ws-model: a focused field takes a value the server changed, if it shows what it sent last
-function sync(root, sent, state) {
+function sync(root, sent = {}, state) {
   const values = fields(state).s;
   for (const el of root.querySelectorAll("[ws-model]")) {
     const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
@@ -58,26 +63,35 @@ function sync(root, sent, state) {
   }
 }
 
-// morph: update each old node in place if the new one is of the same kind, else insert
+// morph: a new node takes the old sibling with its id, else the old node at the cursor if that
+// has its tag and no id, else it is inserted. A match further on stays (an iframe is not reloaded,
+// the focus is not lost): the old nodes before it move behind it, unless the one at the cursor
+// holds the focus; then the match moves to the cursor instead.
 function morph(old, fresh) {
+  const focus = document.activeElement, ids = new Map([...old.children].map(el => [el.id, el]));
   let cursor = old.firstChild;
   for (const next of [...fresh.childNodes]) {
-    const match = cursor;
+    const match = next.id ? ids.get(next.id) : !cursor?.id && cursor;
+    ids.delete(next.id);
     if (match?.nodeName != next.nodeName) {
-      old.insertBefore(next, match);
+      old.insertBefore(next, cursor);
       continue;
     }
-    cursor = match.nextSibling;
+    if (match != cursor && cursor.contains(focus)) old.insertBefore(match, cursor);
+    else {
+      for (const stop = cursor.previousSibling; match.previousSibling != stop;) match.after(match.previousSibling);
+      cursor = match.nextSibling;
+    }
+
     // text, comment
-    if (match.nodeType != 1) {
-      match.nodeValue = next.nodeValue;
-      continue;
+    if (match.nodeType != 1) match.nodeValue = next.nodeValue;
+    // attributes that changed, children, form values (the focused one's is the user's); ws-ignore stays
+    else if (!match.hasAttribute("ws-ignore")) {
+      for (const {name, value} of next.attributes) if (match.getAttribute(name) != value) match.setAttribute(name, value);
+      for (const {name} of [...match.attributes]) next.hasAttribute(name) || match.removeAttribute(name);
+      morph(match, next);
+      for (const prop of ["value", "checked"]) if (match != focus && match[prop] != next[prop]) match[prop] = next[prop];
     }
-    // attributes, children, form values (the focused one's is the user's)
-    for (const {name, value} of next.attributes) match.setAttribute(name, value);
-    for (const {name} of [...match.attributes]) if (!next.hasAttribute(name)) match.removeAttribute(name);
-    morph(match, next);
-    for (const prop of ["value", "checked"]) if (match != document.activeElement && match[prop] != next[prop]) match[prop] = next[prop];
   }
   while (cursor?.nextSibling) cursor.nextSibling.remove();
   cursor?.remove();
@@ -101,21 +115,38 @@ function connect() {
   };
 }
 
+// directives: ws-click="add(5)" calls add(5); an input's value or a form's fields come last
 function handle(event) {
-  const {type, target} = event, root = target.closest(COMPONENT), value = target[target.type == "checkbox" ? "checked" : "value"];
-  const name = type == "keydown" ? "ws-keydown." + event.key?.toLowerCase() : "ws-" + type, el = target.closest(`[${CSS.escape(name)}]`);
-  const model = type == "input" && target.getAttribute("ws-model");
-  if (!root || !model && !el) return;
-  if (model) return enqueue(root, ["$model", [model, value]], target);
+  const {type, target} = event, value = target[target.type == "checkbox" ? "checked" : "value"];
+  const name = type == "keydown" ? "ws-keydown." + event.key?.toLowerCase() : "ws-" + type;
+  const model = type == "input" && target.getAttribute("ws-model"), el = model ? target : target.closest(`[${CSS.escape(name)}]`);
+  const root = el?.closest(COMPONENT);
+  if (!root) return;
+  if (model) return enqueue(root.id, ["$model", [model, value]], target);
   event.preventDefault();
   const [, method, list] = el.getAttribute(name).match(/([^(]*)\(?(.*?)\)?$/); // "add(5)" or "add"
-  enqueue(root, [method, list ? JSON.parse(`[${list}]`) : type == "submit" ? [Object.fromEntries(new FormData(el))] : type == "input" || type == "change" ? [value] : []], type == "input" && el);
+  enqueue(root.id, [method, [...JSON.parse(`[${list}]`), ...type == "submit" ? [Object.fromEntries(new FormData(el))] :
+    type == "input" || type == "change" ? [value] : []]], type == "input" && el);
 }
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);
 connect();
 document.querySelectorAll(COMPONENT).forEach(root => sync(root, {}, root.dataset.asokState));
 })();
+
+//# part: hooks
+// ws-hook="Name": window.asokHooks.Name.mounted/updated/destroyed(el), after each morph
+(() => {
+let hooked = [];
+const hooks = window.asokMorphed = root => {
+  const now = [...document.querySelectorAll("[ws-hook]")];
+  for (const el of new Set([...hooked, ...now])) window.asokHooks?.[el.getAttribute("ws-hook")]?.[
+    !now.includes(el) ? "destroyed" : !hooked.includes(el) ? "mounted" : root.contains(el) && "updated"]?.(el);
+  hooked = now;
+};
+hooks(document);
+})();
+
 //# part: forms
 // Served as /asok/alive-forms.js, only to pages with a component that renders a file input or
 // binds state to the URL (`url = (...)`): uploads for ws-submit forms, and URL-bound fields.

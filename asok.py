@@ -3797,6 +3797,7 @@ DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Comp
 UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
 _COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, not state
+LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -3902,6 +3903,10 @@ class Component:
     def mount(self):
         """Runs once, on the first render of this component for a session."""
 
+    def update(self, **props):
+        """Runs on every later render that passes props (the first render sets them as state
+        before `mount()`); by default the saved state wins and the props are ignored."""
+
     def authorize(self, method, args):
         """Runs before every call from the browser (`method` is "$model" for ws-model) with
         the state restored; return False to refuse with `forbidden`, or raise
@@ -3963,11 +3968,15 @@ class Component:
         return self
 
     @classmethod
-    def _create(cls, app, props, session, cid, context):
+    def _check_props(cls, props):
         for name in props:
             if name not in cls._asok_fields:
                 raise TypeError(f"{cls.__name__} has no state attribute {name!r} "
                                 f"(it has: {', '.join(cls._asok_fields) or 'none'})")
+
+    @classmethod
+    def _create(cls, app, props, session, cid, context):
+        cls._check_props(props)
         state = {**cls._asok_fields, **props}
         for name, value in state.items():
             _check_json_safe(value, f"{cls.__name__}.{name}")
@@ -4084,6 +4093,7 @@ class _ComponentRenderer:
         self.request = request
         self.prefix = prefix
         self.counts = {}
+        self.keyed = set()
 
     def __call__(self, name, /, **props):
         app, request = self.app, self.request
@@ -4092,13 +4102,7 @@ class _ComponentRenderer:
             raise LookupError(f"component({name!r}): no such component "
                               f"(known: {', '.join(sorted(app.components)) or 'none'}; "
                               f"they are found in {app.root / 'src' / 'components'})")
-        cid = props.pop("cid", None)
-        if cid is None:
-            n = self.counts.get(name, 0)
-            self.counts[name] = n + 1
-            cid = f"{self.prefix}#{name}-{n}"
-        elif not isinstance(cid, str) or not _CID_RE.match(cid):
-            raise ValueError(f"component({name!r}): cid must be 1-200 letters, digits or _:./#@-")
+        cid = self._cid(name, props.pop("cid", None), props.pop("key", None))
         request.uses_live = True
         if getattr(cls, "_alive_parts", None):  # parts of alive.js this component needs (see _minify_alive)
             request.alive_parts = {*getattr(request, "alive_parts", ()), *cls._alive_parts}
@@ -4107,6 +4111,8 @@ class _ComponentRenderer:
         context = app._context(request, cid)
         stored = SavedComponent.load(session.live.get(cid), name)
         if stored is not None:
+            if props:
+                return self._update(cls, name, cid, sid, context, stored, props)
             comp = cls._restore(app, stored.state, session, cid, context)
             version, seq = stored.version, stored.seq
         else:
@@ -4124,6 +4130,54 @@ class _ComponentRenderer:
         if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
+
+    def _cid(self, name, cid, key):
+        """`cid=` as given; `key=` under the enclosing page or component, so the state follows
+        the item; else the position among this render's unkeyed `name` components."""
+        if key is not None:
+            if cid is not None:
+                raise TypeError(f"component({name!r}): give key= or cid=, not both")
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise TypeError(f"component({name!r}): key must be a str or an int, not {type(key).__name__}")
+            part = str(key)
+            if not re.fullmatch(r"[\w.-]{1,64}", part):  # anything else by its digest (':' sets it apart)
+                part = ":" + hashlib.sha256(part.encode()).hexdigest()[:20]
+            cid = f"{self.prefix}#{name}@{part}"
+            if cid in self.keyed:
+                raise ValueError(f"component({name!r}, key={key!r}) is rendered twice here; "
+                                 "keys must be unique among the components of one name")
+            self.keyed.add(cid)
+            return cid
+        if cid is None:
+            n = self.counts[name] = self.counts.get(name, -1) + 1
+            if n == 1 and self.app.debug:
+                log.warning("component(%r) renders more than once in %s with no key: each one's state "
+                            "follows its position, not its item; pass key=item.id", name, self.prefix)
+            return f"{self.prefix}#{name}-{n}"
+        if not isinstance(cid, str) or not _CID_RE.match(cid):
+            raise ValueError(f"component({name!r}): cid must be 1-200 letters, digits or _:./#@-")
+        return cid
+
+    def _update(self, cls, name, cid, sid, context, stored, props):
+        """A later render with props: `update(**props)` on a private copy of the saved state; a
+        change is saved (in the event's own record during a live render, else in one store update)."""
+        app, session = self.app, self.request.session
+        cls._check_props(props)
+        comp = cls._restore(app, json.loads(json.dumps(stored.state)), session, cid, context)
+        comp.update(**props)
+        state, before = comp._checked_state(), stored.version
+        if json.dumps(state, sort_keys=True) != json.dumps(stored.state, sort_keys=True):
+            stored.state, stored.version = state, before + 1  # stored is this render's own copy
+            saved = stored.dump()
+            if isinstance(self.request, _LiveContext):
+                session.live[cid] = saved
+            else:
+                def save(record):
+                    live = record.setdefault("live", {})
+                    if live.get(cid, {}).get("v") == before:  # else a newer save wins
+                        live[cid] = saved
+                app.sessions.update(sid, save)
+        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq)
 
 
 class _LiveContext:
@@ -5668,7 +5722,8 @@ class Asok:
             return text
         scripts = self._alive_scripts()
         tags = f'<meta name="csrf-token" content="{request.csrf_token}">'
-        for part in ("", *sorted(getattr(request, "alive_parts", ()))):
+        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ())}
+        for part in ("", *sorted(parts)):
             if part in scripts:
                 name = f"alive-{part}.js" if part else "alive.js"
                 tags += f'<script src="/asok/{name}?v={scripts[part][2]}" defer></script>'
@@ -5877,13 +5932,17 @@ def _describe(exc):
 
 
 def _live_error(rid, code, message):
-    return json.dumps({"id": rid, "error": {"code": code, "message": message}}, separators=(",", ":"))
+    error = {"code": code, "message": message}
+    if code in LIVE_RELOAD_CODES:
+        error["reload"] = True  # alive.js reloads the page, once
+    return json.dumps({"id": rid, "error": error}, separators=(",", ":"))
 
 
 def _minify_alive(source):
     """alive.js as served, split into parts: {"": the core, name: each part}. Lines that are only
     a comment and leading indentation are dropped, and so is a trailing comment that starts with
-    " // " (so alive.js keeps " // " out of its strings and regular expressions). A line
+    " // ", and spaces beside punctuation outside string literals (so alive.js keeps " // ",
+    quotes and spaces out of its regular expressions). A line
     `//# part: name` starts a part that asok serves as /asok/alive-<name>.js, only to pages whose
     request has the name in `request.alive_parts` (a component adds it with `_alive_parts =
     ("name",)` on its class): a feature most pages do not use costs them no bytes."""
@@ -5895,8 +5954,35 @@ def _minify_alive(source):
             name = marker.group(1)
             parts[name] = []
         elif text and not text.startswith("//"):
-            parts[name].append(re.sub(r"\s+// .*$", "", text))
+            parts[name].append(_squeeze_js(re.sub(r"\s+// .*$", "", text)))
     return {name: ("\n".join(lines) + "\n").encode() for name, lines in parts.items()}
+
+
+_JS_PUNCTUATION = frozenset("=,:;{}()[]<>+-*/%|&?!.")
+
+
+def _squeeze_js(line):
+    """`a = b + ++c;` -> `a=b+ ++c;`: a space goes when a neighbour is punctuation, unless it
+    parts `+ +` or `- -`; strings and template literals are copied as they are."""
+    out, quote, i = [], None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                out.append(line[i:i + 2])
+                i += 2
+                continue
+            quote = None if c == quote else quote
+        elif c in "\"'`":
+            quote = c
+        elif c == " ":
+            before, after = (out[-1][-1:] if out else ""), line[i + 1:i + 2]
+            if (before in _JS_PUNCTUATION or after in _JS_PUNCTUATION) and before + after not in ("++", "--"):
+                i += 1
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def _accepts_gzip(header):

@@ -3680,7 +3680,7 @@ def test_alive_js_is_served_minified_gzipped_and_cached_by_version(live_app, mon
     js.write_text(source + "\n//# part: extra\n  // a comment\n  window.extra = 1; // trailing\n")
     monkeypatch.setattr(asok, "ALIVE_JS", js)
     extra = client.get("/asok/alive-extra.js")
-    assert extra.status == 200 and extra.body == b"window.extra = 1;\n"
+    assert extra.status == 200 and extra.body == b"window.extra=1;\n"
     assert b"window.extra" not in client.get("/asok/alive.js").body
     assert "alive-extra.js" not in client.get("/").text
     monkeypatch.setattr(live_app.components["Counter"], "_alive_parts", ("extra",), raising=False)
@@ -3710,6 +3710,142 @@ def test_component_props_mount_and_explicit_cid(live_app):
     assert labels.state == {"text": "", "size": 1, "tags": ["a", "b"]}
     fresh = asok.TestClient(live_app).live("/labels", "Labels")
     assert fresh.state["tags"] == []  # class defaults are not shared between sessions
+
+
+KEYED_FILES = {
+    "src/components/Shelf.py": '''
+        from asok import Component, exposed
+
+        class Shelf(Component):
+            ids = [1, 2, 3]
+            label = "new"
+
+            @exposed
+            def remove(self, item_id: int):
+                self.ids.remove(item_id)
+
+            @exposed
+            def reverse(self):
+                self.ids.reverse()
+
+            @exposed
+            def relabel(self, label: str):
+                self.label = label
+
+
+        class Book(Component):
+            title = ""
+            label = ""
+            updates = 0
+            mounted = 0
+
+            def mount(self):
+                self.mounted += 1
+
+            def update(self, label):
+                self.label = label
+                self.updates += 1
+
+            @exposed
+            def retitle(self, title: str):
+                self.title = title
+
+
+        class Tag(Component):
+            text = ""
+    ''',
+    "src/components/shelf.html": "<ul><% for i in ids %><li><< component('Book', key=i, label=label) >></li>"
+                                 "<% endfor %></ul>",
+    "src/components/book.html": "<b><< title >>|<< label >></b>",
+    "src/components/tag.html": "<i><< text >></i>",
+    "src/pages/shelf.html": "<body><< component('Shelf') >></body>",
+    "src/pages/book.html": "<body><< component('Book', key='solo', label=request.query.get('label', 'a')) >></body>",
+    "src/pages/tags.html": "<body><< component('Tag', text='a') >><< component('Tag', text='b') >></body>",
+    "src/pages/odd.html": "<body><< component('Tag', key='caf\u00e9 #1') >><< component('Tag', key=7) >></body>",
+}
+
+
+@pytest.fixture
+def keyed_app(tmp_path):
+    return make_app(tmp_path, KEYED_FILES)
+
+
+def books(html_text):
+    """{cid: shown text} of the Book components in a page or a reply."""
+    return dict(re.findall(r'<div id="([^"]*)" data-asok-component="Book" data-asok-state="[^"]*"><b>([^<]*)</b>',
+                           html_text))
+
+
+def test_a_keyed_component_keeps_its_state_when_the_items_before_it_go_or_move(keyed_app):
+    client = asok.TestClient(keyed_app)
+    assert list(books(client.get("/shelf").text)) == ["/shelf#Shelf-0#Book@1", "/shelf#Shelf-0#Book@2", "/shelf#Shelf-0#Book@3"]
+    client.live("/shelf", "Book", 2).call("retitle", "Dune")  # the third book
+    shelf = client.live("/shelf", "Shelf")
+    shelf.call("remove", 1)
+    assert books(shelf.html) == {"/shelf#Shelf-0#Book@2": "|new", "/shelf#Shelf-0#Book@3": "Dune|new"}
+    shelf.call("reverse")
+    assert list(books(shelf.html).items()) == [("/shelf#Shelf-0#Book@3", "Dune|new"), ("/shelf#Shelf-0#Book@2", "|new")]
+    assert books(client.get("/shelf").text)["/shelf#Shelf-0#Book@3"] == "Dune|new"
+
+
+def test_keys_that_are_not_plain_words_get_a_digest_cid(keyed_app):
+    client = asok.TestClient(keyed_app)
+    first, second = (client.live("/odd", "Tag", n) for n in (0, 1))
+    assert re.fullmatch(r"/odd#Tag@:[0-9a-f]{20}", first.cid) and second.cid == "/odd#Tag@7"
+    assert "error" not in first.call("$model", "text", "x")
+    assert client.live("/odd", "Tag", 0).state["text"] == "x"
+
+
+@pytest.mark.parametrize("call, words", [
+    ("<< component('Tag', key=1) >><< component('Tag', key=1) >>", "rendered twice here; keys must be unique"),
+    ("<< component('Tag', key=1, cid='x') >>", "give key= or cid=, not both"),
+    ("<< component('Tag', key=[1]) >>", "key must be a str or an int, not list"),
+    ("<< component('Tag', key=True) >>", "key must be a str or an int, not bool"),
+])
+def test_bad_keys_are_errors_that_name_the_problem(tmp_path, call, words):
+    app = make_app(tmp_path, {**KEYED_FILES, "src/pages/bad.html": call}, debug=True)
+    r = asok.TestClient(app).get("/bad")
+    assert r.status == 500 and words in html.unescape(r.text)
+
+
+def test_debug_mode_warns_about_a_component_repeated_with_no_key(tmp_path, caplog):
+    warned = lambda: [r.getMessage() for r in caplog.records if "with no key" in r.getMessage()]  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        asok.TestClient(make_app(tmp_path, KEYED_FILES, debug=True)).get("/tags")
+        assert warned() == ["component('Tag') renders more than once in /tags with no key: each one's state "
+                            "follows its position, not its item; pass key=item.id"]
+        caplog.clear()
+        asok.TestClient(make_app(tmp_path, KEYED_FILES, debug=True)).get("/shelf")  # keyed
+        asok.TestClient(make_app(tmp_path, KEYED_FILES, debug=False)).get("/tags")
+        assert warned() == []
+
+
+def test_a_parent_rerender_with_a_new_prop_reaches_the_child_update(keyed_app):
+    client = asok.TestClient(keyed_app)
+    book = client.live("/shelf", "Book", 0)
+    book.call("retitle", "Emma")  # the child now has saved state
+    shelf = client.live("/shelf", "Shelf")
+    shelf.call("relabel", "read")
+    assert books(shelf.html)["/shelf#Shelf-0#Book@1"] == "Emma|read"
+    assert book.call("retitle", "Emma II")["html"] == "<b>Emma II|read</b>"  # the update was saved
+    # one update for the page load that gave the Shelf handle, one for the relabel; mount ran once
+    assert book.state == {"title": "Emma II", "label": "read", "updates": 2, "mounted": 1}
+
+
+def test_a_page_render_with_new_props_calls_update_and_saves_it(keyed_app):
+    client = asok.TestClient(keyed_app)
+    book = client.live("/book?label=a", "Book")
+    assert book.state == {"title": "", "label": "a", "updates": 0, "mounted": 1}  # first render: props, mount
+    book.call("retitle", "Ulysses")
+    assert client.live("/book?label=a", "Book").state["updates"] == 1
+    assert client.live("/book?label=b", "Book").state == {"title": "Ulysses", "label": "b", "updates": 2, "mounted": 1}
+    assert book.call("retitle", "Ulysses")["html"] == "<b>Ulysses|b</b>"
+
+
+def test_the_default_update_ignores_props_once_there_is_saved_state(live_app):
+    client = asok.TestClient(live_app)
+    client.live("/", "Counter").call("increment")
+    assert "Count: 11 / 1" in client.get("/").text  # the page still passes count=10
 
 
 def test_arguments_are_converted_to_annotated_types(live_app):

@@ -106,6 +106,7 @@ def serve(tmp_path):
             app_dir = tmp_path / (folder or example)
             shutil.copytree(HERE / "examples" / example, app_dir, ignore=shutil.ignore_patterns(".asok"))
         for name, text in (files or {}).items():
+            (app_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (app_dir / name).write_text(text)
         servers.append(Server(app_dir, env))
         return servers[-1].start()
@@ -575,17 +576,36 @@ def test_one_publish_is_applied_once_for_three_tabs_on_two_processes(serve, brow
 
 # ── refusals ─────────────────────────────────────────────────────────
 
-def test_a_tampered_state_is_refused_and_changes_nothing(serve, page):
+TAMPER = """() => {
+    const root = document.querySelector("[data-asok-component]"), token = root.dataset.asokState;
+    const cut = token.lastIndexOf("."), payload = JSON.parse(token.slice(0, cut));
+    payload.s.count = 1000;
+    root.dataset.asokState = JSON.stringify(payload) + token.slice(cut);
+}"""
+TAKE_THE_SECOND = """() => {
+    const [first, second] = document.querySelectorAll("[data-asok-component]");
+    first.dataset.asokState = second.dataset.asokState;
+}"""
+
+
+def console_errors(page):
+    errors = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    return errors
+
+
+def test_a_tampered_state_reloads_the_page_once_then_is_refused_and_changes_nothing(serve, page):
     server = serve("counter")
+    errors = console_errors(page)
     page.goto(server.url)
-    page.evaluate("""() => {
-        const root = document.querySelector("[data-asok-component]"), token = root.dataset.asokState;
-        const cut = token.lastIndexOf("."), payload = JSON.parse(token.slice(0, cut));
-        payload.s.count = 1000;
-        root.dataset.asokState = JSON.stringify(payload) + token.slice(cut);
-    }""")
-    page.click(INCREMENT)
+    page.evaluate(TAMPER)
+    with page.expect_navigation():  # bad_state: a reload gets a good state
+        page.click(INCREMENT)
+    expect_count(page, 10)
+    page.evaluate(TAMPER)
+    page.click(INCREMENT)  # the same again: no second reload, so no loop
     expect_error(page, "bad_state")
+    assert any(text.startswith("asok: bad_state ") for text in errors)
     assert counts(page) == [10]
     page.reload()
     expect_count(page, 10)
@@ -594,10 +614,11 @@ def test_a_tampered_state_is_refused_and_changes_nothing(serve, page):
 def test_a_state_taken_from_another_component_is_refused_and_changes_nothing(serve, page):
     server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
     page.goto(server.url + "/two")
-    page.evaluate("""() => {
-        const [first, second] = document.querySelectorAll("[data-asok-component]");
-        first.dataset.asokState = second.dataset.asokState;
-    }""")
+    page.evaluate(TAKE_THE_SECOND)
+    with page.expect_navigation():
+        page.locator(INCREMENT).first.click()
+    assert counts(page) == [1, 100]
+    page.evaluate(TAKE_THE_SECOND)
     page.locator(INCREMENT).first.click()
     expect_error(page, "bad_state")
     assert counts(page) == [1, 100]
@@ -605,15 +626,38 @@ def test_a_state_taken_from_another_component_is_refused_and_changes_nothing(ser
     assert counts(page) == [1, 100]
 
 
+def test_after_the_server_key_changes_the_page_reloads_itself_once_and_works(serve, page):
+    server = serve("counter", env={"SECRET_KEY": "the first key " * 3})
+    page.goto(server.url)
+    page.click(INCREMENT)
+    expect_count(page, 11)
+    server.stop()
+    server.env["SECRET_KEY"] = "the second key " * 3  # a redeploy with a new key: the cookie is void
+    server.start()
+    expect_connected(page, True)
+    page.evaluate("window.before = true")
+    with page.expect_navigation():  # no_session
+        page.click(INCREMENT)
+    expect_count(page, 10)  # a new session
+    assert page.evaluate("window.before") is None
+    page.click(INCREMENT)
+    expect_count(page, 11)
+    page.click(INCREMENT)
+    expect_count(page, 12)
+    assert page.evaluate("asokErrors") == []
+
+
 @pytest.mark.parametrize("method, code", [("_internal_calculation", "private_method"),
                                           ("render", "not_exposed")])
 def test_a_call_to_a_method_that_is_not_exposed_is_refused_and_changes_nothing(serve, page, method, code):
     server = serve("counter")
+    errors = console_errors(page)
     page.goto(server.url)
     page.evaluate("method => document.querySelector('[ws-click=increment]').setAttribute('ws-click', method)",
                   method)
     page.click(f"[ws-click={method}]")
     expect_error(page, code)
+    assert [text for text in errors if text.startswith(f"asok: {code} ")]
     assert counts(page) == [10]
     page.reload()
     expect_count(page, 10)
@@ -650,6 +694,28 @@ def test_typing_while_the_component_rerenders_loses_nothing_and_keeps_focus_and_
     expect(page.locator("input[ws-input]")).to_have_value(text)
 
 
+TODO_TEXTS = "li [ws-input=rename]"
+
+
+def add_todos(page, *texts):
+    draft = page.locator("input[ws-model=draft]")
+    draft.click()
+    for n, text in enumerate(texts):
+        page.keyboard.type(text)
+        page.keyboard.press("Enter")
+        expect(page.locator(TODO_TEXTS)).to_have_count(n + 1)
+
+
+def expect_todos(page, texts):
+    """The todo items' texts, as the inputs show them, become `texts`."""
+    page.wait_for_function("texts => JSON.stringify([...document.querySelectorAll('li [ws-input=rename]')]"
+                           ".map(el => el.value)) == JSON.stringify(texts)", arg=texts, timeout=TIMEOUT_MS)
+
+
+def expect_idle(page):
+    expect(page.locator(".asok-loading")).to_have_count(0)
+
+
 def test_todo_ws_model_and_enter_add_an_item_and_clear_the_input(serve, page):
     server = serve("todo")
     page.goto(server.url)
@@ -657,20 +723,60 @@ def test_todo_ws_model_and_enter_add_an_item_and_clear_the_input(serve, page):
     draft.click()
     page.keyboard.type("buy milk")
     page.keyboard.press("Enter")
-    expect(page.locator("li span")).to_have_text(["buy milk"])
+    expect_todos(page, ["buy milk"])
     expect(draft).to_have_value("")
     expect(draft).to_be_focused()
     # typed right after Enter, while the reply may still be in flight: nothing is lost
     page.keyboard.type("call mum")
     expect(draft).to_have_value("call mum")
     page.keyboard.press("Enter")
-    expect(page.locator("li span")).to_have_text(["buy milk", "call mum"])
+    expect_todos(page, ["buy milk", "call mum"])
     expect(draft).to_have_value("")
-    page.locator("li input[type=checkbox]").first.check()
-    expect(page.locator("li span").first).to_have_attribute("style", "text-decoration: line-through")
+    page.locator("li input[type=checkbox]").first.check()  # toggle(1, true): the argument, then the value
+    expect(page.locator(TODO_TEXTS).first).to_have_class("done")
     page.reload()
-    expect(page.locator("li span")).to_have_text(["buy milk", "call mum"])
+    expect_todos(page, ["buy milk", "call mum"])
     expect(page.locator("li input[type=checkbox]").first).to_be_checked()
+    expect(page.locator(TODO_TEXTS).first).to_have_class("done")
+
+
+TYPE_THEN_REMOVE = """([field, text, remove]) => {
+    field = document.querySelector(field);
+    field.value += text;
+    field.dispatchEvent(new Event("input", {bubbles: true}));  // debounced: not sent yet
+    if (remove) document.querySelector(remove).click();
+}"""
+
+
+def test_typing_in_an_item_while_others_are_removed_keeps_the_text_in_that_item(serve, context):
+    server = serve("todo")
+    tab, other = context.new_page(), context.new_page()
+    tab.goto(server.url)
+    add_todos(tab, "one", "two", "three", "four", "five")
+    third = "#todo-3 [ws-input=rename]"
+    tab.locator(third).click()
+    tab.keyboard.press("End")
+    # item 2 removed within the debounce of typing in item 3
+    tab.evaluate(TYPE_THEN_REMOVE, [third, " and more", "#todo-2 [aria-label=Remove]"])
+    expect(tab.locator("#todo-2")).to_have_count(0)
+    expect_idle(tab)
+    assert tab.evaluate("[document.activeElement.closest('li').id, document.activeElement.value]") == [
+        "todo-3", "three and more"]
+    # item 1 removed from another tab while this one types in item 3
+    other.goto(server.url)
+    other.click("#todo-1 [aria-label=Remove]")
+    expect(other.locator("#todo-1")).to_have_count(0)
+    tab.locator(third).press("End")
+    tab.keyboard.type(", again")
+    expect_idle(tab)
+    tab.wait_for_timeout(300)  # past the debounce
+    expect_idle(tab)
+    for page in (tab, other):
+        page.reload()
+        expect(page.locator("li")).to_have_count(3)
+        assert page.locator("li").evaluate_all("lis => lis.map(li => li.id)") == ["todo-3", "todo-4", "todo-5"]
+        expect_todos(page, ["three and more, again", "four", "five"])
+    assert tab.evaluate("asokErrors") == [] and other.evaluate("asokErrors") == []
 
 
 def test_form_submit_shows_validation_errors_then_succeeds(serve, page):
@@ -920,6 +1026,141 @@ def test_sign_in_rotates_the_session_id_and_sign_out_leaves_the_next_user_nothin
     assert "ann's plan" not in page.content()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "signin.png"))
+
+
+# ── identity: the keyed morph, ws-hook, ws-ignore ───────────────────
+
+ROWS = {
+    "src/components/Rows.py": """from asok import Component, exposed
+
+
+class Rows(Component):
+    rows = [1, 2, 3, 4, 5]
+    added = 5
+
+    @exposed
+    def delete(self, row: int):
+        self.rows.remove(row)
+
+    @exposed
+    def insert_top(self):
+        self.added += 1
+        self.rows.insert(0, self.added)
+
+    @exposed
+    def swap(self, a: int, b: int):
+        i, j = self.rows.index(a), self.rows.index(b)
+        self.rows[i], self.rows[j] = b, a
+""",
+    "src/components/rows.html": """<div><ul>
+<% for row in rows %><li id="row-<< row >>">Row << row >> <input aria-label="row << row >>">
+<button ws-click="delete(<< row >>)">Delete</button></li>
+<% endfor %></ul>
+<button ws-click="insert_top">Insert at the top</button> <button ws-click="swap(3, 4)">Swap 3 and 4</button>
+</div>
+""",
+    "src/pages/rows.html": "{% extends 'html/base.html' %}{% block main %}{{ component('Rows') }}{% endblock %}",
+}
+
+WIDGET = {
+    "src/components/Widget.py": """from asok import Component, exposed
+
+
+class Widget(Component):
+    count = 0
+
+    @exposed
+    def increment(self):
+        self.count += 1
+""",
+    "src/components/widget.html": """<div>
+<h3>Count: << count >></h3>
+<% if count < 2 %><span ws-hook="Probe" data-count="<< count >>">probe</span><% endif %>
+<div id="chart" ws-ignore>drawn by the server at << count >></div>
+<iframe id="frame" srcdoc="<p>frame</p>" title="frame"></iframe>
+<button ws-click="increment">Add 1</button>
+</div>
+""",
+    "src/pages/widget.html": """{% extends 'html/base.html' %}{% block main %}
+<script>
+window.hookCalls = [];
+window.asokHooks = {Probe: Object.fromEntries(["mounted", "updated", "destroyed"].map(
+  name => [name, el => hookCalls.push(`${name} ${el.dataset.count} ${el.isConnected}`)]))};
+</script>
+{{ component('Widget') }}
+{% endblock %}""",
+}
+
+
+def focus_state(page):
+    return page.evaluate("() => { const el = document.activeElement;"
+                         "return [el.closest('li')?.id, el.value, el.selectionStart, el.selectionEnd]; }")
+
+
+def test_keyed_rows_keep_typed_text_focus_and_caret_through_delete_insert_and_swap(serve, page):
+    server = serve("counter", ROWS)
+    page.goto(server.url + "/rows")
+    page.evaluate("document.querySelectorAll('li').forEach(li => li.original = true)")
+    page.locator("#row-4 input").click()
+    page.keyboard.type("four, typed")
+    for _ in range(4):
+        page.keyboard.press("ArrowLeft")
+    page.keyboard.press("Shift+ArrowLeft")  # a selection of one character, before the last four
+    assert focus_state(page) == ["row-4", "four, typed", 6, 7]
+    for action, rows in [("delete(2)", "1 3 4 5"), ("insert_top", "6 1 3 4 5"), ("swap(3, 4)", "6 1 4 3 5"),
+                         ("swap(3, 4)", "6 1 3 4 5")]:  # row 4 before row 3: the focused row is passed over
+        page.evaluate("action => document.querySelector(`[ws-click='${action}']`).click()", action)  # focus stays
+        page.wait_for_function("rows => [...document.querySelectorAll('li')].map(li => li.id.slice(4)).join(' ') == rows",
+                               arg=rows)
+        assert focus_state(page) == ["row-4", "four, typed", 6, 7], action
+    # every row that was there is the same element, moved rather than recreated
+    assert page.evaluate("[...document.querySelectorAll('li')].map(li => !!li.original)") == [False] + [True] * 4
+    page.keyboard.type("T")  # replaces the selected "t"
+    expect(page.locator("#row-4 input")).to_have_value("four, Typed")
+    assert page.evaluate("asokErrors") == []
+
+
+def test_a_ws_hook_sees_mounted_updated_and_destroyed(serve, page):
+    server = serve("counter", WIDGET)
+    page.goto(server.url + "/widget")
+    page.wait_for_function("hookCalls.length == 1")
+    page.click("[ws-click=increment]")
+    expect_count(page, 1)
+    page.click("[ws-click=increment]")
+    expect_count(page, 2)
+    assert page.evaluate("hookCalls") == ["mounted 0 true", "updated 1 true", "destroyed 1 false"]
+
+
+def test_a_ws_ignore_subtree_changed_by_page_javascript_survives_rerenders(serve, page):
+    server = serve("counter", WIDGET)
+    page.goto(server.url + "/widget")
+    page.evaluate("() => { const chart = document.getElementById('chart');"
+                  "chart.innerHTML = '<canvas></canvas> drawn by the page'; chart.dataset.drawn = 'yes'; }")
+    for count in (1, 2):
+        page.click("[ws-click=increment]")
+        expect_count(page, count)
+    expect(page.locator("#chart")).to_have_text("drawn by the page")
+    expect(page.locator("#chart")).to_have_attribute("data-drawn", "yes")
+    expect(page.locator("#chart canvas")).to_have_count(1)
+
+
+def test_unchanged_attributes_are_not_rewritten_so_an_iframe_is_not_reloaded(serve, page):
+    server = serve("counter", WIDGET)
+    page.goto(server.url + "/widget")
+    frame = page.frame_locator("iframe")
+    expect(frame.locator("p")).to_have_text("frame")
+    page.evaluate("""() => {
+        document.querySelector("iframe").contentDocument.body.dataset.marked = "yes";
+        window.rewritten = [];
+        const root = document.querySelector("[data-asok-component]");
+        new MutationObserver(records => records.forEach(r => r.target != root && rewritten.push(r.attributeName)))
+          .observe(root, {attributes: true, subtree: true});
+    }""")
+    for count in (1, 2):
+        page.click("[ws-click=increment]")
+        expect_count(page, count)
+    assert page.evaluate("document.querySelector('iframe').contentDocument.body.dataset.marked") == "yes"
+    assert page.evaluate("rewritten") == ["data-count"]  # the hooked span's count, and nothing else
 
 
 # ── artifact ─────────────────────────────────────────────────────────

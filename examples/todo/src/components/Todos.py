@@ -2,25 +2,29 @@ from asok import Component, exposed
 
 
 class Todos(Component):
-    items = []
+    """The list: which items there are, in order, and whether each is done. Items are found
+    by id, never by position, so a click in a stale tab cannot hit the wrong item."""
+    items = []  # [{"id": 1, "text": "buy milk", "done": False}, ...]
+    next_id = 1
     draft = ""
 
     @exposed
     def add(self):
         text = self.draft.strip()
         if text:
-            self.items.append({"text": text, "done": False})
+            self.items.append({"id": self.next_id, "text": text, "done": False})
+            self.next_id += 1
         self.draft = ""
 
     @exposed
-    def toggle(self, index: int):
-        if 0 <= index < len(self.items):
-            self.items[index]["done"] = not self.items[index]["done"]
+    def toggle(self, item_id: int, done: bool):
+        for item in self.items:
+            if item["id"] == item_id:
+                item["done"] = done
 
     @exposed
-    def remove(self, index: int):
-        if 0 <= index < len(self.items):
-            del self.items[index]
+    def remove(self, item_id: int):
+        self.items = [item for item in self.items if item["id"] != item_id]
 
     @exposed
     def clear_done(self):
