@@ -4019,6 +4019,7 @@ UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted afte
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
 _COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, not state
 LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
+LIVE_MAX_EMITS = 50             # @on handler runs that one round trip's emits may cause (a loop stops there)
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
@@ -4167,6 +4168,16 @@ class Component:
             self._asok_app.live._send(encoded)
         else:
             outbox.append(encoded)
+
+    def emit(self, event, payload=None):
+        """Tell the other components on this page: those with `@on(event)` run it with
+        `payload` in this same round trip, and the reply brings every one that changed
+        (a child telling its parent). Only during a live call: an event, or a handler."""
+        emits = getattr(self, "_asok_emits", None)
+        if emits is None:
+            raise RuntimeError(f"{type(self).__name__}.emit({event!r}): emit() works during a live call "
+                               "(an @exposed method, or an @on/@every handler), not in a page render")
+        emits.append(self._asok_app.live.encode(event, payload))
 
     @property
     def state(self) -> dict[str, Any]:
@@ -4761,7 +4772,7 @@ class LiveHub:
                 if isinstance(message.get("id"), str):
                     raise LiveError("id_too_long", f"the request id has {len(message['id'])} characters; "
                                                    f"the limit is {LIVE_MAX_ID}")
-            return [self._event(conn, message)]
+            return self._event(conn, message)
         except LiveError as exc:
             log.warning("live event refused: %s: %s", exc.code, exc.message)
             return [_live_error(rid, exc.code, exc.message)]
@@ -4845,14 +4856,22 @@ class LiveHub:
             return True
 
         view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
-        saved, inner, outbox = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
+        saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
         if view is not None:
             with self._lock:
                 view.seq = max(view.seq, saved.seq)  # the reply brings it
         token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
         self._adopt(conn, inner)
+        replies = [json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))]
+        for cid, (cls, saved, inner) in changed.items():  # what the emits changed comes with the reply
+            with self._lock:
+                if cid in conn.views:
+                    conn.views[cid].seq = max(conn.views[cid].seq, saved.seq)
+            token = self._saved_and_pushed(conn.sid, cid, cls, saved, inner, conn)
+            self._adopt(conn, inner)
+            replies.append(json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":")))
         self._flush(outbox)
-        return json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))
+        return replies
 
     def _join(self, conn, message):
         """A page (re)connected: its views, and fresh HTML for those that show an older save."""
@@ -4962,12 +4981,14 @@ class LiveHub:
 
     # ── 2-4. choose the state, apply, render, save ────────────────────
     def _commit(self, sid, cid, cls, fallback, conn, run, always=False):
-        """Apply `run(comp, saved)` to the (session, cid) under the store's lock; returns
-        (saved, inner HTML or None when nothing changed, deferred publishes)."""
+        """Apply `run(comp, saved)` to the (session, cid) under the store's lock, and the @on
+        handlers on the same page of what it emits; returns (saved, inner HTML or None when
+        nothing changed, deferred publishes, {cid: (cls, saved, inner)} the emits changed)."""
         result = []
 
         def apply(record):
-            result[:] = self._apply(record, sid, cid, cls, fallback, conn, run, always)
+            saved, inner, outbox, emits = self._apply(record, sid, cid, cls, fallback, conn, run, always)
+            result[:] = saved, inner, outbox, self._emitted(record, sid, cid, conn, emits, outbox)
 
         self.app.sessions.update(sid, apply)
         return result
@@ -4991,7 +5012,7 @@ class LiveHub:
         session.live = live
         session.seq = record.get("seq", 0)
         comp = self._restore(cls, saved.state, session, sid, cid, conn)
-        comp._asok_outbox = outbox = []
+        comp._asok_outbox, comp._asok_emits = outbox, emits = [], []
         ran = run(comp, saved)
         if ran is None:
             raise _NothingToSave()
@@ -5024,7 +5045,42 @@ class LiveHub:
             record["floor"] = max(record.get("floor", 0), dropped.pop(next(iter(dropped))))
         if session.modified:
             record["data"] = dict(session)
-        return saved, inner, outbox
+        return saved, inner, outbox, emits
+
+    def _emitted(self, record, sid, origin, conn, emits, outbox):
+        """The @on(event) handlers of the other components on `conn`'s page, run in `record` for
+        each (event, payload) emitted, in order, then for what they emit in turn; each is saved
+        as an event is. Returns {cid: (cls, saved, inner)} of those that changed."""
+        if not emits:
+            return {}
+        with self._lock:
+            keys = [self._keys.get((sid, cid)) for cid in conn.views]
+        page = [key for key in keys if key is not None and key.cls._asok_on]
+        queue, changed, runs = collections.deque((origin, event) for event in emits), {}, 0
+        while queue:
+            sender, (event, data) = queue.popleft()
+            for key in page:
+                raw = record.get("live", {}).get(key.cid)
+                state = collections.defaultdict(str, raw["s"] if raw and raw.get("c") == key.cls.__name__
+                                                else key.fallback.state)
+                methods = [m for t, m in key.cls._asok_on if t.format_map(state) == event]
+                if key.cid == sender or not methods:
+                    continue
+                runs += 1
+                if runs > LIVE_MAX_EMITS:
+                    raise LiveError("emit_loop", f"emit({event!r}) would run a {LIVE_MAX_EMITS + 1}th @on handler "
+                                                 "in one round trip: components that emit back and forth never stop")
+
+                def run(comp, saved, methods=methods, data=data):
+                    for method in methods:
+                        getattr(comp, method)(json.loads(data))  # each handler its own copy
+                    return True
+                saved, inner, more, emitted = self._apply(record, sid, key.cid, key.cls, key.fallback, conn, run, False)
+                outbox.extend(more)
+                queue.extend((key.cid, event) for event in emitted)
+                if inner is not None:
+                    changed[key.cid] = (key.cls, saved, inner)
+        return changed
 
     def _restore(self, cls, state, session, sid, cid, conn):
         request = _LiveContext(self.app, session, sid, conn)
@@ -5232,7 +5288,7 @@ class LiveHub:
         try:
             if run is None:
                 raise _NothingToSave()
-            saved, inner, outbox = self._commit(sid, cid, cls, key.fallback, conn, run)
+            saved, inner, outbox, changed = self._commit(sid, cid, cls, key.fallback, conn, run)
         except _NothingToSave:  # views that missed what another process saved get it
             raw = ((self.app.sessions.load(sid) or {}).get("live") or {}).get(cid)
             saved = SavedComponent.load(raw, cls.__name__)
@@ -5241,6 +5297,8 @@ class LiveHub:
             return
         if inner is not None:
             self._saved_and_pushed(sid, cid, cls, saved, inner, conn)
+        for other, (other_cls, other_saved, other_inner) in changed.items():
+            self._saved_and_pushed(sid, other, other_cls, other_saved, other_inner, conn)
         self._flush(outbox)
 
     def _refused(self, key, exc):
@@ -7445,8 +7503,10 @@ class TestClient:
             raise AssertionError(f"no component {name!r} #{index} on {path} (found {found})")
         root = matches[index]
         csrf = re.search(r'<meta name="csrf-token" content="([^"]*)"', page.text)
+        page = [[el.attrs.get("id", ""), el.attrs["data-asok-component"], el.attrs.get("data-asok-state", "")]
+                for el in roots]
         return LiveHandle(self, root.attrs.get("id", ""), name, root.attrs.get("data-asok-state", ""),
-                          csrf.group(1) if csrf else "", html=root.inner_html, path=path)
+                          csrf.group(1) if csrf else "", html=root.inner_html, path=path, page=page)
 
 
 def _find_components(text):
@@ -7693,7 +7753,8 @@ class LiveHandle:
         assert "Count: 11" in counter.text      # also .html, .state
 
     Each action sends the event alive.js would send and returns the reply ({id, html, state} or
-    {id, error: {code, message}}); `call(method, *args)` sends any method by name.
+    {id, error: {code, message}}); `call(method, *args)` sends any method by name. What the
+    call's `emit()`s changed in other components comes with it, in `also` ([{cid, html, state}]).
 
     Like a page, a handle joins: it is a view, so other views' changes, published messages and
     timers reach it. Each push is kept in `pushes` (`wait_for_push()` waits for one), and one
@@ -7701,7 +7762,7 @@ class LiveHandle:
     the page closing."""
 
     def __init__(self, client: TestClient, cid: str, name: str, state: str, csrf: str,
-                 html: str | None = None, path: str = "/") -> None:
+                 html: str | None = None, path: str = "/", page=()) -> None:
         self.client = client
         self.cid = cid
         self.name = name
@@ -7709,14 +7770,16 @@ class LiveHandle:
         self.csrf = csrf
         self.html = html  # the component's inner HTML, as last rendered or pushed
         self.pushes = []  # every message pushed to this view, oldest first
+        self.also = []  # {cid, html, state} of the other components the last call changed (emit)
         self._page = secrets.token_hex(4)  # ids are unique per page load, as alive.js makes them
         self._n = 0
         self._arrived = threading.Condition()
         self.conn = LiveConnection(client.sid, self._pushed)
         self.conn.path, _, self.conn.query_string = path.partition("?")
-        join = {"join": [[cid, name, state]], "url": path, "csrf": csrf}
+        # the page's components, as alive.js joins them: the others are there for emit()
+        join = {"join": [[cid, name, state], *(c for c in page if c[0] != cid)], "url": path, "csrf": csrf}
         for text in client.app.live.handle(self.conn, json.dumps(join)):
-            self._pushed(cid, text)
+            self._pushed(json.loads(text).get("cid"), text)
 
     @property
     def state(self) -> dict[str, Any]:
@@ -7724,6 +7787,8 @@ class LiveHandle:
         return StateToken.parse(self.state_token).state
 
     def _pushed(self, cid, text):
+        if cid != self.cid:  # another component of the page
+            return
         message = json.loads(text)
         with self._arrived:
             self.pushes.append(message)
@@ -7753,7 +7818,9 @@ class LiveHandle:
         if self.conn.sid != self.client.sid:  # the cookie changed (a sign-in): a new socket, as alive.js's next
             self.client.app.live.leave(self.conn)
             self.conn.sid = self.client.sid
-        return json.loads(self.client.app.live.handle(self.conn, text)[0])
+        reply, *also = self.client.app.live.handle(self.conn, text)
+        self.also = [json.loads(other) for other in also]
+        return json.loads(reply)
 
     def call(self, method: str, *args: Any, **overrides: Any) -> dict[str, Any]:
         """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""

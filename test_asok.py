@@ -3901,6 +3901,139 @@ def test_a_page_render_with_new_props_calls_update_and_saves_it(keyed_app):
     assert book.call("retitle", "Ulysses")["html"] == "<b>Ulysses|b</b>"
 
 
+EMIT_FILES = {
+    "src/components/Cart.py": '''
+        from asok import Component, exposed, on
+
+        class Cart(Component):
+            lines = [1, 2]
+            qty = {}
+            total = 0
+            note = ""
+
+            @on("changed")
+            def changed(self, payload):
+                self.qty = {**self.qty, str(payload["line"]): payload["qty"]}
+                self.total = sum(self.qty.values())
+
+            @exposed
+            def renote(self, note: str):
+                self.note = note
+
+
+        class Line(Component):
+            line_id = 0
+            qty = 0
+            note = ""
+
+            def update(self, note, **props):
+                self.note = note
+
+            @exposed
+            def add(self):
+                self.qty += 1
+                self.emit("changed", {"line": self.line_id, "qty": self.qty})
+
+            @exposed
+            def ping(self):
+                self.emit("ping")
+
+
+        class Pong(Component):
+            pongs = 0
+
+            @on("ping")
+            def pinged(self, payload):
+                self.pongs += 1
+                self.emit("ping")
+
+
+        class Early(Component):
+            def mount(self):
+                self.emit("changed")
+    ''',
+    "src/components/cart.html": "<p>total << total >></p><% for n in lines %>"
+                                "<< component('Line', key=n, line_id=n, note=note) >><% endfor %>",
+    "src/components/line.html": "<i><< qty >>|<< note >></i>",
+    "src/components/pong.html": "<b><< pongs >></b>",
+    "src/components/early.html": "<b></b>",
+    "src/pages/cart.html": "<body><< component('Cart') >></body>",
+    "src/pages/pong.html": "<body><< component('Line', line_id=9) >><< component('Pong', cid='a') >>"
+                           "<< component('Pong', cid='b') >></body>",
+    "src/pages/early.html": "<body><< component('Early') >></body>",
+    "src/pages/lone.html": "<body><< component('Line', line_id=7) >></body>",
+}
+
+
+def test_an_emit_runs_the_parents_on_handler_in_the_same_round_trip(tmp_path):
+    app = make_app(tmp_path, EMIT_FILES)
+    client = asok.TestClient(app)
+    line = client.live("/cart", "Line", 1)
+    reply = line.call("add")
+    assert reply["html"] == "<i>1|</i>"
+    assert [(m["cid"], m["html"].startswith("<p>total 1</p>")) for m in line.also] == [("/cart#Cart-0", True)]
+    line.call("add")
+    assert line.also[0]["html"].startswith("<p>total 2</p>")
+    assert "<p>total 2</p>" in client.get("/cart").text  # saved with the event
+    resent = line.send({"id": f"{line._page}:2", "cid": line.cid, "component": "Line", "state": line.state_token,
+                        "method": "add", "args": [], "csrf": line.csrf})
+    assert resent["html"] == "<i>2|</i>" and line.also == []  # a resend is not applied, nor emitted, again
+    other_tab = client.live("/cart", "Cart")
+    client.live("/cart", "Line", 0).call("add")
+    assert other_tab.wait_for_push()["html"].startswith("<p>total 3</p>")  # other views get it pushed
+
+
+def test_an_emit_reaches_only_components_on_the_same_page_with_a_handler(tmp_path):
+    app = make_app(tmp_path, EMIT_FILES)
+    client = asok.TestClient(app)
+    client.live("/cart", "Cart").call("renote", "x")  # a saved cart, open in another tab
+    lone = client.live("/lone", "Line")  # a page with a line and no cart
+    assert "error" not in lone.call("add") and lone.also == []
+    assert "<p>total 0</p>" in client.get("/cart").text
+
+
+def test_components_that_emit_back_and_forth_are_stopped_and_change_nothing(tmp_path):
+    app = make_app(tmp_path, EMIT_FILES)
+    client = asok.TestClient(app)
+    line = client.live("/pong", "Line")
+    reply = line.call("ping")
+    assert reply["error"]["code"] == "emit_loop" and "emit back and forth" in reply["error"]["message"]
+    assert [h.state["pongs"] for h in (client.live("/pong", "Pong", 0), client.live("/pong", "Pong", 1))] == [0, 0]
+
+
+def test_emit_outside_a_live_call_is_an_error_that_says_so(tmp_path):
+    app = make_app(tmp_path, EMIT_FILES, debug=True)
+    r = asok.TestClient(app).get("/early")
+    assert r.status == 500 and "emit() works during a live call" in html.unescape(r.text)
+
+
+def test_a_parent_event_passes_a_new_prop_to_its_children_update(tmp_path):
+    app = make_app(tmp_path, EMIT_FILES)
+    client = asok.TestClient(app)
+    client.live("/cart", "Line", 0).call("add")  # saved state: from now on props go to update()
+    cart = client.live("/cart", "Cart")
+    assert "<i>1|gift</i>" in cart.call("renote", "gift")["html"]
+    assert client.live("/cart", "Line", 0).call("add")["html"] == "<i>2|gift</i>"
+
+
+def test_the_todo_example_finds_items_by_id_and_each_item_keeps_its_own_text(tmp_path):
+    shutil.copytree(ROOT / "examples" / "todo", tmp_path / "todo", ignore=shutil.ignore_patterns(".asok"))
+    client = asok.TestClient(asok.Asok(tmp_path / "todo", secret_key="k" * 32))
+    todos = client.live("/", "Todos")
+    for text in ("one", "two", "three"):
+        todos.type("input[ws-model=draft]", text)
+        todos.call("add")
+    stale = client.live("/", "Todos")  # a second tab, loaded now
+    todos.click("#todo-1 [aria-label=Remove]")
+    stale.click("#todo-3 [aria-label=Remove]")  # its page still shows item 1: the id decides, not the place
+    item = client.live("/", "TodoItem", 0)
+    assert item.cid == "/#Todos-0#TodoItem@2"
+    item.type("input", "two, edited")
+    assert "two, edited" in item.also[0]["html"]  # the list heard of it (emit) in the same round trip
+    page = client.get("/").text
+    assert re.findall(r'<li id="(todo-\d+)"', page) == ["todo-2"] and 'value="two, edited"' in page
+
+
 def test_the_default_update_ignores_props_once_there_is_saved_state(live_app):
     client = asok.TestClient(live_app)
     client.live("/", "Counter").call("increment")

@@ -1095,6 +1095,80 @@ window.asokHooks = {Probe: Object.fromEntries(["mounted", "updated", "destroyed"
 }
 
 
+CART = {
+    "src/components/Cart.py": """from asok import Component, exposed, on
+
+
+class Cart(Component):
+    lines = [1, 2]
+    qty = {}
+    note = "none"
+
+    @on("changed")
+    def changed(self, payload):
+        self.qty = {**self.qty, str(payload["line"]): payload["qty"]}
+
+    @exposed
+    def renote(self, note: str):
+        self.note = note
+
+
+class Line(Component):
+    line_id = 0
+    qty = 0
+    note = ""
+
+    def update(self, note, **props):
+        self.note = note
+
+    @exposed
+    def add(self):
+        self.qty += 1
+        self.emit("changed", {"line": self.line_id, "qty": self.qty})
+""",
+    "src/components/cart.html": """<div><h3>Total: << sum(qty.values()) >></h3>
+<button ws-click='renote("gift")'>Gift wrap</button>
+<% for n in lines %><< component('Line', key=n, line_id=n, note=note) >><% endfor %></div>
+""",
+    "src/components/line.html": """<p>Line << line_id >>: <span class="qty"><< qty >></span>
+<span class="note"><< note >></span> <button ws-click="add">Add one</button></p>
+""",
+    "src/pages/cart.html": "{% extends 'html/base.html' %}{% block main %}{{ component('Cart') }}{% endblock %}",
+}
+
+
+def test_a_childs_emit_updates_its_parent_in_the_same_round_trip(serve, page):
+    server = serve("counter", CART)
+    received, sent = [], []
+    page.on("websocket", lambda ws: (ws.on("framereceived", lambda text: received.append(text)),
+                                     ws.on("framesent", lambda text: sent.append(text))))
+    page.goto(server.url + "/cart")
+    expect_connected(page, True)  # joined (sent as the socket opened); nothing is saved, so no answer
+    received.clear(), sent.clear()
+    second = page.locator("[data-asok-component=Line]").nth(1)
+    second.locator("button").click()
+    expect(page.locator("h3")).to_have_text("Total: 1")
+    expect(second.locator(".qty")).to_have_text("1")
+    messages = [json.loads(text) for text in received]
+    assert len(sent) == 1 and [("id" in m, m.get("cid")) for m in messages] == [(True, None), (False, "/cart#Cart-0")]
+    page.reload()
+    expect(page.locator("h3")).to_have_text("Total: 1")
+
+
+def test_a_parent_rerender_with_a_new_prop_reaches_the_childs_update(serve, page):
+    server = serve("counter", CART)
+    page.goto(server.url + "/cart")
+    second = page.locator("[data-asok-component=Line]").nth(1)
+    second.locator("button").click()
+    expect(second.locator(".qty")).to_have_text("1")  # the line has saved state now
+    page.click("text=Gift wrap")
+    expect(page.locator(".note")).to_have_text(["gift", "gift"])
+    expect(second.locator(".qty")).to_have_text("1")
+    page.reload()
+    expect(page.locator(".note")).to_have_text(["gift", "gift"])
+    assert page.evaluate("asokErrors") == []
+
+
 def focus_state(page):
     return page.evaluate("() => { const el = document.activeElement;"
                          "return [el.closest('li')?.id, el.value, el.selectionStart, el.selectionEnd]; }")

@@ -13,3 +13,4 @@ class TodoItem(Component):
     @exposed
     def rename(self, text: str):
         self.text = text
+        self.emit("renamed", {"id": self.item_id, "text": text})  # the list keeps its copy

@@ -1,4 +1,4 @@
-from asok import Component, exposed
+from asok import Component, exposed, on
 
 
 class Todos(Component):
@@ -25,6 +25,13 @@ class Todos(Component):
     @exposed
     def remove(self, item_id: int):
         self.items = [item for item in self.items if item["id"] != item_id]
+
+    @on("renamed")
+    def renamed(self, payload):
+        """An item's text changed (TodoItem emits it): a re-created item starts from it."""
+        for item in self.items:
+            if item["id"] == payload["id"]:
+                item["text"] = payload["text"]
 
     @exposed
     def clear_done(self):
