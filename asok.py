@@ -4169,7 +4169,7 @@ class Component:
         else:
             outbox.append(encoded)
 
-    def emit(self, event, payload=None):
+    def emit(self, event: str, payload: Any = None) -> None:
         """Tell the other components on this page: those with `@on(event)` run it with
         `payload` in this same round trip, and the reply brings every one that changed
         (a child telling its parent). Only during a live call: an event, or a handler."""
@@ -7762,7 +7762,7 @@ class LiveHandle:
     the page closing."""
 
     def __init__(self, client: TestClient, cid: str, name: str, state: str, csrf: str,
-                 html: str | None = None, path: str = "/", page=()) -> None:
+                 html: str | None = None, path: str = "/", page: list | tuple = ()) -> None:
         self.client = client
         self.cid = cid
         self.name = name
