@@ -5465,20 +5465,37 @@ class FolderBroker(Broker):
         return peers
 
     def _send_loop(self):
-        while True:
-            data = self._queue.get()
-            if data is None:
-                return
-            for path in self._others():
+        """Sends what waits, several messages to a datagram (one per line: a message is JSON,
+        which has no raw newline), so a busy process wakes its peers once per batch, not once
+        per save."""
+        waiting = self._queue.get()
+        while waiting is not None:  # None: close() was called
+            batch, size, waiting = [waiting], len(waiting), ...
+            while waiting is ...:
                 try:
-                    self._send.sendto(data, path)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    try:  # nobody listens there: a process that died without cleaning up
-                        os.unlink(path)
-                    except OSError:
-                        pass
-                except OSError as exc:  # a timeout: that process stopped reading
-                    log.error("live message to %s dropped: %s", path, exc)
+                    data = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if data is None or size + 1 + len(data) > BROKER_MAX_DATAGRAM:
+                    waiting = data  # the next batch starts with it (or the loop ends)
+                else:
+                    batch.append(data)
+                    size += 1 + len(data)
+            self._send_batch(b"\n".join(batch))
+            if waiting is ...:
+                waiting = self._queue.get()
+
+    def _send_batch(self, data):
+        for path in self._others():
+            try:
+                self._send.sendto(data, path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                try:  # nobody listens there: a process that died without cleaning up
+                    os.unlink(path)
+                except OSError:
+                    pass
+            except OSError as exc:  # a timeout: that process stopped reading
+                log.error("live message to %s dropped: %s", path, exc)
 
     def _receive_loop(self, sock):
         while True:
@@ -5487,9 +5504,9 @@ class FolderBroker(Broker):
             except OSError:
                 return
             callback = self._callback
-            if callback is not None:
+            for message in data.split(b"\n") if callback is not None else ():
                 try:
-                    callback(data)
+                    callback(message)
                 except Exception:
                     log.exception("the live broker's subscriber failed")
 

@@ -110,6 +110,12 @@ def pinned(core):
     return lambda: os.sched_setaffinity(0, {core})
 
 
+def unpinned():
+    """Every core for the child (this process runs pinned to the load core, and a child would
+    inherit that)."""
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,7 +175,7 @@ class Server:
         self.log = open(self.workdir / f"{self.label}.log", "wb")
         self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=pinned(SERVER_CORE) if self.pin else None)
+                                     preexec_fn=pinned(SERVER_CORE) if self.pin else unpinned)
         try:
             self._wait_ready()
         except BaseException:
