@@ -3721,6 +3721,16 @@ def test_component_renders_with_signed_state_and_runtime(live_app):
     assert js.status == 200 and js.header("content-type").startswith("text/javascript")
 
 
+@pytest.mark.parametrize("line, squeezed", [
+    ("const a = b + ++c, d = e - -f;", "const a=b+ ++c,d=e- -f;"),
+    ('x = "a = b" + `${ y } = z`;', 'x="a = b"+`${ y } = z`;'),
+    ("y = 'it\\'s = so' + [1, 2];", "y='it\\'s = so'+[1,2];"),
+    ("for (const el of [...nodes]) if (!el.id) continue;", "for(const el of[...nodes])if(!el.id)continue;"),
+])
+def test_alive_js_loses_spaces_beside_punctuation_but_not_in_strings(line, squeezed):
+    assert asok._squeeze_js(line) == squeezed
+
+
 def test_alive_js_is_served_minified_gzipped_and_cached_by_version(live_app, monkeypatch, tmp_path):
     client = asok.TestClient(live_app)
     version = re.search(r'alive.js\?v=(\w+)', client.get("/").text).group(1)

@@ -779,6 +779,22 @@ def test_typing_in_an_item_while_others_are_removed_keeps_the_text_in_that_item(
     assert tab.evaluate("asokErrors") == [] and other.evaluate("asokErrors") == []
 
 
+def test_a_component_removed_while_its_typing_waits_for_the_debounce_is_forgotten(serve, page):
+    server = serve("todo")
+    sent, crashes = [], []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda text: sent.append(json.loads(text))))
+    page.on("pageerror", lambda error: crashes.append(str(error)))
+    page.goto(server.url)
+    add_todos(page, "one", "two")
+    page.locator("#todo-2 [ws-input=rename]").click()
+    sent.clear()
+    page.evaluate(TYPE_THEN_REMOVE, ["#todo-2 [ws-input=rename]", " typed", "#todo-2 [aria-label=Remove]"])
+    expect(page.locator("#todo-2")).to_have_count(0)
+    page.wait_for_timeout(400)  # past the debounce: the removed item's queue went with it
+    assert [m.get("method") for m in sent] == ["remove"]
+    assert crashes == [] and page.evaluate("asokErrors") == []
+
+
 def test_form_submit_shows_validation_errors_then_succeeds(serve, page):
     server = serve("form")
     page.goto(server.url)
