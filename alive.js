@@ -1,5 +1,6 @@
 // alive.js: the asok browser runtime. asok serves it minified: lines that are only a comment,
-// indentation and trailing " // " comments go (keep " // " out of strings), so comment freely.
+// indentation, trailing " // " comments and spaces beside punctuation go (keep " // ", quotes
+// and spaces out of regular expressions), so comment freely.
 // A line "//# part: name" starts a part served as a second script only to pages that need it.
 (() => {
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
@@ -46,7 +47,7 @@ function receive(message) {
     if (fields(state).q >= fields(root.dataset.asokState).q) {
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;
-      self.asokMorphed?.(root);
+      self.asokMorphed?.(root); // ws-hook, in the hooks part
       bags.forEach((bag, cid) => byId(cid) || bags.delete(cid, clearTimeout(bag.timer)));
     }
     sync(root, bag?.models, root.dataset.asokState);
@@ -82,7 +83,6 @@ function morph(old, fresh) {
       for (const stop = cursor.previousSibling; match.previousSibling != stop;) match.after(match.previousSibling);
       cursor = match.nextSibling;
     }
-
     // text, comment
     if (match.nodeType != 1) match.nodeValue = next.nodeValue;
     // attributes that changed, children, form values (the focused one's is the user's); ws-ignore stays
