@@ -3561,6 +3561,25 @@ class UploadedFile:
             self._path = None
 
 
+def _pending_uploads(folder, sid):
+    """(bytes waiting for `sid`'s events, bytes waiting for everyone's) under .asok/uploads."""
+    mine = everyone = 0
+    for meta in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            info = json.loads(meta.read_text())
+            size = int(info["size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        everyone += size
+        if info.get("sid") == sid:
+            mine += size
+    return mine, everyone
+
+
+def _mib(size):
+    return f"{size / (1 << 20):.1f} MiB" if size >= 1 << 20 else f"{size // 1024} KiB" if size >= 1024 else f"{size} bytes"
+
+
 def _remove_upload(folder, uid):
     for suffix in (".data", ".json"):
         try:
@@ -4016,8 +4035,10 @@ LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied messag
 LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
 DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
 UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
+UPLOAD_PENDING_MAX = 512 << 20  # bytes of uploads waiting for their events, all sessions together
+                                # (one session: twice its component's max_upload)
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
-_COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, not state
+_COMPONENT_SETTINGS = ("url", "max_upload", "locked")  # class attributes that configure, not state
 LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
 LIVE_MAX_EMITS = 50             # @on handler runs that one round trip's emits may cause (a loop stops there)
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -4123,6 +4144,9 @@ class Component:
 
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
+    # State fields the browser may not set through ws-model ($model), as Livewire's #[Locked]:
+    # every other public field is writable by the page's user, like a form field.
+    locked = ()
 
     def mount(self) -> None:
         """Runs once, on the first render of this component for a session."""
@@ -4815,6 +4839,9 @@ class LiveHub:
         if method == "$model":
             if len(args) != 2 or not isinstance(args[0], str):
                 raise LiveError("bad_args", "$model takes [property, value]")
+            if args[0] in cls.locked:
+                raise LiveError("locked", f"{name}.{args[0]} is locked: the browser cannot set it "
+                                          "(only the component's methods can)")
             value = _model_value(cls, args[0], args[1], token.state.get(args[0]))
             return _LiveCall(rid, cid, cls, token, method, [args[0], value])
         if method.startswith("_"):
@@ -6186,8 +6213,16 @@ class Asok:
         uploads = [f for key in files for f in files.getlist(key)]
         total = sum(f.size for f in uploads)
         if total > cls.max_upload:
-            return refuse(413, "too_large", f"the files are {total} bytes; {name} takes at most "
-                                            f"{cls.max_upload} bytes (max_upload)")
+            return refuse(413, "too_large", f"the files are {_mib(total)}; this form takes at most "
+                                            f"{_mib(cls.max_upload)}")
+        folder = self.root / ".asok" / "uploads"
+        mine, everyone = _pending_uploads(folder, sid)
+        if mine + total > 2 * cls.max_upload:
+            return refuse(429, "too_many_uploads", f"{_mib(mine)} of this session's uploads wait for "
+                                                   "their event; send the form again once they are taken")
+        if everyone + total > UPLOAD_PENDING_MAX:
+            return refuse(503, "store_unavailable", "the server holds too many uploads waiting for their "
+                                                    "events; try again in a minute")
         try:
             saved = SavedComponent.load(request.session.live.get(cid), name)  # newer than the page's, if any
             state = saved.state if saved is not None else token.state
@@ -6196,7 +6231,6 @@ class Asok:
                 return refuse(403, "forbidden", f"{name} does not take uploads here")
         except LiveError as exc:
             return refuse(403, exc.code, exc.message)
-        folder = self.root / ".asok" / "uploads"
         folder.mkdir(parents=True, exist_ok=True)
         ids = {}
         try:
@@ -6213,7 +6247,7 @@ class Asok:
             return refuse(503, "store_unavailable", f"the server has no room for the files ({exc.strerror})")
         return Response(json.dumps({"files": ids}), content_type="application/json")
 
-    def _take_uploads(self, sid, cid, args, taken):
+    def _take_uploads(self, sid: str, cid: str, args: list[Any], taken: list[Any]) -> list[Any]:
         """Replace each {"$upload": id} in a call's arguments (or in a fields dict among them)
         by its UploadedFile, appended to `taken` (closed, so deleted unless saved, by the caller)."""
         def take(value):
@@ -8021,7 +8055,7 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("asok: %d workers on http://%s:%d (pid %d)", workers, host, sock.getsockname()[1], os.getpid())
+    log.info("%d workers on http://%s:%d (pid %d)", workers, host, sock.getsockname()[1], os.getpid())
     for _ in range(workers):
         spawn()
     while children:

@@ -27,6 +27,7 @@ import textwrap
 import threading
 import time
 import traceback
+import urllib.parse
 import urllib.request
 import warnings
 import wsgiref.validate
@@ -1894,6 +1895,17 @@ def test_a_first_start_on_a_full_disk_names_the_problem_and_leaves_no_key(tmp_pa
     assert list((tmp_path / ".asok").iterdir()) == []
     monkeypatch.undo()
     assert len(asok._load_master_keys(tmp_path, None, False, [])[0]) == 64
+
+
+@pytest.mark.parametrize("target, lands", [("/notes", "/notes"), ("//evil.example", "/account"),
+                                           ("/\\evil.example", "/account"), ("https://evil.example", "/account")])
+def test_the_signin_example_only_redirects_within_the_site(tmp_path, target, lands):
+    shutil.copytree(EXAMPLES / "signin", tmp_path / "signin")
+    client = asok.TestClient(asok.load_app(tmp_path / "signin"))
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/signin").text).group(1)
+    r = client.post("/signin?next=" + urllib.parse.quote(target),
+                    data={"name": "ann", "password": "ann-secret", "csrf_token": token})
+    assert (r.status_code, r.headers["location"]) == (302, lands)
 
 
 def signin_app(tmp_path):
@@ -4197,13 +4209,26 @@ def test_a_saved_live_upload_is_kept_where_the_method_put_it(tmp_path):
     assert pending_uploads(app) == []
 
 
+def test_uploads_waiting_for_their_event_are_capped_per_session(tmp_path):
+    app = make_app(tmp_path, UPLOAD_FILES)
+    avatar = asok.TestClient(app).live("/", "Avatar")
+    ids = [avatar.upload({"photo": ("a.png", b"p" * 1000, "image/png")})["files"]["photo"][0] for _ in range(2)]
+    refused = avatar.upload({"photo": ("a.png", b"p", "image/png")})  # twice max_upload already waits
+    assert refused["error"]["code"] == "too_many_uploads" and "wait for their event" in refused["error"]["message"]
+    assert len(pending_uploads(app)) == 4
+    assert "error" not in avatar.call("save", {"photo": {"$upload": ids[0]}, "caption": "x"})
+    assert "files" in avatar.upload({"photo": ("a.png", b"p", "image/png")})  # taken ones no longer count
+    other = asok.TestClient(app).live("/", "Avatar")  # another session has its own allowance
+    assert "files" in other.upload({"photo": ("a.png", b"p" * 1000, "image/png")})
+
+
 def test_live_uploads_are_refused_past_the_limit_and_for_another_component_or_session(tmp_path):
     app = make_app(tmp_path, UPLOAD_FILES)
     client = asok.TestClient(app)
     first, second = client.live("/", "Avatar", 0), client.live("/", "Avatar", 1)
     assert "files" in first.upload({"photo": ("a.bin", b"y" * 1000, "image/png")})  # max_upload, exactly
     refused = first.upload({"photo": ("a.bin", b"y" * 1001, "image/png")})
-    assert refused["error"]["code"] == "too_large" and "at most 1000 bytes (max_upload)" in refused["error"]["message"]
+    assert refused["error"]["code"] == "too_large" and "takes at most 1000 bytes" in refused["error"]["message"]
     # an upload id is good for the component and the session it was posted for, once
     uid = first.upload({"photo": ("a.bin", b"z", "image/png")})["files"]["photo"][0]
     reply = second.call("save", {"photo": {"$upload": uid}, "caption": "x"})
@@ -4614,6 +4639,29 @@ def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
     counter.click("Add 1")
     counter.click("Remove 1")
     assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
+
+
+def test_a_locked_field_cannot_be_set_from_the_browser(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES, "src/components/Labels.py": '''
+        from asok import Component, exposed
+
+        class Labels(Component):
+            text = ""
+            size = 1
+            tags = []
+            locked = ("size",)
+
+            @exposed
+            def grow(self):
+                self.size += 1
+    '''})
+    labels = asok.TestClient(app).live("/labels", "Labels")
+    refused = labels.call("$model", "size", 99)
+    assert refused["error"]["code"] == "locked" and "only the component's methods" in refused["error"]["message"]
+    assert labels.state["size"] == 1
+    assert "error" not in labels.call("$model", "text", "free")  # other fields stay writable
+    assert "error" not in labels.call("grow") and labels.state["size"] == 2
+    assert "locked" not in labels.state  # a setting, not state
 
 
 def test_ws_model_values_must_have_the_field_type(live_app):

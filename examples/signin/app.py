@@ -39,7 +39,9 @@ def signin(request):
             request.session.regenerate()  # a new id at sign-in: an id planted before is worth nothing
             request.session["user"] = name
             target = request.query.get("next", "/account")
-            return redirect(target if target.startswith("/") and not target.startswith("//") else "/account")
+            # only a path on this site: "//evil.example" and "/\\evil.example" are other sites to a browser
+            path = target.replace("\\", "/")
+            return redirect(target if path.startswith("/") and not path.startswith("//") else "/account")
         error = "That name and password do not match."
     return app.render_template(request, "signin.html", error=error, next=request.query.get("next", ""))
 

@@ -15,6 +15,7 @@ class Avatar(Component):
     max_upload = 10 << 20  # what one submit may upload; save() holds the avatar to AVATAR_MAX
     name = ""
     picture = ""  # the saved avatar's URL
+    locked = ("picture",)  # only save() sets it: a page cannot point it at someone else's file
     error = ""
 
     @exposed
