@@ -941,7 +941,7 @@ def test_a_too_large_or_wrong_type_avatar_gets_its_error_next_to_the_field(serve
     page.click("button[type=submit]")
     expect_error(page, "too_large")
     message = page.eval_on_selector("#photo", "el => el.validationMessage")
-    assert "Avatar takes at most 10485760 bytes (max_upload)" in message
+    assert "this form takes at most 10.0 MiB" in message
     assert page.locator("img.face").count() == 0 and not list((server.app_dir / "static").glob("avatars/*"))
 
 
