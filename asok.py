@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
-from enum import IntEnum
+from enum import Enum, IntEnum
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -6364,7 +6364,7 @@ class WebSocket:
 
 
 class _ServerWebSocket(WebSocket):
-    """A WebSocket on the built-in server: events come from _HTTPConnection.data_received."""
+    """A WebSocket on the built-in server: messages come from _WebSocketConnection."""
 
     def __init__(self, request, conn):
         self.request = request
@@ -6379,8 +6379,8 @@ class _ServerWebSocket(WebSocket):
         item = await self._queue.get()
         if not isinstance(item, ConnectionClosed):
             self.queued -= len(item)
-            if self._conn.paused:
-                self._conn._ws_read_more()
+            if self._conn.flow.paused:
+                self._conn.read_more()
         if isinstance(item, ConnectionClosed):
             self._queue.put_nowait(item)
             raise item
@@ -6390,16 +6390,16 @@ class _ServerWebSocket(WebSocket):
         if self.closed is not None:
             raise ConnectionClosed(*self.closed)
         event = TextMessage(data) if isinstance(data, str) else BytesMessage(bytes(data))
-        await self._conn._ws_write(event)
+        await self._conn.write(event)
 
     async def close(self, code=CloseCode.NORMAL, reason=""):
-        await self._conn._ws_close(code, reason)
+        await self._conn.close(code, reason)
 
     def send_now(self, text):
         """Write a text message at once if the peer is reading (True); else False, and
         `await send()` is the way (it waits for the peer)."""
         conn = self._conn
-        if self.closed is not None or conn.closed or not conn.writable.is_set():
+        if self.closed is not None or conn.closed or not conn.flow.writable.is_set():
             return False
         conn.transport.write(conn.wsconn.send(TextMessage(text)))
         return True
@@ -6646,6 +6646,18 @@ _FDS_KEPT = 640            # descriptors kept free for the session store, thread
 _PAUSE_AT = 256 * 1024
 
 
+class _Phase(Enum):
+    """Where a connection is. Each phase has its own timeout (_ServerState.timeouts), and the
+    phase changes only through _Connection._enter, which sets the deadline from that table."""
+    IDLE = "idle"              # keep-alive, no request yet: closed after idle_timeout
+    HEAD = "head"              # a request head arriving: 408 after header_timeout
+    BODY = "body"              # a request body arriving: 408 after body_timeout (and BODY_MIN_RATE)
+    BUSY = "busy"              # the app has the request, or its response is going out: no timeout
+    DRAINING = "draining"      # answered, but the client reads nothing: only the write deadline
+    WS = "ws"                  # a WebSocket: pinged every ping_interval
+    WS_CLOSING = "ws-closing"  # our close frame is out: aborted after WS_CLOSE_TIMEOUT
+
+
 class _ServerState:
     """What every connection of one server shares: the app, the limits, the open connections."""
 
@@ -6656,6 +6668,9 @@ class _ServerState:
         self.idle_timeout = idle_timeout
         self.ping_interval = ping_interval
         self.max_connections = max_connections
+        self.timeouts = {_Phase.IDLE: idle_timeout, _Phase.HEAD: header_timeout, _Phase.BODY: body_timeout,
+                         _Phase.BUSY: math.inf, _Phase.DRAINING: math.inf, _Phase.WS: ping_interval,
+                         _Phase.WS_CLOSING: WS_CLOSE_TIMEOUT}
         self.connections = set()
         self.stopping = False
         self._date = (0, "")
@@ -6695,10 +6710,85 @@ def _settle(waiter, future):
         waiter.set_exception(exc)
 
 
-class _HTTPConnection(asyncio.Protocol):
-    """HTTP/1.1 keep-alive and pipelining; upgrades to WebSocket for @app.websocket routes.
-    `phase` is idle (between requests), head, body, busy (the app has the request) or ws;
-    `deadline` is when the current phase times out (checked by _ServerState.sweep)."""
+class _FlowControl:
+    """Back-pressure both ways on one transport. Reading pauses while we hold enough of the
+    peer's input; `writable` is clear while asyncio's write buffer is over its high-water mark.
+    While written bytes wait, the write deadline runs (`watch`): a peer that reads none of them
+    for `timeout` seconds is dropped; one that reads some, however slowly, gets another `timeout`."""
+
+    __slots__ = ("transport", "timeout", "paused", "writable", "stall")
+
+    def __init__(self, transport, timeout):
+        self.transport = transport
+        self.timeout = timeout
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.stall = None  # write-buffer size when the peer was last seen reading, while watched
+
+    def pause_reading(self):
+        if not self.paused and not self.transport.is_closing():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self.paused and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def watch(self, now):
+        """Start the write deadline; returns when it falls."""
+        self.stall = self.transport.get_write_buffer_size() + 1
+        return now + self.timeout
+
+    def overdue(self, now):
+        """The write deadline fell: the next one if the peer read some meanwhile, math.inf
+        once it was dropped for reading nothing, None when it has read everything."""
+        left = self.transport.get_write_buffer_size()
+        if left and left < self.stall:
+            self.stall = left
+            return now + self.timeout
+        if left:
+            self.transport.abort()
+            return math.inf
+        self.stall = None
+        return None
+
+
+class _Connection(asyncio.Protocol):
+    """What the server's sweep and shutdown see of a connection: `phase`, `deadline` (when the
+    phase, or the write deadline, falls; checked by _ServerState.sweep), `flow`, `transport`."""
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.flow.writable.set()  # a send waiting for the peer to read wakes up, and sees it gone
+        self.s.connections.discard(self)
+
+    def _enter(self, phase, now=None):
+        self.phase = phase
+        self.deadline = (self.loop.time() if now is None else now) + self.s.timeouts[phase]
+
+    def _watch_writes(self):
+        """Until the write buffer drains, a client that stops reading for body_timeout is dropped."""
+        self.deadline = self.flow.watch(self.loop.time())
+
+    def _timed_out(self, now):
+        self.deadline = math.inf
+        if self.flow.stall is not None:  # waiting for the client to read what was written
+            deadline = self.flow.overdue(now)
+            if deadline is not None:
+                self.deadline = deadline
+            elif self.phase is _Phase.WS:  # it read everything: back to pinging it
+                self._enter(_Phase.WS, now)
+            return
+        if not self.closed:
+            self._phase_over(now)
+
+
+class _HTTPConnection(_Connection):
+    """HTTP/1.1 keep-alive and pipelining: drives the HTTPParser, hands each request to the app
+    in a thread and writes its response; a WebSocket upgrade hands the transport over to a
+    _WebSocketConnection after the 101."""
 
     def __init__(self, state):
         self.s = state
@@ -6710,16 +6800,10 @@ class _HTTPConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.parser = HTTPParser(max_body=self.app.max_body)
-        self.phase = "idle"
-        self.deadline = self.loop.time() + self.s.idle_timeout
-        self.ws = None
-        self.wsconn = None
-        self.paused = False
-        self.stall = None  # write-buffer size when the client was last seen reading, while we wait on it
+        self.flow = _FlowControl(transport, self.s.body_timeout)
         self.draining = None  # the phase to go back to once a client that stopped reading reads again
-        self.writable = asyncio.Event()
-        self.writable.set()
         self.closed = False
+        self._enter(_Phase.IDLE)
         if len(self.s.connections) >= self.s.max_connections:
             self._refuse(503, f"the server has {len(self.s.connections)} connections open, its limit; "
                               "try again in a moment", [("Retry-After", "1")])
@@ -6727,101 +6811,47 @@ class _HTTPConnection(asyncio.Protocol):
         self.s.connections.add(self)
 
     def connection_lost(self, exc):
-        self.closed = True
-        self.writable.set()
-        self.s.connections.discard(self)
-        if self.phase == "body":  # a body cut off: its temporary file goes
+        super().connection_lost(exc)
+        if self.phase is _Phase.BODY:  # a body cut off: its temporary file goes
             self.body.close()
-        if self.ws is not None:
-            self.ws._closed(CloseCode.ABNORMAL, "connection lost")
 
     def pause_writing(self):
-        self.writable.clear()
-        if self.phase == "ws":  # a peer that does not read is not read from (so it cannot make us
-            self._pause_reading()  # answer more), and is dropped if it reads nothing for body_timeout
-            self._watch_writes()
+        self.flow.writable.clear()
 
     def resume_writing(self):
-        self.writable.set()
-        if self.phase == "ws":
-            self.stall = None
-            self.heard = True
-            self.deadline = self.loop.time() + self.s.ping_interval
-            if self.owed_pong is not None and self.wsconn.state == "OPEN":
-                self.transport.write(self.wsconn.send(Pong(self.owed_pong)))
-            self.owed_pong = None
-            self._ws_read_more()
-        elif self.phase == "draining":
-            self.stall = None
-            self.phase = self.draining
-            self.deadline = self.loop.time() + (self.s.idle_timeout if self.phase == "idle" else self.s.header_timeout)
-            self._resume_reading()
+        self.flow.writable.set()
+        if self.phase is _Phase.DRAINING:
+            self.flow.stall = None
+            self._enter(self.draining)
+            self.flow.resume_reading()
             self._advance()
 
-    def _pause_reading(self):
-        if not self.paused and not self.closed:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self):
-        if self.paused and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
-
-    def _timed_out(self, now):
-        self.deadline = math.inf
-        if self.stall is not None:  # waiting for the client to read what was written
-            left = self.transport.get_write_buffer_size()
-            if left and left < self.stall:  # it is reading, however slowly: give it more time
-                self.stall = left
-                self.deadline = now + self.s.body_timeout
-            elif left:
-                self.transport.abort()
-            elif self.phase == "ws":  # it read everything: back to pinging it
-                self.stall = None
-                self.deadline = now + self.s.ping_interval
-            return
-        if self.closed:
-            return
-        if self.phase == "idle":
+    def _phase_over(self, now):
+        if self.phase is _Phase.IDLE:
             self.transport.close()
-        elif self.phase == "head":
+        elif self.phase is _Phase.HEAD:
             self._refuse(408, "request head not received in time")
-        elif self.phase == "body":
+        elif self.phase is _Phase.BODY:
             self._refuse(408, f"request body not received in time (after {self.s.body_timeout:g} s it must "
                               f"average {BODY_MIN_RATE} bytes/s, with no pause of {self.s.body_timeout:g} s)")
-        elif self.phase == "ws":
-            self._ws_tick(now)
-        elif self.phase == "ws-closing":
-            self.transport.abort()
-
-    def _watch_writes(self):
-        """Until the write buffer drains, a client that stops reading for body_timeout is dropped."""
-        self.stall = self.transport.get_write_buffer_size() + 1
-        self.deadline = self.loop.time() + self.s.body_timeout
 
     async def _drained(self):
-        if not self.writable.is_set():
+        if not self.flow.writable.is_set():
             self._watch_writes()
-            await self.writable.wait()
-            self.stall = None
-            self.deadline = math.inf
+            await self.flow.writable.wait()
+            self.flow.stall = None
+            self._enter(_Phase.BUSY)
 
-    # ── HTTP ──────────────────────────────────────────────────────────
     def data_received(self, data):
-        if self.wsconn is not None:
-            self._ws_data(data)
-            return
         self.parser.receive_data(data)
-        if self.phase == "idle":
-            self.phase = "head"
-            self.deadline = self.loop.time() + self.s.header_timeout
-        elif self.phase in ("busy", "draining"):
+        if self.phase is _Phase.IDLE:
+            self._enter(_Phase.HEAD)
+        elif self.phase is _Phase.BUSY or self.phase is _Phase.DRAINING:
             if self.parser.pending_size > _PAUSE_AT:
-                self._pause_reading()
+                self.flow.pause_reading()
             return
         self._advance()
-        if self.phase == "body" and not self.closed:
+        if self.phase is _Phase.BODY and not self.closed:
             # A pause of body_timeout ends the request, and so does a body slower on average than
             # BODY_MIN_RATE after its first body_timeout: a byte now and then cannot hold a connection.
             timeout = self.s.body_timeout
@@ -6829,11 +6859,8 @@ class _HTTPConnection(asyncio.Protocol):
                                 self.body_started + timeout + self.body.size / BODY_MIN_RATE)
 
     def eof_received(self):
-        if self.wsconn is not None:
-            self._ws_data(b"")
-            return False
         self.parser.receive_data(b"")
-        if self.phase not in ("busy", "draining"):
+        if self.phase is not _Phase.BUSY and self.phase is not _Phase.DRAINING:
             self._advance()
         return True
 
@@ -6849,32 +6876,32 @@ class _HTTPConnection(asyncio.Protocol):
             if isinstance(event, RequestHead):
                 self.head = event
                 self.body = _BodyBuffer()
-                self.phase = "body"
                 self.body_started = self.loop.time()
-                self.deadline = self.body_started + self.s.body_timeout
+                self._enter(_Phase.BODY, self.body_started)
                 if event.expect_continue:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, Body):
                 try:
                     self.body.write(event.data)
                 except OSError as exc:
-                    self.body.close()
-                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    self._no_room(exc)
                     return
             elif isinstance(event, EndOfMessage):
-                self.phase = "busy"
-                self.deadline = math.inf
+                self._enter(_Phase.BUSY)
                 try:
                     body = self.body.finish()
                 except OSError as exc:
-                    self.body.close()
-                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    self._no_room(exc)
                     return
                 self._start(self.head, body)
                 return
             elif isinstance(event, ConnectionEnded):
                 self.transport.close()
                 return
+
+    def _no_room(self, exc):
+        self.body.close()
+        self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
 
     def _refuse(self, status, message, headers=()):
         """Answer a request we cannot parse or wait for, then close the connection."""
@@ -6979,23 +7006,19 @@ class _HTTPConnection(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
             self.closed = True
-            if not self.writable.is_set():
+            if not self.flow.writable.is_set():
                 self._watch_writes()
             return
         self.parser.start_next_cycle()
-        if self.parser.pending_size:
-            self.phase = "head"
-            self.deadline = self.loop.time() + self.s.header_timeout
-        else:
-            self.phase = "idle"
-            self.deadline = self.loop.time() + self.s.idle_timeout
-        if not self.writable.is_set():  # the client is not reading: answer no more until it does
-            self.draining = self.phase
-            self.phase = "draining"
+        following = _Phase.HEAD if self.parser.pending_size else _Phase.IDLE
+        if not self.flow.writable.is_set():  # the client is not reading: answer no more until it does
+            self.draining = following
+            self._enter(_Phase.DRAINING)
             self._watch_writes()
-            self._pause_reading()
+            self.flow.pause_reading()
             return
-        self._resume_reading()
+        self._enter(following)
+        self.flow.resume_reading()
         self._advance()
 
     async def _stream(self, head, response, keep_alive, started):
@@ -7035,20 +7058,16 @@ class _HTTPConnection(asyncio.Protocol):
             self.transport.write(LAST_CHUNK)
         self._finished(head, response, sent, keep_alive, started)
 
-    # ── WebSocket ─────────────────────────────────────────────────────
     async def _upgrade(self, head, request, route, params):
+        """Check the handshake, open the session, answer 101, and hand the transport to a
+        _WebSocketConnection, which runs the route's handler."""
         if head.version != "HTTP/1.1":
             self._refuse(400, "a WebSocket upgrade needs HTTP/1.1")
             return
         try:
             accept = ws_check_handshake(head.method, request.headers)
         except WebSocketHandshakeError as exc:
-            body = f"{exc.status} {HTTPStatus(exc.status).phrase}: {exc}\n".encode()
-            self.transport.write(render_response_head(exc.status, [
-                *exc.headers, ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))), ("Connection", "close")]) + body)
-            self.transport.close()
-            self.closed = True
+            self._refuse(exc.status, str(exc), exc.headers)
             return
         if not _origin_allowed(request, route):
             self._refuse(403, f"origin {request.headers.get('origin')} may not open this WebSocket")
@@ -7069,21 +7088,71 @@ class _HTTPConnection(asyncio.Protocol):
         self.transport.write(render_response_head(101, [
             ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]))
         access_log.info('%s "%s %s %s" 101 websocket', self.peer, head.method, head.target, head.version)
-        self.phase = "ws"
-        self.wsconn = WSConnection(max_size=route.max_size)
-        self.ws = _ServerWebSocket(request, self)
-        self.heard = True
-        self.owed_pong = None    # the payload of the latest ping not answered yet (the peer is not reading)
-        self.ws_waiting = 0      # bytes of sends waiting for the peer to read
-        self.ws_turn = None      # the next turn of the loop, when frames are left to handle
-        self.deadline = self.loop.time() + self.s.ping_interval
+        self.closed = True  # this object is done with the transport
+        self.s.connections.discard(self)
+        conn = _WebSocketConnection(self.s, self.transport, self.peer, self.flow, route.max_size, request)
+        self.transport.set_protocol(conn)
+        self.s.connections.add(conn)
         leftover = self.parser.pending_bytes
         if leftover:
-            self._ws_data(leftover)
-        self._ws_read_more()
-        await _run_ws_handler(route, self.ws, params)
+            conn.data_received(leftover)
+        conn.read_more()
+        await _run_ws_handler(route, conn.ws, params)
 
-    def _ws_tick(self, now):
+    def shutdown(self):
+        """Close an idle connection now; a busy one closes after its response."""
+        if self.phase is _Phase.IDLE or self.phase is _Phase.HEAD:
+            self.transport.close()
+
+
+class _WebSocketConnection(_Connection):
+    """A WebSocket on the built-in server, protocol of the transport from the 101 on: drives the
+    WSConnection, pings a quiet peer, and bounds what one peer costs (WS_MAX_OUTPUT,
+    WS_MAX_INPUT, WS_FRAMES_PER_TURN, the write deadline). The handler's side is _ServerWebSocket."""
+
+    def __init__(self, state, transport, peer, flow, max_size, request):
+        self.s = state
+        self.loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.peer = peer
+        self.flow = flow
+        self.wsconn = WSConnection(max_size=max_size)
+        self.ws = _ServerWebSocket(request, self)
+        self.closed = False
+        self.heard = True
+        self.owed_pong = None    # the payload of the latest ping not answered yet (the peer is not reading)
+        self.waiting = 0         # bytes of sends waiting for the peer to read
+        self.turn = None         # the next turn of the loop, when frames are left to handle
+        self._enter(_Phase.WS)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.ws._closed(CloseCode.ABNORMAL, "connection lost")
+
+    def pause_writing(self):
+        self.flow.writable.clear()
+        if self.phase is _Phase.WS:  # a peer that does not read is not read from (so it cannot make us
+            self.flow.pause_reading()  # answer more), and is dropped if it reads nothing for body_timeout
+            self._watch_writes()
+
+    def resume_writing(self):
+        self.flow.writable.set()
+        if self.phase is _Phase.WS:
+            self.flow.stall = None
+            self.heard = True
+            self._enter(_Phase.WS)
+            if self.owed_pong is not None and self.wsconn.state == "OPEN":
+                self.transport.write(self.wsconn.send(Pong(self.owed_pong)))
+            self.owed_pong = None
+            self.read_more()
+
+    def _phase_over(self, now):
+        if self.phase is _Phase.WS:
+            self._tick(now)
+        elif self.phase is _Phase.WS_CLOSING:
+            self.transport.abort()
+
+    def _tick(self, now):
         """Every ping_interval: a peer heard from since the last tick gets a ping; one that
         stayed silent (no pong, no data) is taken for dead and the handler sees 1006."""
         if not self.heard:
@@ -7093,21 +7162,25 @@ class _HTTPConnection(asyncio.Protocol):
         self.heard = False
         if self.wsconn.state == "OPEN":
             self.transport.write(self.wsconn.send(Ping(b"asok")))
-        self.deadline = now + self.s.ping_interval
+        self._enter(_Phase.WS, now)
         if self.transport.get_write_buffer_size() > len(b"asok") + 2:  # more than our ping waits: is it read?
             self._watch_writes()
 
-    def _ws_data(self, data):
+    def data_received(self, data):
         self.heard = True
         self.wsconn.receive_data(data)
-        if self.ws_turn is None:
-            self._ws_handle()
+        if self.turn is None:
+            self._handle()
 
-    def _ws_handle(self):
+    def eof_received(self):
+        self.data_received(b"")
+        return False
+
+    def _handle(self):
         """Handle the frames the peer sent, WS_FRAMES_PER_TURN at a time: with more left, reading
         pauses and the rest waits for the next turn of the loop, so a peer sending a flood of
         tiny frames takes its turn like everyone else."""
-        self.ws_turn = None
+        self.turn = None
         conn = self.wsconn
         try:
             for event in conn.events(max_frames=WS_FRAMES_PER_TURN):
@@ -7116,7 +7189,7 @@ class _HTTPConnection(asyncio.Protocol):
                 elif isinstance(event, Ping):
                     if conn.state != "OPEN":  # once our close is out, no pong is owed (RFC 6455 §5.5.2)
                         pass
-                    elif self.writable.is_set():
+                    elif self.flow.writable.is_set():
                         self.transport.write(conn.send(Pong(event.payload)))
                     else:  # §5.5.3: only the latest ping needs a pong; it goes when the peer reads
                         self.owed_pong = event.payload
@@ -7133,51 +7206,48 @@ class _HTTPConnection(asyncio.Protocol):
             self.transport.close()
             return
         if conn.frames_left and not self.closed:
-            self.ws_turn = self.loop.call_soon(self._ws_handle)
-        self._ws_read_more()
+            self.turn = self.loop.call_soon(self._handle)
+        self.read_more()
 
-    def _ws_read_more(self):
+    def read_more(self):
         """Read from the peer again unless it is not reading (writes pending), the handler has
         WS_MAX_INPUT bytes of messages still to take, or frames wait for their turn."""
-        if self.writable.is_set() and self.ws.queued < WS_MAX_INPUT and self.ws_turn is None:
-            self._resume_reading()
+        if self.flow.writable.is_set() and self.ws.queued < WS_MAX_INPUT and self.turn is None:
+            self.flow.resume_reading()
         else:
-            self._pause_reading()
+            self.flow.pause_reading()
 
-    async def _ws_write(self, event):
+    async def write(self, event):
         if self.closed:
             raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
         frame = self.wsconn.send(event)
-        queued = self.transport.get_write_buffer_size() + self.ws_waiting
+        queued = self.transport.get_write_buffer_size() + self.waiting
         if queued and queued + len(frame) > WS_MAX_OUTPUT:
             log.warning("%s: dropping a WebSocket peer that leaves %d bytes unread (WS_MAX_OUTPUT is %d)",
                         self.peer, queued, WS_MAX_OUTPUT)
             self.ws._closed(CloseCode.ABNORMAL, "peer does not read what it is sent")
             self.transport.abort()
             raise ConnectionClosed(CloseCode.ABNORMAL, "peer does not read what it is sent")
-        self.ws_waiting += len(frame)
+        self.waiting += len(frame)
         try:
-            while not self.writable.is_set() and not self.closed:
-                await self.writable.wait()
+            while not self.flow.writable.is_set() and not self.closed:
+                await self.flow.writable.wait()
         finally:
-            self.ws_waiting -= len(frame)
+            self.waiting -= len(frame)
         if self.closed or self.wsconn.state != "OPEN":
             raise ConnectionClosed(*(self.ws.closed or (CloseCode.ABNORMAL, "connection lost")))
         self.transport.write(frame)
 
-    async def _ws_close(self, code, reason):
+    async def close(self, code, reason):
         if self.closed or self.wsconn.state != "OPEN":
             return
         self.transport.write(self.wsconn.send(CloseConnection(code, reason)))
         self.ws._closed(code, reason)
-        self.phase = "ws-closing"
-        self.deadline = self.loop.time() + WS_CLOSE_TIMEOUT
+        self._enter(_Phase.WS_CLOSING)
 
     def shutdown(self):
-        """Close an idle connection now; a busy one closes after its response."""
-        if self.phase in ("idle", "head"):
-            self.transport.close()
-        elif self.phase == "ws" and self.wsconn.state == "OPEN":
+        """Say 1001 to the peer and close soon after."""
+        if self.phase is _Phase.WS and self.wsconn.state == "OPEN":
             self.transport.write(self.wsconn.send(CloseConnection(CloseCode.GOING_AWAY, "server shutting down")))
             self.ws._closed(CloseCode.GOING_AWAY, "server shutting down")
             self.loop.call_later(1.0, self.transport.close)
