@@ -6627,6 +6627,14 @@ async def _run_ws_handler(route, ws, params):
 # ═══════════════════════════════════════════════════════════════════════
 # The asyncio server: one protocol object per connection drives the sans-I/O parsers
 # ═══════════════════════════════════════════════════════════════════════
+#
+# Split by job, as uvicorn splits its protocols. _HTTPConnection drives HTTPParser, hands each
+# request to the app in a thread and writes the response, framed by response_framing(). A
+# WebSocket upgrade ends with transport.set_protocol(_WebSocketConnection(...)): from the 101 on,
+# that object drives WSConnection. Each has a _FlowControl (reading paused or not, writable or
+# not, the write deadline for a peer that stops reading) and a _Phase; a phase is entered only
+# through _Connection._enter, which sets the deadline from _ServerState.timeouts. One periodic
+# sweep (_ServerState.sweep) acts on the connections whose deadline has passed.
 
 HEADER_TIMEOUT = 10.0      # the whole request head must arrive within this
 BODY_TIMEOUT = 30.0        # longest pause while a body is arriving
