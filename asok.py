@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import formatdate, parsedate_to_datetime
-from enum import IntEnum
+from enum import Enum, IntEnum
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -1839,6 +1839,25 @@ def chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+def response_framing(method, status, headers, body, version="HTTP/1.1"):
+    """How a response's body is delimited, decided here once for the server, WSGI, ASGI,
+    `Asok.handle` and the test client. Returns (length, mode): `length` is the Content-Length
+    field to add (None when one is given, the body is an iterable, or the status has no body);
+    `mode` is "none" (HEAD, 1xx, 204, 304: no body on the wire, RFC 9110 §6.4.1 and §9.3.2),
+    "length" (Content-Length bytes), "chunked" (an iterable on HTTP/1.1: chunk() each piece,
+    then LAST_CHUNK) or "close" (an iterable on HTTP/1.0: the end of the connection ends it,
+    RFC 9112 §6.3)."""
+    declared = any(name.lower() == "content-length" for name, _ in headers)
+    streamed = not isinstance(body, (bytes, bytearray, memoryview))
+    bodiless = status < 200 or status in (204, 304)  # RFC 9110 §8.6: no Content-Length on these
+    length = None if declared or streamed or bodiless else len(body)
+    if bodiless or method == "HEAD":
+        return length, "none"
+    if declared or not streamed:
+        return length, "length"
+    return None, "chunked" if version == "HTTP/1.1" else "close"
+
+
 # ═══ 5. WebSocket, sans-I/O ═══
 #
 # RFC 6455. `WSConnection` turns bytes into events and events into bytes; it
@@ -1863,13 +1882,17 @@ _WS_READ_CHUNK = 1 << 16
 _WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 # §5.2: opcodes.
-_WS_OP_CONTINUATION = 0x0
-_WS_OP_TEXT = 0x1
-_WS_OP_BINARY = 0x2
-_WS_OP_CLOSE = 0x8
-_WS_OP_PING = 0x9
-_WS_OP_PONG = 0xA
-_WS_KNOWN_OPCODES = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})
+class Opcode(IntEnum):
+    """§5.2 frame opcodes; 0x8 and above are control frames (§5.5)."""
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+_WS_KNOWN_OPCODES = frozenset(Opcode)
 
 
 class CloseCode(IntEnum):
@@ -1888,15 +1911,17 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013
     BAD_GATEWAY = 1014
+    TLS_HANDSHAKE = 1015
 
 
 # Codes that only report a local condition and never travel in a close frame.
-_WS_LOCAL_ONLY_CODES = frozenset({1005, 1006, 1015})
+_WS_LOCAL_ONLY_CODES = frozenset({CloseCode.NO_STATUS, CloseCode.ABNORMAL, CloseCode.TLS_HANDSHAKE})
 
 
 def _ws_close_code_allowed(code):
     """True for the codes a close frame may carry (§7.4.1, §7.4.2)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    return (CloseCode.NORMAL <= code <= CloseCode.UNSUPPORTED_DATA
+            or CloseCode.INVALID_DATA <= code <= CloseCode.BAD_GATEWAY or 3000 <= code <= 4999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2134,9 +2159,9 @@ class WSConnection:
             raise WebSocketError("reserved bits set but no extension was negotiated")
         if opcode not in _WS_KNOWN_OPCODES:
             raise WebSocketError(f"reserved opcode {opcode:#x}")
-        if opcode >= _WS_OP_CLOSE and not fin:
+        if opcode >= Opcode.CLOSE and not fin:
             raise WebSocketError("fragmented control frame")
-        if opcode >= _WS_OP_CLOSE and length > _WS_MAX_CONTROL_PAYLOAD:
+        if opcode >= Opcode.CLOSE and length > _WS_MAX_CONTROL_PAYLOAD:
             raise WebSocketError("control frame payload over 125 bytes")
         if masked == self.client:
             raise WebSocketError("masked frame from the server" if self.client else "unmasked frame from the client")
@@ -2159,44 +2184,44 @@ class WSConnection:
                 return None
             mask_key = bytes(buf[size:size + 4])
             size += 4
-        if opcode < _WS_OP_CLOSE:
+        if opcode < Opcode.CLOSE:
             self._check_data_frame(opcode, length)
         return fin, opcode, length, mask_key, size
 
     def _check_data_frame(self, opcode, length):
         """Fragment order (§5.4) and the message size limit, before the payload arrives."""
-        if opcode == _WS_OP_CONTINUATION and self._message_opcode is None:
+        if opcode == Opcode.CONTINUATION and self._message_opcode is None:
             raise WebSocketError("continuation frame without a message to continue")
-        if opcode != _WS_OP_CONTINUATION and self._message_opcode is not None:
+        if opcode != Opcode.CONTINUATION and self._message_opcode is not None:
             raise WebSocketError("new data frame while a fragmented message is open")
-        size = length + (len(self._message) if opcode == _WS_OP_CONTINUATION else 0)
+        size = length + (len(self._message) if opcode == Opcode.CONTINUATION else 0)
         if size > self.max_size:
             raise WebSocketError(f"message over {self.max_size} bytes", CloseCode.MESSAGE_TOO_BIG)
-        if opcode == _WS_OP_CONTINUATION and self._fragments >= self.max_fragments:
+        if opcode == Opcode.CONTINUATION and self._fragments >= self.max_fragments:
             raise WebSocketError(f"message in over {self.max_fragments} fragments", CloseCode.MESSAGE_TOO_BIG)
 
     def _handle_frame(self, fin, opcode, payload):
         """Turn a complete frame into an event, or None for a non-final fragment."""
-        if opcode == _WS_OP_PING:
+        if opcode == Opcode.PING:
             return Ping(payload)
-        if opcode == _WS_OP_PONG:
+        if opcode == Opcode.PONG:
             return Pong(payload)
-        if opcode == _WS_OP_CLOSE:
+        if opcode == Opcode.CLOSE:
             event = _ws_parse_close(payload)
             self._peer_closed = True
             self._buffer.clear()
             self.state = "CLOSED" if self.state == "CLOSING" else "REMOTE_CLOSING"
             return event
-        if fin and opcode != _WS_OP_CONTINUATION:  # a whole message in one frame
-            if opcode == _WS_OP_BINARY:
+        if fin and opcode != Opcode.CONTINUATION:  # a whole message in one frame
+            if opcode == Opcode.BINARY:
                 return BytesMessage(payload)
             try:
                 return TextMessage(payload.decode("utf-8"))
             except UnicodeDecodeError:
                 raise WebSocketError("text message is not valid UTF-8", CloseCode.INVALID_DATA) from None
-        if opcode != _WS_OP_CONTINUATION:
+        if opcode != Opcode.CONTINUATION:
             self._message_opcode = opcode
-            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == _WS_OP_TEXT else None
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if opcode == Opcode.TEXT else None
         self._fragments += 1
         self._message += payload
         if self._decoder is not None:
@@ -2204,7 +2229,7 @@ class WSConnection:
         if not fin:
             return None
         data = bytes(self._message)
-        event = TextMessage(data.decode("utf-8")) if self._message_opcode == _WS_OP_TEXT else BytesMessage(data)
+        event = TextMessage(data.decode("utf-8")) if self._message_opcode == Opcode.TEXT else BytesMessage(data)
         self._message_opcode, self._message, self._fragments, self._decoder = None, bytearray(), 0, None
         return event
 
@@ -2215,15 +2240,15 @@ class WSConnection:
         if self.state in ("CLOSING", "CLOSED"):
             raise RuntimeError(f"cannot send {type(event).__name__}: connection is {self.state}")
         if isinstance(event, TextMessage):
-            opcode, payload = _WS_OP_TEXT, event.data.encode("utf-8")
+            opcode, payload = Opcode.TEXT, event.data.encode("utf-8")
         elif isinstance(event, BytesMessage):
-            opcode, payload = _WS_OP_BINARY, bytes(event.data)
+            opcode, payload = Opcode.BINARY, bytes(event.data)
         elif isinstance(event, (Ping, Pong)):
-            opcode, payload = (_WS_OP_PING if isinstance(event, Ping) else _WS_OP_PONG), bytes(event.payload)
+            opcode, payload = (Opcode.PING if isinstance(event, Ping) else Opcode.PONG), bytes(event.payload)
             if len(payload) > _WS_MAX_CONTROL_PAYLOAD:
                 raise ValueError("ping/pong payload over 125 bytes")
         elif isinstance(event, CloseConnection):
-            opcode, payload = _WS_OP_CLOSE, _ws_close_payload(event.code, event.reason)
+            opcode, payload = Opcode.CLOSE, _ws_close_payload(event.code, event.reason)
             self.state = "CLOSED" if self.state == "REMOTE_CLOSING" else "CLOSING"
         else:
             raise TypeError(f"cannot send {event!r}")
@@ -6004,8 +6029,9 @@ class Asok:
             log.exception("could not save the session")
             response = self.error_response(500, "could not save the session")
         if request.method == "HEAD":
-            if not response.streamed and response.header("content-length") is None:
-                response.headers.append(("Content-Length", str(len(response.body))))
+            length, _ = response_framing("HEAD", response.status, response.headers, response.body)
+            if length is not None:
+                response.headers.append(("Content-Length", str(length)))
             response.body = b""
         return response
 
@@ -6447,7 +6473,7 @@ class WebSocket:
 
 
 class _ServerWebSocket(WebSocket):
-    """A WebSocket on the built-in server: events come from _HTTPConnection.data_received."""
+    """A WebSocket on the built-in server: messages come from _WebSocketConnection."""
 
     def __init__(self, request, conn):
         self.request = request
@@ -6462,8 +6488,8 @@ class _ServerWebSocket(WebSocket):
         item = await self._queue.get()
         if not isinstance(item, ConnectionClosed):
             self.queued -= len(item)
-            if self._conn.paused:
-                self._conn._ws_read_more()
+            if self._conn.flow.paused:
+                self._conn.read_more()
         if isinstance(item, ConnectionClosed):
             self._queue.put_nowait(item)
             raise item
@@ -6473,16 +6499,16 @@ class _ServerWebSocket(WebSocket):
         if self.closed is not None:
             raise ConnectionClosed(*self.closed)
         event = TextMessage(data) if isinstance(data, str) else BytesMessage(bytes(data))
-        await self._conn._ws_write(event)
+        await self._conn.write(event)
 
-    async def close(self, code=1000, reason=""):
-        await self._conn._ws_close(code, reason)
+    async def close(self, code=CloseCode.NORMAL, reason=""):
+        await self._conn.close(code, reason)
 
     def send_now(self, text):
         """Write a text message at once if the peer is reading (True); else False, and
         `await send()` is the way (it waits for the peer)."""
         conn = self._conn
-        if self.closed is not None or conn.closed or not conn.writable.is_set():
+        if self.closed is not None or conn.closed or not conn.flow.writable.is_set():
             return False
         conn.transport.write(conn.wsconn.send(TextMessage(text)))
         return True
@@ -6509,7 +6535,7 @@ class _ASGIWebSocket(WebSocket):
             raise ConnectionClosed(*self.closed)
         message = await self._receive()
         if message["type"] == "websocket.disconnect":
-            self.closed = (message.get("code", 1005), message.get("reason") or "")
+            self.closed = (message.get("code", CloseCode.NO_STATUS), message.get("reason") or "")
             raise ConnectionClosed(*self.closed)
         text = message.get("text")
         return text if text is not None else message.get("bytes") or b""
@@ -6520,7 +6546,7 @@ class _ASGIWebSocket(WebSocket):
         key = "text" if isinstance(data, str) else "bytes"
         await self._send({"type": "websocket.send", key: data})
 
-    async def close(self, code=1000, reason=""):
+    async def close(self, code=CloseCode.NORMAL, reason=""):
         if self.closed is None:
             self.closed = (code, reason)
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
@@ -6570,8 +6596,9 @@ def _wsgi_call(app, environ, start_response):
         response = app.handle(request)
     status = f"{response.status} {HTTPStatus(response.status).phrase}"
     headers = [(k, str(v)) for k, v in response.headers if k.lower() not in _HOP_BY_HOP]
-    if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
-        headers.append(("Content-Length", str(len(response.body))))
+    length, _ = response_framing(request.method, response.status, response.headers, response.body)
+    if length is not None:
+        headers.append(("Content-Length", str(length)))
     start_response(status, headers)
     return [bytes(response.body)] if not response.streamed else response.body
 
@@ -6628,17 +6655,24 @@ class _ASGIApp:
         else:
             request.body = body.finish()
             response = await loop.run_in_executor(app.executor, app.handle, request)
+        await self._respond(request, response, send, "http.response")
+
+    async def _respond(self, request, response, send, kind):
+        """Send `response` as `kind`.start and `kind`.body messages (kind: "http.response", or
+        "websocket.http.response" to refuse a WebSocket with an HTTP answer)."""
+        loop = asyncio.get_running_loop()
         headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers]
-        if not response.streamed and response.header("content-length") is None and response.status not in (204, 304):
-            headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        length, _ = response_framing(request.method, response.status, response.headers, response.body)
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        await send({"type": f"{kind}.start", "status": response.status, "headers": headers})
         if not response.streamed:
-            await send({"type": "http.response.body", "body": bytes(response.body)})
+            await send({"type": f"{kind}.body", "body": bytes(response.body)})
             return
         iterator = iter(response.body)
-        while (chunk := await loop.run_in_executor(app.executor, next, iterator, None)) is not None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        while (piece := await loop.run_in_executor(self.app.executor, next, iterator, None)) is not None:
+            await send({"type": f"{kind}.body", "body": piece, "more_body": True})
+        await send({"type": f"{kind}.body", "body": b""})
 
     async def _websocket(self, scope, receive, send):
         app = self.app
@@ -6648,7 +6682,7 @@ class _ASGIApp:
         request = self._request(scope)
         route, params = _find_ws_route(app, request.path)
         if route is None or not _origin_allowed(request, route):
-            await send({"type": "websocket.close", "code": 1008})
+            await self._refuse_websocket(scope, request, route, send)
             return
         request.params = params
         try:
@@ -6660,6 +6694,21 @@ class _ASGIApp:
         await send({"type": "websocket.accept"})
         ws = _ASGIWebSocket(request, receive, send)
         await _run_ws_handler(route, ws, params)
+
+    async def _refuse_websocket(self, scope, request, route, send):
+        """Refuse as the built-in server does: what a plain GET of the path answers (404 on an
+        unknown path), or 403 for an origin the route does not allow. That needs the ASGI server
+        to offer the `websocket.http.response` extension (uvicorn does); without it a close
+        before the accept is all there is, and the server answers it with 403 itself."""
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+            return
+        if route is None:
+            response = await asyncio.get_running_loop().run_in_executor(self.app.executor, self.app.handle, request)
+        else:
+            response = self.app.error_response(403, f"origin {request.headers.get('origin')} may not "
+                                                    "open this WebSocket")
+        await self._respond(request, response, send, "websocket.http.response")
 
 
 def _find_ws_route(app, path):
@@ -6678,15 +6727,23 @@ async def _run_ws_handler(route, ws, params):
     except Exception:
         log.exception("WebSocket handler %s failed", route.pattern)
         if ws.closed is None:
-            await ws.close(1011, "internal error")
+            await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         return
     if ws.closed is None:
-        await ws.close(1000, "")
+        await ws.close(CloseCode.NORMAL, "")
 
 
 # ═══════════════════════════════════════════════════════════════════════
 # The asyncio server: one protocol object per connection drives the sans-I/O parsers
 # ═══════════════════════════════════════════════════════════════════════
+#
+# Split by job, as uvicorn splits its protocols. _HTTPConnection drives HTTPParser, hands each
+# request to the app in a thread and writes the response, framed by response_framing(). A
+# WebSocket upgrade ends with transport.set_protocol(_WebSocketConnection(...)): from the 101 on,
+# that object drives WSConnection. Each has a _FlowControl (reading paused or not, writable or
+# not, the write deadline for a peer that stops reading) and a _Phase; a phase is entered only
+# through _Connection._enter, which sets the deadline from _ServerState.timeouts. One periodic
+# sweep (_ServerState.sweep) acts on the connections whose deadline has passed.
 
 HEADER_TIMEOUT = 10.0      # the whole request head must arrive within this
 BODY_TIMEOUT = 30.0        # longest pause while a body is arriving
@@ -6706,6 +6763,18 @@ _FDS_KEPT = 640            # descriptors kept free for the session store, thread
 _PAUSE_AT = 256 * 1024
 
 
+class _Phase(Enum):
+    """Where a connection is. Each phase has its own timeout (_ServerState.timeouts), and the
+    phase changes only through _Connection._enter, which sets the deadline from that table."""
+    IDLE = "idle"              # keep-alive, no request yet: closed after idle_timeout
+    HEAD = "head"              # a request head arriving: 408 after header_timeout
+    BODY = "body"              # a request body arriving: 408 after body_timeout (and BODY_MIN_RATE)
+    BUSY = "busy"              # the app has the request, or its response is going out: no timeout
+    DRAINING = "draining"      # answered, but the client reads nothing: only the write deadline
+    WS = "ws"                  # a WebSocket: pinged every ping_interval
+    WS_CLOSING = "ws-closing"  # our close frame is out: aborted after WS_CLOSE_TIMEOUT
+
+
 class _ServerState:
     """What every connection of one server shares: the app, the limits, the open connections."""
 
@@ -6716,6 +6785,9 @@ class _ServerState:
         self.idle_timeout = idle_timeout
         self.ping_interval = ping_interval
         self.max_connections = max_connections
+        self.timeouts = {_Phase.IDLE: idle_timeout, _Phase.HEAD: header_timeout, _Phase.BODY: body_timeout,
+                         _Phase.BUSY: math.inf, _Phase.DRAINING: math.inf, _Phase.WS: ping_interval,
+                         _Phase.WS_CLOSING: WS_CLOSE_TIMEOUT}
         self.connections = set()
         self.stopping = False
         self._date = (0, "")
@@ -6755,10 +6827,85 @@ def _settle(waiter, future):
         waiter.set_exception(exc)
 
 
-class _HTTPConnection(asyncio.Protocol):
-    """HTTP/1.1 keep-alive and pipelining; upgrades to WebSocket for @app.websocket routes.
-    `phase` is idle (between requests), head, body, busy (the app has the request) or ws;
-    `deadline` is when the current phase times out (checked by _ServerState.sweep)."""
+class _FlowControl:
+    """Back-pressure both ways on one transport. Reading pauses while we hold enough of the
+    peer's input; `writable` is clear while asyncio's write buffer is over its high-water mark.
+    While written bytes wait, the write deadline runs (`watch`): a peer that reads none of them
+    for `timeout` seconds is dropped; one that reads some, however slowly, gets another `timeout`."""
+
+    __slots__ = ("transport", "timeout", "paused", "writable", "stall")
+
+    def __init__(self, transport, timeout):
+        self.transport = transport
+        self.timeout = timeout
+        self.paused = False
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.stall = None  # write-buffer size when the peer was last seen reading, while watched
+
+    def pause_reading(self):
+        if not self.paused and not self.transport.is_closing():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self):
+        if self.paused and not self.transport.is_closing():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def watch(self, now):
+        """Start the write deadline; returns when it falls."""
+        self.stall = self.transport.get_write_buffer_size() + 1
+        return now + self.timeout
+
+    def overdue(self, now):
+        """The write deadline fell: the next one if the peer read some meanwhile, math.inf
+        once it was dropped for reading nothing, None when it has read everything."""
+        left = self.transport.get_write_buffer_size()
+        if left and left < self.stall:
+            self.stall = left
+            return now + self.timeout
+        if left:
+            self.transport.abort()
+            return math.inf
+        self.stall = None
+        return None
+
+
+class _Connection(asyncio.Protocol):
+    """What the server's sweep and shutdown see of a connection: `phase`, `deadline` (when the
+    phase, or the write deadline, falls; checked by _ServerState.sweep), `flow`, `transport`."""
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.flow.writable.set()  # a send waiting for the peer to read wakes up, and sees it gone
+        self.s.connections.discard(self)
+
+    def _enter(self, phase, now=None):
+        self.phase = phase
+        self.deadline = (self.loop.time() if now is None else now) + self.s.timeouts[phase]
+
+    def _watch_writes(self):
+        """Until the write buffer drains, a client that stops reading for body_timeout is dropped."""
+        self.deadline = self.flow.watch(self.loop.time())
+
+    def _timed_out(self, now):
+        self.deadline = math.inf
+        if self.flow.stall is not None:  # waiting for the client to read what was written
+            deadline = self.flow.overdue(now)
+            if deadline is not None:
+                self.deadline = deadline
+            elif self.phase is _Phase.WS:  # it read everything: back to pinging it
+                self._enter(_Phase.WS, now)
+            return
+        if not self.closed:
+            self._phase_over(now)
+
+
+class _HTTPConnection(_Connection):
+    """HTTP/1.1 keep-alive and pipelining: drives the HTTPParser, hands each request to the app
+    in a thread and writes its response; a WebSocket upgrade hands the transport over to a
+    _WebSocketConnection after the 101."""
 
     def __init__(self, state):
         self.s = state
@@ -6770,16 +6917,10 @@ class _HTTPConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
         self.parser = HTTPParser(max_body=self.app.max_body)
-        self.phase = "idle"
-        self.deadline = self.loop.time() + self.s.idle_timeout
-        self.ws = None
-        self.wsconn = None
-        self.paused = False
-        self.stall = None  # write-buffer size when the client was last seen reading, while we wait on it
+        self.flow = _FlowControl(transport, self.s.body_timeout)
         self.draining = None  # the phase to go back to once a client that stopped reading reads again
-        self.writable = asyncio.Event()
-        self.writable.set()
         self.closed = False
+        self._enter(_Phase.IDLE)
         if len(self.s.connections) >= self.s.max_connections:
             self._refuse(503, f"the server has {len(self.s.connections)} connections open, its limit; "
                               "try again in a moment", [("Retry-After", "1")])
@@ -6787,101 +6928,47 @@ class _HTTPConnection(asyncio.Protocol):
         self.s.connections.add(self)
 
     def connection_lost(self, exc):
-        self.closed = True
-        self.writable.set()
-        self.s.connections.discard(self)
-        if self.phase == "body":  # a body cut off: its temporary file goes
+        super().connection_lost(exc)
+        if self.phase is _Phase.BODY:  # a body cut off: its temporary file goes
             self.body.close()
-        if self.ws is not None:
-            self.ws._closed(CloseCode.ABNORMAL, "connection lost")
 
     def pause_writing(self):
-        self.writable.clear()
-        if self.phase == "ws":  # a peer that does not read is not read from (so it cannot make us
-            self._pause_reading()  # answer more), and is dropped if it reads nothing for body_timeout
-            self._watch_writes()
+        self.flow.writable.clear()
 
     def resume_writing(self):
-        self.writable.set()
-        if self.phase == "ws":
-            self.stall = None
-            self.heard = True
-            self.deadline = self.loop.time() + self.s.ping_interval
-            if self.owed_pong is not None and self.wsconn.state == "OPEN":
-                self.transport.write(self.wsconn.send(Pong(self.owed_pong)))
-            self.owed_pong = None
-            self._ws_read_more()
-        elif self.phase == "draining":
-            self.stall = None
-            self.phase = self.draining
-            self.deadline = self.loop.time() + (self.s.idle_timeout if self.phase == "idle" else self.s.header_timeout)
-            self._resume_reading()
+        self.flow.writable.set()
+        if self.phase is _Phase.DRAINING:
+            self.flow.stall = None
+            self._enter(self.draining)
+            self.flow.resume_reading()
             self._advance()
 
-    def _pause_reading(self):
-        if not self.paused and not self.closed:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self):
-        if self.paused and not self.closed:
-            self.paused = False
-            self.transport.resume_reading()
-
-    def _timed_out(self, now):
-        self.deadline = math.inf
-        if self.stall is not None:  # waiting for the client to read what was written
-            left = self.transport.get_write_buffer_size()
-            if left and left < self.stall:  # it is reading, however slowly: give it more time
-                self.stall = left
-                self.deadline = now + self.s.body_timeout
-            elif left:
-                self.transport.abort()
-            elif self.phase == "ws":  # it read everything: back to pinging it
-                self.stall = None
-                self.deadline = now + self.s.ping_interval
-            return
-        if self.closed:
-            return
-        if self.phase == "idle":
+    def _phase_over(self, now):
+        if self.phase is _Phase.IDLE:
             self.transport.close()
-        elif self.phase == "head":
+        elif self.phase is _Phase.HEAD:
             self._refuse(408, "request head not received in time")
-        elif self.phase == "body":
+        elif self.phase is _Phase.BODY:
             self._refuse(408, f"request body not received in time (after {self.s.body_timeout:g} s it must "
                               f"average {BODY_MIN_RATE} bytes/s, with no pause of {self.s.body_timeout:g} s)")
-        elif self.phase == "ws":
-            self._ws_tick(now)
-        elif self.phase == "ws-closing":
-            self.transport.abort()
-
-    def _watch_writes(self):
-        """Until the write buffer drains, a client that stops reading for body_timeout is dropped."""
-        self.stall = self.transport.get_write_buffer_size() + 1
-        self.deadline = self.loop.time() + self.s.body_timeout
 
     async def _drained(self):
-        if not self.writable.is_set():
+        if not self.flow.writable.is_set():
             self._watch_writes()
-            await self.writable.wait()
-            self.stall = None
-            self.deadline = math.inf
+            await self.flow.writable.wait()
+            self.flow.stall = None
+            self._enter(_Phase.BUSY)
 
-    # ── HTTP ──────────────────────────────────────────────────────────
     def data_received(self, data):
-        if self.wsconn is not None:
-            self._ws_data(data)
-            return
         self.parser.receive_data(data)
-        if self.phase == "idle":
-            self.phase = "head"
-            self.deadline = self.loop.time() + self.s.header_timeout
-        elif self.phase in ("busy", "draining"):
+        if self.phase is _Phase.IDLE:
+            self._enter(_Phase.HEAD)
+        elif self.phase is _Phase.BUSY or self.phase is _Phase.DRAINING:
             if self.parser.pending_size > _PAUSE_AT:
-                self._pause_reading()
+                self.flow.pause_reading()
             return
         self._advance()
-        if self.phase == "body" and not self.closed:
+        if self.phase is _Phase.BODY and not self.closed:
             # A pause of body_timeout ends the request, and so does a body slower on average than
             # BODY_MIN_RATE after its first body_timeout: a byte now and then cannot hold a connection.
             timeout = self.s.body_timeout
@@ -6889,11 +6976,8 @@ class _HTTPConnection(asyncio.Protocol):
                                 self.body_started + timeout + self.body.size / BODY_MIN_RATE)
 
     def eof_received(self):
-        if self.wsconn is not None:
-            self._ws_data(b"")
-            return False
         self.parser.receive_data(b"")
-        if self.phase not in ("busy", "draining"):
+        if self.phase is not _Phase.BUSY and self.phase is not _Phase.DRAINING:
             self._advance()
         return True
 
@@ -6909,32 +6993,32 @@ class _HTTPConnection(asyncio.Protocol):
             if isinstance(event, RequestHead):
                 self.head = event
                 self.body = _BodyBuffer()
-                self.phase = "body"
                 self.body_started = self.loop.time()
-                self.deadline = self.body_started + self.s.body_timeout
+                self._enter(_Phase.BODY, self.body_started)
                 if event.expect_continue:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             elif isinstance(event, Body):
                 try:
                     self.body.write(event.data)
                 except OSError as exc:
-                    self.body.close()
-                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    self._no_room(exc)
                     return
             elif isinstance(event, EndOfMessage):
-                self.phase = "busy"
-                self.deadline = math.inf
+                self._enter(_Phase.BUSY)
                 try:
                     body = self.body.finish()
                 except OSError as exc:
-                    self.body.close()
-                    self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
+                    self._no_room(exc)
                     return
                 self._start(self.head, body)
                 return
             elif isinstance(event, ConnectionEnded):
                 self.transport.close()
                 return
+
+    def _no_room(self, exc):
+        self.body.close()
+        self._refuse(503, f"the server has no room for the request body ({exc.strerror})")
 
     def _refuse(self, status, message, headers=()):
         """Answer a request we cannot parse or wait for, then close the connection."""
@@ -7000,13 +7084,12 @@ class _HTTPConnection(asyncio.Protocol):
             self.loop.create_task(self._stream(head, response, keep_alive, started))
             return
         try:
-            out = self._head(head, response, keep_alive, False)
+            out, mode = self._head(head, response, keep_alive)
         except ValueError as exc:  # a header value with CR/LF or a control character
             log.error("%s %s: the response cannot be sent: %s", head.method, head.target, exc)
             response = self.app.error_response(500, "the response had an invalid header")
-            out = self._head(head, response, keep_alive, False)
-        no_body = head.method == "HEAD" or response.status in (204, 304)
-        body = b"" if no_body else response.body
+            out, mode = self._head(head, response, keep_alive)
+        body = b"" if mode == "none" else response.body
         if not self.closed:
             if len(body) < 65536:
                 self.transport.write(out + body)
@@ -7015,17 +7098,20 @@ class _HTTPConnection(asyncio.Protocol):
                 self.transport.write(body)
         self._finished(head, response, len(body), keep_alive, started)
 
-    def _head(self, head, response, keep_alive, chunked):
+    def _head(self, head, response, keep_alive):
+        """The response head, and how its body goes (see response_framing)."""
+        length, mode = response_framing(head.method, response.status, response.headers, response.body,
+                                        head.version)
         headers = [("Date", self.s.date()), *response.headers]
-        if chunked:
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        elif mode == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
-        elif not response.streamed and response.status not in (204, 304) and response.header("content-length") is None:
-            headers.append(("Content-Length", str(len(response.body))))
-        if not keep_alive:
+        if not keep_alive or mode == "close":
             headers.append(("Connection", "close"))
         elif head.version == "HTTP/1.0":
             headers.append(("Connection", "keep-alive"))
-        return render_response_head(response.status, headers)
+        return render_response_head(response.status, headers), mode
 
     def _finished(self, head, response, sent, keep_alive, started):
         """Log the request, then close or wait for the next one (perhaps already buffered)."""
@@ -7037,51 +7123,45 @@ class _HTTPConnection(asyncio.Protocol):
         if not keep_alive:
             self.transport.close()
             self.closed = True
-            if not self.writable.is_set():
+            if not self.flow.writable.is_set():
                 self._watch_writes()
             return
         self.parser.start_next_cycle()
-        if self.parser.pending_size:
-            self.phase = "head"
-            self.deadline = self.loop.time() + self.s.header_timeout
-        else:
-            self.phase = "idle"
-            self.deadline = self.loop.time() + self.s.idle_timeout
-        if not self.writable.is_set():  # the client is not reading: answer no more until it does
-            self.draining = self.phase
-            self.phase = "draining"
+        following = _Phase.HEAD if self.parser.pending_size else _Phase.IDLE
+        if not self.flow.writable.is_set():  # the client is not reading: answer no more until it does
+            self.draining = following
+            self._enter(_Phase.DRAINING)
             self._watch_writes()
-            self._pause_reading()
+            self.flow.pause_reading()
             return
-        self._resume_reading()
+        self._enter(following)
+        self.flow.resume_reading()
         self._advance()
 
     async def _stream(self, head, response, keep_alive, started):
         """Send an iterable body, chunked on HTTP/1.1 (closing the connection on HTTP/1.0);
         each next() runs in a thread, as the generator is application code."""
-        no_body = head.method == "HEAD" or response.status in (204, 304)
-        chunked = head.version == "HTTP/1.1" and not no_body and response.header("content-length") is None
-        if not chunked and response.header("content-length") is None:
-            keep_alive = False
         try:
-            out = self._head(head, response, keep_alive, chunked)
+            out, mode = self._head(head, response, keep_alive)
         except ValueError as exc:
             log.error("%s %s: the response cannot be sent: %s", head.method, head.target, exc)
             self._handled(head, self.app.error_response(500, "the response had an invalid header"), started)
             return
+        keep_alive = keep_alive and mode != "close"
+        chunked = mode == "chunked"
         if not self.closed:
             self.transport.write(out)
         sent = 0
         iterator = iter(response.body)
         try:
             while not self.closed:
-                chunk = await _in_thread(self.loop, self.app.executor, next, iterator, None)
-                if chunk is None:
+                piece = await _in_thread(self.loop, self.app.executor, next, iterator, None)
+                if piece is None:
                     break
-                if no_body or not chunk:
+                if mode == "none" or not piece:
                     continue
-                sent += len(chunk)
-                self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                sent += len(piece)
+                self.transport.write(chunk(piece) if chunked else piece)
                 await self._drained()
         except Exception:
             log.exception("streaming the response to %s %s failed", head.method, head.target)
@@ -7092,23 +7172,19 @@ class _HTTPConnection(asyncio.Protocol):
             if close:
                 close()
         if chunked and not self.closed:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(LAST_CHUNK)
         self._finished(head, response, sent, keep_alive, started)
 
-    # ── WebSocket ─────────────────────────────────────────────────────
     async def _upgrade(self, head, request, route, params):
+        """Check the handshake, open the session, answer 101, and hand the transport to a
+        _WebSocketConnection, which runs the route's handler."""
         if head.version != "HTTP/1.1":
             self._refuse(400, "a WebSocket upgrade needs HTTP/1.1")
             return
         try:
             accept = ws_check_handshake(head.method, request.headers)
         except WebSocketHandshakeError as exc:
-            body = f"{exc.status} {HTTPStatus(exc.status).phrase}: {exc}\n".encode()
-            self.transport.write(render_response_head(exc.status, [
-                *exc.headers, ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))), ("Connection", "close")]) + body)
-            self.transport.close()
-            self.closed = True
+            self._refuse(exc.status, str(exc), exc.headers)
             return
         if not _origin_allowed(request, route):
             self._refuse(403, f"origin {request.headers.get('origin')} may not open this WebSocket")
@@ -7129,21 +7205,71 @@ class _HTTPConnection(asyncio.Protocol):
         self.transport.write(render_response_head(101, [
             ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]))
         access_log.info('%s "%s %s %s" 101 websocket', self.peer, head.method, head.target, head.version)
-        self.phase = "ws"
-        self.wsconn = WSConnection(max_size=route.max_size)
-        self.ws = _ServerWebSocket(request, self)
-        self.heard = True
-        self.owed_pong = None    # the payload of the latest ping not answered yet (the peer is not reading)
-        self.ws_waiting = 0      # bytes of sends waiting for the peer to read
-        self.ws_turn = None      # the next turn of the loop, when frames are left to handle
-        self.deadline = self.loop.time() + self.s.ping_interval
+        self.closed = True  # this object is done with the transport
+        self.s.connections.discard(self)
+        conn = _WebSocketConnection(self.s, self.transport, self.peer, self.flow, route.max_size, request)
+        self.transport.set_protocol(conn)
+        self.s.connections.add(conn)
         leftover = self.parser.pending_bytes
         if leftover:
-            self._ws_data(leftover)
-        self._ws_read_more()
-        await _run_ws_handler(route, self.ws, params)
+            conn.data_received(leftover)
+        conn.read_more()
+        await _run_ws_handler(route, conn.ws, params)
 
-    def _ws_tick(self, now):
+    def shutdown(self):
+        """Close an idle connection now; a busy one closes after its response."""
+        if self.phase is _Phase.IDLE or self.phase is _Phase.HEAD:
+            self.transport.close()
+
+
+class _WebSocketConnection(_Connection):
+    """A WebSocket on the built-in server, protocol of the transport from the 101 on: drives the
+    WSConnection, pings a quiet peer, and bounds what one peer costs (WS_MAX_OUTPUT,
+    WS_MAX_INPUT, WS_FRAMES_PER_TURN, the write deadline). The handler's side is _ServerWebSocket."""
+
+    def __init__(self, state, transport, peer, flow, max_size, request):
+        self.s = state
+        self.loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.peer = peer
+        self.flow = flow
+        self.wsconn = WSConnection(max_size=max_size)
+        self.ws = _ServerWebSocket(request, self)
+        self.closed = False
+        self.heard = True
+        self.owed_pong = None    # the payload of the latest ping not answered yet (the peer is not reading)
+        self.waiting = 0         # bytes of sends waiting for the peer to read
+        self.turn = None         # the next turn of the loop, when frames are left to handle
+        self._enter(_Phase.WS)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.ws._closed(CloseCode.ABNORMAL, "connection lost")
+
+    def pause_writing(self):
+        self.flow.writable.clear()
+        if self.phase is _Phase.WS:  # a peer that does not read is not read from (so it cannot make us
+            self.flow.pause_reading()  # answer more), and is dropped if it reads nothing for body_timeout
+            self._watch_writes()
+
+    def resume_writing(self):
+        self.flow.writable.set()
+        if self.phase is _Phase.WS:
+            self.flow.stall = None
+            self.heard = True
+            self._enter(_Phase.WS)
+            if self.owed_pong is not None and self.wsconn.state == "OPEN":
+                self.transport.write(self.wsconn.send(Pong(self.owed_pong)))
+            self.owed_pong = None
+            self.read_more()
+
+    def _phase_over(self, now):
+        if self.phase is _Phase.WS:
+            self._tick(now)
+        elif self.phase is _Phase.WS_CLOSING:
+            self.transport.abort()
+
+    def _tick(self, now):
         """Every ping_interval: a peer heard from since the last tick gets a ping; one that
         stayed silent (no pong, no data) is taken for dead and the handler sees 1006."""
         if not self.heard:
@@ -7153,21 +7279,25 @@ class _HTTPConnection(asyncio.Protocol):
         self.heard = False
         if self.wsconn.state == "OPEN":
             self.transport.write(self.wsconn.send(Ping(b"asok")))
-        self.deadline = now + self.s.ping_interval
+        self._enter(_Phase.WS, now)
         if self.transport.get_write_buffer_size() > len(b"asok") + 2:  # more than our ping waits: is it read?
             self._watch_writes()
 
-    def _ws_data(self, data):
+    def data_received(self, data):
         self.heard = True
         self.wsconn.receive_data(data)
-        if self.ws_turn is None:
-            self._ws_handle()
+        if self.turn is None:
+            self._handle()
 
-    def _ws_handle(self):
+    def eof_received(self):
+        self.data_received(b"")
+        return False
+
+    def _handle(self):
         """Handle the frames the peer sent, WS_FRAMES_PER_TURN at a time: with more left, reading
         pauses and the rest waits for the next turn of the loop, so a peer sending a flood of
         tiny frames takes its turn like everyone else."""
-        self.ws_turn = None
+        self.turn = None
         conn = self.wsconn
         try:
             for event in conn.events(max_frames=WS_FRAMES_PER_TURN):
@@ -7176,7 +7306,7 @@ class _HTTPConnection(asyncio.Protocol):
                 elif isinstance(event, Ping):
                     if conn.state != "OPEN":  # once our close is out, no pong is owed (RFC 6455 §5.5.2)
                         pass
-                    elif self.writable.is_set():
+                    elif self.flow.writable.is_set():
                         self.transport.write(conn.send(Pong(event.payload)))
                     else:  # §5.5.3: only the latest ping needs a pong; it goes when the peer reads
                         self.owed_pong = event.payload
@@ -7193,51 +7323,48 @@ class _HTTPConnection(asyncio.Protocol):
             self.transport.close()
             return
         if conn.frames_left and not self.closed:
-            self.ws_turn = self.loop.call_soon(self._ws_handle)
-        self._ws_read_more()
+            self.turn = self.loop.call_soon(self._handle)
+        self.read_more()
 
-    def _ws_read_more(self):
+    def read_more(self):
         """Read from the peer again unless it is not reading (writes pending), the handler has
         WS_MAX_INPUT bytes of messages still to take, or frames wait for their turn."""
-        if self.writable.is_set() and self.ws.queued < WS_MAX_INPUT and self.ws_turn is None:
-            self._resume_reading()
+        if self.flow.writable.is_set() and self.ws.queued < WS_MAX_INPUT and self.turn is None:
+            self.flow.resume_reading()
         else:
-            self._pause_reading()
+            self.flow.pause_reading()
 
-    async def _ws_write(self, event):
+    async def write(self, event):
         if self.closed:
             raise ConnectionClosed(CloseCode.ABNORMAL, "connection lost")
         frame = self.wsconn.send(event)
-        queued = self.transport.get_write_buffer_size() + self.ws_waiting
+        queued = self.transport.get_write_buffer_size() + self.waiting
         if queued and queued + len(frame) > WS_MAX_OUTPUT:
             log.warning("%s: dropping a WebSocket peer that leaves %d bytes unread (WS_MAX_OUTPUT is %d)",
                         self.peer, queued, WS_MAX_OUTPUT)
             self.ws._closed(CloseCode.ABNORMAL, "peer does not read what it is sent")
             self.transport.abort()
             raise ConnectionClosed(CloseCode.ABNORMAL, "peer does not read what it is sent")
-        self.ws_waiting += len(frame)
+        self.waiting += len(frame)
         try:
-            while not self.writable.is_set() and not self.closed:
-                await self.writable.wait()
+            while not self.flow.writable.is_set() and not self.closed:
+                await self.flow.writable.wait()
         finally:
-            self.ws_waiting -= len(frame)
+            self.waiting -= len(frame)
         if self.closed or self.wsconn.state != "OPEN":
             raise ConnectionClosed(*(self.ws.closed or (CloseCode.ABNORMAL, "connection lost")))
         self.transport.write(frame)
 
-    async def _ws_close(self, code, reason):
+    async def close(self, code, reason):
         if self.closed or self.wsconn.state != "OPEN":
             return
         self.transport.write(self.wsconn.send(CloseConnection(code, reason)))
         self.ws._closed(code, reason)
-        self.phase = "ws-closing"
-        self.deadline = self.loop.time() + WS_CLOSE_TIMEOUT
+        self._enter(_Phase.WS_CLOSING)
 
     def shutdown(self):
-        """Close an idle connection now; a busy one closes after its response."""
-        if self.phase in ("idle", "head"):
-            self.transport.close()
-        elif self.phase == "ws" and self.wsconn.state == "OPEN":
+        """Say 1001 to the peer and close soon after."""
+        if self.phase is _Phase.WS and self.wsconn.state == "OPEN":
             self.transport.write(self.wsconn.send(CloseConnection(CloseCode.GOING_AWAY, "server shutting down")))
             self.ws._closed(CloseCode.GOING_AWAY, "server shutting down")
             self.loop.call_later(1.0, self.transport.close)
@@ -7492,7 +7619,10 @@ class TestClient:
         if self.cookies:
             headers.setdefault("cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
         request = Request(method, urllib.parse.unquote(path), query, headers, payload, scheme, "127.0.0.1", self.app)
-        response = TestResponse(self.app.handle(request), path + (f"?{query}" if query else ""))
+        answer = self.app.handle(request)
+        if response_framing(method, answer.status, answer.headers, answer.body)[1] == "none":
+            answer.body = b""  # a 1xx, 204 or 304 has no body on the wire (the headers stay as handle() made them)
+        response = TestResponse(answer, path + (f"?{query}" if query else ""))
         for value in response.headers.getlist("set-cookie"):
             cookie_name, _, rest = value.partition("=")
             if "Max-Age=0" in value:

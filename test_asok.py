@@ -1301,6 +1301,39 @@ def test_asgi_http_and_lifespan(tmp_path):
     assert asyncio.run(lifespan()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 
 
+def test_asgi_websocket_to_an_unknown_path_is_the_404_a_get_gets(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.websocket("/ws")
+    async def ws(socket):
+        await socket.send("hi")
+
+    def refusal(path, extensions, origin=None):
+        sent = []
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"host", b"x")] + ([(b"origin", origin.encode())] if origin else [])
+        scope = {"type": "websocket", "path": path, "query_string": b"", "headers": headers,
+                 "scheme": "ws", "extensions": extensions}
+        asyncio.run(app.asgi(scope, receive, send))
+        return sent
+
+    # With the websocket.http.response extension: the HTTP answer the built-in server gives.
+    sent = refusal("/nowhere", {"websocket.http.response": {}})
+    assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 404
+    assert b"404" in b"".join(m["body"] for m in sent[1:]) and sent[-1]["type"] == "websocket.http.response.body"
+    assert (b"content-length", str(len(sent[1]["body"])).encode()) in sent[0]["headers"]
+    sent = refusal("/ws", {"websocket.http.response": {}}, origin="http://evil.example")
+    assert sent[0]["status"] == 403 and b"origin http://evil.example" in sent[1]["body"]
+    # Without it: a close before the accept (the ASGI server answers 403).
+    assert refusal("/nowhere", {}) == [{"type": "websocket.close", "code": asok.CloseCode.POLICY_VIOLATION}]
+
+
 # ── sessions, keys, CSRF ─────────────────────────────────────────────────────
 
 def session_app(tmp_path, **options):
@@ -2860,6 +2893,22 @@ def test_bad_chunked_body(split, chunks, status, message):
     data = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
     exc = error(data, split, max_body=16)
     assert (exc.status, exc.message) == (status, message)
+
+
+@pytest.mark.parametrize("method, status, headers, body, version, expected", [
+    ("GET", 200, [], b"abc", "HTTP/1.1", (3, "length")),
+    ("GET", 200, [("content-length", "3")], b"abc", "HTTP/1.1", (None, "length")),
+    ("HEAD", 200, [], b"abc", "HTTP/1.1", (3, "none")),
+    ("HEAD", 200, [], iter([b"a"]), "HTTP/1.1", (None, "none")),
+    ("GET", 204, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 304, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 103, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 200, [], iter([b"a"]), "HTTP/1.1", (None, "chunked")),
+    ("GET", 200, [], iter([b"a"]), "HTTP/1.0", (None, "close")),
+    ("GET", 200, [("Content-Length", "1")], iter([b"a"]), "HTTP/1.0", (None, "length")),
+])
+def test_response_framing_decides_length_chunked_close_or_no_body(method, status, headers, body, version, expected):
+    assert asok.response_framing(method, status, headers, body, version) == expected
 
 
 def test_chunked_total_too_large_is_413_as_soon_as_announced():
