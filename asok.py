@@ -4014,6 +4014,8 @@ LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
 LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
+LIVE_INLINE_STATE = 16 * 1024   # a fresh component's state past this (JSON) is saved when its page renders,
+                                # so the page's first event carries a reference, not the state
 DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
 UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
@@ -4363,6 +4365,7 @@ class _ComponentRenderer:
         else:
             comp = cls._create(app, props, session, cid, context)
             version, seq = 0, session.seq
+        saved = stored is not None
         if cls.url and isinstance(request, Request) and request.query_string:
             # a page loaded with a query string starts from it over the saved state, and saves it
             changed = {k: _url_value(cls, k, request.query[k]) for k in cls.url if k in request.query}
@@ -4371,7 +4374,8 @@ class _ComponentRenderer:
                 for key, value in changed.items():
                     setattr(comp, key, value)
                 version, seq = app._save_url_state(sid, cid, cls, comp._checked_state())
-        markup = app._wrap_component(comp, name, cid, sid, version, seq)
+                saved = True
+        markup = app._wrap_component(comp, name, cid, sid, version, seq, saved)
         if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
@@ -4495,9 +4499,14 @@ class SavedComponent:
 
 @dataclass(slots=True)
 class StateToken:
-    """What a signed state token (`data-asok-state`) says: JSON {s, v, q, t} + "." + HMAC,
-    bound to the component name, the cid and the session (LiveHub.sign / LiveHub.read)."""
-    state: dict
+    """What a signed state token (`data-asok-state`) says, bound to the component name, the
+    cid and the session (LiveHub.sign / LiveHub.read). Two kinds, both JSON + "." + HMAC:
+    - a reference {q, t, v}: "the state the session saved at save number q" (`state` is None);
+      the session holds that state, so the browser need not send it back;
+    - a state token {s, v, q, t, r?}: the state itself, for a component the session has not
+      saved yet (its first event carries it), or for a page that needs its values (ws-model
+      fields, URL-bound fields); `r` is then the reference, which alive.js sends instead."""
+    state: dict | None
     version: int
     seq: int
     issued: int
@@ -4510,7 +4519,10 @@ class StateToken:
     @classmethod
     def from_json(cls, text):
         payload = json.loads(text)
-        return cls(payload["s"], payload["v"], payload.get("q", 0), payload["t"])
+        state = payload.get("s")
+        if state is not None and not isinstance(state, dict):
+            raise TypeError("the state in a token is an object")
+        return cls(state, payload["v"], payload.get("q", 0), payload["t"])
 
 
 def _request_order(rid):
@@ -4532,6 +4544,7 @@ class _LiveCall:
     token: StateToken
     method: str
     args: list
+    held: int | None = None  # the save number of the HTML the page holds for a diff (its `h`)
 
 
 class LiveConnection:
@@ -4654,12 +4667,35 @@ class _LiveOutbox:
 
 
 class _View:
-    __slots__ = ("conn", "cid", "seq")
+    __slots__ = ("conn", "cid", "seq", "last")
 
     def __init__(self, conn, cid, seq):
         self.conn = conn
         self.cid = cid
         self.seq = seq  # the save number of the HTML the page shows
+        self.last = None  # (save number, inner HTML) of the last reply to this view: a diff's base
+
+
+def _html_diff(old, new):
+    """[a, b, text]: `new` is old's first a characters, then text, then old's last b (counted
+    in UTF-16 code units, as JavaScript counts them); None if that is no shorter than `new`."""
+    n, step, a = min(len(old), len(new)), 2048, 0
+    while a < n and old[a:a + step] == new[a:a + step]:
+        a += step
+    a = min(a, n)
+    while a < n and old[a] == new[a]:  # within the first chunk that differs
+        a += 1
+    m, b, lo, hi = n - a, 0, len(old), len(new)
+    while b + step <= m and old[lo - b - step:lo - b] == new[hi - b - step:hi - b]:
+        b += step
+    while b < m and old[lo - b - 1] == new[hi - b - 1]:
+        b += 1
+    text = new[a:hi - b]
+    if len(text) + 24 >= len(new):
+        return None
+    if not (old.isascii() and new.isascii()):
+        a, b = len(old[:a].encode("utf-16-le")) // 2, len(old[lo - b:].encode("utf-16-le")) // 2 if b else 0
+    return [a, b, text]
 
 
 class _Key:
@@ -4738,10 +4774,28 @@ class LiveHub:
         return self._origin_name
 
     # ── tokens ────────────────────────────────────────────────────────
-    def sign(self, name, cid, sid, state, version, seq):
-        payload = json.dumps({"s": state, "v": version, "q": seq, "t": int(time.time())},
-                             separators=(",", ":"), sort_keys=True)
-        return self.app._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
+    def sign(self, name, cid, sid, state, version, seq, saved=False):
+        """A state token carrying `state` (with its reference inside when the session has
+        `saved` it), or, when `state` is None, just the reference (see StateToken)."""
+        bind, now = f"{name}\0{cid}\0{sid}", int(time.time())
+        ref = self.app._state_signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
+        if state is None:
+            return ref
+        payload = '{"s":%s,"v":%d,"q":%d,"t":%d%s}' % (
+            json.dumps(state, separators=(",", ":"), sort_keys=True), version, seq, now,
+            ',"r":' + json.dumps(ref) if saved else "")
+        return self.app._state_signer.sign(payload, bind=bind)
+
+    @staticmethod
+    def _shows_values(component, inner):
+        """Whether a page needs the state's values beside the HTML: alive.js sets ws-model
+        fields from them, and the forms part writes URL-bound fields into the address."""
+        return bool(component.url) or "ws-model" in inner
+
+    def _page_token(self, cls, cid, sid, saved, inner):
+        """The token a reply or push carries for `saved` (saved, so a reference suffices)."""
+        state = saved.state if self._shows_values(cls, inner) else None
+        return self.sign(cls.__name__, cid, sid, state, saved.version, saved.seq, saved=True)
 
     def read(self, name, cid, sid, token):
         try:
@@ -4812,11 +4866,15 @@ class LiveHub:
         self._check_page(sid, csrf)
         cls = self._component(name)
         token = self.read(name, cid, sid, token)
+        held = message.get("h")
+        held = held if _is_int(held) else None
         if method == "$model":
             if len(args) != 2 or not isinstance(args[0], str):
                 raise LiveError("bad_args", "$model takes [property, value]")
-            value = _model_value(cls, args[0], args[1], token.state.get(args[0]))
-            return _LiveCall(rid, cid, cls, token, method, [args[0], value])
+            # with a reference, a field whose default is None takes its type from the saved
+            # state, under the session's lock (see _run_event)
+            value = _model_value(cls, args[0], args[1], (token.state or {}).get(args[0]))
+            return _LiveCall(rid, cid, cls, token, method, [args[0], value], held)
         if method.startswith("_"):
             raise LiveError("private_method", f"{name}.{method} is private")
         fn = getattr(cls, method, None)
@@ -4824,7 +4882,7 @@ class LiveHub:
             raise LiveError("unknown_method", f"{name} has no method {method!r}")
         if not getattr(fn, "__asok_exposed__", False):
             raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
-        return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args))
+        return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args), held)
 
     def _event(self, conn, message):
         call = self._parse_call(conn.sid, message)
@@ -4845,7 +4903,10 @@ class LiveHub:
             if comp.authorize(call.method, list(call.args)) is False:
                 raise LiveError("forbidden", f"{call.cls.__name__}.{call.method} is not allowed")
             if call.method == "$model":
-                setattr(comp, call.args[0], call.args[1])
+                prop, value = call.args
+                if call.token.state is None and call.cls._asok_fields.get(prop) is None:
+                    value = _model_value(call.cls, prop, value, getattr(comp, prop, None))
+                setattr(comp, prop, value)
             else:
                 getattr(comp, call.method)(*call.args)
             ids.pop(page, None)  # the page heard from last goes last; the oldest goes past the limit
@@ -4857,10 +4918,14 @@ class LiveHub:
 
         view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
         saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
+        diff = None
         if view is not None:
             with self._lock:
                 view.seq = max(view.seq, saved.seq)  # the reply brings it
-        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+                last, view.last = view.last, (saved.seq, inner)
+            if last is not None and call.held == last[0]:  # the page holds that HTML: the change suffices
+                diff = _html_diff(last[1], inner)
+        token = token_first = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
         self._adopt(conn, inner)
         replies = [json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))]
         for cid, (cls, saved, inner) in changed.items():  # what the emits changed comes with the reply
@@ -4871,6 +4936,8 @@ class LiveHub:
             self._adopt(conn, inner)
             replies.append(json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":")))
         self._flush(outbox)
+        if diff is not None:
+            replies[0] = json.dumps({"id": call.rid, "d": diff, "state": token_first}, separators=(",", ":"))
         return replies
 
     def _join(self, conn, message):
@@ -4921,6 +4988,9 @@ class LiveHub:
         saved = SavedComponent.load((self.app.sessions.load(conn.sid) or {}).get("live", {}).get(cid), cls.__name__)
         if saved is not None:
             state = saved.state
+        elif state is None:  # a reference to a state the session no longer holds
+            raise LiveError("bad_state", "this page's state is older than what the session keeps; "
+                                         "reload the page")
         topics = self._topics_of(cls, state)
         with self._lock:
             view = conn.views[cid] = _View(conn, cid, token.seq)
@@ -5003,7 +5073,8 @@ class LiveHub:
         dropped = record.setdefault("dropped", {})
         saved = SavedComponent.load(live.get(cid), name)
         if saved is None:
-            if fallback is None or fallback.seq <= dropped.get(cid, -1) or fallback.seq < record.get("floor", 0):
+            if fallback is None or fallback.state is None or fallback.seq <= dropped.get(cid, -1) \
+                    or fallback.seq < record.get("floor", 0):
                 raise LiveError("bad_state", "this page's state is older than what the session keeps; "
                                              "reload the page")
             saved = SavedComponent(name, fallback.state, fallback.version, fallback.seq)
@@ -5090,7 +5161,7 @@ class LiveHub:
         """A push of `saved` rendered for `conn`'s page, outside any lock (nothing is saved)."""
         session = self.app._load_session(sid)
         inner = str(self._restore(cls, saved.state, session, sid, cid, conn).render())
-        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        token = self._page_token(cls, cid, sid, saved, inner)
         self._adopt(conn, inner)
         return json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
 
@@ -5112,7 +5183,7 @@ class LiveHub:
     def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for):
         """After a save that changed (sid, cid): its topics follow its state, this process's
         views get the new HTML, the other processes hear of the save. Returns the new token."""
-        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        token = self._page_token(cls, cid, sid, saved, inner or "")
         if cls._asok_on:
             try:
                 topics = self._topics_of(cls, saved.state)
@@ -5146,6 +5217,7 @@ class LiveHub:
             with self._lock:
                 if view.seq < saved.seq:  # another thread may have pushed a newer one meanwhile
                     view.seq = saved.seq
+                    view.last = None  # the page's next event gets the whole HTML
                     view.conn.push(cid, made[url])
 
     # ── publish and receive ───────────────────────────────────────────
@@ -6133,10 +6205,16 @@ class Asok:
         return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
 
     # ── the live endpoint ─────────────────────────────────────────────
-    def _wrap_component(self, comp, name, cid, sid, version, seq):
+    def _wrap_component(self, comp, name, cid, sid, version, seq, saved=False):
         state = comp._checked_state()
         inner = comp.render()
-        token = self.live.sign(name, cid, sid, state, version, seq)
+        cls = type(comp)
+        if not saved and len(json.dumps(state)) > LIVE_INLINE_STATE:
+            # too large to travel with each first event: saved now, so the page holds a reference
+            version, seq = self._save_url_state(sid, cid, cls, state)
+            saved = True
+        shown = state if not saved or self.live._shows_values(cls, inner) else None
+        token = self.live.sign(name, cid, sid, shown, version, seq, saved=saved)
         bound = {k: comp._asok_fields[k] for k in comp.url}
         url = f' data-asok-url="{html.escape(json.dumps(bound))}"' if bound else ""
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
@@ -7793,15 +7871,26 @@ class LiveHandle:
         self._arrived = threading.Condition()
         self.conn = LiveConnection(client.sid, self._pushed)
         self.conn.path, _, self.conn.query_string = path.partition("?")
+        self._held = None  # (save number, inner HTML) a reply's diff applies to, as alive.js's root.h
         # the page's components, as alive.js joins them: the others are there for emit()
-        join = {"join": [[cid, name, state], *(c for c in page if c[0] != cid)], "url": path, "csrf": csrf}
+        join = {"join": [[cid, name, self._ref], *(c for c in page if c[0] != cid)], "url": path, "csrf": csrf}
         for text in client.app.live.handle(self.conn, json.dumps(join)):
             self._pushed(json.loads(text).get("cid"), text)
 
     @property
     def state(self) -> dict[str, Any]:
-        """The component's state, as signed into its last render."""
-        return StateToken.parse(self.state_token).state
+        """The component's state, as signed into its last render, or, when the page holds a
+        reference (the session saved it), as the session holds it."""
+        state = StateToken.parse(self.state_token).state
+        if state is None:
+            saved = (self.client.app.sessions.load(self.conn.sid) or {}).get("live", {}).get(self.cid)
+            state = saved["s"] if saved else None
+        return state
+
+    @property
+    def _ref(self) -> str:
+        """What alive.js sends as `state`: the reference inside the token, if it has one."""
+        return json.loads(self.state_token.rpartition(".")[0]).get("r") or self.state_token
 
     def _pushed(self, cid, text):
         if cid != self.cid:  # another component of the page
@@ -7811,6 +7900,7 @@ class LiveHandle:
             self.pushes.append(message)
             if "html" in message and StateToken.parse(message["state"]).seq >= StateToken.parse(self.state_token).seq:
                 self.state_token, self.html = message["state"], message["html"]
+                self._held = (StateToken.parse(self.state_token).seq, self.html)
             self._arrived.notify_all()
 
     def wait_for_push(self, count: int = 1, timeout: float = 5.0) -> dict[str, Any]:
@@ -7842,14 +7932,22 @@ class LiveHandle:
     def call(self, method: str, *args: Any, **overrides: Any) -> dict[str, Any]:
         """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""
         self._n += 1
+        held = self._held
         message = {"id": f"{self._page}:{self._n}", "cid": self.cid, "component": self.name,
-                   "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
+                   "state": self._ref, "method": method, "args": list(args), "csrf": self.csrf}
+        if held is not None:
+            message["h"] = held[0]
         message.update(overrides)
         reply = self.send(message)
+        if "d" in reply:  # a diff against the HTML held: the reply gets the whole HTML, as alive.js builds it
+            a, b, text = reply["d"]
+            old = held[1].encode("utf-16-le")
+            reply["html"] = (old[:2 * a] + text.encode("utf-16-le") + old[len(old) - 2 * b:]).decode("utf-16-le")
         with self._arrived:  # a push that overtook the reply stays, as in alive.js
             if "error" not in reply and StateToken.parse(reply["state"]).seq >= StateToken.parse(self.state_token).seq:
                 self.state_token = reply["state"]
                 self.html = reply["html"]
+                self._held = (StateToken.parse(self.state_token).seq, self.html)
         return reply
 
     def find(self, selector: str) -> list[_Node]:

@@ -161,9 +161,9 @@ def counter_served(port, jar):
     and an increment answers the count plus one."""
     tab = SocketTab(port, jar)
     try:
-        before = json.loads(tab.components["Counter"][1].rpartition(".")[0])["s"]["count"]
+        before = int(re.search(r"Count: (-?\d+)", tab.page).group(1))
         reply = tab.call("Counter", "increment")
-        return json.loads(reply["state"].rpartition(".")[0])["s"]["count"] == before + 1
+        return f"Count: {before + 1}<" in reply["html"]
     finally:
         tab.close()
 
@@ -4446,6 +4446,108 @@ def test_a_state_that_is_not_finite_json_is_refused_naming_the_attribute(tmp_pat
     assert client.live("/", "Ratio").state["r"] == 1.0
 
 
+ROWS_FILES = {
+    "src/components/Rows.py": '''
+        from asok import Component, exposed
+
+        class Rows(Component):
+            rows = []
+
+            def mount(self):
+                self.rows = self.rows or [{"id": i, "name": f"row {i}", "n": 0} for i in range(self.size)]
+
+            size = 10
+
+            @exposed
+            def bump(self, i: int):
+                self.rows[i]["n"] += 1
+
+            @exposed
+            def insert(self, at: int, name: str):
+                self.rows.insert(at, {"id": 10 ** 6 + at, "name": name, "n": 0})
+
+            @exposed
+            def remove(self, at: int):
+                del self.rows[at]
+
+            @exposed
+            def reverse(self):
+                self.rows.reverse()
+    ''',
+    "src/components/rows.html": '''<table><% for r in rows %><tr id="r<< r.id >>"><td><< r.name >></td><td><< r.n >></td></tr><% endfor %></table>''',
+    "src/pages/index.html": "<< component('Rows', size=10) >>",
+    "src/pages/big.html": "<< component('Rows', size=10000) >>",
+}
+
+
+def test_a_saved_component_is_called_by_reference_whatever_its_size(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    small = client.live("/", "Rows")
+    fresh = asok.StateToken.parse(small.state_token)
+    assert fresh.state["rows"][3]["name"] == "row 3"  # a fresh small component's page carries its state
+    first = small.call("bump", 3)
+    assert asok.StateToken.parse(first["state"]).state is None  # saved: the reply holds a reference
+    sizes = []
+    for page, handle in (("/", small), ("/big", client.live("/big", "Rows"))):
+        # a 10,000-row state is saved as its page renders, so even its first event is a reference
+        assert asok.StateToken.parse(handle.state_token).state is None or page == "/"
+        sent = []
+        original = app.live.handle
+        app.live.handle = lambda conn, text: (sent.append(len(text)), original(conn, text))[1]  # noqa: B023
+        try:
+            reply = handle.call("bump", 5)
+        finally:
+            app.live.handle = original
+        assert "error" not in reply and handle.state["rows"][5]["n"] == (1 if page == "/big" else 1)
+        assert '<td>row 5</td><td>1</td>' in handle.html
+        sizes.append(sent[0] - len(handle.cid))
+    assert sizes[0] < 600 and abs(sizes[0] - sizes[1]) < 40  # the same few hundred bytes for 10 or 10,000 rows
+
+
+def test_a_reference_to_a_state_the_session_no_longer_holds_is_refused(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    rows = client.live("/", "Rows")
+    rows.call("bump", 1)
+    ref = rows._ref
+    assert "rows" not in ref
+    app.sessions.update(client.sid, lambda record: record["live"].clear())
+    reply = rows.call("bump", 1, state=ref)
+    assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
+
+
+def test_replies_carry_only_what_changed_and_rebuild_the_whole_html(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    rows = client.live("/big", "Rows")
+    first = rows.call("bump", 500)
+    assert "html" in first and "d" not in first  # the page's HTML is not known to the socket: whole
+    wire, original = [], app.live.handle
+    app.live.handle = lambda conn, text: [wire.append(r) or r for r in original(conn, text)]
+    for method, args in (("bump", [700]), ("insert", [2, "new ✓ row 😀"]), ("remove", [4]), ("bump", [9000]),
+                         ("reverse", [])):
+        reply = rows.call(method, *args)
+        assert rows.html in client.get("/big").text  # what the diff rebuilt is what a page renders
+        if method != "reverse":
+            assert "d" in json.loads(wire[-1]) and len(wire[-1].encode()) < 1024, method  # one row of 10,000
+    assert "<td>new ✓ row 😀</td>" in rows.html and rows.html.count("<tr") == 10000
+    assert len(wire[-1]) <= len(json.dumps({"id": reply["id"], "html": rows.html, "state": reply["state"]}))
+
+
+@pytest.mark.parametrize("old, new", [
+    ("abc", "abXc"), ("<a>1</a><a>2</a>", "<a>1</a>"), ("x" * 5000 + "y", "x" * 5000 + "z"),
+    ("é😀" * 3000 + "a", "é😀" * 3000 + "b" + "é😀"), ("same", "same"), ("ab", "ba"), ("", "new")])
+def test_a_diff_rebuilds_the_new_html_counting_as_javascript_counts(old, new):
+    diff = asok._html_diff(old, new)
+    if diff is None:
+        return
+    a, b, text = diff
+    units = old.encode("utf-16-le")
+    assert (units[:2 * a] + text.encode("utf-16-le") + units[len(units) - 2 * b:]).decode("utf-16-le") == new
+    assert len(text) < len(new)
+
+
 @pytest.mark.parametrize("message, code", [
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_message"),
@@ -4978,7 +5080,8 @@ def test_a_join_answers_views_that_show_an_older_save_and_only_those(live_app):
     replies = [json.loads(r) for r in live_app.live.handle(conn, json.dumps(
         {"join": [[cid, "Counter", old], list(current[1])], "url": "/", "csrf": csrf}))]
     assert len(replies) == 1 and replies[0]["cid"] == cid and "Count: 15 / 0" in replies[0]["html"]
-    assert asok.StateToken.parse(replies[0]["state"]).state["count"] == 15
+    token = asok.StateToken.parse(replies[0]["state"])  # a reference: the session holds the state
+    assert token.state is None and token.seq == live_app.sessions.load(client.sid)["live"][cid]["q"]
     assert set(conn.views) == {cid, current[1][0]}
     again = live_app.live.handle(asok.LiveConnection(client.sid, None), json.dumps(
         {"join": [list(current[0])], "url": "/", "csrf": csrf}))
@@ -6198,7 +6301,7 @@ class SocketTab:
         headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
                                     timeout=10) as r:
-            page = r.read().decode()
+            page = self.page = r.read().decode()
             for value in r.headers.get_all("Set-Cookie") or ():
                 name, _, rest = value.partition("=")
                 jar[name] = rest.split(";")[0]
