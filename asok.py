@@ -3131,19 +3131,20 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _record_problem(record):
-    """What is wrong with the shape of a session record (as asok writes it), or None."""
+def _record_problem(record, only=None):
+    """What is wrong with the shape of a session record (as asok writes it), or None. With
+    `only` (a cid), of the component states just that one is looked at."""
     if not isinstance(record.get("data", {}), dict):
         return "'data' is not an object"
     live, dropped = record.get("live", {}), record.get("dropped", {})
     if not isinstance(live, dict) or not isinstance(dropped, dict):
         return "'live' or 'dropped' is not an object"
-    for cid, entry in live.items():
+    for cid, entry in live.items() if only is None else [(only, live[only])] if only in live else ():
         if not (isinstance(entry, dict) and isinstance(entry.get("c"), str) and isinstance(entry.get("s"), dict)
                 and _is_int(entry.get("v")) and _is_int(entry.get("q", 0))
                 and isinstance(entry.get("ids", ()), (list, dict))):
             return f"the component state {cid[:60]!r} is malformed"
-    if not all(_is_int(value) for value in dropped.values()):
+    if only is None and not all(_is_int(value) for value in dropped.values()):
         return "'dropped' holds a value that is not an integer"
     if not (_is_int(record.get("seq", 0)) and _is_int(record.get("floor", 0))):
         return "'seq' or 'floor' is not an integer"
@@ -4023,6 +4024,7 @@ _COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, 
 LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
 LIVE_MAX_EMITS = 50             # @on handler runs that one round trip's emits may cause (a loop stops there)
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_JSON_PLAIN = frozenset((str, int, bool, type(None)))  # types a quick check passes at once (floats: if finite)
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
 
@@ -4059,19 +4061,45 @@ def every(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return mark
 
 
+def _json_safe(value):
+    """Whether `value` is JSON-safe: the quick walk each event makes (no path built)."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _JSON_PLAIN and not _json_safe(item)):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            if type(item) not in _JSON_PLAIN and not _json_safe(item):
+                return False
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    return isinstance(value, _JSON_SCALARS) and not (isinstance(value, float) and not math.isfinite(value))
+
+
 def _check_json_safe(value, where):
+    if type(value) in _JSON_PLAIN or _json_safe(value):
+        return
+    _explain_json_safe(value, where)
+
+
+def _explain_json_safe(value, where):
+    """Raise TypeError (ValueError for NaN and infinities) naming the first part of `value`
+    that is not JSON-safe (the slow walk, after the quick one found something)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is {value}; state numbers must be finite (JSON has no NaN or Infinity)")
     if isinstance(value, _JSON_SCALARS):
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
-            _check_json_safe(item, f"{where}[{i}]")
+            _explain_json_safe(item, f"{where}[{i}]")
     elif isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where} has a {type(key).__name__} key {key!r}; state dict keys must be str")
-            _check_json_safe(item, f"{where}[{key!r}]")
+            _explain_json_safe(item, f"{where}[{key!r}]")
     else:
         raise TypeError(f"{where} is a {type(value).__name__}; component state must be JSON-safe "
                         "(str, int, float, bool, None, list, dict)")
@@ -5067,7 +5095,7 @@ class LiveHub:
         name = cls.__name__
         if record.get("replaced"):
             raise LiveError("no_session", "this session was replaced (a sign-in); reload the page")
-        if self.app._checked_record(record, sid) is None:
+        if self.app._checked_record(record, sid, cid) is None:
             record.clear()
         live = record.setdefault("live", {})
         dropped = record.setdefault("dropped", {})
@@ -5078,7 +5106,7 @@ class LiveHub:
                 raise LiveError("bad_state", "this page's state is older than what the session keeps; "
                                              "reload the page")
             saved = SavedComponent(name, fallback.state, fallback.version, fallback.seq)
-        before = json.dumps(saved.state, sort_keys=True)
+        before = None if always else json.dumps(saved.state, sort_keys=True)  # an event always saves
         session = Session(record.get("data"), sid)
         session.live = live
         session.seq = record.get("seq", 0)
@@ -5897,9 +5925,10 @@ class Asok:
         session.seq = record.get("seq", 0)
         return session
 
-    def _checked_record(self, record, sid):
-        """`record`, or None (a fresh session) if its shape is wrong, which is logged."""
-        problem = record is not None and _record_problem(record)
+    def _checked_record(self, record, sid, cid=None):
+        """`record`, or None (a fresh session) if its shape is wrong, which is logged. With a
+        `cid`, of the component states only that one is checked (a live event's; pages check all)."""
+        problem = record is not None and _record_problem(record, cid)
         if problem:
             log.warning("session %s…: the stored record is malformed (%s); starting a fresh session",
                         sid[:8], problem)
