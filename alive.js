@@ -31,11 +31,11 @@ function send(cid, bag, root = byId(cid)) {
   root.classList.toggle("asok-loading", !!bag.sent);
 }
 
-// a reply {id, html, state}, {id, d: [a, b, text], state} (the held HTML's first a and last b
-// characters around text) or {id, error}; a push {cid, html, state} or {cid, error}
+// a reply {id, html, state}, {id, d: [a, b, text], state} (the HTML held, its characters a to b
+// replaced by text) or {id, error}; a push {cid, html, state} or {cid, error}
 function receive(message) {
   const m = JSON.parse(message.data), {id, cid, d, state, error} = m;
-  let root = cid && byId(cid), bag, html = m.html;
+  let root = cid && byId(cid), bag, html = m.html, q;
   bags.forEach((b, c) => { if (b.sent && b.id == id) root = byId(c), bag = b; });
   if (!root) return;
   if (bag) bag.sent = null;
@@ -46,26 +46,17 @@ function receive(message) {
     delete sessionStorage.asokReloaded;
     // HTML older than what the component shows (a reply overtaken by a push) is dropped; the
     // queues of components that left the page are forgotten
-    if (fields(state).q >= fields(root.dataset.asokState).q) {
-      if (d) html = bag.h[1].slice(0, d[0]) + d[2] + bag.h[1].slice(bag.h[1].length - d[1]);
-      root.h = [fields(state).q, html];
+    if ((q = fields(state).q) >= fields(root.dataset.asokState).q) {
+      if (d) html = bag.h[1].slice(0, d[0]) + d[2] + bag.h[1].slice(d[1]);
+      root.h = [q, html];
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;
       self.asokMorphed?.(root);
       bags.forEach((bag, cid) => byId(cid) || bags.delete(cid, clearTimeout(bag.timer)));
     }
-    sync(root, bag?.models, root.dataset.asokState);
+    self.asokSync?.(root, bag?.models); // the part "model", on pages with ws-model fields
   }
   bag && send(root.id, bag);
-}
-
-// ws-model: a focused field takes a value the server changed, if it shows what it sent last
-function sync(root, sent = {}, state) {
-  const values = fields(state).s || {};
-  for (const el of root.querySelectorAll("[ws-model]")) {
-    const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
-    if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
-  }
 }
 
 // morph: a new node takes the old sibling with its id, else the old node at the cursor if that
@@ -136,7 +127,21 @@ function handle(event) {
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);
 connect();
-document.querySelectorAll(COMPONENT).forEach(root => sync(root, {}, root.dataset.asokState));
+})();
+
+//# part: model
+// Served only to pages with a ws-model field (their replies and pushes carry the state's values,
+// `s` in the token): after each reply or push, a field takes the value the server's state holds,
+// unless it is focused and shows something else than what it sent last.
+(() => {
+const sync = self.asokSync = (root, sent = {}) => {
+  const token = root.dataset.asokState, values = JSON.parse(token.slice(0, token.lastIndexOf("."))).s || {};
+  for (const el of root.querySelectorAll("[ws-model]")) {
+    const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
+    if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
+  }
+};
+document.querySelectorAll("[data-asok-component]").forEach(root => sync(root));
 })();
 
 //# part: hooks

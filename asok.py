@@ -6163,7 +6163,8 @@ class Asok:
             return text
         scripts = self._alive_scripts()
         tags = f'<meta name="csrf-token" content="{request.csrf_token}">'
-        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ())}
+        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ()),
+                 *(("model",) if " ws-model=" in text else ())}
         for part in ("", *sorted(parts)):
             if part in scripts:
                 name = f"alive-{part}.js" if part else "alive.js"
