@@ -4454,7 +4454,7 @@ class _ComponentRenderer:
                     if live.get(cid, {}).get("v") == before:  # else a newer save wins
                         live[cid] = saved
                 app.sessions.update(sid, save)
-        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq)
+        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq, saved=True)
 
 
 class _LiveContext:
