@@ -31,8 +31,8 @@ function send(cid, bag, root = byId(cid)) {
   root.classList.toggle("asok-loading", !!bag.sent);
 }
 
-// a reply {id, html, state}, {id, d: [a, b, text], state} (the HTML held, its characters a to b
-// replaced by text) or {id, error}; a push {cid, html, state} or {cid, error}
+// a reply {id, html, state}, {id, d: [a, b, text, ...], state} (the HTML held, its characters a
+// to b replaced by text, for each hunk) or {id, error}; a push {cid, html, state} or {cid, error}
 function receive(message) {
   const m = JSON.parse(message.data), {id, cid, d, state, error} = m;
   let root = cid && byId(cid), bag, html = m.html, q;
@@ -47,7 +47,7 @@ function receive(message) {
     // HTML older than what the component shows (a reply overtaken by a push) is dropped; the
     // queues of components that left the page are forgotten
     if ((q = fields(state).q) >= fields(root.dataset.asokState).q) {
-      if (d) html = bag.h[1].slice(0, d[0]) + d[2] + bag.h[1].slice(d[1]);
+      if (d) for (let i = (html = bag.h[1], d.length); i; i -= 3) html = html.slice(0, d[i - 3]) + d[i - 1] + html.slice(d[i - 2]);
       root.h = [q, html];
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;

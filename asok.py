@@ -47,6 +47,7 @@ import builtins
 import codecs
 import collections
 import contextlib
+import difflib
 import errno
 import fcntl
 import functools
@@ -2618,6 +2619,10 @@ class LiveError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+class StoreBusy(Exception):
+    """update(..., wait=False) of a local store found the session's lock held (nothing ran)."""
+
+
 class StoreUnavailable(Exception):
     """The session store could not read or write (a full disk, an I/O error, a read-only
     folder), so nothing was saved. A live event answers `store_unavailable`, a page or a
@@ -2883,6 +2888,10 @@ class SessionStore:
     Session ids are validated by the store before they touch a path or key."""
 
     lifetime = SESSION_LIFETIME
+    # A local store (its update costs a few µs of local I/O) also takes update(sid, fn, wait=False):
+    # if the session's lock is held, it raises StoreBusy at once, before fn runs, instead of
+    # waiting. Live events of components with `on_loop = True` then run on the event loop.
+    local = False
 
     def load(self, sid: str) -> dict[str, Any] | None:
         """The record of `sid` (a copy of its own), or None when there is none or it expired."""
@@ -3086,11 +3095,17 @@ class FileSessionStore(SessionStore):
             except OSError as exc:
                 raise _unavailable("delete", path, exc) from exc
 
-    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
+    local = True
+
+    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any], wait: bool = True) -> Any:
         """Run fn(record) under the session's lock and save the record it changed. The record
-        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere."""
+        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere.
+        With wait=False, a lock held by another thread or process raises StoreBusy at once."""
         path = self._path(sid)
-        with self._lock(sid):
+        lock = self._lock(sid)
+        if not wait:
+            lock = lock.now()
+        with lock:
             record, size, clean_end, ino = self._read(path)
             record = record or {"data": {}, "live": {}}
             result = fn(record)
@@ -3167,15 +3182,30 @@ def _json_record(line):
 
 
 class _StoreLock:
-    __slots__ = ("thread_lock", "fd")
+    __slots__ = ("thread_lock", "fd", "wait")
 
     def __init__(self, thread_lock, fd):
         self.thread_lock = thread_lock
         self.fd = fd
+        self.wait = True
+
+    def now(self):
+        """This lock, taken without waiting (StoreBusy if it is held)."""
+        self.wait = False
+        return self
 
     def __enter__(self):
-        self.thread_lock.acquire()
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        if self.wait:
+            self.thread_lock.acquire()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return
+        if not self.thread_lock.acquire(blocking=False):
+            raise StoreBusy()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.thread_lock.release()
+            raise StoreBusy() from None
 
     def __exit__(self, *exc):
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -4020,7 +4050,7 @@ LIVE_INLINE_STATE = 16 * 1024   # a fresh component's state past this (JSON) is 
 DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
 UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
-_COMPONENT_SETTINGS = ("url", "max_upload")  # class attributes that configure, not state
+_COMPONENT_SETTINGS = ("url", "max_upload", "on_loop")  # class attributes that configure, not state
 LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
 LIVE_MAX_EMITS = 50             # @on handler runs that one round trip's emits may cause (a loop stops there)
 _JSON_SCALARS = (str, int, float, bool, type(None))
@@ -4152,6 +4182,7 @@ class Component:
                                 f"payload)); an @every method takes nothing (def {name}(self))") from None
 
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
+    on_loop = False                 # True: events run on the event loop (methods and template never block)
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
 
     def mount(self) -> None:
@@ -4694,6 +4725,19 @@ class _LiveOutbox:
                 self.room.set()
 
 
+_HTML_TOKENS = re.compile(r"<[^>]*>|[^<\s]+|\s+")
+DIFF_FINE = 4096  # a changed middle up to this many characters (old + new) is split into hunks
+
+
+def _html_patch(old, diff):
+    """`old` with each hunk of a diff (see _html_diff) applied, as alive.js applies it."""
+    units, out, at = old.encode("utf-16-le"), [], 0
+    for i in range(0, len(diff), 3):
+        out += [units[2 * at:2 * diff[i]], diff[i + 2].encode("utf-16-le")]
+        at = diff[i + 1]
+    return b"".join([*out, units[2 * at:]]).decode("utf-16-le")
+
+
 class _View:
     __slots__ = ("conn", "cid", "seq", "last")
 
@@ -4705,25 +4749,41 @@ class _View:
 
 
 def _html_diff(old, new):
-    """[a, b, text]: `new` is old's first a characters, then text, then old's last b (counted
-    in UTF-16 code units, as JavaScript counts them); None if that is no shorter than `new`."""
-    n, step, a = min(len(old), len(new)), 2048, 0
-    while a < n and old[a:a + step] == new[a:a + step]:
-        a += step
-    a = min(a, n)
-    while a < n and old[a] == new[a]:  # within the first chunk that differs
-        a += 1
-    m, b, lo, hi = n - a, 0, len(old), len(new)
-    while b + step <= m and old[lo - b - step:lo - b] == new[hi - b - step:hi - b]:
-        b += step
-    while b < m and old[lo - b - 1] == new[hi - b - 1]:
-        b += 1
-    text = new[a:hi - b]
-    if len(text) + 24 >= len(new):
+    """[s1, e1, text1, s2, e2, text2, ...]: `new` is `old` with its characters s to e replaced by
+    text, for each hunk (positions in old, in UTF-16 code units as JavaScript counts them); None if
+    that is no shorter than `new`. A short changed middle is split into hunks by tags and words."""
+    n, step, a = min(len(old), len(new)), 4096, 0
+    while step:  # the common prefix: chunks while they match, then halves of the one that does not
+        if a + step <= n and old[a:a + step] == new[a:a + step]:
+            a += step
+        else:
+            step //= 2
+    m, b, lo, hi, step = n - a, 0, len(old), len(new), 4096
+    while step:  # the common suffix, within what the prefix left
+        if b + step <= m and old[lo - b - step:lo - b] == new[hi - b - step:hi - b]:
+            b += step
+        else:
+            step //= 2
+    hunks = [(a, lo - b, new[a:hi - b])]
+    if 0 < lo - b - a and 0 < hi - b - a and (lo - b - a) + (hi - b - a) <= DIFF_FINE:
+        ours, theirs = _HTML_TOKENS.findall(old, a, lo - b), _HTML_TOKENS.findall(new, a, hi - b)
+        starts, at = [], a
+        for token in ours:
+            starts.append(at)
+            at += len(token)
+        starts.append(at)
+        hunks = [(starts[i1], starts[i2], "".join(theirs[j1:j2]))
+                 for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ours, theirs, autojunk=False).get_opcodes()
+                 if tag != "equal"]
+    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
         return None
-    if not (old.isascii() and new.isascii()):
-        a, b = len(old[:a].encode("utf-16-le")) // 2, len(old[lo - b:].encode("utf-16-le")) // 2 if b else 0
-    return [a, b, text]
+    out = []
+    wide = not old.isascii()
+    for s, e, text in hunks:
+        if wide:
+            s, e = (len(old[:s].encode("utf-16-le")) // 2, len(old[:e].encode("utf-16-le")) // 2)
+        out += [s, e, text]
+    return out
 
 
 class _Key:
@@ -4836,14 +4896,17 @@ class LiveHub:
         return token
 
     # ── 1. parse ──────────────────────────────────────────────────────
-    def handle(self, conn, text):
-        """One message from a page in (JSON text); the messages to send back out. Never raises."""
+    def handle(self, conn, text, message=None, wait=True):
+        """One message from a page in (JSON text, or `message` already parsed from it); the
+        messages to send back out. Never raises, but for StoreBusy when `wait` is False (then
+        nothing was done: the caller hands the message to a thread, which waits)."""
         rid = None
         try:
-            try:
-                message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-            except ValueError as exc:
-                raise LiveError("bad_json", f"message is not JSON: {exc}")
+            if message is None:
+                try:
+                    message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+                except ValueError as exc:
+                    raise LiveError("bad_json", f"message is not JSON: {exc}")
             if not isinstance(message, dict):
                 raise LiveError("bad_message", "message must be a JSON object")
             if "join" in message:
@@ -4854,7 +4917,9 @@ class LiveHub:
                 if isinstance(message.get("id"), str):
                     raise LiveError("id_too_long", f"the request id has {len(message['id'])} characters; "
                                                    f"the limit is {LIVE_MAX_ID}")
-            return self._event(conn, message)
+            return self._event(conn, message, wait)
+        except StoreBusy:
+            raise
         except LiveError as exc:
             log.warning("live event refused: %s: %s", exc.code, exc.message)
             return [_live_error(rid, exc.code, exc.message)]
@@ -4912,17 +4977,24 @@ class LiveHub:
             raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
         return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args), held)
 
-    def _event(self, conn, message):
+    def on_loop(self, message):
+        """Whether this parsed message is an event to run on the event loop: one of a component
+        with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
+        cls = self.app.components.get(message.get("component")) if isinstance(message, dict) else None
+        return (cls is not None and cls.on_loop is True and getattr(self.app.sessions, "local", False)
+                and "join" not in message and "$upload" not in str(message.get("args")))
+
+    def _event(self, conn, message, wait=True):
         call = self._parse_call(conn.sid, message)
         taken = []  # uploaded files among the arguments: deleted afterwards unless the method saved them
         call.args = self.app._take_uploads(conn.sid, call.cid, call.args, taken)
         try:
-            return self._run_event(conn, call)
+            return self._run_event(conn, call, wait)
         finally:
             for upload in taken:
                 upload.close()
 
-    def _run_event(self, conn, call):
+    def _run_event(self, conn, call, wait=True):
         def run(comp, saved):
             page, order = _request_order(call.rid)
             ids = saved.ids if isinstance(saved.ids, dict) else {}
@@ -4945,7 +5017,8 @@ class LiveHub:
             return True
 
         view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
-        saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
+        saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run,
+                                                     always=True, wait=wait)
         diff = None
         if view is not None:
             with self._lock:
@@ -5078,17 +5151,21 @@ class LiveHub:
                     "timers": sum(len(k.timers) for k in self._keys.values())}
 
     # ── 2-4. choose the state, apply, render, save ────────────────────
-    def _commit(self, sid, cid, cls, fallback, conn, run, always=False):
+    def _commit(self, sid, cid, cls, fallback, conn, run, always=False, wait=True):
         """Apply `run(comp, saved)` to the (session, cid) under the store's lock, and the @on
         handlers on the same page of what it emits; returns (saved, inner HTML or None when
-        nothing changed, deferred publishes, {cid: (cls, saved, inner)} the emits changed)."""
+        nothing changed, deferred publishes, {cid: (cls, saved, inner)} the emits changed).
+        With wait=False a held lock raises StoreBusy before anything runs (SessionStore.local)."""
         result = []
 
         def apply(record):
             saved, inner, outbox, emits = self._apply(record, sid, cid, cls, fallback, conn, run, always)
             result[:] = saved, inner, outbox, self._emitted(record, sid, cid, conn, emits, outbox)
 
-        self.app.sessions.update(sid, apply)
+        if wait:
+            self.app.sessions.update(sid, apply)
+        else:
+            self.app.sessions.update(sid, apply, wait=False)
         return result
 
     def _apply(self, record, sid, cid, cls, fallback, conn, run, always):
@@ -6361,7 +6438,16 @@ class Asok:
                     replies = [_live_error(rid and rid.group(1), "too_large",
                                            f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")]
                 else:
-                    replies = await _in_thread(loop, self.executor, self.live.handle, conn, message)
+                    replies = None
+                    try:
+                        parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
+                    except ValueError:
+                        parsed = None  # handle() says what is wrong with it
+                    if self.live.on_loop(parsed):  # no thread round trip; a held lock sends it to one
+                        with contextlib.suppress(StoreBusy):
+                            replies = self.live.handle(conn, message, parsed, wait=False)
+                    if replies is None:
+                        replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
                     await outbox.reply(reply)
         finally:
@@ -7970,9 +8056,7 @@ class LiveHandle:
         message.update(overrides)
         reply = self.send(message)
         if "d" in reply:  # a diff against the HTML held: the reply gets the whole HTML, as alive.js builds it
-            a, b, text = reply["d"]
-            old = held[1].encode("utf-16-le")
-            reply["html"] = (old[:2 * a] + text.encode("utf-16-le") + old[len(old) - 2 * b:]).decode("utf-16-le")
+            reply["html"] = _html_patch(held[1], reply["d"])
         with self._arrived:  # a push that overtook the reply stays, as in alive.js
             if "error" not in reply and StateToken.parse(reply["state"]).seq >= StateToken.parse(self.state_token).seq:
                 self.state_token = reply["state"]

@@ -66,9 +66,11 @@ def asok_html(data, held):
     """The whole HTML of a reply, as alive.js builds it: `html`, or the diff `d` applied to the
     HTML held (`held` = (save number, html)); returns (save number, html) to hold next."""
     if "d" in data:
-        a, b, text = data["d"]
-        old = held[1].encode("utf-16-le")
-        new = (old[:2 * a] + text.encode("utf-16-le") + old[len(old) - 2 * b:]).decode("utf-16-le")
+        old, new, at = held[1].encode("utf-16-le"), b"", 0
+        for i in range(0, len(data["d"]), 3):
+            new += old[2 * at:2 * data["d"][i]] + data["d"][i + 2].encode("utf-16-le")
+            at = data["d"][i + 1]
+        new = (new + old[2 * at:]).decode("utf-16-le")
     else:
         new = data["html"]
     return json.loads(data["state"].rpartition(".")[0])["q"], new

@@ -4537,15 +4537,19 @@ def test_replies_carry_only_what_changed_and_rebuild_the_whole_html(tmp_path):
 
 @pytest.mark.parametrize("old, new", [
     ("abc", "abXc"), ("<a>1</a><a>2</a>", "<a>1</a>"), ("x" * 5000 + "y", "x" * 5000 + "z"),
-    ("é😀" * 3000 + "a", "é😀" * 3000 + "b" + "é😀"), ("same", "same"), ("ab", "ba"), ("", "new")])
+    ("é😀" * 3000 + "a", "é😀" * 3000 + "b" + "é😀"), ("same", "same"), ("ab", "ba"), ("", "new"),
+    ("<div><h3>Count: 11</h3><button>Add 1</button><p>clicks: 1</p></div>",
+     "<div><h3>Count: 12</h3><button>Add 1</button><p>clicks: 2</p></div>"),
+    ("<p>😀 a b c</p><i>1</i>" * 20, "<p>😀 a b c</p><i>1</i>" * 9 + "<p>😀 a X c</p><i>2</i>" * 2 + "<p>😀 a b c</p><i>1</i>" * 9)])
 def test_a_diff_rebuilds_the_new_html_counting_as_javascript_counts(old, new):
     diff = asok._html_diff(old, new)
     if diff is None:
+        assert len(new) < 40  # only tiny HTML goes whole
         return
-    a, b, text = diff
-    units = old.encode("utf-16-le")
-    assert (units[:2 * a] + text.encode("utf-16-le") + units[len(units) - 2 * b:]).decode("utf-16-le") == new
-    assert len(text) < len(new)
+    assert asok._html_patch(old, diff) == new
+    assert sum(len(text) for text in diff[2::3]) < len(new)
+    if "Count" in old:  # two changes far apart: two small hunks, not the span between them
+        assert len(diff) == 6 and all(len(text) <= 2 for text in diff[2::3])
 
 
 @pytest.mark.parametrize("message, code", [
@@ -4773,6 +4777,55 @@ def test_live_endpoint_over_a_real_websocket(live_app):
                                        "state": counter.state_token, "method": "increment", "args": [],
                                        "csrf": counter.csrf}))
             assert json.loads(anonymous.receive(timeout=5))["error"]["code"] == "no_session"
+
+
+def test_on_loop_components_run_their_events_on_the_loop_and_a_held_lock_sends_them_to_a_thread(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Where.py": '''
+            import threading
+            from asok import Component, exposed
+
+            class Where(Component):
+                threads = []
+
+                @exposed
+                def note(self):
+                    self.threads = self.threads + [threading.current_thread().name]
+
+            class Loop(Where):
+                on_loop = True
+        ''',
+        "src/components/where.html": "<p><< threads | length >></p>",
+        "src/components/loop.html": "<p><< threads | length >></p>",
+        "src/pages/index.html": "<< component('Where') >><< component('Loop') >>",
+    })
+    client = asok.TestClient(app, host="127.0.0.1")
+    where, loop = client.live("/", "Where"), client.live("/", "Loop")
+    assert "on_loop" not in loop.state  # a setting, not state
+    with running(app) as port:
+        client.host = f"127.0.0.1:{port}"
+        with live_socket(port, client) as ws:
+            def call(handle, n):
+                ws.send(json.dumps({"id": f"w:{n}", "cid": handle.cid, "component": handle.name,
+                                    "state": handle._ref, "method": "note", "args": [], "csrf": handle.csrf}))
+                reply = json.loads(ws.receive(timeout=10))
+                assert reply["id"] == f"w:{n}" and "error" not in reply, reply
+                handle.state_token = reply["state"]
+
+            call(where, 1)
+            call(loop, 2)
+            lock = app.sessions._lock(client.sid)
+            with lock:  # held (as by another thread's update): the event waits in a thread, not on the loop
+                ws.send(json.dumps({"id": "w:3", "cid": loop.cid, "component": "Loop", "state": loop._ref,
+                                    "method": "note", "args": [], "csrf": loop.csrf}))
+                with pytest.raises(TimeoutError):
+                    ws.receive(timeout=0.5)
+            assert json.loads(ws.receive(timeout=10))["id"] == "w:3"
+            call(loop, 4)
+    threads = app.sessions.load(client.sid)["live"]
+    (mine,), (looped,) = ([e["s"]["threads"] for e in threads.values() if e["c"] == c] for c in ("Where", "Loop"))
+    assert looped[0] == looped[2] != mine[0]  # the loop's thread, not a worker's as for Where
+    assert looped[1] != looped[0]  # the event that found the lock held went to a worker
 
 
 def test_a_real_socket_joins_and_gets_pushes_from_another_socket(live_app):
