@@ -4034,7 +4034,8 @@ LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
 LIVE_RECENT_PAGES = 8           # pages per component whose last applied request id is kept (a resend applies once)
 LIVE_MAX_ID = 100               # characters of a request id, else id_too_long
-LIVE_MAX_STATE = 64 * 1024      # bytes of one component's state as JSON, else state_too_large
+LIVE_MAX_STATE = 512 * 1024     # bytes of one component's state as JSON, else state_too_large (a saved
+                                # state travels by reference, so this is bound by SESSION_MAX_RECORD)
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
 LIVE_MAX_JOIN = 500             # live components one page may show
