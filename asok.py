@@ -47,7 +47,6 @@ import builtins
 import codecs
 import collections
 import contextlib
-import difflib
 import errno
 import fcntl
 import functools
@@ -3146,20 +3145,19 @@ def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _record_problem(record, only=None):
-    """What is wrong with the shape of a session record (as asok writes it), or None. With
-    `only` (a cid), of the component states just that one is looked at."""
+def _record_problem(record):
+    """What is wrong with the shape of a session record (as asok writes it), or None."""
     if not isinstance(record.get("data", {}), dict):
         return "'data' is not an object"
     live, dropped = record.get("live", {}), record.get("dropped", {})
     if not isinstance(live, dict) or not isinstance(dropped, dict):
         return "'live' or 'dropped' is not an object"
-    for cid, entry in live.items() if only is None else [(only, live[only])] if only in live else ():
+    for cid, entry in live.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("c"), str) and isinstance(entry.get("s"), dict)
                 and _is_int(entry.get("v")) and _is_int(entry.get("q", 0))
                 and isinstance(entry.get("ids", ()), (list, dict))):
             return f"the component state {cid[:60]!r} is malformed"
-    if only is None and not all(_is_int(value) for value in dropped.values()):
+    if not all(_is_int(value) for value in dropped.values()):
         return "'dropped' holds a value that is not an integer"
     if not (_is_int(record.get("seq", 0)) and _is_int(record.get("floor", 0))):
         return "'seq' or 'floor' is not an integer"
@@ -4752,7 +4750,8 @@ class _View:
 def _html_diff(old, new):
     """[s1, e1, text1, s2, e2, text2, ...]: `new` is `old` with its characters s to e replaced by
     text, for each hunk (positions in old, in UTF-16 code units as JavaScript counts them); None if
-    that is no shorter than `new`. A short changed middle is split into hunks by tags and words."""
+    that is no shorter than `new`. A short changed middle whose tags and words are as many on both
+    sides (values changed in place) is split into a hunk per changed run of them."""
     n, step, a = min(len(old), len(new)), 4096, 0
     while step:  # the common prefix: chunks while they match, then halves of the one that does not
         if a + step <= n and old[a:a + step] == new[a:a + step]:
@@ -4768,14 +4767,15 @@ def _html_diff(old, new):
     hunks = [(a, lo - b, new[a:hi - b])]
     if 0 < lo - b - a and 0 < hi - b - a and (lo - b - a) + (hi - b - a) <= DIFF_FINE:
         ours, theirs = _HTML_TOKENS.findall(old, a, lo - b), _HTML_TOKENS.findall(new, a, hi - b)
-        starts, at = [], a
-        for token in ours:
-            starts.append(at)
-            at += len(token)
-        starts.append(at)
-        hunks = [(starts[i1], starts[i2], "".join(theirs[j1:j2]))
-                 for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ours, theirs, autojunk=False).get_opcodes()
-                 if tag != "equal"]
+        if len(ours) == len(theirs):  # values changed in place (the common case): a hunk per changed run
+            hunks, at = [], a
+            for mine, yours in zip(ours, theirs):
+                if mine != yours:
+                    if hunks and hunks[-1][1] == at:
+                        hunks[-1] = (hunks[-1][0], at + len(mine), hunks[-1][2] + yours)
+                    else:
+                        hunks.append((at, at + len(mine), yours))
+                at += len(mine)
     if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
         return None
     out = []
@@ -5173,7 +5173,7 @@ class LiveHub:
         name = cls.__name__
         if record.get("replaced"):
             raise LiveError("no_session", "this session was replaced (a sign-in); reload the page")
-        if self.app._checked_record(record, sid, cid) is None:
+        if self.app._checked_record(record, sid) is None:
             record.clear()
         live = record.setdefault("live", {})
         dropped = record.setdefault("dropped", {})
@@ -6003,10 +6003,9 @@ class Asok:
         session.seq = record.get("seq", 0)
         return session
 
-    def _checked_record(self, record, sid, cid=None):
-        """`record`, or None (a fresh session) if its shape is wrong, which is logged. With a
-        `cid`, of the component states only that one is checked (a live event's; pages check all)."""
-        problem = record is not None and _record_problem(record, cid)
+    def _checked_record(self, record, sid):
+        """`record`, or None (a fresh session) if its shape is wrong, which is logged."""
+        problem = record is not None and _record_problem(record)
         if problem:
             log.warning("session %s…: the stored record is malformed (%s); starting a fresh session",
                         sid[:8], problem)
