@@ -4724,7 +4724,7 @@ class _LiveOutbox:
                 self.room.set()
 
 
-_HTML_TOKENS = re.compile(r"<[^>]*>|[^<\s]+|\s+")
+_HTML_TOKENS = re.compile(r"<[^>]*>?|[^<\s]+|\s+")  # every character is in one (a window may cut a tag)
 DIFF_FINE = 4096  # a changed middle up to this many characters (old + new) is split into hunks
 
 

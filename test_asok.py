@@ -4538,6 +4538,7 @@ def test_replies_carry_only_what_changed_and_rebuild_the_whole_html(tmp_path):
 @pytest.mark.parametrize("old, new", [
     ("abc", "abXc"), ("<a>1</a><a>2</a>", "<a>1</a>"), ("x" * 5000 + "y", "x" * 5000 + "z"),
     ("é😀" * 3000 + "a", "é😀" * 3000 + "b" + "é😀"), ("same", "same"), ("ab", "ba"), ("", "new"),
+    ('<p>1</p><a href="u1">' + "z" * 40, '<p>2</p><a href="u2">' + "z" * 40),  # the changed middle cuts a tag
     ("<div><h3>Count: 11</h3><button>Add 1</button><p>clicks: 1</p></div>",
      "<div><h3>Count: 12</h3><button>Add 1</button><p>clicks: 2</p></div>"),
     ("<p>😀 a b c</p><i>1</i>" * 20, "<p>😀 a b c</p><i>1</i>" * 9 + "<p>😀 a X c</p><i>2</i>" * 2 + "<p>😀 a b c</p><i>1</i>" * 9)])
