@@ -6,8 +6,9 @@
 const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
 const page = Math.random() + ":", bags = new Map, byId = id => document.getElementById(id); // cid -> {queue, field, timer, sent, id, models}
 let socket, retry = 100, counter = 0;
-// a state token is JSON {s: state, v: version, q: save number, t: issued} + "." + signature
-const fields = token => JSON.parse(token.slice(0, token.lastIndexOf("."))), csrf = () => document.querySelector("meta[name=csrf-token]")?.content;
+// a state token is JSON {s: state, v: version, q: save number, t: issued, r: reference} + "." + signature;
+// once the session holds the state, a reference (JSON {v, q, t} + "." + signature) stands for it
+const fields = token => JSON.parse(token.slice(0, token.lastIndexOf("."))), ref = root => fields(root.dataset.asokState).r || root.dataset.asokState, csrf = () => document.querySelector("meta[name=csrf-token]")?.content;
 
 // one FIFO queue per component; a debounced input waits at its tail
 function enqueue(cid, call, field) {
@@ -24,16 +25,18 @@ function send(cid, bag, root = byId(cid)) {
   if (!bag.sent && bag.queue.length > !!bag.field) {
     const [method, args] = bag.queue.shift(), id = bag.id = page + ++counter, data = root.dataset;
     if (method == "$model") bag.models[args[0]] = args[1];
-    bag.sent = JSON.stringify({id, cid, component: data.asokComponent, state: data.asokState, method, args, csrf: csrf()});
+    // h: the save number of the HTML held (root.h = [q, html]), which a reply may then change
+    bag.sent = JSON.stringify({id, cid, component: data.asokComponent, state: ref(root), method, args, csrf: csrf(), h: (bag.h = root.h)?.[0]});
     socket.readyState == 1 && socket.send(bag.sent);
   }
   root.classList.toggle("asok-loading", !!bag.sent);
 }
 
-// a reply {id, html, state} or {id, error}; a push {cid, html, state} or {cid, error}
+// a reply {id, html, state}, {id, d: [a, b, text, ...], state} (the HTML held, its characters a
+// to b replaced by text, for each hunk) or {id, error}; a push {cid, html, state} or {cid, error}
 function receive(message) {
-  const {id, cid, html, state, error} = JSON.parse(message.data);
-  let root = cid && byId(cid), bag;
+  const m = JSON.parse(message.data), {id, cid, d, state, error} = m;
+  let root = cid && byId(cid), bag, html = m.html, q;
   bags.forEach((b, c) => { if (b.sent && b.id == id) root = byId(c), bag = b; });
   if (!root) return;
   if (bag) bag.sent = null;
@@ -44,24 +47,17 @@ function receive(message) {
     delete sessionStorage.asokReloaded;
     // HTML older than what the component shows (a reply overtaken by a push) is dropped; the
     // queues of components that left the page are forgotten
-    if (fields(state).q >= fields(root.dataset.asokState).q) {
+    if ((q = fields(state).q) >= fields(root.dataset.asokState).q) {
+      if (d) for (let i = (html = bag.h[1], d.length); i; i -= 3) html = html.slice(0, d[i - 3]) + d[i - 1] + html.slice(d[i - 2]);
+      root.h = [q, html];
       morph(root, Object.assign(document.createElement("template"), {innerHTML: html}).content);
       root.dataset.asokState = state;
       self.asokMorphed?.(root); // ws-hook, in the hooks part
       bags.forEach((bag, cid) => byId(cid) || bags.delete(cid, clearTimeout(bag.timer)));
     }
-    sync(root, bag?.models, root.dataset.asokState);
+    self.asokSync?.(root, bag?.models); // the part "model", on pages with ws-model fields
   }
   bag && send(root.id, bag);
-}
-
-// ws-model: a focused field takes a value the server changed, if it shows what it sent last
-function sync(root, sent = {}, state) {
-  const values = fields(state).s;
-  for (const el of root.querySelectorAll("[ws-model]")) {
-    const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
-    if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
-  }
 }
 
 // morph: a new node takes the old sibling with its id, else the old node at the cursor if that
@@ -105,7 +101,7 @@ function connect() {
     document.documentElement.classList.remove("asok-disconnected");
     // join: the components shown and their saves; the server sends newer HTML, then pushes
     socket.send(JSON.stringify({join: [...document.querySelectorAll(COMPONENT)].map(root => [root.id, root.dataset.asokComponent,
-      root.dataset.asokState]), url: location.pathname + location.search, csrf: csrf()}));
+      ref(root)]), url: location.pathname + location.search, csrf: csrf()}));
     bags.forEach(bag => bag.sent && socket.send(bag.sent)); // resent with the same id
   };
   socket.onclose = () => {
@@ -131,7 +127,21 @@ function handle(event) {
 
 for (const type of ["click", "input", "change", "submit", "keydown"]) document.addEventListener(type, handle);
 connect();
-document.querySelectorAll(COMPONENT).forEach(root => sync(root, {}, root.dataset.asokState));
+})();
+
+//# part: model
+// Served only to pages with a ws-model field (their replies and pushes carry the state's values,
+// `s` in the token): after each reply or push, a field takes the value the server's state holds,
+// unless it is focused and shows something else than what it sent last.
+(() => {
+const sync = self.asokSync = (root, sent = {}) => {
+  const token = root.dataset.asokState, values = JSON.parse(token.slice(0, token.lastIndexOf("."))).s || {};
+  for (const el of root.querySelectorAll("[ws-model]")) {
+    const prop = el.getAttribute("ws-model"), key = el.type == "checkbox" ? "checked" : "value";
+    if (prop in values && el[key] != values[prop] && (el != document.activeElement || el[key] == sent[prop])) el[key] = values[prop];
+  }
+};
+document.querySelectorAll("[data-asok-component]").forEach(root => sync(root));
 })();
 
 //# part: hooks

@@ -2643,6 +2643,10 @@ class LiveError(Exception):
         super().__init__(f"{code}: {message}")
 
 
+class StoreBusy(Exception):
+    """update(..., wait=False) of a local store found the session's lock held (nothing ran)."""
+
+
 class StoreUnavailable(Exception):
     """The session store could not read or write (a full disk, an I/O error, a read-only
     folder), so nothing was saved. A live event answers `store_unavailable`, a page or a
@@ -2908,6 +2912,10 @@ class SessionStore:
     Session ids are validated by the store before they touch a path or key."""
 
     lifetime = SESSION_LIFETIME
+    # A local store (its update costs a few µs of local I/O) also takes update(sid, fn, wait=False):
+    # if the session's lock is held, it raises StoreBusy at once, before fn runs, instead of
+    # waiting. Live events of components with `on_loop = True` then run on the event loop.
+    local = False
 
     def load(self, sid: str) -> dict[str, Any] | None:
         """The record of `sid` (a copy of its own), or None when there is none or it expired."""
@@ -3111,11 +3119,17 @@ class FileSessionStore(SessionStore):
             except OSError as exc:
                 raise _unavailable("delete", path, exc) from exc
 
-    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
+    local = True
+
+    def update(self, sid: str, fn: Callable[[dict[str, Any]], Any], wait: bool = True) -> Any:
         """Run fn(record) under the session's lock and save the record it changed. The record
-        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere."""
+        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere.
+        With wait=False, a lock held by another thread or process raises StoreBusy at once."""
         path = self._path(sid)
-        with self._lock(sid):
+        lock = self._lock(sid)
+        if not wait:
+            lock = lock.now()
+        with lock:
             record, size, clean_end, ino = self._read(path)
             record = record or {"data": {}, "live": {}}
             result = fn(record)
@@ -3191,15 +3205,30 @@ def _json_record(line):
 
 
 class _StoreLock:
-    __slots__ = ("thread_lock", "fd")
+    __slots__ = ("thread_lock", "fd", "wait")
 
     def __init__(self, thread_lock, fd):
         self.thread_lock = thread_lock
         self.fd = fd
+        self.wait = True
+
+    def now(self):
+        """This lock, taken without waiting (StoreBusy if it is held)."""
+        self.wait = False
+        return self
 
     def __enter__(self):
-        self.thread_lock.acquire()
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        if self.wait:
+            self.thread_lock.acquire()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return
+        if not self.thread_lock.acquire(blocking=False):
+            raise StoreBusy()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.thread_lock.release()
+            raise StoreBusy() from None
 
     def __exit__(self, *exc):
         fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -4047,7 +4076,8 @@ LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
 LIVE_RECENT_PAGES = 8           # pages per component whose last applied request id is kept (a resend applies once)
 LIVE_MAX_ID = 100               # characters of a request id, else id_too_long
-LIVE_MAX_STATE = 64 * 1024      # bytes of one component's state as JSON, else state_too_large
+LIVE_MAX_STATE = 512 * 1024     # bytes of one component's state as JSON, else state_too_large (a saved
+                                # state travels by reference, so this is bound by SESSION_MAX_RECORD)
 LIVE_MAX_PER_SESSION = 200      # component states kept per session; the least recently used go
 LIVE_MAX_DROPPED = 1000         # dropped components remembered one by one (see _live_apply)
 LIVE_MAX_JOIN = 500             # live components one page may show
@@ -4058,15 +4088,18 @@ LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
 LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
+LIVE_INLINE_STATE = 16 * 1024   # a fresh component's state past this (JSON) is saved when its page renders,
+                                # so the page's first event carries a reference, not the state
 DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
 UPLOAD_LIFETIME = 3600          # an uploaded file no event took is deleted after this
 UPLOAD_PENDING_MAX = 512 << 20  # bytes of uploads waiting for their events, all sessions together
                                 # (one session: twice its component's max_upload)
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_-]{32}\Z")
-_COMPONENT_SETTINGS = ("url", "max_upload", "locked")  # class attributes that configure, not state
+_COMPONENT_SETTINGS = ("url", "max_upload", "locked", "on_loop")  # class attributes that configure, not state
 LIVE_RELOAD_CODES = ("bad_state", "no_session")  # refusals that only a page reload cures
 LIVE_MAX_EMITS = 50             # @on handler runs that one round trip's emits may cause (a loop stops there)
 _JSON_SCALARS = (str, int, float, bool, type(None))
+_JSON_PLAIN = frozenset((str, int, bool, type(None)))  # types a quick check passes at once (floats: if finite)
 _CID_RE = re.compile(r"[\w:./#@-]{1,200}\Z")
 
 
@@ -4103,19 +4136,45 @@ def every(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return mark
 
 
+def _json_safe(value):
+    """Whether `value` is JSON-safe: the quick walk each event makes (no path built)."""
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _JSON_PLAIN and not _json_safe(item)):
+                return False
+        return True
+    if kind is list:
+        for item in value:
+            if type(item) not in _JSON_PLAIN and not _json_safe(item):
+                return False
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    return isinstance(value, _JSON_SCALARS) and not (isinstance(value, float) and not math.isfinite(value))
+
+
 def _check_json_safe(value, where):
+    if type(value) in _JSON_PLAIN or _json_safe(value):
+        return
+    _explain_json_safe(value, where)
+
+
+def _explain_json_safe(value, where):
+    """Raise TypeError (ValueError for NaN and infinities) naming the first part of `value`
+    that is not JSON-safe (the slow walk, after the quick one found something)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} is {value}; state numbers must be finite (JSON has no NaN or Infinity)")
     if isinstance(value, _JSON_SCALARS):
         return
     if isinstance(value, list):
         for i, item in enumerate(value):
-            _check_json_safe(item, f"{where}[{i}]")
+            _explain_json_safe(item, f"{where}[{i}]")
     elif isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where} has a {type(key).__name__} key {key!r}; state dict keys must be str")
-            _check_json_safe(item, f"{where}[{key!r}]")
+            _explain_json_safe(item, f"{where}[{key!r}]")
     else:
         raise TypeError(f"{where} is a {type(value).__name__}; component state must be JSON-safe "
                         "(str, int, float, bool, None, list, dict)")
@@ -4168,6 +4227,7 @@ class Component:
                                 f"payload)); an @every method takes nothing (def {name}(self))") from None
 
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
+    on_loop = False                 # True: events run on the event loop (methods and template never block)
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
     # State fields the browser may not set through ws-model ($model), as Livewire's #[Locked]:
     # every other public field is writable by the page's user, like a form field.
@@ -4412,6 +4472,7 @@ class _ComponentRenderer:
         else:
             comp = cls._create(app, props, session, cid, context)
             version, seq = 0, session.seq
+        saved = stored is not None
         if cls.url and isinstance(request, Request) and request.query_string:
             # a page loaded with a query string starts from it over the saved state, and saves it
             changed = {k: _url_value(cls, k, request.query[k]) for k in cls.url if k in request.query}
@@ -4420,7 +4481,8 @@ class _ComponentRenderer:
                 for key, value in changed.items():
                     setattr(comp, key, value)
                 version, seq = app._save_url_state(sid, cid, cls, comp._checked_state())
-        markup = app._wrap_component(comp, name, cid, sid, version, seq)
+                saved = True
+        markup = app._wrap_component(comp, name, cid, sid, version, seq, saved)
         if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
@@ -4471,7 +4533,7 @@ class _ComponentRenderer:
                     if live.get(cid, {}).get("v") == before:  # else a newer save wins
                         live[cid] = saved
                 app.sessions.update(sid, save)
-        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq)
+        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq, saved=True)
 
 
 class _LiveContext:
@@ -4544,9 +4606,14 @@ class SavedComponent:
 
 @dataclass(slots=True)
 class StateToken:
-    """What a signed state token (`data-asok-state`) says: JSON {s, v, q, t} + "." + HMAC,
-    bound to the component name, the cid and the session (LiveHub.sign / LiveHub.read)."""
-    state: dict
+    """What a signed state token (`data-asok-state`) says, bound to the component name, the
+    cid and the session (LiveHub.sign / LiveHub.read). Two kinds, both JSON + "." + HMAC:
+    - a reference {q, t, v}: "the state the session saved at save number q" (`state` is None);
+      the session holds that state, so the browser need not send it back;
+    - a state token {s, v, q, t, r?}: the state itself, for a component the session has not
+      saved yet (its first event carries it), or for a page that needs its values (ws-model
+      fields, URL-bound fields); `r` is then the reference, which alive.js sends instead."""
+    state: dict | None
     version: int
     seq: int
     issued: int
@@ -4559,7 +4626,10 @@ class StateToken:
     @classmethod
     def from_json(cls, text):
         payload = json.loads(text)
-        return cls(payload["s"], payload["v"], payload.get("q", 0), payload["t"])
+        state = payload.get("s")
+        if state is not None and not isinstance(state, dict):
+            raise TypeError("the state in a token is an object")
+        return cls(state, payload["v"], payload.get("q", 0), payload["t"])
 
 
 def _request_order(rid):
@@ -4581,6 +4651,7 @@ class _LiveCall:
     token: StateToken
     method: str
     args: list
+    held: int | None = None  # the save number of the HTML the page holds for a diff (its `h`)
 
 
 class LiveConnection:
@@ -4702,13 +4773,67 @@ class _LiveOutbox:
                 self.room.set()
 
 
+_HTML_TOKENS = re.compile(r"<[^>]*>?|[^<\s]+|\s+")  # every character is in one (a window may cut a tag)
+DIFF_FINE = 4096  # a changed middle up to this many characters (old + new) is split into hunks
+
+
+def _html_patch(old, diff):
+    """`old` with each hunk of a diff (see _html_diff) applied, as alive.js applies it."""
+    units, out, at = old.encode("utf-16-le"), [], 0
+    for i in range(0, len(diff), 3):
+        out += [units[2 * at:2 * diff[i]], diff[i + 2].encode("utf-16-le")]
+        at = diff[i + 1]
+    return b"".join([*out, units[2 * at:]]).decode("utf-16-le")
+
+
 class _View:
-    __slots__ = ("conn", "cid", "seq")
+    __slots__ = ("conn", "cid", "seq", "last")
 
     def __init__(self, conn, cid, seq):
         self.conn = conn
         self.cid = cid
         self.seq = seq  # the save number of the HTML the page shows
+        self.last = None  # (save number, inner HTML) of the last reply to this view: a diff's base
+
+
+def _html_diff(old, new):
+    """[s1, e1, text1, s2, e2, text2, ...]: `new` is `old` with its characters s to e replaced by
+    text, for each hunk (positions in old, in UTF-16 code units as JavaScript counts them); None if
+    that is no shorter than `new`. A short changed middle whose tags and words are as many on both
+    sides (values changed in place) is split into a hunk per changed run of them."""
+    n, step, a = min(len(old), len(new)), 4096, 0
+    while step:  # the common prefix: chunks while they match, then halves of the one that does not
+        if a + step <= n and old[a:a + step] == new[a:a + step]:
+            a += step
+        else:
+            step //= 2
+    m, b, lo, hi, step = n - a, 0, len(old), len(new), 4096
+    while step:  # the common suffix, within what the prefix left
+        if b + step <= m and old[lo - b - step:lo - b] == new[hi - b - step:hi - b]:
+            b += step
+        else:
+            step //= 2
+    hunks = [(a, lo - b, new[a:hi - b])]
+    if 0 < lo - b - a and 0 < hi - b - a and (lo - b - a) + (hi - b - a) <= DIFF_FINE:
+        ours, theirs = _HTML_TOKENS.findall(old, a, lo - b), _HTML_TOKENS.findall(new, a, hi - b)
+        if len(ours) == len(theirs):  # values changed in place (the common case): a hunk per changed run
+            hunks, at = [], a
+            for mine, yours in zip(ours, theirs):
+                if mine != yours:
+                    if hunks and hunks[-1][1] == at:
+                        hunks[-1] = (hunks[-1][0], at + len(mine), hunks[-1][2] + yours)
+                    else:
+                        hunks.append((at, at + len(mine), yours))
+                at += len(mine)
+    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
+        return None
+    out = []
+    wide = not old.isascii()
+    for s, e, text in hunks:
+        if wide:
+            s, e = (len(old[:s].encode("utf-16-le")) // 2, len(old[:e].encode("utf-16-le")) // 2)
+        out += [s, e, text]
+    return out
 
 
 class _Key:
@@ -4787,10 +4912,28 @@ class LiveHub:
         return self._origin_name
 
     # ── tokens ────────────────────────────────────────────────────────
-    def sign(self, name, cid, sid, state, version, seq):
-        payload = json.dumps({"s": state, "v": version, "q": seq, "t": int(time.time())},
-                             separators=(",", ":"), sort_keys=True)
-        return self.app._state_signer.sign(payload, bind=f"{name}\0{cid}\0{sid}")
+    def sign(self, name, cid, sid, state, version, seq, saved=False):
+        """A state token carrying `state` (with its reference inside when the session has
+        `saved` it), or, when `state` is None, just the reference (see StateToken)."""
+        bind, now = f"{name}\0{cid}\0{sid}", int(time.time())
+        ref = self.app._state_signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
+        if state is None:
+            return ref
+        payload = '{"s":%s,"v":%d,"q":%d,"t":%d%s}' % (
+            json.dumps(state, separators=(",", ":"), sort_keys=True), version, seq, now,
+            ',"r":' + json.dumps(ref) if saved else "")
+        return self.app._state_signer.sign(payload, bind=bind)
+
+    @staticmethod
+    def _shows_values(component, inner):
+        """Whether a page needs the state's values beside the HTML: alive.js sets ws-model
+        fields from them, and the forms part writes URL-bound fields into the address."""
+        return bool(component.url) or "ws-model" in inner
+
+    def _page_token(self, cls, cid, sid, saved, inner):
+        """The token a reply or push carries for `saved` (saved, so a reference suffices)."""
+        state = saved.state if self._shows_values(cls, inner) else None
+        return self.sign(cls.__name__, cid, sid, state, saved.version, saved.seq, saved=True)
 
     def read(self, name, cid, sid, token):
         try:
@@ -4803,14 +4946,17 @@ class LiveHub:
         return token
 
     # ── 1. parse ──────────────────────────────────────────────────────
-    def handle(self, conn, text):
-        """One message from a page in (JSON text); the messages to send back out. Never raises."""
+    def handle(self, conn, text, message=None, wait=True):
+        """One message from a page in (JSON text, or `message` already parsed from it); the
+        messages to send back out. Never raises, but for StoreBusy when `wait` is False (then
+        nothing was done: the caller hands the message to a thread, which waits)."""
         rid = None
         try:
-            try:
-                message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-            except ValueError as exc:
-                raise LiveError("bad_json", f"message is not JSON: {exc}")
+            if message is None:
+                try:
+                    message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+                except ValueError as exc:
+                    raise LiveError("bad_json", f"message is not JSON: {exc}")
             if not isinstance(message, dict):
                 raise LiveError("bad_message", "message must be a JSON object")
             if "join" in message:
@@ -4821,7 +4967,9 @@ class LiveHub:
                 if isinstance(message.get("id"), str):
                     raise LiveError("id_too_long", f"the request id has {len(message['id'])} characters; "
                                                    f"the limit is {LIVE_MAX_ID}")
-            return self._event(conn, message)
+            return self._event(conn, message, wait)
+        except StoreBusy:
+            raise
         except LiveError as exc:
             log.warning("live event refused: %s: %s", exc.code, exc.message)
             return [_live_error(rid, exc.code, exc.message)]
@@ -4861,14 +5009,18 @@ class LiveHub:
         self._check_page(sid, csrf)
         cls = self._component(name)
         token = self.read(name, cid, sid, token)
+        held = message.get("h")
+        held = held if _is_int(held) else None
         if method == "$model":
             if len(args) != 2 or not isinstance(args[0], str):
                 raise LiveError("bad_args", "$model takes [property, value]")
             if args[0] in cls.locked:
                 raise LiveError("locked", f"{name}.{args[0]} is locked: the browser cannot set it "
                                           "(only the component's methods can)")
-            value = _model_value(cls, args[0], args[1], token.state.get(args[0]))
-            return _LiveCall(rid, cid, cls, token, method, [args[0], value])
+            # with a reference, a field whose default is None takes its type from the saved
+            # state, under the session's lock (see _run_event)
+            value = _model_value(cls, args[0], args[1], (token.state or {}).get(args[0]))
+            return _LiveCall(rid, cid, cls, token, method, [args[0], value], held)
         if method.startswith("_"):
             raise LiveError("private_method", f"{name}.{method} is private")
         fn = getattr(cls, method, None)
@@ -4876,19 +5028,26 @@ class LiveHub:
             raise LiveError("unknown_method", f"{name} has no method {method!r}")
         if not getattr(fn, "__asok_exposed__", False):
             raise LiveError("not_exposed", f"{name}.{method} is not @exposed")
-        return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args))
+        return _LiveCall(rid, cid, cls, token, method, _bind_args(cls, method, args), held)
 
-    def _event(self, conn, message):
+    def on_loop(self, message):
+        """Whether this parsed message is an event to run on the event loop: one of a component
+        with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
+        cls = self.app.components.get(message.get("component")) if isinstance(message, dict) else None
+        return (cls is not None and cls.on_loop is True and getattr(self.app.sessions, "local", False)
+                and "join" not in message and "$upload" not in str(message.get("args")))
+
+    def _event(self, conn, message, wait=True):
         call = self._parse_call(conn.sid, message)
         taken = []  # uploaded files among the arguments: deleted afterwards unless the method saved them
         call.args = self.app._take_uploads(conn.sid, call.cid, call.args, taken)
         try:
-            return self._run_event(conn, call)
+            return self._run_event(conn, call, wait)
         finally:
             for upload in taken:
                 upload.close()
 
-    def _run_event(self, conn, call):
+    def _run_event(self, conn, call, wait=True):
         def run(comp, saved):
             page, order = _request_order(call.rid)
             ids = saved.ids if isinstance(saved.ids, dict) else {}
@@ -4897,7 +5056,10 @@ class LiveHub:
             if comp.authorize(call.method, list(call.args)) is False:
                 raise LiveError("forbidden", f"{call.cls.__name__}.{call.method} is not allowed")
             if call.method == "$model":
-                setattr(comp, call.args[0], call.args[1])
+                prop, value = call.args
+                if call.token.state is None and call.cls._asok_fields.get(prop) is None:
+                    value = _model_value(call.cls, prop, value, getattr(comp, prop, None))
+                setattr(comp, prop, value)
             else:
                 getattr(comp, call.method)(*call.args)
             ids.pop(page, None)  # the page heard from last goes last; the oldest goes past the limit
@@ -4908,11 +5070,16 @@ class LiveHub:
             return True
 
         view = self._attach(conn, call.cid, call.cls, call.token) if conn.push else None
-        saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run, always=True)
+        saved, inner, outbox, changed = self._commit(conn.sid, call.cid, call.cls, call.token, conn, run,
+                                                     always=True, wait=wait)
+        diff = None
         if view is not None:
             with self._lock:
                 view.seq = max(view.seq, saved.seq)  # the reply brings it
-        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+                last, view.last = view.last, (saved.seq, inner)
+            if last is not None and call.held == last[0]:  # the page holds that HTML: the change suffices
+                diff = _html_diff(last[1], inner)
+        token = token_first = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
         self._adopt(conn, inner)
         replies = [json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))]
         for cid, (cls, saved, inner) in changed.items():  # what the emits changed comes with the reply
@@ -4923,6 +5090,8 @@ class LiveHub:
             self._adopt(conn, inner)
             replies.append(json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":")))
         self._flush(outbox)
+        if diff is not None:
+            replies[0] = json.dumps({"id": call.rid, "d": diff, "state": token_first}, separators=(",", ":"))
         return replies
 
     def _join(self, conn, message):
@@ -4973,6 +5142,9 @@ class LiveHub:
         saved = SavedComponent.load((self.app.sessions.load(conn.sid) or {}).get("live", {}).get(cid), cls.__name__)
         if saved is not None:
             state = saved.state
+        elif state is None:  # a reference to a state the session no longer holds
+            raise LiveError("bad_state", "this page's state is older than what the session keeps; "
+                                         "reload the page")
         topics = self._topics_of(cls, state)
         with self._lock:
             view = conn.views[cid] = _View(conn, cid, token.seq)
@@ -5032,17 +5204,21 @@ class LiveHub:
                     "timers": sum(len(k.timers) for k in self._keys.values())}
 
     # ── 2-4. choose the state, apply, render, save ────────────────────
-    def _commit(self, sid, cid, cls, fallback, conn, run, always=False):
+    def _commit(self, sid, cid, cls, fallback, conn, run, always=False, wait=True):
         """Apply `run(comp, saved)` to the (session, cid) under the store's lock, and the @on
         handlers on the same page of what it emits; returns (saved, inner HTML or None when
-        nothing changed, deferred publishes, {cid: (cls, saved, inner)} the emits changed)."""
+        nothing changed, deferred publishes, {cid: (cls, saved, inner)} the emits changed).
+        With wait=False a held lock raises StoreBusy before anything runs (SessionStore.local)."""
         result = []
 
         def apply(record):
             saved, inner, outbox, emits = self._apply(record, sid, cid, cls, fallback, conn, run, always)
             result[:] = saved, inner, outbox, self._emitted(record, sid, cid, conn, emits, outbox)
 
-        self.app.sessions.update(sid, apply)
+        if wait:
+            self.app.sessions.update(sid, apply)
+        else:
+            self.app.sessions.update(sid, apply, wait=False)
         return result
 
     def _apply(self, record, sid, cid, cls, fallback, conn, run, always):
@@ -5055,11 +5231,12 @@ class LiveHub:
         dropped = record.setdefault("dropped", {})
         saved = SavedComponent.load(live.get(cid), name)
         if saved is None:
-            if fallback is None or fallback.seq <= dropped.get(cid, -1) or fallback.seq < record.get("floor", 0):
+            if fallback is None or fallback.state is None or fallback.seq <= dropped.get(cid, -1) \
+                    or fallback.seq < record.get("floor", 0):
                 raise LiveError("bad_state", "this page's state is older than what the session keeps; "
                                              "reload the page")
             saved = SavedComponent(name, fallback.state, fallback.version, fallback.seq)
-        before = json.dumps(saved.state, sort_keys=True)
+        before = None if always else json.dumps(saved.state, sort_keys=True)  # an event always saves
         session = Session(record.get("data"), sid)
         session.live = live
         session.seq = record.get("seq", 0)
@@ -5142,7 +5319,7 @@ class LiveHub:
         """A push of `saved` rendered for `conn`'s page, outside any lock (nothing is saved)."""
         session = self.app._load_session(sid)
         inner = str(self._restore(cls, saved.state, session, sid, cid, conn).render())
-        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        token = self._page_token(cls, cid, sid, saved, inner)
         self._adopt(conn, inner)
         return json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
 
@@ -5164,7 +5341,7 @@ class LiveHub:
     def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for):
         """After a save that changed (sid, cid): its topics follow its state, this process's
         views get the new HTML, the other processes hear of the save. Returns the new token."""
-        token = self.sign(cls.__name__, cid, sid, saved.state, saved.version, saved.seq)
+        token = self._page_token(cls, cid, sid, saved, inner or "")
         if cls._asok_on:
             try:
                 topics = self._topics_of(cls, saved.state)
@@ -5198,6 +5375,7 @@ class LiveHub:
             with self._lock:
                 if view.seq < saved.seq:  # another thread may have pushed a newer one meanwhile
                     view.seq = saved.seq
+                    view.last = None  # the page's next event gets the whole HTML
                     view.conn.push(cid, made[url])
 
     # ── publish and receive ───────────────────────────────────────────
@@ -6115,7 +6293,8 @@ class Asok:
             return text
         scripts = self._alive_scripts()
         tags = f'<meta name="csrf-token" content="{request.csrf_token}">'
-        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ())}
+        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ()),
+                 *(("model",) if " ws-model=" in text else ())}
         for part in ("", *sorted(parts)):
             if part in scripts:
                 name = f"alive-{part}.js" if part else "alive.js"
@@ -6186,10 +6365,16 @@ class Asok:
         return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
 
     # ── the live endpoint ─────────────────────────────────────────────
-    def _wrap_component(self, comp, name, cid, sid, version, seq):
+    def _wrap_component(self, comp, name, cid, sid, version, seq, saved=False):
         state = comp._checked_state()
         inner = comp.render()
-        token = self.live.sign(name, cid, sid, state, version, seq)
+        cls = type(comp)
+        if not saved and len(json.dumps(state)) > LIVE_INLINE_STATE:
+            # too large to travel with each first event: saved now, so the page holds a reference
+            version, seq = self._save_url_state(sid, cid, cls, state)
+            saved = True
+        shown = state if not saved or self.live._shows_values(cls, inner) else None
+        token = self.live.sign(name, cid, sid, shown, version, seq, saved=saved)
         bound = {k: comp._asok_fields[k] for k in comp.url}
         url = f' data-asok-url="{html.escape(json.dumps(bound))}"' if bound else ""
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
@@ -6313,7 +6498,16 @@ class Asok:
                     replies = [_live_error(rid and rid.group(1), "too_large",
                                            f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")]
                 else:
-                    replies = await _in_thread(loop, self.executor, self.live.handle, conn, message)
+                    replies = None
+                    try:
+                        parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
+                    except ValueError:
+                        parsed = None  # handle() says what is wrong with it
+                    if self.live.on_loop(parsed):  # no thread round trip; a held lock sends it to one
+                        with contextlib.suppress(StoreBusy):
+                            replies = self.live.handle(conn, message, parsed, wait=False)
+                    if replies is None:
+                        replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
                     await outbox.reply(reply)
         finally:
@@ -7957,15 +8151,26 @@ class LiveHandle:
         self._arrived = threading.Condition()
         self.conn = LiveConnection(client.sid, self._pushed)
         self.conn.path, _, self.conn.query_string = path.partition("?")
+        self._held = None  # (save number, inner HTML) a reply's diff applies to, as alive.js's root.h
         # the page's components, as alive.js joins them: the others are there for emit()
-        join = {"join": [[cid, name, state], *(c for c in page if c[0] != cid)], "url": path, "csrf": csrf}
+        join = {"join": [[cid, name, self._ref], *(c for c in page if c[0] != cid)], "url": path, "csrf": csrf}
         for text in client.app.live.handle(self.conn, json.dumps(join)):
             self._pushed(json.loads(text).get("cid"), text)
 
     @property
     def state(self) -> dict[str, Any]:
-        """The component's state, as signed into its last render."""
-        return StateToken.parse(self.state_token).state
+        """The component's state, as signed into its last render, or, when the page holds a
+        reference (the session saved it), as the session holds it."""
+        state = StateToken.parse(self.state_token).state
+        if state is None:
+            saved = (self.client.app.sessions.load(self.conn.sid) or {}).get("live", {}).get(self.cid)
+            state = saved["s"] if saved else None
+        return state
+
+    @property
+    def _ref(self) -> str:
+        """What alive.js sends as `state`: the reference inside the token, if it has one."""
+        return json.loads(self.state_token.rpartition(".")[0]).get("r") or self.state_token
 
     def _pushed(self, cid, text):
         if cid != self.cid:  # another component of the page
@@ -7975,6 +8180,7 @@ class LiveHandle:
             self.pushes.append(message)
             if "html" in message and StateToken.parse(message["state"]).seq >= StateToken.parse(self.state_token).seq:
                 self.state_token, self.html = message["state"], message["html"]
+                self._held = (StateToken.parse(self.state_token).seq, self.html)
             self._arrived.notify_all()
 
     def wait_for_push(self, count: int = 1, timeout: float = 5.0) -> dict[str, Any]:
@@ -8006,14 +8212,20 @@ class LiveHandle:
     def call(self, method: str, *args: Any, **overrides: Any) -> dict[str, Any]:
         """Call `method` with `args` as alive.js would; `overrides` replace fields of the message."""
         self._n += 1
+        held = self._held
         message = {"id": f"{self._page}:{self._n}", "cid": self.cid, "component": self.name,
-                   "state": self.state_token, "method": method, "args": list(args), "csrf": self.csrf}
+                   "state": self._ref, "method": method, "args": list(args), "csrf": self.csrf}
+        if held is not None:
+            message["h"] = held[0]
         message.update(overrides)
         reply = self.send(message)
+        if "d" in reply:  # a diff against the HTML held: the reply gets the whole HTML, as alive.js builds it
+            reply["html"] = _html_patch(held[1], reply["d"])
         with self._arrived:  # a push that overtook the reply stays, as in alive.js
             if "error" not in reply and StateToken.parse(reply["state"]).seq >= StateToken.parse(self.state_token).seq:
                 self.state_token = reply["state"]
                 self.html = reply["html"]
+                self._held = (StateToken.parse(self.state_token).seq, self.html)
         return reply
 
     def find(self, selector: str) -> list[_Node]:

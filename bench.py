@@ -55,6 +55,33 @@ EXAMPLES = HERE / "examples"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 COUNT_RE = re.compile(r"Count: (-?\d+)")
+
+
+def asok_ref(token):
+    """What alive.js sends as `state`: the reference inside a token that has one, else the token."""
+    return json.loads(token.rpartition(".")[0]).get("r") or token
+
+
+def asok_html(data, held):
+    """The whole HTML of a reply, as alive.js builds it: `html`, or the diff `d` applied to the
+    HTML held (`held` = (save number, html)); returns (save number, html) to hold next."""
+    if "d" in data:
+        old, new, at = held[1].encode("utf-16-le"), b"", 0
+        for i in range(0, len(data["d"]), 3):
+            new += old[2 * at:2 * data["d"][i]] + data["d"][i + 2].encode("utf-16-le")
+            at = data["d"][i + 1]
+        new = (new + old[2 * at:]).decode("utf-16-le")
+    else:
+        new = data["html"]
+    return json.loads(data["state"].rpartition(".")[0])["q"], new
+
+
+def asok_call(rid, v_cid, component, state, method, args, csrf, held):
+    message = {"id": rid, "cid": v_cid, "component": component, "state": asok_ref(state),
+               "method": method, "args": args, "csrf": csrf}
+    if held is not None:
+        message["h"] = held[0]
+    return json.dumps(message, separators=(",", ":"))
 PCOUNT_RE = re.compile(r"clicks this session: (\d+)")
 CSRF_RE = re.compile(r'<meta name="csrf-token" content="([^"]*)"')
 COMPONENT_RE = re.compile(r'<div id="([^"]*)" data-asok-component="(\w+)" data-asok-state="([^"]*)">')
@@ -539,13 +566,12 @@ async def send(ws, text):
 async def live_client(ws, visitor, stats, window):
     """Click increment like alive.js: next event after the reply, with the new state."""
     page = f"{random.random()}:"
-    state, prev, start, clicks = visitor.state, visitor.count, visitor.count, 0
+    state, prev, start, clicks, held = visitor.state, visitor.count, visitor.count, 0, None
     for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
         if window.stopped:
             break
         rid = page + str(n)
-        text = json.dumps({"id": rid, "cid": visitor.cid, "component": visitor.component, "state": state,
-                           "method": "increment", "args": [], "csrf": visitor.csrf}, separators=(",", ":"))
+        text = asok_call(rid, visitor.cid, visitor.component, state, "increment", [], visitor.csrf, held)
         t0 = time.perf_counter_ns()
         await send(ws, text)
         try:
@@ -561,7 +587,8 @@ async def live_client(ws, visitor, stats, window):
             stats.errors.append(reply[:300])
             break
         state = data["state"]
-        count = int(COUNT_RE.search(data["html"]).group(1))
+        held = asok_html(data, held)
+        count = int(COUNT_RE.search(held[1]).group(1))
         if count != prev + 1:
             stats.out_of_order += 1
         prev = count
@@ -570,7 +597,7 @@ async def live_client(ws, visitor, stats, window):
         if window.measuring:
             stats.latencies.append(t1 - t0)
             stats.events += 1
-        last_html = data["html"]
+        last_html = held[1]
     if clicks:
         pcount = int(PCOUNT_RE.search(last_html).group(1))
         if prev != start + clicks or pcount != visitor.pcount + clicks:
@@ -1157,11 +1184,13 @@ def run_increment_bytes(tmp):
         v = Visitor(server.port)
         ws = await RawWS.connect(server.port, "/asok/live", v.cookie)
         try:
-            text = json.dumps({"id": f"{random.random()}:1", "cid": v.cid, "component": v.component,
-                               "state": v.state, "method": "increment", "args": [], "csrf": v.csrf},
-                              separators=(",", ":"))
-            ws.send(text)
-            reply = await ws.recv()
+            state, held = v.state, None
+            for n in range(2):  # the second is an increment on a saved counter whose HTML the page holds
+                text = asok_call(f"{random.random()}:{n}", v.cid, v.component, state, "increment", [], v.csrf, held)
+                ws.send(text)
+                reply = await ws.recv()
+                if "error" not in json.loads(reply):
+                    state, held = json.loads(reply)["state"], asok_html(json.loads(reply), held)
         finally:
             await ws.close()
         if "error" in json.loads(reply):
@@ -1654,15 +1683,16 @@ def peer_turn(kind, server, cfg):
 def asok_bytes(counter_port, list_port):
     """Bytes of one increment on the counter and of one row's change in the 1,000-row list."""
     async def event(ws, v, method, args):
-        text = json.dumps({"id": f"{random.random()}:1", "cid": v["cid"], "component": v["component"],
-                           "state": v["state"], "method": method, "args": args, "csrf": v["csrf"]},
-                          separators=(",", ":"))
+        text = asok_call(f"{random.random()}:1", v["cid"], v["component"], v["state"], method, args, v["csrf"],
+                         v.get("held"))
         ws.send(text)
         reply = await ws.recv()
         data = json.loads(reply)
         if "error" in data:
             raise RuntimeError(f"asok refused {method}: {reply[:300]}")
         v["state"] = data["state"]
+        v["held"] = asok_html(data, v.get("held"))
+        data["html"] = v["held"][1]
         return data, len(text.encode()), len(reply.encode())
 
     async def main():
@@ -1670,10 +1700,11 @@ def asok_bytes(counter_port, list_port):
         counter = {"cid": c.cid, "component": c.component, "state": c.state, "csrf": c.csrf}
         ws = await RawWS.connect(counter_port, "/asok/live", c.cookie)
         try:
-            data, inc_req, inc_rep = await event(ws, counter, "increment", [])
+            for _ in range(2):   # the second event is on a saved component whose HTML the page holds
+                data, inc_req, inc_rep = await event(ws, counter, "increment", [])
         finally:
             await ws.close()
-        if int(COUNT_RE.search(data["html"]).group(1)) != c.count + 1:
+        if int(COUNT_RE.search(data["html"]).group(1)) != c.count + 2:
             raise RuntimeError("asok's increment did not add 1")
         status, headers, body, _ = http_get(list_port)
         if status != 200:

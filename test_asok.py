@@ -162,9 +162,9 @@ def counter_served(port, jar):
     and an increment answers the count plus one."""
     tab = SocketTab(port, jar)
     try:
-        before = json.loads(tab.components["Counter"][1].rpartition(".")[0])["s"]["count"]
+        before = int(re.search(r"Count: (-?\d+)", tab.page).group(1))
         reply = tab.call("Counter", "increment")
-        return json.loads(reply["state"].rpartition(".")[0])["s"]["count"] == before + 1
+        return f"Count: {before + 1}<" in reply["html"]
     finally:
         tab.close()
 
@@ -4520,6 +4520,113 @@ def test_a_state_that_is_not_finite_json_is_refused_naming_the_attribute(tmp_pat
     assert client.live("/", "Ratio").state["r"] == 1.0
 
 
+ROWS_FILES = {
+    "src/components/Rows.py": '''
+        from asok import Component, exposed
+
+        class Rows(Component):
+            rows = []
+
+            def mount(self):
+                self.rows = self.rows or [{"id": i, "name": f"row {i}", "n": 0} for i in range(self.size)]
+
+            size = 10
+
+            @exposed
+            def bump(self, i: int):
+                self.rows[i]["n"] += 1
+
+            @exposed
+            def insert(self, at: int, name: str):
+                self.rows.insert(at, {"id": 10 ** 6 + at, "name": name, "n": 0})
+
+            @exposed
+            def remove(self, at: int):
+                del self.rows[at]
+
+            @exposed
+            def reverse(self):
+                self.rows.reverse()
+    ''',
+    "src/components/rows.html": '''<table><% for r in rows %><tr id="r<< r.id >>"><td><< r.name >></td><td><< r.n >></td></tr><% endfor %></table>''',
+    "src/pages/index.html": "<< component('Rows', size=10) >>",
+    "src/pages/big.html": "<< component('Rows', size=10000) >>",
+}
+
+
+def test_a_saved_component_is_called_by_reference_whatever_its_size(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    small = client.live("/", "Rows")
+    fresh = asok.StateToken.parse(small.state_token)
+    assert fresh.state["rows"][3]["name"] == "row 3"  # a fresh small component's page carries its state
+    first = small.call("bump", 3)
+    assert asok.StateToken.parse(first["state"]).state is None  # saved: the reply holds a reference
+    sizes = []
+    for page, handle in (("/", small), ("/big", client.live("/big", "Rows"))):
+        # a 10,000-row state is saved as its page renders, so even its first event is a reference
+        assert asok.StateToken.parse(handle.state_token).state is None or page == "/"
+        sent = []
+        original = app.live.handle
+        app.live.handle = lambda conn, text: (sent.append(len(text)), original(conn, text))[1]  # noqa: B023
+        try:
+            reply = handle.call("bump", 5)
+        finally:
+            app.live.handle = original
+        assert "error" not in reply and handle.state["rows"][5]["n"] == (1 if page == "/big" else 1)
+        assert '<td>row 5</td><td>1</td>' in handle.html
+        sizes.append(sent[0] - len(handle.cid))
+    assert sizes[0] < 600 and abs(sizes[0] - sizes[1]) < 40  # the same few hundred bytes for 10 or 10,000 rows
+
+
+def test_a_reference_to_a_state_the_session_no_longer_holds_is_refused(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    rows = client.live("/", "Rows")
+    rows.call("bump", 1)
+    ref = rows._ref
+    assert "rows" not in ref
+    app.sessions.update(client.sid, lambda record: record["live"].clear())
+    reply = rows.call("bump", 1, state=ref)
+    assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
+
+
+def test_replies_carry_only_what_changed_and_rebuild_the_whole_html(tmp_path):
+    app = make_app(tmp_path, ROWS_FILES)
+    client = asok.TestClient(app)
+    rows = client.live("/big", "Rows")
+    first = rows.call("bump", 500)
+    assert "html" in first and "d" not in first  # the page's HTML is not known to the socket: whole
+    wire, original = [], app.live.handle
+    app.live.handle = lambda conn, text: [wire.append(r) or r for r in original(conn, text)]
+    for method, args in (("bump", [700]), ("insert", [2, "new ✓ row 😀"]), ("remove", [4]), ("bump", [9000]),
+                         ("reverse", [])):
+        reply = rows.call(method, *args)
+        assert rows.html in client.get("/big").text  # what the diff rebuilt is what a page renders
+        if method != "reverse":
+            assert "d" in json.loads(wire[-1]) and len(wire[-1].encode()) < 1024, method  # one row of 10,000
+    assert "<td>new ✓ row 😀</td>" in rows.html and rows.html.count("<tr") == 10000
+    assert len(wire[-1]) <= len(json.dumps({"id": reply["id"], "html": rows.html, "state": reply["state"]}))
+
+
+@pytest.mark.parametrize("old, new", [
+    ("abc", "abXc"), ("<a>1</a><a>2</a>", "<a>1</a>"), ("x" * 5000 + "y", "x" * 5000 + "z"),
+    ("é😀" * 3000 + "a", "é😀" * 3000 + "b" + "é😀"), ("same", "same"), ("ab", "ba"), ("", "new"),
+    ('<p>1</p><a href="u1">' + "z" * 40, '<p>2</p><a href="u2">' + "z" * 40),  # the changed middle cuts a tag
+    ("<div><h3>Count: 11</h3><button>Add 1</button><p>clicks: 1</p></div>",
+     "<div><h3>Count: 12</h3><button>Add 1</button><p>clicks: 2</p></div>"),
+    ("<p>😀 a b c</p><i>1</i>" * 20, "<p>😀 a b c</p><i>1</i>" * 9 + "<p>😀 a X c</p><i>2</i>" * 2 + "<p>😀 a b c</p><i>1</i>" * 9)])
+def test_a_diff_rebuilds_the_new_html_counting_as_javascript_counts(old, new):
+    diff = asok._html_diff(old, new)
+    if diff is None:
+        assert len(new) < 40  # only tiny HTML goes whole
+        return
+    assert asok._html_patch(old, diff) == new
+    assert sum(len(text) for text in diff[2::3]) < len(new)
+    if "Count" in old:  # two changes far apart: two small hunks, not the span between them
+        assert len(diff) == 6 and all(len(text) <= 2 for text in diff[2::3])
+
+
 @pytest.mark.parametrize("message, code", [
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_message"),
@@ -4768,6 +4875,55 @@ def test_live_endpoint_over_a_real_websocket(live_app):
                                        "state": counter.state_token, "method": "increment", "args": [],
                                        "csrf": counter.csrf}))
             assert json.loads(anonymous.receive(timeout=5))["error"]["code"] == "no_session"
+
+
+def test_on_loop_components_run_their_events_on_the_loop_and_a_held_lock_sends_them_to_a_thread(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Where.py": '''
+            import threading
+            from asok import Component, exposed
+
+            class Where(Component):
+                threads = []
+
+                @exposed
+                def note(self):
+                    self.threads = self.threads + [threading.current_thread().name]
+
+            class Loop(Where):
+                on_loop = True
+        ''',
+        "src/components/where.html": "<p><< threads | length >></p>",
+        "src/components/loop.html": "<p><< threads | length >></p>",
+        "src/pages/index.html": "<< component('Where') >><< component('Loop') >>",
+    })
+    client = asok.TestClient(app, host="127.0.0.1")
+    where, loop = client.live("/", "Where"), client.live("/", "Loop")
+    assert "on_loop" not in loop.state  # a setting, not state
+    with running(app) as port:
+        client.host = f"127.0.0.1:{port}"
+        with live_socket(port, client) as ws:
+            def call(handle, n):
+                ws.send(json.dumps({"id": f"w:{n}", "cid": handle.cid, "component": handle.name,
+                                    "state": handle._ref, "method": "note", "args": [], "csrf": handle.csrf}))
+                reply = json.loads(ws.receive(timeout=10))
+                assert reply["id"] == f"w:{n}" and "error" not in reply, reply
+                handle.state_token = reply["state"]
+
+            call(where, 1)
+            call(loop, 2)
+            lock = app.sessions._lock(client.sid)
+            with lock:  # held (as by another thread's update): the event waits in a thread, not on the loop
+                ws.send(json.dumps({"id": "w:3", "cid": loop.cid, "component": "Loop", "state": loop._ref,
+                                    "method": "note", "args": [], "csrf": loop.csrf}))
+                with pytest.raises(TimeoutError):
+                    ws.receive(timeout=0.5)
+            assert json.loads(ws.receive(timeout=10))["id"] == "w:3"
+            call(loop, 4)
+    threads = app.sessions.load(client.sid)["live"]
+    (mine,), (looped,) = ([e["s"]["threads"] for e in threads.values() if e["c"] == c] for c in ("Where", "Loop"))
+    assert looped[0] == looped[2] != mine[0]  # the loop's thread, not a worker's as for Where
+    assert looped[1] != looped[0]  # the event that found the lock held went to a worker
 
 
 def test_a_real_socket_joins_and_gets_pushes_from_another_socket(live_app):
@@ -5075,7 +5231,8 @@ def test_a_join_answers_views_that_show_an_older_save_and_only_those(live_app):
     replies = [json.loads(r) for r in live_app.live.handle(conn, json.dumps(
         {"join": [[cid, "Counter", old], list(current[1])], "url": "/", "csrf": csrf}))]
     assert len(replies) == 1 and replies[0]["cid"] == cid and "Count: 15 / 0" in replies[0]["html"]
-    assert asok.StateToken.parse(replies[0]["state"]).state["count"] == 15
+    token = asok.StateToken.parse(replies[0]["state"])  # a reference: the session holds the state
+    assert token.state is None and token.seq == live_app.sessions.load(client.sid)["live"][cid]["q"]
     assert set(conn.views) == {cid, current[1][0]}
     again = live_app.live.handle(asok.LiveConnection(client.sid, None), json.dumps(
         {"join": [list(current[0])], "url": "/", "csrf": csrf}))
@@ -6295,7 +6452,7 @@ class SocketTab:
         headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
                                     timeout=10) as r:
-            page = r.read().decode()
+            page = self.page = r.read().decode()
             for value in r.headers.get_all("Set-Cookie") or ():
                 name, _, rest = value.partition("=")
                 jar[name] = rest.split(";")[0]

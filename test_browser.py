@@ -345,6 +345,92 @@ def test_each_component_has_its_own_queue(serve, page):
     assert counts(page) == [11, 110]
 
 
+# ── replies that carry only what changed ─────────────────────────────
+
+ROWS_APP = {
+    "src/components/Rows.py": """from asok import Component, exposed
+
+
+class Rows(Component):
+    rows = [{"id": i, "name": f"row {i}", "n": 0} for i in range(30)]
+    made = 0
+
+    @exposed
+    def bump(self, i: int):
+        self.rows[i]["n"] += 1
+
+    @exposed
+    def insert(self, at: int):
+        self.made += 1
+        self.rows.insert(at, {"id": 100 + self.made, "name": f"new {self.made} ✓", "n": 0})
+
+    @exposed
+    def remove(self, at: int):
+        del self.rows[at]
+
+    @exposed
+    def reverse(self):
+        self.rows.reverse()
+""",
+    "src/components/rows.html": """<div>
+<button ws-click="bump(2)">bump</button><button ws-click="insert(1)">insert</button>
+<button ws-click="remove(0)">remove</button><button ws-click="reverse">reverse</button>
+<ul><% for r in rows %><li id="r{{ r.id }}"><b>{{ r.name }}</b> <i>{{ r.n }}</i></li><% endfor %></ul>
+<% if made > 1 %>{{ component('Counter', count=made) }}<% endif %>
+</div>
+""",
+    "src/pages/rows.html": """{% extends "html/base.html" %}
+{% block main %}
+{{ component('Rows') }}
+{% endblock %}
+""",
+}
+
+# the component as alive.js left it, against the same component parsed from the whole page the
+# server renders now: equal, ignoring the signed tokens (their issue time differs) and classes
+SAME_AS_RENDERED = """async () => {
+  const doc = new DOMParser().parseFromString(await (await fetch(location.href)).text(), "text/html");
+  const bare = root => {
+    const copy = root.cloneNode(true);
+    for (const el of [copy, ...copy.querySelectorAll("[data-asok-component]")])
+      el.removeAttribute("data-asok-state"), el.removeAttribute("class");
+    return copy;
+  };
+  return bare(document.querySelector("[data-asok-component=Rows]")).isEqualNode(bare(doc.querySelector("[data-asok-component=Rows]")));
+}"""
+
+
+def test_a_diff_applied_by_alive_js_gives_the_dom_of_the_whole_html(serve, page):
+    server = serve("counter", ROWS_APP)
+    frames = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: frames.append(frame)))
+    page.goto(server.url + "/rows")
+    expect_connected(page, True)
+    steps = [("bump", "#r2 i", "1"), ("bump", "#r2 i", "2"), ("insert", "#r101 b", "new 1 ✓"),
+             ("insert", "#r102 b", "new 2 ✓"), ("remove", "ul li:first-child b", "new 2 ✓"),
+             ("reverse", "ul li:first-child b", "row 29"), ("bump", "ul li:nth-child(3) i", "1")]
+    for n, (button, selector, text) in enumerate(steps, 1):
+        page.click(f"[data-asok-component=Rows] > div > button:text-is('{button}')")
+        expect(page.locator(selector).first).to_have_text(text)
+        page.wait_for_function("n => document.querySelectorAll('.asok-loading').length == 0", arg=n)
+        assert page.evaluate(SAME_AS_RENDERED), (button, n)
+    # the nested counter (rendered once two rows were made) keeps its own events and diffs
+    for count in (3, 4):
+        page.click(f"[data-asok-component=Counter] {INCREMENT}")
+        expect_count(page, count)
+        assert page.evaluate(SAME_AS_RENDERED)
+    page.click("[data-asok-component=Rows] > div > button:text-is('insert')")
+    expect(page.locator("ul li:nth-child(2) b")).to_have_text("new 3 ✓")
+    expect_count(page, 4)  # the parent's re-render shows the child's saved count
+    assert page.evaluate(SAME_AS_RENDERED)
+    replies = [json.loads(f) for f in frames if '"id"' in f]
+    diffs = [r for r in replies if "d" in r]
+    assert len(diffs) >= 7 and all("html" not in r for r in diffs)  # all but each component's first reply
+    whole = next(f for f in frames if '"html"' in f and "row 29" in f)  # the list's first reply
+    assert len(json.dumps(diffs[0])) * 4 < len(whole)  # a bumped row: the change, not the list
+    assert page.evaluate("asokErrors") == []
+
+
 # ── live updates: every view in sync, chat, timers, catch-up, processes ──
 
 def new_context(browser):
