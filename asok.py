@@ -8171,7 +8171,8 @@ table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: .45rem .6rem; border-bottom: 1px solid var(--line); }
 [data-asok-component] { background: var(--card); border: 1px solid var(--line); border-radius: var(--radius);
   padding: 1.25rem 1.5rem; margin: 1.25rem 0; box-shadow: 0 1px 2px rgb(0 0 0 / .04); transition: opacity .2s; }
-[data-asok-component] [data-asok-component] { box-shadow: none; border-style: dashed; }
+[data-asok-component] [data-asok-component] { background: none; border: 0; border-radius: 0; box-shadow: none;
+  padding: 0; margin: 0; }  /* only the outermost component is a card */
 [data-asok-component] > :first-child, [data-asok-component] > :first-child > :first-child { margin-top: 0; }
 [data-asok-component] > :last-child, [data-asok-component] > :last-child > :last-child { margin-bottom: 0; }
 [data-asok-component] ul { padding-left: 1.25rem; }
