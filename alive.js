@@ -3,9 +3,9 @@
 // and spaces out of regular expressions), so comment freely.
 // A line "//# part: name" starts a part served as a second script only to pages that need it.
 (() => {
-const COMPONENT = "[data-asok-component]", DEBOUNCE_MS = 150, RETRY_MAX_MS = 5000;
+const COMPONENT = "[data-asok-component]";
 const page = Math.random() + ":", bags = new Map, byId = id => document.getElementById(id); // cid -> {queue, field, timer, sent, id, models}
-let socket, retry = 100, counter = 0;
+let socket, retry = 99, counter = 0; // 99: no socket has opened yet
 // a state token is JSON {s: state, v: version, q: save number, t: issued, r: reference} + "." + signature;
 // once the session holds the state, a reference (JSON {v, q, t} + "." + signature) stands for it
 const fields = token => JSON.parse(token.slice(0, token.lastIndexOf("."))), ref = root => fields(root.dataset.asokState).r || root.dataset.asokState, csrf = () => document.querySelector("meta[name=csrf-token]")?.content;
@@ -16,7 +16,7 @@ function enqueue(cid, call, field) {
   clearTimeout(bag.timer);
   if (field && field == bag.field) bag.queue.pop();
   if (call) bag.queue.push(call);
-  if (bag.field = field) bag.timer = setTimeout(() => enqueue(cid), DEBOUNCE_MS);
+  if (bag.field = field) bag.timer = setTimeout(() => enqueue(cid), 150);
   send(cid, bag);
 }
 
@@ -42,7 +42,7 @@ function receive(message) {
   if (bag) bag.sent = null;
   // a refusal that a reload cures reloads the page, once until an event succeeds again
   if (error?.reload && !sessionStorage.asokReloaded) location.reload(sessionStorage.asokReloaded = 1);
-  else if (error) console.error("asok:", error.code, error.message), root.dispatchEvent(new CustomEvent("asok:error", {bubbles: true, detail: error}));
+  else if (error) console.error("asok:", error.code, error.message), root.dispatchEvent(new CustomEvent("asok:error", {bubbles: 1, detail: error}));
   else {
     delete sessionStorage.asokReloaded;
     // HTML older than what the component shows (a reply overtaken by a push) is dropped; the
@@ -107,7 +107,9 @@ function connect() {
   socket.onclose = () => {
     document.documentElement.classList.add("asok-disconnected");
     setTimeout(connect, retry * (1 + Math.random()) / 2);
-    retry = Math.min(retry * 2, RETRY_MAX_MS);
+    // the first socket never opened: a server that cannot carry it (WSGI, uvicorn without websockets)
+    retry == 99 && console.error("asok: no live socket (WSGI? no websockets?)");
+    retry = Math.min(retry * 2, 5000); // ms
   };
 }
 

@@ -295,6 +295,43 @@ def test_a_click_in_one_tab_shows_in_the_other_without_a_click_there(serve, cont
     assert watching.evaluate("asokErrors") == [] and clicking.evaluate("asokErrors") == []
 
 
+# ── under a WSGI server, which cannot carry the live socket ──────────
+
+WSGI_SERVE = ("import sys, wsgiref.simple_server, asok; app = asok.load_app(sys.argv[1]); "
+              "wsgiref.simple_server.make_server('127.0.0.1', int(sys.argv[2]), app).serve_forever()")
+
+
+def test_under_wsgi_the_page_says_once_in_the_console_that_the_live_socket_is_refused(tmp_path, page):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(HERE / "examples" / "counter", app_dir, ignore=shutil.ignore_patterns(".asok"))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", WSGI_SERVE, str(app_dir), str(port)], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the WSGI server did not start"
+                time.sleep(0.05)
+        said, tries = [], []
+        page.on("console", lambda m: m.type == "error" and m.text.startswith("asok:") and said.append(m.text))
+        page.on("websocket", lambda ws: tries.append(ws.url))
+        page.goto(f"http://127.0.0.1:{port}/")
+        expect_count(page, 10)  # the page itself renders under WSGI
+        expect_connected(page, False)
+        deadline = time.monotonic() + 20
+        while len(tries) < 3:  # alive.js keeps trying, backing off
+            assert time.monotonic() < deadline, f"only {len(tries)} attempts"
+            page.wait_for_timeout(100)
+        assert said == ["asok: no live socket (WSGI? no websockets?)"]  # said once, not at every try
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # ── two nodes on one Redis ───────────────────────────────────────────
 
 @pytest.fixture
