@@ -1,22 +1,29 @@
 """asok: a one-file, standard-library web framework with live components.
 
 Copy asok.py and alive.js into a project and run `python asok.py serve`. The file reads
-top to bottom in dependency order:
+top to bottom in dependency order; each section opens with a `# ═══ N. Title ═══` banner:
 
-  1. Templates        `<< >>` / `{{ }}` compiled to Python, autoescaped (Markup, escape), in four
-                      parts: 1a syntax, 1b expressions, 1c compiler, 1d runtime and loader
-                      (Template, Templates)
-  2. HTTP/1.1         a sans-I/O request parser (bytes in, events out)
-  3. WebSocket        a sans-I/O RFC 6455 connection, handshake helpers, small clients
-  4. Errors           HTTPError, BadSignature, LiveError
-  5. Signing, keys    HMAC-SHA256 signatures bound to a purpose and a context
-  6. Sessions         Session (a dict with .modified), SessionStore, FileSessionStore
-  7. HTTP objects     Request, Response, make_response, Route
-  8. Components       Component, exposed, the live protocol
-  9. The application  Asok: file pages, @app.route, @app.websocket, WSGI, app.asgi
- 10. The server       asyncio, one protocol object per connection
- 11. Testing          TestClient (Flask/Starlette-shaped), LiveHandle (click, type, submit)
- 12. Command line     python asok.py serve --help; serving a folder of apps as a gallery
+  1. Limits, errors   AsokError, the root; HTTPError, TemplateError, BadSignature, LiveError,
+                      StoreUnavailable, SessionTooLarge (protocol errors sit with 4-6)
+  2. HTML safety      Markup, escape: the one escape every template output goes through
+  3. Templates        `<< >>` / `{{ }}` compiled to Python: 3a syntax (lexer, parser, nodes),
+                      3b expressions, 3c compiler, 3d runtime and loader (Template, Templates)
+  4. HTTP/1.1         HTTPParser: bytes in, events out; response_framing, render_response_head
+  5. WebSocket        WSConnection (RFC 6455, sans-I/O), Opcode, CloseCode, the handshake
+  6. WS clients       WebSocketClient, AsyncWebSocketClient, ConnectionClosed
+  7. Signing, keys    Signer, derive_key: HMAC-SHA256 bound to a purpose and a context
+  8. Sessions         Session, SessionStore (the contract), FileSessionStore, RedisSessionStore
+  9. HTTP objects     Request, Response, make_response, redirect, Route, MultiDict
+ 10. multipart        MultipartParser, UploadedFile
+ 11. Components       Component, exposed, on, every
+ 12. Live protocol    LiveHub: parse, choose the state, apply, render, push; SavedComponent
+ 13. Brokers          Broker, FolderBroker, RedisBroker: processes reaching each other
+ 14. The application  Asok: pages, @app.route, @app.websocket, publish, WSGI, app.asgi
+ 15-16. Adapters      WebSocket (what a handler gets), WSGI and ASGI
+ 17. The server       serve(): asyncio, one protocol object per connection, limits per client
+ 18-19. Testing       TestClient, TestResponse, LiveHandle (click, type, submit), a small HTML tree
+ 20. Command line     main(), load_app, serve_workers; `python asok.py serve --help`
+ 21. The gallery      serving a folder of apps, the shared stylesheet
 """
 
 __version__ = "0.1.0"
@@ -24,9 +31,16 @@ __all__ = [
     "Asok", "Component", "exposed", "on", "every", "Broker", "FolderBroker", "SavedComponent", "Request", "Response", "HTTPError", "redirect", "make_response",
     "Markup", "escape", "Template", "Templates", "TemplateError", "TemplateNotFound",
     "Session", "SessionStore", "FileSessionStore", "RedisSessionStore", "RedisBroker", "StoreUnavailable", "SessionTooLarge",
-    "Signer", "BadSignature", "LiveError", "UploadedFile", "MultipartParser",
+    "Signer", "AsokError", "BadSignature", "LiveError", "StoreBusy", "HTTPProtocolError", "WebSocketError",
+    "WebSocketHandshakeError", "UploadedFile", "MultipartParser",
     "WSConnection", "WebSocket", "WebSocketClient", "AsyncWebSocketClient", "ConnectionClosed",
     "TestClient", "TestResponse", "LiveHandle", "serve", "serve_workers", "load_app", "main",
+    # the sans-I/O cores (sections 4 and 5), their events and helpers
+    "HTTPParser", "RequestHead", "Body", "EndOfMessage", "ConnectionEnded", "render_response_head", "chunk",
+    "response_framing", "Opcode", "CloseCode", "TextMessage", "BytesMessage", "Ping", "Pong", "CloseConnection",
+    "ws_accept_key", "ws_check_handshake", "ws_handshake_request", "ws_check_handshake_response",
+    # the pieces the application is made of
+    "derive_key", "MultiDict", "Headers", "gallery_apps", "describe_app", "serve_gallery",
 ]
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -87,15 +101,24 @@ import urllib.parse
 import weakref
 
 
-# ═══ Template limits ════════════════════════════════════════════════════════
+# ═══ 1. Limits and errors: every error asok raises on purpose is an AsokError ═════════════════════
 
+# Limits sit beside the code they bound, each named once with its RFC section where one applies
+# (MAX_HEADER_BYTES in 4, MAX_WS_MESSAGE in 5, LIVE_MAX_MESSAGE in 12, ...); these two are the
+# templates'.
 MAX_TEMPLATE_DEPTH = 32          # levels of `extends` before a cycle is reported
 _TPL_MERGE_CACHE_SIZE = 64
 
 
-# ═══ Template errors ════════════════════════════════════════════════════════
+class AsokError(Exception):
+    """The root of every error asok raises on purpose. Each carries the reply it calls for under
+    one attribute name: `status` (an HTTP status: HTTPError, HTTPProtocolError,
+    WebSocketHandshakeError, StoreUnavailable), `close_code` (a WebSocket close code:
+    WebSocketError, ConnectionClosed) or `code` (a live error code, a str: LiveError,
+    StoreUnavailable, SessionTooLarge). The protocol errors are defined beside their protocols."""
 
-class TemplateError(Exception):
+
+class TemplateError(AsokError):
     """A template that cannot be loaded or compiled; names the file and line."""
 
     def __init__(self, message: str, name: str | None = None, lineno: int | None = None) -> None:
@@ -103,15 +126,63 @@ class TemplateError(Exception):
         self.message, self.name, self.lineno = message, name, lineno
 
     def __str__(self):
-        where = ', '.join(p for p in (self.name, self.lineno and f'line {self.lineno}') if p)
-        return f'{where}: {self.message}' if where else self.message
+        where = ", ".join(p for p in (self.name, self.lineno and f"line {self.lineno}") if p)
+        return f"{where}: {self.message}" if where else self.message
 
 
 class TemplateNotFound(TemplateError):
     """No template of that name under the loader's root."""
 
 
-# ═══ HTML safety ═══════════════════════════════════════════════════════════
+class HTTPError(AsokError):
+    """Raise from a handler to answer with `status` and a short `detail`."""
+
+    def __init__(self, status: int, detail: str | None = None,
+                 headers: Iterable[tuple[str, str]] | None = None) -> None:
+        self.status = int(status)
+        self.detail = detail or HTTPStatus(self.status).phrase
+        self.headers = list(headers or ())
+        super().__init__(f"{self.status} {self.detail}")
+
+
+class BadSignature(AsokError):
+    """A signed value was tampered with, signed for something else, or malformed."""
+
+
+class LiveError(AsokError):
+    """A refused live event: `code` is machine-readable, `message` says why. Raise it from a
+    component method or `authorize()`: nothing changes and the browser gets both."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class StoreBusy(AsokError):
+    """update(..., wait=False) of a local store found the session's lock held (nothing ran)."""
+
+
+class StoreUnavailable(AsokError):
+    """The session store could not read or write (a full disk, an I/O error, a read-only
+    folder, Redis down), so nothing was saved. A live event answers `store_unavailable`, a page
+    or a route 503. `reason` is the storage problem in a few words."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str, reason: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class SessionTooLarge(AsokError, ValueError):
+    """A session record would be larger than the store's `max_record` bytes; it was not saved."""
+
+    code = "session_too_large"
+
+
+# ═══ 2. HTML safety ═══════════════════════════════════════════════════════════════════════════════
 
 class Markup(str):
     """Trusted HTML. Operators escape the other operand (MarkupSafe's rules)."""
@@ -223,7 +294,8 @@ def escape(obj: Any) -> Markup:
     return Markup(_tpl_esc(str(obj)))
 
 
-# ═══ 1a. Templates: syntax ═══════════════════════════════════════════════════
+# ═══ 3a. Templates: syntax ════════════════════════════════════════════════════════════════════════
+
 #
 # Two spellings of one engine: native `<< expr >>`, `<% stmt %>`, `<# note #>`
 # and Jinja-like `{{ expr }}`, `{% stmt %}`, `{# note #}`; a `-` inside the
@@ -530,7 +602,8 @@ _TPL_PARSERS = {"if": _TplParser._parse_if, "elif": _TplParser._parse_elif, "els
                 "endmacro": _TplParser._parse_end}
 
 
-# ═══ 1b. Templates: expressions ══════════════════════════════════════════════
+# ═══ 3b. Templates: expressions ═══════════════════════════════════════════════════════════════════
+
 #
 # Expressions are Python with two Jinja habits: `x | name(args)` calls a filter
 # on the primary expression before it (a `|` followed by a name is always a
@@ -713,7 +786,8 @@ def _tpl_targets(src, name, line):
     return [n.id for n in nodes if isinstance(n, ast.Name)]
 
 
-# ═══ 1c. Templates: compiler ═════════════════════════════════════════════════
+# ═══ 3c. Templates: compiler ══════════════════════════════════════════════════════════════════════
+
 #
 # The tree compiles once to a Python module: the body becomes `_tpl_root(_tplctx,
 # _tplblocks)`, every block a function `_tpl_block_<name>` with the same
@@ -982,7 +1056,8 @@ def _tpl_code(lines, source, filename, name):
     return compile(tree, filename, "exec")
 
 
-# ═══ 1d. Templates: runtime and loader ═══════════════════════════════════════
+# ═══ 3d. Templates: runtime and loader ════════════════════════════════════════════════════════════
+
 #
 # What compiled templates call while they render, handed to their module by
 # name (_TPL_RUNTIME below): the escape `_tpl_esc` (HTML safety, above),
@@ -1383,7 +1458,8 @@ class Templates:
         return template
 
 
-# ═══ 4. HTTP/1.1, sans-I/O ═══════════════════════════════════════════════════
+# ═══ 4. HTTP/1.1, sans-I/O ════════════════════════════════════════════════════════════════════════
+
 # The server side of RFC 9112: bytes go in through HTTPParser.receive_data(),
 # events come out of next_event(). No sockets here; the asyncio server and the
 # tests drive the parser. Bad data from the peer raises HTTPProtocolError, which
@@ -1433,10 +1509,10 @@ _HTTP_CLOSED = "closed"
 LAST_CHUNK = b"0\r\n\r\n"
 
 
-class HTTPProtocolError(Exception):
+class HTTPProtocolError(AsokError):
     """The peer sent bad HTTP. Answer with `.status`, then close the connection."""
 
-    def __init__(self, status, message):
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -1468,7 +1544,7 @@ class RequestHead:
     keep_alive: bool
     expect_continue: bool
 
-    def header(self, name, default=None):
+    def header(self, name: str, default: str | None = None) -> str | None:
         """The first value of header `name` (any case), else `default`."""
         name = name.lower()
         for key, value in self.headers:
@@ -1501,7 +1577,7 @@ class HTTPParser:
     start_next_cycle() once the response is sent to parse the next request.
     """
 
-    def __init__(self, max_body=DEFAULT_MAX_BODY):
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.max_body = max_body
         self._buf = bytearray()
         self._eof = False
@@ -1513,16 +1589,16 @@ class HTTPParser:
         self._error = None
 
     @property
-    def pending_bytes(self):
+    def pending_bytes(self) -> bytes:
         """Bytes received but not consumed (e.g. WebSocket frames after an Upgrade)."""
         return bytes(self._buf)
 
     @property
-    def pending_size(self):
+    def pending_size(self) -> int:
         """How many bytes are buffered but not consumed (cheap: no copy)."""
         return len(self._buf)
 
-    def receive_data(self, data):
+    def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; b"" means the peer closed its side."""
         if self._eof and data:
             raise RuntimeError("receive_data() after EOF")
@@ -1531,13 +1607,13 @@ class HTTPParser:
         else:
             self._eof = True
 
-    def start_next_cycle(self):
+    def start_next_cycle(self) -> None:
         """Start parsing the next request; call it after the response is sent."""
         if self._state != _HTTP_DONE:
             raise RuntimeError("start_next_cycle() before EndOfMessage")
         self._state = _HTTP_HEAD
 
-    def next_event(self):
+    def next_event(self) -> Any:
         """Return the next event, or NEED_DATA; raise HTTPProtocolError on bad data."""
         if self._error is not None:
             raise self._error
@@ -1813,7 +1889,7 @@ def _http_tokens(values):
             for item in value.split(",") if item.strip(" \t")]
 
 
-def render_response_head(status, headers, version="HTTP/1.1"):
+def render_response_head(status: int, headers: Iterable[tuple[str, str]], version: str = "HTTP/1.1") -> bytes:
     """Return the status line and header fields of a response, blank line included."""
     if not isinstance(status, int) or not 100 <= status <= 999:
         raise ValueError(f"invalid status code {status!r}")
@@ -1832,14 +1908,15 @@ def render_response_head(status, headers, version="HTTP/1.1"):
     return "".join(lines).encode("latin-1")
 
 
-def chunk(data):
+def chunk(data: bytes) -> bytes:
     """Frame `data` as one chunk of a chunked body; b"" gives b"" (LAST_CHUNK ends the body)."""
     if not data:
         return b""
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def response_framing(method, status, headers, body, version="HTTP/1.1"):
+def response_framing(method: str, status: int, headers: Iterable[tuple[str, str]], body: Any,
+                     version: str = "HTTP/1.1") -> tuple[int | None, str]:
     """How a response's body is delimited, decided here once for the server, WSGI, ASGI,
     `Asok.handle` and the test client. Returns (length, mode): `length` is the Content-Length
     field to add (None when one is given, the body is an iterable, or the status has no body);
@@ -1858,7 +1935,8 @@ def response_framing(method, status, headers, body, version="HTTP/1.1"):
     return None, "chunked" if version == "HTTP/1.1" else "close"
 
 
-# ═══ 5. WebSocket, sans-I/O ═══
+# ═══ 5. WebSocket, sans-I/O ═══════════════════════════════════════════════════════════════════════
+
 #
 # RFC 6455. `WSConnection` turns bytes into events and events into bytes; it
 # never touches a socket. The server, the ASGI adapter's tests and the small
@@ -1956,22 +2034,22 @@ class CloseConnection:
     reason: str = ""
 
 
-class WebSocketError(Exception):
+class WebSocketError(AsokError):
     """The peer broke RFC 6455. Send `CloseConnection(err.close_code, str(err))`, then close."""
 
-    def __init__(self, message, close_code=CloseCode.PROTOCOL_ERROR):
+    def __init__(self, message: str, close_code: int = CloseCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.close_code = close_code
 
 
-class WebSocketHandshakeError(Exception):
+class WebSocketHandshakeError(AsokError):
     """An upgrade request (server side) or response (client side) that is not a valid handshake.
 
     `status` is the HTTP status to answer with (or the one the server answered with);
     `headers` is a list of (name, value) pairs for that answer.
     """
 
-    def __init__(self, status, message, headers=()):
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -2257,7 +2335,7 @@ class WSConnection:
 
 # ─── Handshake (§4) ───
 
-def ws_accept_key(key):
+def ws_accept_key(key: str) -> str:
     """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (§4.2.2)."""
     digest = hashlib.sha1((key + _WS_GUID).encode("ascii")).digest()
     return base64.b64encode(digest).decode("ascii")
@@ -2276,7 +2354,7 @@ def _ws_valid_key(key):
         return False
 
 
-def ws_check_handshake(method, headers):
+def ws_check_handshake(method: str, headers: Mapping[str, str]) -> str:
     """Check an upgrade request (§4.2.1); `headers` has lower-case names.
 
     Returns the Sec-WebSocket-Accept value, or raises WebSocketHandshakeError
@@ -2298,7 +2376,8 @@ def ws_check_handshake(method, headers):
     return ws_accept_key(key)
 
 
-def ws_handshake_request(host, path, key, origin=None, extra_headers=()):
+def ws_handshake_request(host: str, path: str, key: str, origin: str | None = None,
+                         extra_headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """The bytes of a client's upgrade request (§4.1); `extra_headers` are (name, value) pairs."""
     lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
@@ -2310,7 +2389,7 @@ def ws_handshake_request(host, path, key, origin=None, extra_headers=()):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def ws_check_handshake_response(status, headers, key):
+def ws_check_handshake_response(status: int, headers: Mapping[str, str], key: str) -> None:
     """Check the server's answer to our upgrade request (§4.2.2); raises WebSocketHandshakeError."""
     if status != 101:
         raise WebSocketHandshakeError(status, f"server refused the WebSocket upgrade ({status})",
@@ -2325,14 +2404,15 @@ def ws_check_handshake_response(status, headers, key):
         raise WebSocketHandshakeError(status, "server chose an extension or subprotocol we did not offer")
 
 
-# ─── Clients (tests and the benchmark) ───
+# ═══ 6. WebSocket clients (tests and the benchmark) ═══════════════════════════════════════════════
 
-class ConnectionClosed(Exception):
-    """The WebSocket is closed; `code` and `reason` come from the close frame (1006: none came)."""
+class ConnectionClosed(AsokError):
+    """The WebSocket is closed; `close_code` and `reason` come from the close frame (1006: none
+    came). `code` is the same number, under the name the websockets library uses."""
 
     def __init__(self, code: int, reason: str = "") -> None:
         super().__init__(f"WebSocket closed ({code}){': ' + reason if reason else ''}")
-        self.code = code
+        self.close_code = self.code = code
         self.reason = reason
 
 
@@ -2614,56 +2694,7 @@ class AsyncWebSocketClient(_WSClientCore):
         await self.close()
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Errors the application raises (HTTP status or live error code)
-# ═══════════════════════════════════════════════════════════════════════
-
-class HTTPError(Exception):
-    """Raise from a handler to answer with `status` and a short `detail`."""
-
-    def __init__(self, status: int, detail: str | None = None,
-                 headers: Iterable[tuple[str, str]] | None = None) -> None:
-        self.status = int(status)
-        self.detail = detail or HTTPStatus(self.status).phrase
-        self.headers = list(headers or ())
-        super().__init__(f"{self.status} {self.detail}")
-
-
-class BadSignature(Exception):
-    """A signed value was tampered with, signed for something else, or malformed."""
-
-
-class LiveError(Exception):
-    """A refused live event: `code` is machine-readable, `message` says why. Raise it from a
-    component method or `authorize()`: nothing changes and the browser gets both."""
-
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(f"{code}: {message}")
-
-
-class StoreBusy(Exception):
-    """update(..., wait=False) of a local store found the session's lock held (nothing ran)."""
-
-
-class StoreUnavailable(Exception):
-    """The session store could not read or write (a full disk, an I/O error, a read-only
-    folder), so nothing was saved. A live event answers `store_unavailable`, a page or a
-    route 503. `reason` is the storage problem in a few words."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        self.reason = reason
-        super().__init__(message)
-
-
-class SessionTooLarge(ValueError):
-    """A session record would be larger than the store's `max_record` bytes; it was not saved."""
-
-
-# ═══════════════════════════════════════════════════════════════════════
-# Signing and keys (DESIGN §6)
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 7. Signing and keys (DESIGN §6) ══════════════════════════════════════════════════════════════
 
 SESSION_ID_BYTES = 32
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{43}\Z")
@@ -2673,7 +2704,7 @@ def _b64(raw):
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def derive_key(master, purpose):
+def derive_key(master: bytes, purpose: str) -> bytes:
     """A key for one purpose, so a state signature can never pass as a cookie's."""
     return hmac.new(master, b"asok/" + purpose.encode(), hashlib.sha256).digest()
 
@@ -2798,9 +2829,7 @@ def _replace_empty_key_file(path):
         return _new_key_file(path, replace=True)
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Sessions (DESIGN §6): Session dict, store interface, file-backed store
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 8. Sessions (DESIGN §6, §11): Session, the store contract, file and Redis stores ═════════════
 
 SESSION_LIFETIME = 14 * 24 * 3600
 SESSION_COOKIE = "asok_session"
@@ -3355,9 +3384,7 @@ def _redis_unavailable(action, exc):
     return StoreUnavailable(f"Redis: cannot {action} the session ({type(exc).__name__}: {exc})", "Redis unavailable")
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Requests, responses, routing
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 9. Requests, responses, routing ══════════════════════════════════════════════════════════════
 
 DEFAULT_MAX_FORM_FIELDS = 1000
 BODY_MEMORY = 256 * 1024            # a request body past this waits in a temporary file
@@ -3372,14 +3399,15 @@ _READ_CHUNK = 64 * 1024
 class MultiDict(dict):
     """A dict of first values that also keeps every value: `getlist(key)`."""
 
-    def __init__(self, pairs=()):
+    def __init__(self, pairs: Iterable[tuple[str, Any]] = ()) -> None:
         super().__init__()
         self._lists = {}
         for key, value in pairs:
             self._lists.setdefault(key, []).append(value)
             dict.setdefault(self, key, value)
 
-    def getlist(self, key):
+    def getlist(self, key: str) -> list[Any]:
+        """Every value given for `key`, in order (an empty list when there is none)."""
         return list(self._lists.get(key, ()))
 
 
@@ -3426,7 +3454,8 @@ class _BodyBuffer:
             self.file.close()
 
 
-# ── multipart/form-data (RFC 7578 on RFC 2046 §5.1) ──────────────────────
+# ═══ 10. multipart/form-data (RFC 7578 on RFC 2046 §5.1) ══════════════════════════════════════════
+
 # MultipartParser is sans-I/O: feed() takes any slice of the body and returns events;
 # _read_multipart drives it from a stream and applies the limits.
 
@@ -4068,9 +4097,7 @@ def _parameters(fn):
         return {}
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Components and the live protocol (DESIGN §4, §5)
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 11. Components (DESIGN §4, §10) ══════════════════════════════════════════════════════════════
 
 LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
@@ -4573,7 +4600,7 @@ class _LazyToken:
     __html__ = __str__
 
 
-# ── the live protocol (DESIGN §5, §9): one home for calls, pushes, published messages, timers ──
+# ═══ 12. The live protocol (DESIGN §5, §9): calls, pushes, published messages, timers ═════════════
 
 @dataclass
 class SavedComponent:
@@ -5585,7 +5612,7 @@ class LiveHub:
                 self._enqueue(key, ("tick", method, slot))
 
 
-# ── brokers: how the processes serving one app reach each other (DESIGN §9, §11) ──
+# ═══ 13. Brokers: how the processes serving one app reach each other (DESIGN §9, §11) ═════════════
 
 BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
@@ -5862,9 +5889,7 @@ def _private_folder(folder):
                            "(processes of the app publish to each other through it)")
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# The application
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 14. The application ══════════════════════════════════════════════════════════════════════════
 
 ALIVE_JS = Path(__file__).with_name("alive.js")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -6636,9 +6661,7 @@ def _read_chunks(path, size=64 * 1024):
             yield chunk
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# WebSocket handlers' side: the object an @app.websocket handler receives
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 15. WebSocket handlers' side: the object an @app.websocket handler receives ══════════════════
 
 def _origin_allowed(request, route):
     """Same origin by default (RFC 6455 §10.2); a route may list other origins.
@@ -6746,9 +6769,7 @@ class _ASGIWebSocket(WebSocket):
             await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# WSGI (PEP 3333) and ASGI 3 adapters
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 16. WSGI (PEP 3333) and ASGI 3 adapters ══════════════════════════════════════════════════════
 
 # RFC 9110 §7.6.1: connection-specific fields, which PEP 3333 forbids an application to send.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -6927,9 +6948,8 @@ async def _run_ws_handler(route, ws, params):
         await ws.close(CloseCode.NORMAL, "")
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# The asyncio server: one protocol object per connection drives the sans-I/O parsers
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 17. The asyncio server: one protocol object per connection drives the sans-I/O parsers ═══════
+
 #
 # Split by job, as uvicorn splits its protocols. _HTTPConnection drives HTTPParser, hands each
 # request to the app in a thread and writes the response, framed by response_framing(). A
@@ -7628,9 +7648,7 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
     await server.wait_closed()
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Testing
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 18. Testing ══════════════════════════════════════════════════════════════════════════════════
 
 TEST_MAX_REDIRECTS = 20  # TestClient(follow_redirects=True) gives up past this many hops
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -7890,7 +7908,7 @@ def _find_components(text):
             for el in _parse_html(text).walk() if "data-asok-component" in el.attrs]
 
 
-# ── a small HTML tree and CSS selectors, for LiveHandle's user actions ───────
+# ═══ 19. Testing: a small HTML tree and CSS selectors, for LiveHandle's user actions ══════════════
 
 _VOID_TAGS = frozenset("area base br col embed hr img input link meta source track wbr".split())
 _SELF_CLOSING = frozenset("li option p tr td th dt dd".split())  # `<li>a<li>b`: the second closes the first
@@ -8320,9 +8338,7 @@ class LiveHandle:
         return self.call(method, *args)
 
 
-# ═══════════════════════════════════════════════════════════════════════
-# Command line
-# ═══════════════════════════════════════════════════════════════════════
+# ═══ 20. Command line ═════════════════════════════════════════════════════════════════════════════
 
 def load_app(app_dir: str | os.PathLike = ".") -> Asok:
     """The app of a folder: `app` from its app.py if there is one, else a plain Asok(app_dir)."""
@@ -8481,7 +8497,7 @@ def _run_reloader(argv, root):
             child.kill()
 
 
-# ── the examples gallery and the shared stylesheet ───────────────────────────
+# ═══ 21. The examples gallery and the shared stylesheet ═══════════════════════════════════════════
 
 # /asok/asok.css: the stylesheet every example links (and any page may):
 # `<link rel="stylesheet" href="/asok/asok.css">`. Plain elements look deliberate without
