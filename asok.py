@@ -13,8 +13,8 @@ top to bottom in dependency order; each section opens with a `# ═══ N. Tit
   6. WS clients       WebSocketClient, AsyncWebSocketClient, ConnectionClosed
   7. Signing, keys    Signer, derive_key: HMAC-SHA256 bound to a purpose and a context
   8. Sessions         Session, SessionStore (the contract), FileSessionStore, RedisSessionStore
-  9. HTTP objects     Request, Response, make_response, redirect, Route, MultiDict
- 10. multipart        MultipartParser, UploadedFile
+  9. Form data        MultiDict, MultipartParser, UploadedFile
+ 10. HTTP objects     Request, Response, make_response, redirect, Route
  11. Components       Component, exposed, on, every
  12. Live protocol    LiveHub: parse, choose the state, apply, render, push; SavedComponent
  13. Brokers          Broker, FolderBroker, RedisBroker: processes reaching each other
@@ -3384,7 +3384,7 @@ def _redis_unavailable(action, exc):
     return StoreUnavailable(f"Redis: cannot {action} the session ({type(exc).__name__}: {exc})", "Redis unavailable")
 
 
-# ═══ 9. Requests, responses, routing ══════════════════════════════════════════════════════════════
+# ═══ 9. Form data: MultiDict, multipart/form-data (RFC 7578 on RFC 2046 §5.1), UploadedFile ═══════
 
 DEFAULT_MAX_FORM_FIELDS = 1000
 BODY_MEMORY = 256 * 1024            # a request body past this waits in a temporary file
@@ -3454,7 +3454,7 @@ class _BodyBuffer:
             self.file.close()
 
 
-# ═══ 10. multipart/form-data (RFC 7578 on RFC 2046 §5.1) ══════════════════════════════════════════
+# ── multipart/form-data ──
 
 # MultipartParser is sans-I/O: feed() takes any slice of the body and returns events;
 # _read_multipart drives it from a stream and applies the limits.
@@ -3743,6 +3743,8 @@ def _multipart_body(fields=None, files=None):
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out), f"multipart/form-data; boundary={boundary}"
 
+
+# ═══ 10. Requests, responses, routing ═════════════════════════════════════════════════════════════
 
 class Request:
     """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient.
