@@ -6448,7 +6448,9 @@ class SocketTab:
     by the tabs of one browser), then the live socket, as alive.js speaks it."""
 
     def __init__(self, port, jar, path="/"):
-        self.port, self.jar, self.n = port, jar, 0
+        # a page id of its own, as alive.js draws one: the server applies a resend of a page's
+        # request id once, so two tabs must never share one (id(self) can repeat once one is freed)
+        self.port, self.jar, self.n, self.page_id = port, jar, 0, os.urandom(6).hex()
         headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
                                     timeout=10) as r:
@@ -6467,7 +6469,7 @@ class SocketTab:
         """Send one event and return its reply, skipping any push that arrives before it."""
         self.n += 1
         cid, state = self.components[name]
-        rid = rid or f"{id(self)}:{self.n}"
+        rid = rid or f"{self.page_id}:{self.n}"
         self.ws.send(json.dumps({"id": rid, "cid": cid, "component": name, "state": state,
                                  "method": method, "args": list(args), "csrf": self.csrf}))
         for _ in range(100):
