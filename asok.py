@@ -1,29 +1,67 @@
 """asok: a one-file, standard-library web framework with live components.
 
 Copy asok.py and alive.js into a project and run `python asok.py serve`. The file reads
-top to bottom in dependency order; each section opens with a `# ═══ N. Title ═══` banner:
+top to bottom in dependency order; each section opens with a `# ═══ N. Title ═══` banner,
+and a long one is cut into lettered parts (`# ═══ 3a. ...`). The map, with every public name:
 
-  1. Limits, errors   AsokError, the root; HTTPError, TemplateError, BadSignature, LiveError,
-                      StoreUnavailable, SessionTooLarge (protocol errors sit with 4-6)
+  1. Limits, errors   AsokError, the root of every error asok raises on purpose; HTTPError,
+                      TemplateError, TemplateNotFound, BadSignature, LiveError, StoreUnavailable,
+                      StoreBusy, SessionTooLarge (the protocol errors sit with 4a and 5a)
   2. HTML safety      Markup, escape: the one escape every template output goes through
-  3. Templates        `<< >>` / `{{ }}` compiled to Python: 3a syntax (lexer, parser, nodes),
-                      3b expressions, 3c compiler, 3d runtime and loader (Template, Templates)
-  4. HTTP/1.1         HTTPParser: bytes in, events out; response_framing, render_response_head
-  5. WebSocket        WSConnection (RFC 6455, sans-I/O), Opcode, CloseCode, the handshake
+  3. Templates        `<< >>` / `{{ }}` compiled to Python, generated line N = template line N
+     3a syntax        the lexer, one parse function per statement, the nodes (slotted dataclasses)
+     3b expressions   `x | filter(...)` and `x.name` rewritten on Python's own tokens
+     3c compiler      nodes to one Python module per template
+     3d runtime       what compiled code calls; the filters, one registry
+     3e loader        Template, Templates (a folder of templates, cached; Templates.filter)
+  4. HTTP/1.1         sans-I/O, RFC 9112
+     4a               limits, HTTPProtocolError, the events: RequestHead, Body, EndOfMessage,
+                      ConnectionEnded
+     4b               HTTPParser: bytes in, events out
+     4c               render_response_head, chunk, response_framing (the one framing rule)
+  5. WebSocket        sans-I/O, RFC 6455
+     5a               limits, Opcode, CloseCode, WebSocketError, WebSocketHandshakeError, the
+                      events: TextMessage, BytesMessage, Ping, Pong, CloseConnection; frames
+     5b               WSConnection: bytes in, events out, events in, bytes out
+     5c               the handshake: ws_accept_key, ws_check_handshake, ws_handshake_request,
+                      ws_check_handshake_response
   6. WS clients       WebSocketClient, AsyncWebSocketClient, ConnectionClosed
   7. Signing, keys    Signer, derive_key: HMAC-SHA256 bound to a purpose and a context
-  8. Sessions         Session, SessionStore (the contract), FileSessionStore, RedisSessionStore
+  8. Sessions         DESIGN §6, §11
+     8a               Session, SessionStore (the contract)
+     8b               FileSessionStore, and the record both stores keep
+     8c               RedisSessionStore
   9. Form data        MultiDict, MultipartParser, UploadedFile
  10. HTTP objects     Request, Response, make_response, redirect, Route
- 11. Components       Component, exposed, on, every
- 12. Live protocol    LiveHub: parse, choose the state, apply, render, push; SavedComponent
+ 11. Components       DESIGN §4, §10
+     11a              Component, exposed, on, every; the limits of live components
+     11b              arguments from the browser, the renderer
+ 12. Live protocol    DESIGN §5, §9
+     12a              SavedComponent, state tokens, connections, outboxes, HTML diffs
+     12b              LiveHub (`app.live`), part one: tokens, messages, joins, views
+     12c              LiveHub, part two: choose the state, apply, render, save, push
+     12d              LiveHub: published messages, the queue per component, timers
  13. Brokers          Broker, FolderBroker, RedisBroker: processes reaching each other
- 14. The application  Asok: pages, @app.route, @app.websocket, publish, WSGI, app.asgi
- 15-16. Adapters      WebSocket (what a handler gets), WSGI and ASGI
- 17. The server       serve(): asyncio, one protocol object per connection, limits per client
- 18-19. Testing       TestClient, TestResponse, LiveHandle (click, type, submit), a small HTML tree
- 20. Command line     main(), load_app, serve_workers; `python asok.py serve --help`
- 21. The gallery      serving a folder of apps, the shared stylesheet
+ 14. The application  Asok: a WSGI application itself; app.asgi, app.publish, app.run
+     14a              setup and registration: @app.route, @app.before_request, @app.websocket,
+                      @app.template_filter, pages, components
+     14b              keys, sessions, CSRF
+     14c              handling a request: url_for, static_url, render_template, error_response,
+                      static files, alive.js
+     14d              the live endpoint (/asok/live) and uploads (/asok/upload)
+ 15. WebSocket        WebSocket: the object an @app.websocket handler gets
+ 16. Adapters         WSGI (PEP 3333) and ASGI 3
+ 17. The server       asyncio, one protocol object per connection, limits per client
+     17a              limits, phases, flow control, the connection base
+     17b              the HTTP connection
+     17c              the WebSocket connection; serve()
+ 18. Testing          TestClient, TestResponse, Headers
+ 19. Testing, live    what LiveHandle reads pages with, and LiveHandle
+     19a              a small HTML tree and CSS selectors
+     19b              LiveHandle: a live component driven like a user (click, type, submit)
+ 20. Running an app   load_app, serve_workers, the reloader
+ 21. The gallery      gallery_apps, describe_app, serve_gallery; the shared stylesheet
+ 22. Command line     main(); `python asok.py serve --help`
 """
 
 __version__ = "0.1.0"
@@ -794,7 +832,7 @@ def _tpl_targets(src, name, line):
 # arguments, every macro `_tpl_macro_<name>(_tplctx, ...)`. `_tplblocks` maps a
 # block name to its functions, most derived template first, which is all
 # extends/super() need. Each function starts by binding the free names it reads
-# to locals: from the context, else through `_tplresolve` (1d). Literal text
+# to locals: from the context, else through `_tplresolve` (3d). Literal text
 # compiles to a constant, every output to `_tple(...)`: one escape, `_tpl_esc`.
 # Each generated line carries the template line it came from; the code's line
 # numbers are rewritten to those and it is compiled under the template's file
@@ -1056,7 +1094,7 @@ def _tpl_code(lines, source, filename, name):
     return compile(tree, filename, "exec")
 
 
-# ═══ 3d. Templates: runtime and loader ════════════════════════════════════════════════════════════
+# ═══ 3d. Templates: runtime and filters ═══════════════════════════════════════════════════════════
 
 #
 # What compiled templates call while they render, handed to their module by
@@ -1066,8 +1104,6 @@ def _tpl_code(lines, source, filename, name):
 # undefined marker that raises NameError wherever it is used, `if` included;
 # only the `default` filter accepts it), the `loop` helper, the filters, and
 # include/extends/super().
-# Then the loader: Template compiles one source, Templates finds, caches and
-# recompiles the files under a root.
 
 _TPL_JINJA_LITERALS = {"true": True, "false": False, "none": None}
 _TPL_STRIPTAGS_RE = re.compile(r"<!--.*?-->|<[^>]*>", re.S)
@@ -1189,7 +1225,7 @@ def _tpl_no_super():
     raise TemplateError("super() is only available inside a block")
 
 
-# ─── Filters ───
+# The filters: Jinja's names and arguments, one registry (_TPL_FILTERS); Templates.filter adds to a copy.
 
 def _tpl_keep(value, result):
     """A string filter's result stays trusted when its input was."""
@@ -1333,7 +1369,9 @@ _TPL_RUNTIME = {"_tplesc": _tpl_esc, "_tplgetattr": _tpl_ga, "_tplresolve": _tpl
                 "_tplnosuper": _tpl_no_super, "__builtins__": builtins}
 
 
-# ─── Loader ───
+# ═══ 3e. Templates: the loader (Template, Templates) ══════════════════════════════════════════════
+
+# Template compiles one source; Templates finds, caches and recompiles the files under a root.
 
 class Template:
     """One compiled template. `render(**context)` returns a str."""
@@ -1458,7 +1496,7 @@ class Templates:
         return template
 
 
-# ═══ 4. HTTP/1.1, sans-I/O ════════════════════════════════════════════════════════════════════════
+# ═══ 4a. HTTP/1.1, sans-I/O: limits, errors, events ═══════════════════════════════════════════════
 
 # The server side of RFC 9112: bytes go in through HTTPParser.receive_data(),
 # events come out of next_event(). No sockets here; the asyncio server and the
@@ -1568,6 +1606,8 @@ class EndOfMessage:
 class ConnectionEnded:
     """The peer closed the connection between two requests."""
 
+
+# ═══ 4b. HTTP/1.1, sans-I/O: the request parser ═══════════════════════════════════════════════════
 
 class HTTPParser:
     """Parse the requests of one connection, server side.
@@ -1889,6 +1929,8 @@ def _http_tokens(values):
             for item in value.split(",") if item.strip(" \t")]
 
 
+# ═══ 4c. HTTP/1.1, sans-I/O: responses (the head, chunks, the framing rule) ═══════════════════════
+
 def render_response_head(status: int, headers: Iterable[tuple[str, str]], version: str = "HTTP/1.1") -> bytes:
     """Return the status line and header fields of a response, blank line included."""
     if not isinstance(status, int) or not 100 <= status <= 999:
@@ -1935,7 +1977,7 @@ def response_framing(method: str, status: int, headers: Iterable[tuple[str, str]
     return None, "chunked" if version == "HTTP/1.1" else "close"
 
 
-# ═══ 5. WebSocket, sans-I/O ═══════════════════════════════════════════════════════════════════════
+# ═══ 5a. WebSocket, sans-I/O: limits, opcodes, close codes, events, frames ════════════════════════
 
 #
 # RFC 6455. `WSConnection` turns bytes into events and events into bytes; it
@@ -2129,6 +2171,8 @@ def _ws_decode_utf8(decoder, data, final):
         raise WebSocketError("text message is not valid UTF-8", CloseCode.INVALID_DATA) from None
     return text
 
+
+# ═══ 5b. WebSocket, sans-I/O: the connection (WSConnection) ═══════════════════════════════════════
 
 class WSConnection:
     """One side of a WebSocket connection after the handshake: bytes in, events out.
@@ -2333,7 +2377,7 @@ class WSConnection:
         return _ws_frame(opcode, payload, os.urandom(4) if self.client else None)
 
 
-# ─── Handshake (§4) ───
+# ═══ 5c. WebSocket, sans-I/O: the opening handshake (§4) ══════════════════════════════════════════
 
 def ws_accept_key(key: str) -> str:
     """The Sec-WebSocket-Accept value for a client's Sec-WebSocket-Key (§4.2.2)."""
@@ -2829,7 +2873,7 @@ def _replace_empty_key_file(path):
         return _new_key_file(path, replace=True)
 
 
-# ═══ 8. Sessions (DESIGN §6, §11): Session, the store contract, file and Redis stores ═════════════
+# ═══ 8a. Sessions (DESIGN §6, §11): Session and the store contract ════════════════════════════════
 
 SESSION_LIFETIME = 14 * 24 * 3600
 SESSION_COOKIE = "asok_session"
@@ -2967,6 +3011,8 @@ class SessionStore:
         returns how many went."""
         raise NotImplementedError
 
+
+# ═══ 8b. Sessions: the file store, and the record both stores keep ════════════════════════════════
 
 class FileSessionStore(SessionStore):
     """One file per session under `folder`. Each save appends the whole record as one JSON
@@ -3263,6 +3309,8 @@ class _StoreLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         self.thread_lock.release()
 
+
+# ═══ 8c. Sessions: the Redis store ════════════════════════════════════════════════════════════════
 
 class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every process and machine that uses the same Redis.
@@ -4099,7 +4147,7 @@ def _parameters(fn):
         return {}
 
 
-# ═══ 11. Components (DESIGN §4, §10) ══════════════════════════════════════════════════════════════
+# ═══ 11a. Components (DESIGN §4, §10): limits, decorators, the Component class ════════════════════
 
 LIVE_MAX_MESSAGE = 256 * 1024   # larger events get a too_large reply...
 LIVE_SOCKET_MAX = LIVE_MAX_MESSAGE + (64 << 10)  # ...up to this; past it the socket closes with 1009
@@ -4373,6 +4421,8 @@ class Component:
         return sig
 
 
+# ═══ 11b. Components: arguments from the browser, and the renderer ════════════════════════════════
+
 def _convert_arg(value, annotation, name):
     """Convert a JSON argument to the parameter's annotated type, or say which argument does not fit."""
     if annotation is inspect.Parameter.empty or annotation is None:
@@ -4602,7 +4652,7 @@ class _LazyToken:
     __html__ = __str__
 
 
-# ═══ 12. The live protocol (DESIGN §5, §9): calls, pushes, published messages, timers ═════════════
+# ═══ 12a. The live protocol (DESIGN §5, §9): saved components, tokens, connections, diffs ═════════
 
 @dataclass
 class SavedComponent:
@@ -4886,7 +4936,9 @@ class _NothingToSave(Exception):
     """Raised inside a store update when the work was already done (by another process)."""
 
 
-class LiveHub:
+# ═══ 12b. The live protocol: the hub's intake (tokens, messages, joins, views) ════════════════════
+
+class _LiveIntake:
     """The live protocol (DESIGN §5, §9): every message from a page's socket, every published
     message and every timer tick for a component goes through here.
 
@@ -5232,7 +5284,13 @@ class LiveHub:
             return {"views": sum(len(k.views) for k in self._keys.values()),
                     "timers": sum(len(k.timers) for k in self._keys.values())}
 
-    # ── 2-4. choose the state, apply, render, save ────────────────────
+
+# ═══ 12c. The live protocol: choose the state, apply, render, save, push ══════════════════════════
+
+class _LiveApply(_LiveIntake):
+    """LiveHub, steps 2 to 5 (see _LiveIntake): an event, message or tick applied under the
+    session's lock, rendered, saved, and pushed to the views of its (session, cid)."""
+
     def _commit(self, sid, cid, cls, fallback, conn, run, always=False, wait=True):
         """Apply `run(comp, saved)` to the (session, cid) under the store's lock, and the @on
         handlers on the same page of what it emits; returns (saved, inner HTML or None when
@@ -5407,7 +5465,14 @@ class LiveHub:
                     view.last = None  # the page's next event gets the whole HTML
                     view.conn.push(cid, made[url])
 
-    # ── publish and receive ───────────────────────────────────────────
+
+# ═══ 12d. The live protocol: published messages, the queue per component, timers ══════════════════
+
+class LiveHub(_LiveApply):
+    """The live protocol's hub, one per app (`app.live`): _LiveIntake (12b) takes what pages
+    send, _LiveApply (12c) applies and pushes it, and this class carries published messages,
+    the FIFO per (session, cid) with its runner threads, and the timers."""
+
     def publish(self, topic, payload=None):
         """Send `payload` to every component with an @on for `topic` that has a view open, in
         every process serving this app. Callable from any thread or coroutine; never blocks long."""
@@ -5891,7 +5956,7 @@ def _private_folder(folder):
                            "(processes of the app publish to each other through it)")
 
 
-# ═══ 14. The application ══════════════════════════════════════════════════════════════════════════
+# ═══ 14a. The application: setup and registration ═════════════════════════════════════════════════
 
 ALIVE_JS = Path(__file__).with_name("alive.js")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -5900,9 +5965,9 @@ log = logging.getLogger("asok")
 access_log = logging.getLogger("asok.access")
 
 
-class Asok:
-    """The application: file pages, routes, components, sessions.
-    A WSGI application itself; `app.asgi` is its ASGI 3 application."""
+class _AppSetup:
+    """Asok, part one (14a): its settings and what is registered on it (routes, hooks,
+    WebSocket routes, filters, pages, components). 14b-14d add the rest."""
 
     def __init__(self, app_dir: str | os.PathLike = ".", *, debug: bool | None = None,
                  secret_key: str | bytes | None = None,
@@ -6054,7 +6119,12 @@ class Asok:
             self._components[cls.__name__] = cls
         return cls
 
-    # ── keys, sessions, CSRF ──────────────────────────────────────────
+
+# ═══ 14b. The application: keys, sessions, CSRF ═══════════════════════════════════════════════════
+
+class _AppSessions(_AppSetup):
+    """Asok, part two (14b): the session each request opens, its cookie, its CSRF token."""
+
     def log_startup(self) -> None:
         """One line at start-up (outside debug mode): where the signing key came from."""
         if not self.debug:
@@ -6193,7 +6263,12 @@ class Asok:
             except OSError:
                 pass
 
-    # ── URLs ──────────────────────────────────────────────────────────
+
+# ═══ 14c. The application: handling a request (URLs, pages, errors, static files, alive.js) ═══════
+
+class _AppPages(_AppSessions):
+    """Asok, part three (14c): a request in, a response out."""
+
     def static_url(self, path: str) -> str:
         """The URL of a file under static/: `static_url("app.css")` is "/static/app.css"."""
         return "/static/" + urllib.parse.quote(str(path).lstrip("/"))
@@ -6391,7 +6466,106 @@ class Asok:
             headers.append(("Content-Encoding", "gzip"))
         return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
 
-    # ── the live endpoint ─────────────────────────────────────────────
+
+def _minify_alive(source):
+    """alive.js as served, split into parts: {"": the core, name: each part}. Lines that are only
+    a comment and leading indentation are dropped, and so is a trailing comment that starts with
+    " // ", and spaces beside punctuation outside string literals (so alive.js keeps " // ",
+    quotes and spaces out of its regular expressions). A line
+    `//# part: name` starts a part that asok serves as /asok/alive-<name>.js, only to pages whose
+    request has the name in `request.alive_parts` (a component adds it with `_alive_parts =
+    ("name",)` on its class): a feature most pages do not use costs them no bytes."""
+    parts, name = {"": []}, ""
+    for line in source.splitlines():
+        text = line.strip()
+        marker = re.fullmatch(r"//# part: (\w+)", text)
+        if marker:
+            name = marker.group(1)
+            parts[name] = []
+        elif text and not text.startswith("//"):
+            parts[name].append(_squeeze_js(re.sub(r"\s+// .*$", "", text)))
+    return {name: ("\n".join(lines) + "\n").encode() for name, lines in parts.items()}
+
+
+_JS_PUNCTUATION = frozenset("=,:;{}()[]<>+-*/%|&?!.")
+
+
+def _squeeze_js(line):
+    """`a = b + ++c;` -> `a=b+ ++c;`: a space goes when a neighbour is punctuation, unless it
+    parts `+ +` or `- -`; strings and template literals are copied as they are."""
+    out, quote, i = [], None, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                out.append(line[i:i + 2])
+                i += 2
+                continue
+            quote = None if c == quote else quote
+        elif c in "\"'`":
+            quote = c
+        elif c == " ":
+            before, after = (out[-1][-1:] if out else ""), line[i + 1:i + 2]
+            if (before in _JS_PUNCTUATION or after in _JS_PUNCTUATION) and before + after not in ("++", "--"):
+                i += 1
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _accepts_gzip(header):
+    for item in header.lower().split(","):
+        coding, _, params = item.strip().partition(";")
+        if coding.strip() in ("gzip", "*"):
+            q = params.strip().removeprefix("q=")
+            try:
+                return not params or float(q) > 0
+            except ValueError:
+                return False
+    return False
+
+
+def _file_response(request, path):
+    st = path.stat()
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers = [("ETag", etag), ("Last-Modified", formatdate(st.st_mtime, usegmt=True)), ("Cache-Control", "no-cache")]
+    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+        ctype += "; charset=utf-8"
+    inm = request.headers.get("if-none-match")
+    ims = request.headers.get("if-modified-since")
+    fresh = False
+    if inm is not None:
+        fresh = etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
+    elif ims:
+        try:
+            fresh = int(st.st_mtime) <= parsedate_to_datetime(ims).timestamp()
+        except (TypeError, ValueError):
+            fresh = False
+    if fresh:
+        return Response(b"", 304, headers, content_type=None)
+    headers.append(("Content-Length", str(st.st_size)))
+    if st.st_size <= 256 * 1024:
+        return Response(path.read_bytes(), 200, headers, content_type=ctype)
+    return Response(_read_chunks(path), 200, headers, content_type=ctype)
+
+
+def _read_chunks(path, size=64 * 1024):
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+# ═══ 14d. The application: the live endpoint and uploads ══════════════════════════════════════════
+
+class Asok(_AppPages):
+    """The application: file pages, routes, components, sessions.
+    A WSGI application itself; `app.asgi` is its ASGI 3 application.
+
+    Built in four parts, one a section: 14a setup and registration, 14b sessions, 14c
+    requests, 14d the live endpoint and uploads."""
+
     def _wrap_component(self, comp, name, cid, sid, version, seq, saved=False):
         state = comp._checked_state()
         inner = comp.render()
@@ -6571,96 +6745,6 @@ def _live_error(rid, code, message):
     if code in LIVE_RELOAD_CODES:
         error["reload"] = True  # alive.js reloads the page, once
     return json.dumps({"id": rid, "error": error}, separators=(",", ":"))
-
-
-def _minify_alive(source):
-    """alive.js as served, split into parts: {"": the core, name: each part}. Lines that are only
-    a comment and leading indentation are dropped, and so is a trailing comment that starts with
-    " // ", and spaces beside punctuation outside string literals (so alive.js keeps " // ",
-    quotes and spaces out of its regular expressions). A line
-    `//# part: name` starts a part that asok serves as /asok/alive-<name>.js, only to pages whose
-    request has the name in `request.alive_parts` (a component adds it with `_alive_parts =
-    ("name",)` on its class): a feature most pages do not use costs them no bytes."""
-    parts, name = {"": []}, ""
-    for line in source.splitlines():
-        text = line.strip()
-        marker = re.fullmatch(r"//# part: (\w+)", text)
-        if marker:
-            name = marker.group(1)
-            parts[name] = []
-        elif text and not text.startswith("//"):
-            parts[name].append(_squeeze_js(re.sub(r"\s+// .*$", "", text)))
-    return {name: ("\n".join(lines) + "\n").encode() for name, lines in parts.items()}
-
-
-_JS_PUNCTUATION = frozenset("=,:;{}()[]<>+-*/%|&?!.")
-
-
-def _squeeze_js(line):
-    """`a = b + ++c;` -> `a=b+ ++c;`: a space goes when a neighbour is punctuation, unless it
-    parts `+ +` or `- -`; strings and template literals are copied as they are."""
-    out, quote, i = [], None, 0
-    while i < len(line):
-        c = line[i]
-        if quote:
-            if c == "\\":
-                out.append(line[i:i + 2])
-                i += 2
-                continue
-            quote = None if c == quote else quote
-        elif c in "\"'`":
-            quote = c
-        elif c == " ":
-            before, after = (out[-1][-1:] if out else ""), line[i + 1:i + 2]
-            if (before in _JS_PUNCTUATION or after in _JS_PUNCTUATION) and before + after not in ("++", "--"):
-                i += 1
-                continue
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def _accepts_gzip(header):
-    for item in header.lower().split(","):
-        coding, _, params = item.strip().partition(";")
-        if coding.strip() in ("gzip", "*"):
-            q = params.strip().removeprefix("q=")
-            try:
-                return not params or float(q) > 0
-            except ValueError:
-                return False
-    return False
-
-
-def _file_response(request, path):
-    st = path.stat()
-    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = [("ETag", etag), ("Last-Modified", formatdate(st.st_mtime, usegmt=True)), ("Cache-Control", "no-cache")]
-    ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
-        ctype += "; charset=utf-8"
-    inm = request.headers.get("if-none-match")
-    ims = request.headers.get("if-modified-since")
-    fresh = False
-    if inm is not None:
-        fresh = etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*"
-    elif ims:
-        try:
-            fresh = int(st.st_mtime) <= parsedate_to_datetime(ims).timestamp()
-        except (TypeError, ValueError):
-            fresh = False
-    if fresh:
-        return Response(b"", 304, headers, content_type=None)
-    headers.append(("Content-Length", str(st.st_size)))
-    if st.st_size <= 256 * 1024:
-        return Response(path.read_bytes(), 200, headers, content_type=ctype)
-    return Response(_read_chunks(path), 200, headers, content_type=ctype)
-
-
-def _read_chunks(path, size=64 * 1024):
-    with open(path, "rb") as f:
-        while chunk := f.read(size):
-            yield chunk
 
 
 # ═══ 15. WebSocket handlers' side: the object an @app.websocket handler receives ══════════════════
@@ -6950,7 +7034,7 @@ async def _run_ws_handler(route, ws, params):
         await ws.close(CloseCode.NORMAL, "")
 
 
-# ═══ 17. The asyncio server: one protocol object per connection drives the sans-I/O parsers ═══════
+# ═══ 17a. The asyncio server: limits, phases, flow control, the connection base ═══════════════════
 
 #
 # Split by job, as uvicorn splits its protocols. _HTTPConnection drives HTTPParser, hands each
@@ -7117,6 +7201,8 @@ class _Connection(asyncio.Protocol):
         if not self.closed:
             self._phase_over(now)
 
+
+# ═══ 17b. The asyncio server: the HTTP connection ═════════════════════════════════════════════════
 
 class _HTTPConnection(_Connection):
     """HTTP/1.1 keep-alive and pipelining: drives the HTTPParser, hands each request to the app
@@ -7438,6 +7524,8 @@ class _HTTPConnection(_Connection):
             self.transport.close()
 
 
+# ═══ 17c. The asyncio server: the WebSocket connection, serve() ═══════════════════════════════════
+
 class _WebSocketConnection(_Connection):
     """A WebSocket on the built-in server, protocol of the transport from the 101 on: drives the
     WSConnection, pings a quiet peer, and bounds what one peer costs (WS_MAX_OUTPUT,
@@ -7650,7 +7738,7 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
     await server.wait_closed()
 
 
-# ═══ 18. Testing ══════════════════════════════════════════════════════════════════════════════════
+# ═══ 18. Testing: TestClient, TestResponse, Headers ═══════════════════════════════════════════════
 
 TEST_MAX_REDIRECTS = 20  # TestClient(follow_redirects=True) gives up past this many hops
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -7910,7 +7998,7 @@ def _find_components(text):
             for el in _parse_html(text).walk() if "data-asok-component" in el.attrs]
 
 
-# ═══ 19. Testing: a small HTML tree and CSS selectors, for LiveHandle's user actions ══════════════
+# ═══ 19a. Testing: a small HTML tree and CSS selectors, for LiveHandle's user actions ═════════════
 
 _VOID_TAGS = frozenset("area base br col embed hr img input link meta source track wbr".split())
 _SELF_CLOSING = frozenset("li option p tr td th dt dd".split())  # `<li>a<li>b`: the second closes the first
@@ -8137,6 +8225,8 @@ def _form_fields(form):
     return values, names
 
 
+# ═══ 19b. Testing: LiveHandle, a live component driven like a user (click, type, submit) ══════════
+
 class LiveHandle:
     """One component on a page, driven through the live protocol without a socket or a browser.
     Read it as a user's actions, like LiveViewTest's `element(view, "button", "Add 1") |> render_click()`:
@@ -8340,7 +8430,7 @@ class LiveHandle:
         return self.call(method, *args)
 
 
-# ═══ 20. Command line ═════════════════════════════════════════════════════════════════════════════
+# ═══ 20. Running an app: load_app, serve_workers, the reloader ════════════════════════════════════
 
 def load_app(app_dir: str | os.PathLike = ".") -> Asok:
     """The app of a folder: `app` from its app.py if there is one, else a plain Asok(app_dir)."""
@@ -8690,6 +8780,8 @@ def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int 
     asyncio.run(run())
     return 0
 
+
+# ═══ 22. Command line: `python asok.py serve`, main() ═════════════════════════════════════════════
 
 # What `python asok.py serve --help` lists under "environment"; add a line for a new variable.
 ENVIRONMENT = [
