@@ -37,11 +37,9 @@ import pytest
 import asok
 
 
-# ═══════════════════════════════════════════════════════════════════════════
-# Web core: server, routing, sessions, keys, CSRF
-# ═══════════════════════════════════════════════════════════════════════════
-
 ROOT = Path(__file__).resolve().parent
+
+
 EXAMPLES = ROOT / "examples"
 
 
@@ -313,394 +311,156 @@ PAGES = {
 }
 
 
-# ── the echo example through the CLI ─────────────────────────────────────────
+# ── the live-component app most sections use: `live_app` ──────────────────────
 
-@pytest.fixture(scope="module")
-def echo_port():
-    with serve_process(EXAMPLES / "echo") as (port, _):
-        yield port
+COMPONENT_FILES = {
+    "src/components/Counter.py": '''
+        from asok import Component
+        from asok.component import exposed
 
+        class Counter(Component):
+            count = 0
+            mounted = 0
 
-def test_cli_serves_echo_post_body_unchanged(echo_port):
-    body = bytes(range(256)) * 4
-    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Length: %d\r\n\r\n" % len(body)) + body
-    status, headers, got = exchange(echo_port, raw)
-    assert status == 200 and got == body
+            def mount(self):
+                self.mounted += 1
 
+            @exposed
+            def increment(self):
+                self.count += 1
+                self.session["pcount"] = self.session.get("pcount", 0) + 1
 
-def test_keep_alive_serves_several_requests_on_one_connection(echo_port):
-    with connect(echo_port) as sock:
-        for n in range(3):
-            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + str(n).encode())
-            status, headers, body = read_response(sock)
-            assert (status, body) == (200, str(n).encode())
-            assert "close" not in headers.get("connection", "")
+            @exposed
+            def add(self, n: int, note: str = ""):
+                self.count += n
 
+            @exposed
+            def scale(self, factor: float, flag: bool = False):
+                self.count = int(self.count * factor) + (1000 if flag else 0)
 
-def test_pipelined_requests_answered_in_order(echo_port):
-    raw = b"".join(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + c for c in (b"a", b"b", b"c"))
-    with connect(echo_port) as sock:
-        sock.sendall(raw)
-        bodies = []
-        for _ in range(3):
-            bodies.append(read_response(sock)[2])
-        assert bodies == [b"a", b"b", b"c"]
+            @exposed
+            def boom(self):
+                self.count += 1
+                raise RuntimeError("kaboom")
 
+            @exposed
+            def corrupt(self):
+                self.count = object()
 
-def test_chunked_request_body_is_decoded(echo_port):
-    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
-    assert exchange(echo_port, raw)[2] == b"hello world"
+            def _internal(self):
+                return 1
 
+            def helper(self):
+                self.count = -1
+    ''',
+    "src/components/counter.html": "<p>Count: {{ count }} / {{ session.get('pcount', 0) }}</p>\n",
+    "src/components/Labels.py": '''
+        from asok import Component, exposed
 
-def test_connection_close_closes_after_the_response(echo_port):
-    with connect(echo_port) as sock:
-        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
-        status, headers, body = read_response(sock)
-        assert (status, body, headers["connection"]) == (200, b"hi", "close")
-        assert is_closed(sock)
+        class Labels(Component):
+            text = ""
+            size = 1
+            tags = []
 
-
-def test_http10_closes_unless_keep_alive(echo_port):
-    with connect(echo_port) as sock:
-        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
-        assert read_response(sock)[2] == b"hi"
-        assert is_closed(sock)
-    with connect(echo_port) as sock:
-        sock.sendall(b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi")
-        status, headers, _ = read_response(sock)
-        assert headers["connection"] == "keep-alive"
-        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nho")
-        assert read_response(sock)[2] == b"ho"
-
-
-@pytest.mark.parametrize("raw, status", [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
-    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
-    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd", 400),
-    (b"GET / HTTP/1.1\r\n\r\n", 400),
-    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
-    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n", 413),
-])
-def test_bad_requests_get_their_status_and_the_connection_closes(echo_port, raw, status):
-    with connect(echo_port) as sock:
-        sock.sendall(raw)
-        got, headers, body = read_response(sock)
-        assert got == status, body
-        assert headers["connection"] == "close"
-        assert body  # says what was wrong
-        assert is_closed(sock)
-    assert exchange(echo_port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")[2] == b"ok"
+            @exposed
+            def tag(self, name: str):
+                self.tags.append(name)
+    ''',
+    "src/components/labels.html": "<b><< text >>:<< size >>:<< tags | join(',') >></b>",
+    "src/pages/index.html": "<html><head></head><body>{{ component('Counter', count=10) }}"
+                            "{{ component('Counter') }}</body></html>",
+    "src/pages/labels.html": "<body><< component('Labels', cid='my-labels') >></body>",
+    "src/pages/plain.html": "<html><head></head><body>no components</body></html>",
+}
 
 
-def test_smuggling_attempt_is_not_treated_as_a_second_request(echo_port):
-    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-           b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
-    with connect(echo_port) as sock:
-        sock.sendall(raw)
-        assert read_response(sock)[0] == 400
-        assert is_closed(sock)
+@pytest.fixture
+def live_app(tmp_path):
+    return make_app(tmp_path, COMPONENT_FILES)
 
 
-def test_body_limit_is_configurable(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""}, max_body=10)
+# ── waiting, uvicorn, a live socket tab ───────────────────────────────────────
 
-    @app.route("/up", methods=["POST"], csrf=False)
-    def up(request):
-        return str(len(request.body))
-
-    with running(app) as port:
-        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"a" * 11
-        assert exchange(port, raw)[0] == 413
-        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n" + b"a" * 11 + b"\r\n0\r\n\r\n"
-        assert exchange(port, raw)[0] == 413
-        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"a" * 10)[2] == b"10"
+def wait_for(predicate, seconds=15):
+    """Poll `predicate` until it is true (or fail after `seconds`); returns its value."""
+    deadline = time.monotonic() + seconds
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+    return value
 
 
-def test_head_sends_headers_without_body(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app) as port:
-        status, headers, body = exchange(port, b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\n", "HEAD")
-        assert status == 200 and body == b""
-        assert int(headers["content-length"]) == len(b"<h1>about 2</h1>")
-        # the connection is usable afterwards: nothing of a body was sent
-        with connect(port) as sock:
-            sock.sendall(b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\nGET /about HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock, "HEAD")[2] == b""
-            status, _, body = read_response(sock)
-            assert (status, body) == (200, b"<h1>about 2</h1>")
-
-
-def test_slow_client_is_dropped_and_others_are_served(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app, header_timeout=1.0) as port:
-        slow = connect(port, timeout=10)
-        slow.sendall(b"GET / HTTP/1.1\r\n")
-        dropped = False
-        for _ in range(40):  # one byte every 0.1 s: never a complete head
-            assert get(port, "/about")[0] == 200
-            try:
-                slow.sendall(b"X")
-            except OSError:
-                dropped = True
-                break
+def wsi_start_uvicorn(command, cwd):
+    """Start `command` plus --host/--port in `cwd`; returns (process, port) once it accepts."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("uvicorn did not start: " + proc.communicate()[0].decode())
             time.sleep(0.1)
-            slow.setblocking(False)
-            try:
-                data = slow.recv(4096)
-                if data.startswith(b"HTTP/1.1 408") or data == b"":
-                    dropped = True
-                    break
-            except BlockingIOError:
-                pass
-            finally:
-                slow.setblocking(True)
-        slow.close()
-        assert dropped
 
 
-def test_a_request_body_trickling_in_is_dropped_however_short_its_pauses(tmp_path):
-    app_dir = tmp_path / "counter"
-    shutil.copytree(EXAMPLES / "counter", app_dir)
-    jar = {}
-    with serve_measured(app_dir, tmp_path / "server.log", body_timeout=0.5) as (port, pid):
-        slow = [connect(port, timeout=10) for _ in range(40)]
-        for sock in slow:
-            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
-        answers = {}
-        for _ in range(60):  # a byte each every 0.2 s: no pause reaches body_timeout, the average is too low
-            for i, sock in enumerate(slow):
-                if i in answers:
-                    continue
-                sock.setblocking(False)
-                try:
-                    answers[i] = sock.recv(4096)
-                except BlockingIOError:
-                    with contextlib.suppress(OSError):
-                        sock.sendall(b"x")
-                except OSError:
-                    answers[i] = b""
-            if len(answers) == len(slow):
-                break
-            time.sleep(0.2)
-        assert len(answers) == len(slow)  # every one was dropped
-        assert b"HTTP/1.1 408" in answers[0] and b"1024 bytes/s" in answers[0]
-        assert counter_served(port, jar)
-        for sock in slow:
-            sock.close()
-
-
-def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app, max_connections=4, idle_timeout=30) as port:
-        held = [connect(port) for _ in range(4)]
-        for sock in held:
-            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock)[0] == 200
-        status, headers, body = get(port, "/about")
-        assert status == 503 and headers["retry-after"] == "1" and b"4 connections open, its limit" in body
-        held.pop().close()
-        wait_for(lambda: get(port, "/about")[0] == 200)
-        for sock in held:
-            sock.close()
-
-
-def test_the_connection_limit_leaves_descriptors_to_refuse_with(tmp_path):
-    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import asok; "
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)); "
-            "print(asok._connection_limit(None), asok._connection_limit(5000), "
-            "resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=30)
-    assert out.stdout.split() == [str(1024 - asok._FDS_KEPT)] * 2 + ["1024"]  # soft limit raised to the hard one
-    assert "max_connections=5000 lowered" in out.stderr
-
-
-def test_idle_keep_alive_connection_is_closed(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app, idle_timeout=0.3) as port:
-        with connect(port) as sock:
-            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock)[0] == 200
-            assert is_closed(sock)
-
-
-def test_slow_handler_does_not_stall_other_clients(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    release = threading.Event()
-
-    @app.route("/slow")
-    def slow():
-        release.wait(10)
-        return "slow done"
-
-    with running(app) as port:
-        slow_sock = connect(port, timeout=15)
-        slow_sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.1)
-        assert get(port, "/about")[0] == 200  # answered while /slow is still running
-        assert not release.is_set()
-        release.set()
-        assert read_response(slow_sock)[2] == b"slow done"
-        slow_sock.close()
-
-
-def test_sigterm_lets_in_flight_requests_finish(tmp_path):
-    (tmp_path / "app.py").write_text(textwrap.dedent("""
-        import time
-        from asok import Asok
-        app = Asok(__file__, secret_key="k" * 32)
-
-        @app.route("/slow")
-        def slow():
-            time.sleep(1.0)
-            return "finished"
-    """))
-    with serve_process(tmp_path) as (port, proc):
-        sock = connect(port, timeout=15)
-        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        status, _, body = read_response(sock)
-        assert (status, body) == (200, b"finished")
-        assert proc.wait(15) == 0
-        log = proc.stdout.read().decode()
-        assert '"GET /slow HTTP/1.1" 200' in log  # the access log
-
-
-# ── the command line: help, --version, logging ───────────────────────────────
-
-def asok_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "asok.py"), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "COLUMNS": "80", **(env or {})})
-
-
-def test_cli_alone_prints_the_help_and_version_prints_the_version():
-    alone = asok_cli()
-    assert alone.returncode == 0 and alone.stdout.startswith("usage: asok")
-    assert "serve an app folder" in alone.stdout and "examples:\n" in alone.stdout
-    assert alone.stdout == asok_cli("--help").stdout
-    version = asok_cli("--version")
-    assert version.returncode == 0 and version.stdout.startswith(f"asok {asok.__version__} (Python 3.")
-
-
-def test_serve_help_gives_each_option_its_default_and_lists_the_environment():
-    commands = next(a for a in asok._parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for action in commands.choices["serve"]._actions:
-        if action.dest != "help":
-            assert "(default: " in action.help, f"{action.option_strings or action.dest}: say its default"
-    text = asok_cli("serve", "--help").stdout
-    for name in ("HOST", "PORT", "DEBUG", "SECRET_KEY"):
-        assert f"\n  {name} " in text.partition("environment:")[2]
-    assert "--log-level LEVEL" in text and "\nexamples:\n  # " in text
-
-
-def test_readme_shows_the_serve_help_as_the_cli_prints_it():
-    text = asok_cli("serve", "--help").stdout
-    assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
-        "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
-
-
-def test_a_bad_port_from_the_environment_is_a_clear_error():
-    run = asok_cli("serve", env={"PORT": "80a"})
-    assert run.returncode == 2 and "a port is a number from 0 to 65535 (given: '80a', from --port or $PORT)" in run.stderr
-
-
-def test_log_lines_carry_time_pid_level_and_log_level_filters_them(tmp_path):
-    (tmp_path / "src" / "pages").mkdir(parents=True)
-    (tmp_path / "src" / "pages" / "index.html").write_text("hi")
-    outputs = []
-    for args in ((), ("--log-level", "warning")):
-        with serve_process(tmp_path, *args) as (port, proc):
-            assert get(port, "/")[0] == 200
-            proc.terminate()
-            proc.wait(15)
-            outputs.append(proc.stdout.read().decode())
-    lines = outputs[0].splitlines()
-    pid = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\]"
-    assert any(re.fullmatch(pid + r" INFO asok: serving .* on http://127\.0\.0\.1:\d+", line) for line in lines), lines
-    assert any(re.fullmatch(pid + r' INFO asok\.access: .*"GET / HTTP/1\.1" 200 .*', line) for line in lines), lines
-    assert "INFO" not in outputs[1] and "serving" not in outputs[1]
-
-
-def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger():
-    script = textwrap.dedent("""
-        import logging, asok
-        print("root handlers:", logging.getLogger().handlers)
-        asok.log.info("first")
-        logging.basicConfig(format="ROOT %(name)s %(message)s")
-        asok.log.info("second")
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    assert run.stdout == "root handlers: []\n"
-    assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
-
-
-# ── the examples gallery: `python asok.py serve examples` ────────────────────
-
-def test_gallery_finds_the_app_folders_and_what_each_shows(tmp_path):
-    files = {
-        "a/src/pages/index.html": "<head><meta name=\"description\" content=\"The seed's &amp; more\"></head>",
-        "b/app.py": '"""Routes in app.py.\n\nMore text."""\n',
-        "c/src/pages/index.html": "<title>Just a title</title>",
-        "d/src/html/base.html": "<meta name='description' content='From the \"layout\"'>",
-        "e/src/components/X.py": "",
-        "not-an-app/notes.txt": "",
-        ".hidden/src/pages/index.html": "",
-    }
-    for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(text)
-    apps = asok.gallery_apps(tmp_path)
-    assert [p.name for p in apps] == ["a", "b", "c", "d", "e"]
-    assert [asok.describe_app(p) for p in apps] == [
-        "The seed's & more", "Routes in app.py.", "Just a title", 'From the "layout"', ""]
-    assert asok.gallery_apps(tmp_path / "a") == [] and asok.gallery_apps(tmp_path / "missing") == []
-
-
-def test_every_example_says_what_it_shows_and_links_the_shared_stylesheet():
-    for folder in asok.gallery_apps(EXAMPLES):
-        assert asok.describe_app(folder), f"examples/{folder.name}: give its index page a " \
-                                          f'<meta name="description" content="what it shows">'
-        pages = [p.read_text() for p in (folder / "src").rglob("*.html")]
-        assert any('<link rel="stylesheet" href="/asok/asok.css">' in t for t in pages), \
-            f'examples/{folder.name}: link the shared stylesheet: <link rel="stylesheet" href="/asok/asok.css">'
-
-
-def test_gallery_serves_an_index_and_each_example_with_one_session(tmp_path):
-    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns(".asok", "__pycache__"))
-    names = [p.name for p in asok.gallery_apps(tmp_path / "examples")]
-    with serve_process(tmp_path / "examples") as (port, proc):
-        status, _, body = get(port, "/")
-        assert status == 200
-        links = re.findall(r'<a href="http://x:(\d+)/"><b>([^<]+)</b><span>([^<]*)</span>', body.decode())
-        assert [name for _, name, _ in links] == names and all(text for _, _, text in links)
-        ports = {name: int(p) for p, name, _ in links}
-        assert len(set(ports.values()) | {port}) == len(names) + 1
-        for name, example_port in ports.items():
-            status, headers, page = get(example_port, "/")
-            assert status in (200, 302, 303), name
-            if status == 200:
-                assert b'href="/asok/asok.css"' in page, name
-        status, headers, _ = get(ports["counter"], "/")
-        cookie = headers["set-cookie"].split(";")[0]
-        status, headers, page = get(ports["todo"], "/", f"Cookie: {cookie}\r\n")
-        assert status == 200 and "set-cookie" not in headers  # the counter's session is the todo's too
-        assert "set-cookie" in get(ports["todo"], "/")[1]
+def wsi_stop(proc):
+    if proc.poll() is None:
         proc.terminate()
-        assert proc.wait(15) == 0
-        log = proc.stdout.read().decode()
-    assert f"gallery of {len(names)} apps in" in log
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    proc.stdout.close()
 
 
-def test_a_gallery_runs_in_one_process():
-    run = asok_cli("serve", str(EXAMPLES), "--workers", "2")
-    assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
+class SocketTab:
+    """A browser tab over real sockets: the page over HTTP (cookies kept in `jar`, a dict shared
+    by the tabs of one browser), then the live socket, as alive.js speaks it."""
 
+    def __init__(self, port, jar, path="/"):
+        # a page id of its own, as alive.js draws one: the server applies a resend of a page's
+        # request id once, so two tabs must never share one (id(self) can repeat once one is freed)
+        self.port, self.jar, self.n, self.page_id = port, jar, 0, os.urandom(6).hex()
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
+                                    timeout=10) as r:
+            page = self.page = r.read().decode()
+            for value in r.headers.get_all("Set-Cookie") or ():
+                name, _, rest = value.partition("=")
+                jar[name] = rest.split(";")[0]
+        self.csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
+        self.components = {el.attrs["data-asok-component"]: [el.attrs["id"], el.attrs["data-asok-state"]]
+                           for el in asok._parse_html(page).walk() if "data-asok-component" in el.attrs}
+        self.ws = asok.WebSocketClient.connect(
+            f"ws://127.0.0.1:{port}/asok/live", origin=f"http://127.0.0.1:{port}",
+            headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())})
+
+    def call(self, name, method, *args, rid=None):
+        """Send one event and return its reply, skipping any push that arrives before it."""
+        self.n += 1
+        cid, state = self.components[name]
+        rid = rid or f"{self.page_id}:{self.n}"
+        self.ws.send(json.dumps({"id": rid, "cid": cid, "component": name, "state": state,
+                                 "method": method, "args": list(args), "csrf": self.csrf}))
+        for _ in range(100):
+            reply = json.loads(self.ws.receive(timeout=10))
+            if reply.get("id") == rid:
+                if "state" in reply:
+                    self.components[name][1] = reply["state"]
+                return reply
+        raise AssertionError("no reply")
+
+    def close(self):
+        self.ws.close()
+
+
+# ── the module as a whole: the public API, lint ───────────────────────────────
 
 def test_the_public_api_is_annotated_and_documented():
     """Everything in __all__ (and the methods of its classes) has a docstring, and annotated
@@ -738,1351 +498,7 @@ def test_asok_py_is_clean_for_ruff_and_pyflakes():
         assert run.returncode == 0, run.stdout + run.stderr
 
 
-# ── routing, pages, responses ────────────────────────────────────────────────
-
-def test_file_pages_nested_and_params(tmp_path):
-    client = asok.TestClient(make_app(tmp_path, PAGES))
-    assert client.get("/").text == "<h1>home</h1>"
-    assert client.get("/about").text == "<h1>about 2</h1>"
-    assert client.get("/docs").text == "docs index"
-    assert client.get("/docs/").text == "docs index"
-    assert client.get("/blog/hello-world").text == "post hello-world"
-    assert client.get("/blog/<b>").text == "post &lt;b&gt;"
-
-
-def test_404_405_and_500_pages(tmp_path):
-    app = make_app(tmp_path, PAGES)
-
-    @app.route("/boom")
-    def boom():
-        raise ValueError("secret detail")
-
-    @app.route("/only-post", methods=["POST"], csrf=False)
-    def only_post():
-        return "posted"
-
-    client = asok.TestClient(app)
-    assert client.get("/missing").status == 404
-    r = client.get("/only-post")
-    assert r.status == 405 and r.header("allow") == "POST"
-    r = client.get("/boom")
-    assert r.status == 500 and "secret detail" not in r.text and "Traceback" not in r.text
-    app.debug = True
-    r = client.get("/boom")
-    assert r.status == 500 and "Traceback" in r.text and "secret detail" in r.text
-
-
-def test_handler_return_values(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/s")(lambda: "text")
-    app.route("/b")(lambda: b"\x00\x01")
-    app.route("/j")(lambda: {"a": [1, 2]})
-    app.route("/t")(lambda: ("made", 201, {"X-Extra": "1"}))
-    app.route("/r")(lambda: asok.Response("teapot", 418, {"X-Tea": "yes"}, content_type="text/plain"))
-    app.route("/g")(lambda: (part for part in ["a", "b", "c"]))
-    app.route("/n")(lambda: None)
-    client = asok.TestClient(app)
-    r = client.get("/s")
-    assert (r.text, r.header("content-type")) == ("text", "text/html; charset=utf-8")
-    assert client.get("/b").header("content-type") == "application/octet-stream"
-    assert client.get("/j").json() == {"a": [1, 2]}
-    r = client.get("/t")
-    assert (r.status, r.text, r.header("x-extra")) == (201, "made", "1")
-    r = client.get("/r")
-    assert (r.status, r.header("x-tea"), r.header("content-type")) == (418, "yes", "text/plain")
-    assert client.get("/g").text == "abc"
-    assert client.get("/n").status == 500
-
-
-def test_streamed_body_is_chunked_on_the_wire(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/stream")(lambda: (f"part{i};" for i in range(3)))
-    with running(app) as port:
-        status, headers, body = get(port, "/stream")
-        assert headers["transfer-encoding"] == "chunked"
-        assert body == b"part0;part1;part2;"
-
-
-def test_request_fields(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-
-    @app.route("/inspect/<int:n>", methods=["POST"], csrf=False)
-    def inspect_(request, n):
-        return {"n": n, "method": request.method, "path": request.path, "q": request.query.getlist("q"),
-                "form": dict(request.form), "cookie": request.cookies.get("c"), "ua": request.headers.get("user-agent")}
-
-    @app.route("/json", methods=["POST"], csrf=False)
-    def json_(request):
-        return {"got": request.json}
-
-    client = asok.TestClient(app)
-    client.cookies["c"] = "cv"
-    r = client.request("POST", "/inspect/7?q=1&q=2", data={"a": "b"}, headers={"User-Agent": "t"})
-    assert r.json() == {"n": 7, "method": "POST", "path": "/inspect/7", "q": ["1", "2"], "form": {"a": "b"},
-                        "cookie": "cv", "ua": "t"}
-    assert client.post("/json", json_body={"x": 1}).json() == {"got": {"x": 1}}
-    r = client.post("/json", body=b"{nope", headers={"Content-Type": "application/json"})
-    assert r.status == 400 and "not valid JSON" in r.text
-    assert client.get("/inspect/notanumber").status == 404
-
-
-# ── the test client: what Flask and Starlette users type ─────────────────────
-
-def probe_app(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-
-    @app.route("/probe", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], csrf=False)
-    def probe(request):
-        return asok.Response(json.dumps({"method": request.method, "probe": request.headers.get("x-probe"),
-                                         "query": {k: request.query.getlist(k) for k in request.query},
-                                         "type": request.content_type, "body": request.body.decode()}),
-                             headers=[("X-Twice", "a"), ("X-Twice", "b")], content_type="application/json")
-
-    return app
-
-
-def test_client_response_has_status_code_headers_mapping_and_json(tmp_path):
-    r = asok.TestClient(probe_app(tmp_path)).get("/probe")
-    assert r.status_code == r.status == 200
-    assert r.headers["content-type"] == r.headers["Content-Type"] == "application/json"
-    assert "CONTENT-TYPE" in r.headers and "x-missing" not in r.headers and r.headers.get("x-missing", "-") == "-"
-    assert r.headers["x-twice"] == "a, b" and r.headers.getlist("X-Twice") == ["a", "b"]
-    assert list(r.headers) == ["x-twice", "content-type"] and len(r.headers) == 2
-    assert r.header("x-twice") == "a"
-    assert r.json() == r.get_json() == {"method": "GET", "probe": None, "query": {}, "type": "", "body": ""}
-    assert r.content == r.data == r.body and json.loads(r.text)["method"] == "GET"
-    with pytest.raises(KeyError):
-        r.headers["x-missing"]
-
-
-def test_client_methods_take_headers_params_json_and_data(tmp_path):
-    client = asok.TestClient(probe_app(tmp_path))
-    for verb in ("get", "post", "put", "patch", "delete", "options"):
-        r = getattr(client, verb)("/probe?a=1", params={"b": ["2", "3"]}, headers={"X-Probe": verb})
-        assert r.json()["method"] == verb.upper() and r.json()["probe"] == verb
-        assert r.json()["query"] == {"a": ["1"], "b": ["2", "3"]}
-    head = client.head("/probe", headers={"X-Probe": "h"})
-    assert head.status_code == 200 and head.body == b"" and head.headers["content-length"] != "0"
-    sent = client.post("/probe", json={"x": [1, None]}).json()
-    assert (sent["type"], json.loads(sent["body"])) == ("application/json", {"x": [1, None]})
-    sent = client.patch("/probe", data={"a": "b c", "n": ["1", "2"]}).json()
-    assert (sent["type"], sent["body"]) == ("application/x-www-form-urlencoded", "a=b+c&n=1&n=2")
-    assert client.put("/probe", content=b"raw").json()["body"] == "raw"
-    assert client.post("http://testserver/probe", params=[("q", "x")]).json()["query"] == {"q": ["x"]}
-    with pytest.raises(TypeError, match="give one of data=, json= and content="):
-        client.post("/probe", data={"a": 1}, json={"a": 1})
-
-
-def test_client_follows_redirects_as_a_browser_does(tmp_path):
-    app = probe_app(tmp_path)
-    app.route("/go", methods=["GET", "POST"], csrf=False)(lambda: asok.redirect("/probe?via=go", 303))
-    app.route("/keep", methods=["POST"], csrf=False)(lambda: asok.redirect("/probe", 307))
-    app.route("/hop/<int:n>")(lambda n: asok.redirect(f"/hop/{n - 1}" if n else "/probe"))
-    app.route("/away")(lambda: asok.redirect("https://elsewhere.example/x"))
-    app.route("/loop")(lambda: asok.redirect("/loop"))
-    client = asok.TestClient(app)
-    assert client.post("/go", data={"a": "1"}).status_code == 303  # not followed unless asked
-    r = client.post("/go", data={"a": "1"}, follow_redirects=True)
-    assert r.status_code == 200 and r.json()["method"] == "GET" and r.json()["body"] == ""
-    assert r.url == "/probe?via=go" and [h.status_code for h in r.history] == [303]
-    r = client.post("/keep", content=b"again", headers={"content-type": "text/plain"}, follow_redirects=True)
-    assert (r.json()["method"], r.json()["body"], r.json()["type"]) == ("POST", "again", "text/plain")
-    r = asok.TestClient(app, follow_redirects=True).get("/hop/3")
-    assert r.json()["method"] == "GET" and [h.url for h in r.history] == ["/hop/3", "/hop/2", "/hop/1", "/hop/0"]
-    r = client.get("/away", follow_redirects=True)
-    assert r.status_code == 302 and r.headers["location"] == "https://elsewhere.example/x"
-    with pytest.raises(AssertionError, match=f"more than {asok.TEST_MAX_REDIRECTS} redirects"):
-        client.get("/loop", follow_redirects=True)
-
-
-def test_client_as_a_context_manager_keeps_cookies_inside_the_block(live_app):
-    with asok.TestClient(live_app) as client:
-        client.live("/", "Counter").call("increment")
-        assert client.sid and client.get("/").text.count("Count: 11 / 1") == 1
-    assert client.cookies == {} and client.sid is None
-
-
-def test_importing_the_testing_classes_into_a_test_module_gives_pytest_no_warning(tmp_path):
-    (tmp_path / "test_uses_asok.py").write_text(
-        "from asok import TestClient, TestResponse, Headers, LiveHandle\n\n"
-        "def test_nothing_to_see():\n    assert TestClient and TestResponse and Headers and LiveHandle\n")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-                          "error::pytest.PytestCollectionWarning", "test_uses_asok.py"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
-    assert "warning" not in run.stdout.lower(), run.stdout
-
-
-# ── multipart/form-data, uploads, before_request ─────────────────────────────
-
-MP_BODY = (b"preamble to ignore\r\n"
-           b"--XyZ\r\n"
-           b'Content-Disposition: form-data; name="title"\r\n\r\n'
-           b"caf\xc3\xa9 --XyZ not a boundary\r\n"
-           b"--XyZ  \r\n"  # transport padding after a boundary is allowed (RFC 2046 5.1.1)
-           b'Content-Disposition: form-data; name="doc"; filename="notes.txt"\r\n'
-           b"Content-Type: text/plain\r\n\r\n"
-           b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"
-           b"\r\n--XyZ--\r\nepilogue to ignore")
-
-
-def mp_events(body, splits):
-    """Feed `body` to a MultipartParser in pieces; return the events with data pieces joined."""
-    parser = asok.MultipartParser("XyZ")
-    events = []
-    for piece in [body[i:j] for i, j in zip([0] + splits, splits + [len(body)])] + [b""]:
-        for kind, value in parser.feed(piece):
-            if kind == "data" and events and events[-1][0] == "data":
-                events[-1] = ("data", events[-1][1] + value)
-            else:
-                events.append((kind, value))
-    return events
-
-
-def test_multipart_parser_byte_by_byte_and_in_one_piece():
-    whole = mp_events(MP_BODY, [])
-    assert whole == [
-        ("part", {"content-disposition": 'form-data; name="title"'}), ("data", "café --XyZ not a boundary".encode()),
-        ("end", None),
-        ("part", {"content-disposition": 'form-data; name="doc"; filename="notes.txt"', "content-type": "text/plain"}),
-        ("data", b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"), ("end", None), ("close", None)]
-    assert mp_events(MP_BODY, list(range(1, len(MP_BODY)))) == whole
-    for cut in range(1, len(MP_BODY)):
-        assert mp_events(MP_BODY, [cut]) == whole, cut
-
-
-def test_multipart_fields_and_files_reach_request_form_and_files(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-
-    @app.route("/up", methods=["POST"], csrf=False)
-    def up(request):
-        doc = request.files["doc"]
-        return {"form": dict(request.form), "files": list(request.files),
-                "doc": [doc.name, doc.filename, doc.content_type, doc.size, doc.read().decode()]}
-
-    client = asok.TestClient(app)
-    r = client.post("/up", body=MP_BODY, headers={"Content-Type": 'multipart/form-data; boundary="XyZ"'})
-    assert r.json() == {"form": {"title": "café --XyZ not a boundary"}, "files": ["doc"],
-                        "doc": ["doc", "notes.txt", "text/plain", 34, "line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"]}
-    # an empty file input (no file chosen) sends a part with no name and no bytes: not a file
-    app.route("/names", methods=["POST"], csrf=False)(lambda request: [dict(request.form), list(request.files)])
-    r = client.post("/names", data={"a": "1"}, files={"doc": ("", b"", "application/octet-stream")})
-    assert r.json() == [{"a": "1"}, []]
-
-
-@pytest.mark.parametrize("body, ctype, words", [
-    (MP_BODY[:-30], "boundary=XyZ", "ends before the closing boundary"),
-    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--XyZ junk\r\n", "boundary=XyZ",
-     "text after a boundary"),
-    (b"--XyZ\r\nno colon here\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "is not `Name: value`"),
-    (b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "needs Content-Disposition"),
-    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\n\xff\r\n--XyZ--\r\n", "boundary=XyZ",
-     "'a' is not valid UTF-8"),
-    (b"--XyZ--\r\n", "charset=utf-8", "needs a boundary parameter"),
-    (b"--" + b"b" * 71 + b"--\r\n", "boundary=" + "b" * 71, "1 to 70 characters"),
-    (b"just text", "boundary=XyZ", "ends before the closing boundary"),
-])
-def test_malformed_multipart_bodies_get_400_naming_the_problem(tmp_path, body, ctype, words):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/up", methods=["POST"], csrf=False)(lambda request: dict(request.form))
-    r = asok.TestClient(app).post("/up", body=body, headers={"Content-Type": "multipart/form-data; " + ctype})
-    assert r.status == 400 and words in html.unescape(r.text)
-
-
-def test_multipart_limits_hold_at_their_edge(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""}, max_form_parts=3, max_field_size=10, max_part_size=20, max_body=400)
-    app.route("/up", methods=["POST"], csrf=False)(
-        lambda request: {"n": len(request.form) + len(request.files), "sizes": [f.size for f in request.files.values()]})
-    client = asok.TestClient(app)
-
-    def post(fields=None, files=None):
-        body, ctype = asok._multipart_body(fields, files)
-        return client.post("/up", body=body, headers={"Content-Type": ctype})
-
-    assert post({"a": "1", "b": "2", "c": "3"}).json()["n"] == 3
-    r = post({"a": "1", "b": "2", "c": "3", "d": "4"})
-    assert r.status == 413 and "more than 3 parts (the limit)" in html.unescape(r.text)
-    assert post({"a": "x" * 10}).status == 200
-    r = post({"a": "x" * 11})
-    assert r.status == 413 and "form field 'a' is over 10 bytes" in html.unescape(r.text)
-    assert post(files={"f": ("f.bin", b"y" * 20, "application/octet-stream")}).json()["sizes"] == [20]
-    r = post(files={"f": ("f.bin", b"y" * 21, "application/octet-stream")})
-    assert r.status == 413 and "file 'f' is over 20 bytes" in html.unescape(r.text)
-    body, ctype = asok._multipart_body({"a": "1"})
-    padded = b"p" * (400 - len(body)) + b"\r\n" + body  # the preamble brings it to the limit
-    assert client.post("/up", body=padded[2:], headers={"Content-Type": ctype}).status == 200
-    r = client.post("/up", body=b"p" + padded[2:], headers={"Content-Type": ctype})
-    assert r.status == 413 and "the limit is 400 bytes" in html.unescape(r.text)
-    # a part's header section
-    head = b'Content-Disposition: form-data; name="a"\r\nX-Pad: '
-    for pad, status in ((asok.MULTIPART_MAX_HEADER - len(head), 200), (asok.MULTIPART_MAX_HEADER - len(head) + 1, 413)):
-        big = b"--XyZ\r\n" + head + b"p" * pad + b"\r\n\r\nv\r\n--XyZ--\r\n"
-        parser = asok.MultipartParser("XyZ")
-        if status == 200:
-            assert parser.feed(big)[0][0] == "part"
-        else:
-            with pytest.raises(asok.HTTPError) as info:
-                parser.feed(big)
-            assert info.value.status == 413 and "headers are over 8192 bytes" in info.value.detail
-
-
-@pytest.mark.parametrize("raw, safe", [
-    ("../../etc/passwd", "passwd"), ("..\\..\\boot.ini", "boot.ini"), ("C:\\Users\\me\\photo.png", "photo.png"),
-    ("a\x00.png", "a.png"), ("evil.php\x00.png", "evil.php.png"), ("..", ""), ("../", ""), ("/", ""),
-    (".bashrc", "bashrc"), ("new\nline.txt", "newline.txt"), ("ok name.txt", "ok name.txt"), ("é.png", "é.png"),
-])
-def test_an_uploaded_filename_is_never_a_path(tmp_path, raw, safe):
-    app = make_app(tmp_path, {"app.py": ""})
-    folder = tmp_path / "uploads"
-    folder.mkdir()
-
-    @app.route("/up", methods=["POST"], csrf=False)
-    def up(request):
-        upload = request.files["f"]
-        try:
-            where = upload.save(folder)
-        except ValueError as exc:
-            where = str(exc)
-        return {"filename": upload.filename, "raw": upload.raw_filename, "where": str(where)}
-
-    body, ctype = asok._multipart_body(files={"f": ("PLACEHOLDER", b"data", "text/plain")})
-    quoted = raw.replace("\\", "\\\\").replace('"', '\\"').encode()
-    r = asok.TestClient(app).post("/up", body=body.replace(b"PLACEHOLDER", quoted), headers={"Content-Type": ctype})
-    got = r.json()
-    assert got["filename"] == safe and got["raw"] == raw
-    if safe:
-        assert got["where"] == str(folder / safe) and (folder / safe).read_bytes() == b"data"
-    else:
-        assert "no usable file name" in got["where"]
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder) == ["app.py"]
-
-
-def test_uploaded_file_save_is_whole_or_leaves_the_target_untouched(tmp_path, monkeypatch):
-    upload = asok.UploadedFile("f", "new.txt", "text/plain", io.BytesIO(b"new content"), 11)
-    target = tmp_path / "kept.txt"
-    target.write_bytes(b"old content")
-
-    def full_disk(src, dst, length=0):
-        dst.write(b"new")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(asok.shutil, "copyfileobj", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        upload.save(target)
-    assert target.read_bytes() == b"old content" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
-    monkeypatch.undo()
-    assert upload.save(target) == target and target.read_bytes() == b"new content"
-    assert upload.save(tmp_path) == tmp_path / "new.txt" and upload.read() == b"new content"
-
-
-def test_csrf_token_is_read_from_a_multipart_body(tmp_path):
-    client = asok.TestClient(session_app(tmp_path))
-    token = client.get("/form").text
-    r = client.post("/form", data={"csrf_token": token}, files={"f": ("a.txt", b"x", "text/plain")})
-    assert r.status == 200 and r.text == "accepted"
-    r = client.post("/form", data={"other": "1"}, files={"f": ("a.txt", b"x", "text/plain")})
-    assert r.status == 403 and "CSRF token missing" in html.unescape(r.text)
-    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"}, files={"f": ("a.txt", b"x", "text/plain")})
-    assert r.status == 403 and "invalid" in html.unescape(r.text)
-
-
-def test_a_large_upload_through_the_server_waits_on_disk_and_arrives_whole(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    seen = {}
-
-    @app.route("/up", methods=["POST"], csrf=False)
-    def up(request):
-        upload = request.files["f"]
-        seen["body_on_disk"] = not isinstance(request._body, bytes)
-        seen["file_on_disk"] = upload.file._rolled
-        return hashlib.sha256(upload.read()).hexdigest()
-
-    data = os.urandom(3 << 20)
-    body, ctype = asok._multipart_body({"x": "1"}, {"f": ("big.bin", data, "application/octet-stream")})
-    with running(app) as port:
-        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        status, _, answer = exchange(port, raw + body)
-        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
-        assert seen == {"body_on_disk": True, "file_on_disk": True}
-        chunked = b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + 70000]), body[i:i + 70000]) for i in range(0, len(body), 70000))
-        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-        status, _, answer = exchange(port, raw + chunked + b"0\r\n\r\n")
-        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
-
-
-def test_a_body_the_disk_cannot_hold_gets_503_and_the_server_goes_on(tmp_path, monkeypatch):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/up", methods=["POST"], csrf=False)(lambda request: str(len(request.body)))
-
-    class FullDisk:
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(asok.tempfile, "TemporaryFile", lambda **kw: FullDisk())
-    with running(app) as port:
-        size = asok.BODY_MEMORY + 1
-        status, _, answer = exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size)
-        assert status == 503 and b"no room for the request body (No space left on device)" in answer
-        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")[2] == b"3"
-
-
-def test_before_request_may_answer_instead_of_pages_and_routes(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    calls = []
-
-    @app.before_request
-    def require_sign_in(request):
-        calls.append(request.path)
-        if request.path != "/signin" and not request.session.get("user"):
-            return asok.redirect("/signin")
-
-    @app.route("/signin")
-    def signin(request):
-        request.session["user"] = "ann"
-        return "signed in"
-
-    app.route("/api")(lambda: {"ok": True})
-    client = asok.TestClient(app)
-    for path in ("/", "/about", "/api", "/blog/x"):
-        r = client.get(path)
-        assert (r.status, r.header("location")) == (302, "/signin")
-    assert client.get("/static/site.css").status == 200  # static files do not pass through it
-    assert "/static/site.css" not in calls
-    assert client.get("/signin").text == "signed in"
-    assert client.get("/about").text == "<h1>about 2</h1>" and client.get("/api").json() == {"ok": True}
-
-
-def test_static_files_etag_last_modified_and_304(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app) as port:
-        status, headers, body = get(port, "/static/site.css")
-        assert status == 200 and body == b"body { color: red }"
-        assert headers["content-type"].startswith("text/css")
-        etag, modified = headers["etag"], headers["last-modified"]
-        assert get(port, "/static/site.css", f"If-None-Match: {etag}\r\n")[0] == 304
-        assert get(port, "/static/site.css", f"If-Modified-Since: {modified}\r\n")[0] == 304
-        assert get(port, "/static/site.css", 'If-None-Match: "other"\r\n')[0] == 200
-
-
-def test_favicon_is_204_unless_the_app_has_one(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    client = asok.TestClient(app)
-    r = client.get("/favicon.ico")
-    assert (r.status_code, r.content, "content-type" in r.headers) == (204, b"", False)
-    assert client.post("/favicon.ico").status_code in (403, 404)  # only GET and HEAD are answered
-    (tmp_path / "static" / "favicon.ico").write_bytes(b"\x00\x00\x01\x00icon")
-    r = client.get("/favicon.ico")
-    assert (r.status_code, r.content) == (200, b"\x00\x00\x01\x00icon") and "etag" in r.headers
-    app.route("/favicon.ico")(lambda: asok.Response(b"mine", content_type="image/png"))
-    assert client.get("/favicon.ico").content == b"mine"  # a route of the app's own comes first
-
-
-def test_the_shared_stylesheet_is_served_and_revalidated(tmp_path):
-    client = asok.TestClient(make_app(tmp_path, PAGES))
-    r = client.get("/asok/asok.css")
-    assert r.status_code == 200 and r.headers["content-type"] == "text/css; charset=utf-8"
-    assert ".asok-loading" in r.text and "html.asok-disconnected" in r.text and "system-ui" in r.text
-    assert client.get("/asok/asok.css", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
-
-
-@pytest.mark.parametrize("path", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
-                                  "/static//etc/passwd", "/static/%00x", "/static/"])
-def test_static_cannot_leave_its_folder(tmp_path, path):
-    app = make_app(tmp_path, PAGES)
-    with running(app) as port:
-        status, _, body = get(port, path)
-        assert status in (400, 404)
-        assert b"import" not in body and b"root:" not in body
-
-
-def test_wsgi_validator_finds_nothing(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    app.route("/g")(lambda: (p for p in ["a", "b"]))
-
-    @app.route("/echo", methods=["POST"], csrf=False)
-    def echo(request):
-        return asok.Response(request.body, content_type="application/octet-stream")
-
-    validated = wsgiref.validate.validator(app)
-
-    def call(method, path, body=b"", query=""):
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
-                   "SERVER_NAME": "x", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-                   "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
-                   "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
-                   "wsgi.run_once": False, "HTTP_HOST": "x"}
-        if body:
-            environ["CONTENT_LENGTH"] = str(len(body))
-        seen = {}
-
-        def start_response(status, headers, exc_info=None):
-            seen["status"], seen["headers"] = status, headers
-            return lambda data: None
-
-        result = validated(environ, start_response)
-        body = b"".join(result)
-        result.close()
-        return int(seen["status"].split()[0]), body
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert call("GET", "/") == (200, b"<h1>home</h1>")
-        assert call("GET", "/about", query="a=1")[0] == 200
-        assert call("HEAD", "/about") == (200, b"")
-        assert call("POST", "/echo", b"data") == (200, b"data")
-        assert call("GET", "/g") == (200, b"ab")
-        assert call("GET", "/static/site.css")[0] == 200
-        assert call("GET", "/nope")[0] == 404
-        assert call("DELETE", "/about")[0] == 405
-        assert call("POST", "/about")[0] == 403
-        status, body = call("GET", "/asok/live")  # a WebSocket endpoint: 426 with no hop-by-hop field
-        assert status == 426 and b"WebSocket" in body
-
-
-def test_wsgi_warns_once_that_live_components_need_a_websocket_server(tmp_path, caplog):
-    app = make_app(tmp_path, {"src/components/C.py": "from asok import Component\nclass C(Component):\n"
-                                                      "    def render(self):\n        return '<p></p>'\n"})
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/nope", "wsgi.input": io.BytesIO(), "SERVER_SOFTWARE": "gunicorn"}
-    with caplog.at_level(logging.WARNING, logger="asok"):
-        for _ in range(3):
-            app(environ, lambda status, headers: None)
-    warned = [r for r in caplog.records if "WSGI" in r.getMessage()]
-    assert len(warned) == 1 and "live components need a WebSocket" in warned[0].getMessage()
-
-
-def test_asgi_http_and_lifespan(tmp_path):
-    app = make_app(tmp_path, PAGES)
-
-    @app.route("/echo", methods=["POST"], csrf=False)
-    def echo(request):
-        return asok.Response(request.body, content_type="text/plain")
-
-    async def call(scope, body_parts=(b"",)):
-        messages = [{"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1}
-                    for i, p in enumerate(body_parts)]
-        sent = []
-
-        async def receive():
-            return messages.pop(0)
-
-        async def send(message):
-            sent.append(message)
-
-        await app.asgi(scope, receive, send)
-        return sent
-
-    def scope(method, path):
-        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-                "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
-
-    sent = asyncio.run(call(scope("GET", "/about")))
-    assert sent[0]["status"] == 200 and sent[1]["body"] == b"<h1>about 2</h1>"
-    sent = asyncio.run(call(scope("POST", "/echo"), [b"ab", b"cd"]))
-    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"abcd"
-
-    async def lifespan():
-        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-        out = []
-
-        async def receive():
-            return inbox.pop(0)
-
-        async def send(message):
-            out.append(message["type"])
-
-        await app.asgi({"type": "lifespan"}, receive, send)
-        return out
-
-    assert asyncio.run(lifespan()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-
-
-def test_asgi_websocket_to_an_unknown_path_is_the_404_a_get_gets(tmp_path):
-    app = make_app(tmp_path, PAGES)
-
-    @app.websocket("/ws")
-    async def ws(socket):
-        await socket.send("hi")
-
-    def refusal(path, extensions, origin=None):
-        sent = []
-
-        async def receive():
-            return {"type": "websocket.connect"}
-
-        async def send(message):
-            sent.append(message)
-
-        headers = [(b"host", b"x")] + ([(b"origin", origin.encode())] if origin else [])
-        scope = {"type": "websocket", "path": path, "query_string": b"", "headers": headers,
-                 "scheme": "ws", "extensions": extensions}
-        asyncio.run(app.asgi(scope, receive, send))
-        return sent
-
-    # With the websocket.http.response extension: the HTTP answer the built-in server gives.
-    sent = refusal("/nowhere", {"websocket.http.response": {}})
-    assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 404
-    assert b"404" in b"".join(m["body"] for m in sent[1:]) and sent[-1]["type"] == "websocket.http.response.body"
-    assert (b"content-length", str(len(sent[1]["body"])).encode()) in sent[0]["headers"]
-    sent = refusal("/ws", {"websocket.http.response": {}}, origin="http://evil.example")
-    assert sent[0]["status"] == 403 and b"origin http://evil.example" in sent[1]["body"]
-    # Without it: a close before the accept (the ASGI server answers 403).
-    assert refusal("/nowhere", {}) == [{"type": "websocket.close", "code": asok.CloseCode.POLICY_VIOLATION}]
-
-
-# ── sessions, keys, CSRF ─────────────────────────────────────────────────────
-
-def session_app(tmp_path, **options):
-    app = make_app(tmp_path, {"app.py": ""}, **options)
-
-    @app.route("/set/<key>/<value>")
-    def set_(request, key, value):
-        request.session[key] = value
-        return "ok"
-
-    @app.route("/get/<key>")
-    def get_(request, key):
-        return str(request.session.get(key))
-
-    @app.route("/form", methods=["GET", "POST"])
-    def form(request):
-        return request.csrf_token if request.method == "GET" else "accepted"
-
-    @app.route("/hook", methods=["POST"], csrf=False)
-    def hook():
-        return "no token needed"
-
-    return app
-
-
-def test_session_cookie_flags_and_round_trip(tmp_path):
-    client = asok.TestClient(session_app(tmp_path))
-    r = client.get("/set/a/1")
-    cookie = r.header("set-cookie")
-    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
-    assert client.get("/get/a").text == "1"
-    files = list((tmp_path / ".asok" / "sessions").glob("*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text())["data"] == {"a": "1"}
-    https = asok.TestClient(session_app(tmp_path), scheme="https")
-    assert "Secure" in https.get("/set/a/1").header("set-cookie")
-
-
-# ── the Redis session store (a real redis-server) ───────────────────────────
-
-@contextlib.contextmanager
-def redis_server_process(port=None):
-    """Debian's redis-server on a free port, with no persistence; yields (port, process)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("redis-server is missing under CI (make test installs it)")
-        pytest.skip("redis-server is not installed (make test installs it with apt-get)")
-    port = port or free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield port, proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture
-def redis_port():
-    pytest.importorskip("redis")
-    with redis_server_process() as (port, _):
-        yield port
-
-
-def redis_client(port, **options):
-    import redis
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, **options)
-
-
-def test_redis_store_round_trip_lifetime_as_ttl_and_delete(redis_port):
-    store = asok.RedisSessionStore(redis_client(redis_port), lifetime=600)
-    sid = "r" * 43
-    assert store.load(sid) is None
-    assert store.update(sid, lambda record: record["data"].update(a=1) or "result") == "result"
-    assert store.load(sid)["data"] == {"a": 1}
-    assert 590 < store.client.ttl(f"asok:s:{sid}") <= 600
-    assert store.client.get(f"asok:l:{sid}") is None  # the lock is released
-    store.delete(sid)
-    assert store.load(sid) is None
-    assert store.load("../bad") is None
-    with pytest.raises(ValueError):
-        store.update("../bad", lambda record: None)
-
-
-def test_redis_store_update_that_raises_saves_nothing_and_releases_the_lock(redis_port):
-    store = asok.RedisSessionStore(redis_client(redis_port, decode_responses=True))
-    sid = "e" * 43
-    store.update(sid, lambda record: record["data"].update(n=1))
-
-    def fails(record):
-        record["data"]["n"] = 2
-        raise KeyError("boom")
-
-    with pytest.raises(KeyError):
-        store.update(sid, fails)
-    assert store.load(sid)["data"] == {"n": 1}
-    store.update(sid, lambda record: record["data"].update(n=3))  # not left locked
-    assert store.load(sid)["data"] == {"n": 3}
-
-
-def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port):
-    stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
-    sid = "c" * 43
-
-    def bump(record):
-        record["data"]["n"] = record["data"].get("n", 0) + 1
-
-    def worker(store):
-        for _ in range(50):
-            store.update(sid, bump)
-
-    threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert stores[0].load(sid)["data"]["n"] == 200
-
-
-def test_redis_store_a_write_after_the_lock_expired_fails_instead_of_overwriting(redis_port):
-    slow = asok.RedisSessionStore(redis_client(redis_port), lock_timeout=0.2)
-    fast = asok.RedisSessionStore(redis_client(redis_port))
-    sid = "f" * 43
-    fast.update(sid, lambda record: record["data"].update(owner="first"))
-    inside, done = threading.Event(), threading.Event()
-
-    def stalls(record):
-        record["data"]["owner"] = "stalled"
-        inside.set()
-        assert done.wait(10)
-
-    failure = []
-    thread = threading.Thread(target=lambda: failure.append(pytest.raises(asok.StoreUnavailable, slow.update, sid,
-                                                                           stalls)))
-    thread.start()
-    assert inside.wait(10)
-    time.sleep(0.3)  # the stalled holder's lock runs out; this sleep sets up the case, it measures nothing
-    fast.update(sid, lambda record: record["data"].update(owner="second"))
-    done.set()
-    thread.join(10)
-    assert "expired before the write" in str(failure[0].value)
-    assert fast.load(sid)["data"]["owner"] == "second"
-
-
-def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_path):
-    pytest.importorskip("redis")
-    port = free_port()
-    store = asok.RedisSessionStore(redis_client(port))
-    sid = "d" * 43
-    with pytest.raises(asok.StoreUnavailable, match="Redis: cannot lock the session"):
-        store.update(sid, lambda record: record["data"].update(n=1))
-    with redis_server_process(port):
-        store.update(sid, lambda record: record["data"].update(n=1))
-        assert store.load(sid)["data"] == {"n": 1}
-
-
-def test_asok_keeps_a_falsy_store_and_gives_it_the_session_lifetime(tmp_path):
-    class EmptyLookingStore(asok.FileSessionStore):
-        def __len__(self):
-            return 0
-
-    store = EmptyLookingStore(tmp_path / "s")
-    app = make_app(tmp_path, {"app.py": ""}, session_store=store, session_lifetime=77)
-    assert app.sessions is store and store.lifetime == 77
-
-
-def test_redis_down_answers_503_and_store_unavailable_naming_redis_then_recovers(tmp_path):
-    pytest.importorskip("redis")
-    port = free_port()
-    app = make_app(tmp_path, COMPONENT_FILES, session_store=asok.RedisSessionStore(redis_client(port)))
-
-    @app.route("/set")
-    def set_(request):
-        request.session["a"] = 1
-        return "ok"
-
-    client = asok.TestClient(app)
-    with redis_server_process(port):
-        counter = client.live("/", "Counter")
-    r = client.get("/set")
-    assert r.status_code == 503 and "Redis" in r.text
-    refused = counter.call("increment")
-    assert refused["error"]["code"] == "store_unavailable" and "Redis" in refused["error"]["message"]
-    with redis_server_process(port):
-        assert client.get("/set").status_code == 200
-        assert "error" not in counter.call("increment")
-        assert counter.state["count"] == 11
-
-
-# ── proxies ──────────────────────────────────────────────────────────────────
-
-def proxy_view(tmp_path, trusted, headers, remote="127.0.0.1", **options):
-    """What a route sees of scheme, host and client address behind `trusted` proxies."""
-    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies=trusted, **options)
-
-    @app.route("/who")
-    def who(request):
-        request.session["seen"] = 1
-        return f"{request.scheme} {request.host} {request.remote_addr}"
-
-    request = asok.Request("GET", "/who", "", {"host": "internal:8000", **headers}, b"", "http", remote, app)
-    response = app.handle(request)
-    return response.body.decode(), response.header("set-cookie")
-
-
-def test_a_trusted_proxy_gives_scheme_host_and_client_and_the_cookie_is_secure(tmp_path):
-    seen, cookie = proxy_view(tmp_path, "127.0.0.1", {"x-forwarded-proto": "https",
-                                                    "x-forwarded-host": "example.com",
-                                                    "x-forwarded-for": "203.0.113.7"})
-    assert seen == "https example.com 203.0.113.7" and "Secure" in cookie
-
-
-def test_forwarded_header_is_read_right_to_left_past_trusted_hops(tmp_path):
-    headers = {"forwarded": 'for=198.51.100.1;proto=http, for="[2001:db8::1]:4711";proto=https;host=a.example, '
-                            'for=10.0.0.2;proto=http'}
-    seen, _ = proxy_view(tmp_path, ["127.0.0.1", "10.0.0.0/8"], headers)
-    # 10.0.0.2 is a trusted hop, so the element before it names the client; 198.51.100.1 is
-    # what the client itself claimed and is not believed.
-    assert seen == "https a.example 2001:db8::1"
-
-
-@pytest.mark.parametrize("trusted, remote", [(None, "127.0.0.1"), ("10.0.0.0/8", "127.0.0.1")])
-def test_forwarded_headers_from_an_untrusted_peer_are_ignored(tmp_path, trusted, remote):
-    seen, cookie = proxy_view(tmp_path, trusted, {"x-forwarded-proto": "https", "x-forwarded-host": "evil.example",
-                                                  "x-forwarded-for": "1.2.3.4"}, remote)
-    assert seen == "http internal:8000 127.0.0.1" and "Secure" not in cookie
-
-
-def test_a_forwarded_host_with_bad_characters_is_not_taken(tmp_path):
-    seen, _ = proxy_view(tmp_path, "*", {"x-forwarded-host": "a.example/<script>", "x-forwarded-proto": "ftp"})
-    assert seen == "http internal:8000 127.0.0.1"
-
-
-def test_trusted_proxies_from_the_environment_and_a_bad_entry_is_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")
-    seen, _ = proxy_view(tmp_path, None, {"x-forwarded-proto": "https"})
-    assert seen.startswith("https ")
-    with pytest.raises(ValueError, match="'nope' is not an IP address"):
-        make_app(tmp_path, {}, trusted_proxies="127.0.0.1, nope")
-
-
-def test_live_socket_origin_check_uses_the_forwarded_scheme_and_live_origins(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies="127.0.0.1", live_origins=["https://other.example"])
-    route, _ = asok._find_ws_route(app, "/asok/live")
-
-    def allowed(origin, headers):
-        request = asok.Request("GET", "/asok/live", "", {"host": "internal", "origin": origin, **headers},
-                               b"", "http", "127.0.0.1", app)
-        return asok._origin_allowed(request, route)
-
-    behind_tls = {"x-forwarded-proto": "https", "x-forwarded-host": "site.example"}
-    assert allowed("https://site.example", behind_tls)
-    assert not allowed("http://site.example", behind_tls)
-    assert allowed("https://other.example", {})
-    assert not allowed("https://third.example", {})
-
-
-@pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
-                                    "../../../etc/passwd.AAAA", ""])
-def test_bad_session_cookie_gets_a_fresh_session(tmp_path, cookie):
-    app = session_app(tmp_path)
-    client = asok.TestClient(app)
-    client.get("/set/a/1")
-    good = client.cookies["asok_session"]
-    client.cookies["asok_session"] = cookie
-    assert client.get("/get/a").text == "None"
-    forged_sid = "A" * 43
-    client.cookies["asok_session"] = forged_sid + "." + good.rpartition(".")[2]
-    assert client.get("/get/a").text == "None"
-    client.cookies["asok_session"] = good
-    assert client.get("/get/a").text == "1"
-    assert not any(p.suffix == ".json" and p.parent != tmp_path / ".asok" / "sessions"
-                   for p in tmp_path.rglob("*.json"))
-
-
-def test_store_refuses_ids_that_would_name_a_path(tmp_path):
-    store = asok.FileSessionStore(tmp_path / "s")
-    for sid in ["../x", "a/b", "", "x" * 43 + "/", None, "é" * 43]:
-        assert store.load(sid) is None
-        with pytest.raises(ValueError):
-            store.save(sid, {"data": {}})
-
-
-def test_expired_sessions_are_collected(tmp_path):
-    store = asok.FileSessionStore(tmp_path / "s", lifetime=60)
-    old, new = "a" * 43, "b" * 43
-    store.save(old, {"data": {"x": 1}})
-    store.save(new, {"data": {"x": 2}})
-    past = time.time() - 3600
-    os.utime(tmp_path / "s" / f"{old}.json", (past, past))
-    assert store.collect() == 1
-    assert store.load(old) is None and store.load(new)["data"] == {"x": 2}
-
-
-def _bump_many(folder, sid, key, n):
-    store = asok.FileSessionStore(folder)
-    for _ in range(n):
-        def bump(record):
-            record["data"][key] = record["data"].get(key, 0) + 1
-            record["data"]["total"] = record["data"].get("total", 0) + 1
-        store.update(sid, bump)
-
-
-def test_two_processes_share_sessions_without_losing_writes(tmp_path):
-    sid = asok.secrets.token_urlsafe(32)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_bump_many, args=(tmp_path, sid, f"p{i}", 200)) for i in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    data = asok.FileSessionStore(tmp_path).load(sid)["data"]
-    assert data == {"p0": 200, "p1": 200, "total": 400}
-
-
-def test_concurrent_requests_writing_different_keys_keep_both(tmp_path):
-    app_a, app_b = session_app(tmp_path), session_app(tmp_path)  # two "processes" on one folder
-    client = asok.TestClient(app_a)
-    client.get("/set/a/1")
-    other = asok.TestClient(app_b)
-    other.cookies = dict(client.cookies)
-    client.get("/set/b/2")
-    other.get("/set/c/3")
-    assert [client.get(f"/get/{k}").text for k in "abc"] == ["1", "2", "3"]
-
-
-def test_debug_key_is_deterministic_and_random_key_is_kept_0600(tmp_path, monkeypatch):
-    monkeypatch.delenv("SECRET_KEY", raising=False)
-    a = asok.Asok(tmp_path, debug=True)
-    b = asok.Asok(tmp_path, debug=True)
-    assert a._state_signer.sign("v") == b._state_signer.sign("v")
-    c = asok.Asok(tmp_path, debug=False)
-    key_file = tmp_path / ".asok" / "secret_key"
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    d = asok.Asok(tmp_path, debug=False)
-    assert c._state_signer.sign("v") == d._state_signer.sign("v") != a._state_signer.sign("v")
-    monkeypatch.setenv("SECRET_KEY", "env-key-" + "x" * 30)
-    e = asok.Asok(tmp_path)
-    assert e._state_signer.sign("v") not in (a._state_signer.sign("v"), c._state_signer.sign("v"))
-
-
-def test_start_up_says_where_the_key_came_from_outside_debug_mode(tmp_path, monkeypatch, caplog):
-    monkeypatch.delenv("SECRET_KEY", raising=False)
-    with caplog.at_level(logging.INFO, logger="asok"):
-        asok.Asok(tmp_path, debug=False).log_startup()
-        asok.Asok(tmp_path, debug=True).log_startup()
-        monkeypatch.setenv("SECRET_KEY", "e" * 32)
-        asok.Asok(tmp_path, debug=False).log_startup()
-    lines = [r.getMessage() for r in caplog.records if "signing key" in r.getMessage()]
-    assert len(lines) == 2
-    assert str(tmp_path / ".asok" / "secret_key") in lines[0] and "SECRET_KEY environment" in lines[1]
-    assert all("must share it" in line for line in lines)
-
-
-def test_keys_are_derived_per_purpose_and_rotate(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    signed = app._state_signer.sign("value", bind="ctx")
-    with pytest.raises(asok.BadSignature):
-        app._cookie_signer.unsign(signed, bind="ctx")
-    with pytest.raises(asok.BadSignature):
-        app._state_signer.unsign(signed, bind="other ctx")
-    rotated = make_app(tmp_path, {}, secret_key="n" * 32, secret_key_fallbacks=["k" * 32])
-    assert rotated._state_signer.unsign(signed, bind="ctx") == "value"
-    assert "k" * 32 not in repr(app._state_signer)
-
-
-class FullDisk:
-    """A stand-in for os.write on a disk with `room` bytes left: a write past it is cut short,
-    and the next one fails with ENOSPC, as a nearly full filesystem does."""
-
-    def __init__(self, room=0, errno_=asok.errno.ENOSPC):
-        self.room = room
-        self.errno = errno_
-        self.calls = 0
-
-    def __call__(self, fd, data):
-        self.calls += 1
-        if self.room <= 0:
-            raise OSError(self.errno, os.strerror(self.errno))
-        n = os.write(fd, bytes(data[:self.room]))
-        self.room -= n
-        return n
-
-
-def session_files(folder):
-    return {p.name: p.read_bytes() for p in Path(folder).glob("*.json")}
-
-
-@pytest.mark.parametrize("disk", [FullDisk(0), FullDisk(7), FullDisk(0, asok.errno.EIO),
-                                  FullDisk(0, asok.errno.EROFS)], ids=["enospc", "short-write", "eio", "erofs"])
-def test_a_session_save_the_disk_refuses_gets_503_and_changes_nothing(tmp_path, monkeypatch, disk):
-    app = session_app(tmp_path)
-    client = asok.TestClient(app)
-    client.get("/set/a/1")
-    before = session_files(tmp_path / ".asok" / "sessions")
-    monkeypatch.setattr(asok, "_os_write", disk)
-    r = client.get("/set/a/2")
-    assert r.status == 503 and r.header("retry-after") == "5"
-    assert os.strerror(disk.errno) in r.text and "nothing was saved" in r.text
-    assert session_files(tmp_path / ".asok" / "sessions") == before  # truncated back, byte for byte
-    assert client.get("/get/a").text == "1"  # and the running process does not remember the 2
-    monkeypatch.setattr(asok, "_os_write", os.write)  # space comes back
-    assert client.get("/set/a/3").status == 200
-    restarted = asok.TestClient(session_app(tmp_path))
-    restarted.cookies = dict(client.cookies)
-    assert restarted.get("/get/a").text == "3"
-
-
-@pytest.mark.parametrize("fault", ["short-write", "fsync"])
-def test_a_compaction_the_disk_refuses_keeps_the_old_file(tmp_path, monkeypatch, fault):
-    store = asok.FileSessionStore(tmp_path)
-    sid, path = "c" * 43, tmp_path / ("c" * 43 + ".json")
-    for _ in range(4):  # four lines of a fifth of SESSION_LOG_MAX: the next save compacts
-        store.save(sid, {"data": {"n": 1, "pad": "x" * (asok.SESSION_LOG_MAX // 5)}, "live": {}})
-    before = path.read_bytes()
-    if fault == "short-write":
-        monkeypatch.setattr(asok, "_os_write", FullDisk(1000))
-    else:
-        def failing_fsync(fd):
-            raise OSError(asok.errno.EIO, "Input/output error")
-        monkeypatch.setattr(asok, "_os_fsync", failing_fsync)
-    with pytest.raises(asok.StoreUnavailable) as refused:  # the second save compacts the file
-        store.update(sid, lambda record: record["data"].update(n=2))
-    assert refused.value.reason in ("No space left on device", "Input/output error")
-    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
-    assert store.load(sid)["data"]["n"] == 1
-    monkeypatch.undo()
-    store.update(sid, lambda record: record["data"].update(n=2))
-    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 2
-    assert path.read_bytes().count(b"\n") == 1  # that save was the compaction the disk refused
-
-
-def _compact_forever(folder, sid, out):
-    store = asok.FileSessionStore(folder)
-    for n in range(1, 100000):
-        store.update(sid, lambda record: record["data"].update(n=n, pad="x" * 30000))  # compacts every 2 saves
-        os.write(out, b"%d\n" % n)  # acknowledged
-
-
-def test_kill_9_during_compaction_loses_no_acknowledged_save(tmp_path):
-    sid = "k" * 43
-    ctx = multiprocessing.get_context("fork")
-    for round_ in range(6):
-        read_end, write_end = os.pipe()
-        child = ctx.Process(target=_compact_forever, args=(tmp_path, sid, write_end))
-        child.start()
-        os.close(write_end)
-        acked, buf = 0, b""
-        while acked < 3 + 7 * round_:  # let it run a different while each round
-            chunk = os.read(read_end, 4096)
-            assert chunk, "the writer died"
-            buf += chunk
-            acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2] or 0)
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
-        while chunk := os.read(read_end, 4096):  # acks written before it died
-            buf += chunk
-        os.close(read_end)
-        acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2])
-        record = asok.FileSessionStore(tmp_path).load(sid)
-        assert record is not None and record["data"]["n"] >= acked
-
-
-def test_readers_get_their_own_copy_of_a_session_record(tmp_path):
-    store = asok.FileSessionStore(tmp_path)
-    sid = "r" * 43
-    store.save(sid, {"data": {"items": [1]}, "live": {}})
-    first = store.load(sid)
-    first["data"]["items"].append(2)  # a reader changing what it got
-    assert store.load(sid)["data"]["items"] == [1]
-
-    def fails(record):
-        record["data"]["items"].append(3)
-        raise RuntimeError("fn failed")
-
-    with pytest.raises(RuntimeError):
-        store.update(sid, fails)
-    assert store.load(sid)["data"]["items"] == [1]
-
-
-def test_a_store_that_cannot_read_is_unavailable_not_a_fresh_session(tmp_path, monkeypatch):
-    store = asok.FileSessionStore(tmp_path)
-    sid = "u" * 43
-    store.save(sid, {"data": {"n": 1}, "live": {}})
-    store._cache.clear()
-    real_open = open
-
-    def broken_open(path, *args, **kwargs):
-        if str(path).endswith(".json"):
-            raise OSError(asok.errno.EIO, "Input/output error")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", broken_open)
-    with pytest.raises(asok.StoreUnavailable):
-        store.update(sid, lambda record: record["data"].update(n=2))  # not a blank record over the old one
-    monkeypatch.undo()
-    assert store.load(sid)["data"] == {"n": 1}
-
-
-def test_a_session_record_over_the_cap_is_refused(tmp_path):
-    store = asok.FileSessionStore(tmp_path, max_record=1000)
-    sid = "m" * 43
-    store.save(sid, {"data": {"n": 1}, "live": {}})
-    with pytest.raises(asok.SessionTooLarge, match="limit is 1000"):
-        store.update(sid, lambda record: record["data"].update(pad="x" * 1000))
-    assert store.load(sid)["data"] == {"n": 1}
-    app = session_app(tmp_path, session_store=store)
-    client = asok.TestClient(app)
-    r = client.get("/set/big/" + "y" * 1200)
-    assert r.status == 500 and "the limit is 1000" in r.text
-
-
-def test_a_malformed_session_record_is_a_fresh_session_and_logged(tmp_path, caplog):
-    app = session_app(tmp_path)
-    client = asok.TestClient(app)
-    client.get("/set/a/1")
-    path = next((tmp_path / ".asok" / "sessions").glob("*.json"))
-    path.write_text(json.dumps({"data": ["not", "a", "dict"], "live": {"x": 5},
-                                "expires": time.time() + 3600}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="asok"):
-        r = client.get("/get/a")
-    assert (r.status, r.text) == (200, "None")
-    assert "malformed" in caplog.text
-    assert client.get("/set/b/2").status == 200 and client.get("/get/b").text == "2"
-
-
-def test_the_collector_deletes_nothing_when_every_session_looks_expired(tmp_path, caplog):
-    store = asok.FileSessionStore(tmp_path, lifetime=60)
-    sids = [c * 43 for c in "abc"]
-    for sid in sids:
-        store.save(sid, {"data": {"x": 1}})
-    past = time.time() - 15 * 24 * 3600  # what a clock jump of 15 days looks like
-    for sid in sids:
-        os.utime(tmp_path / f"{sid}.json", (past, past))
-    with caplog.at_level(logging.WARNING, logger="asok"):
-        assert store.collect() == 0
-    assert "clock" in caplog.text and len(list(tmp_path.glob("*.json"))) == 3
-    store.save("d" * 43, {"data": {"x": 2}})  # one session in use: the old ones really are old
-    assert store.collect() == 3 and [p.stem for p in tmp_path.glob("*.json")] == ["d" * 43]
-
-
-def _key_of(folder, barrier, out):
-    barrier.wait(10)
-    try:
-        out.put(asok._load_master_keys(folder, None, False, [])[0])
-    except Exception as exc:
-        out.put(repr(exc))
-
-
-def test_workers_starting_together_on_a_fresh_folder_agree_on_one_key(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    for trial in range(8):
-        folder = tmp_path / str(trial)
-        barrier, out = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_key_of, args=(folder, barrier, out)) for _ in range(4)]
-        for p in procs:
-            p.start()
-        keys = [out.get(timeout=20) for _ in procs]
-        for p in procs:
-            p.join(10)
-        assert len(set(keys)) == 1 and len(keys[0]) == 64, keys
-        assert (folder / ".asok" / "secret_key").read_bytes() == keys[0]
-        assert [p.name for p in (folder / ".asok").iterdir()] == ["secret_key"]  # no temporary file left
-
-
-def test_an_empty_key_file_is_replaced_and_a_short_one_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(asok, "KEY_FILE_WAIT", 0.05)
-    key_file = tmp_path / ".asok" / "secret_key"
-    key_file.parent.mkdir()
-    key_file.write_bytes(b"")  # left by a first start on a full disk
-    key = asok._load_master_keys(tmp_path, None, False, [])[0]
-    assert len(key) == 64 and key_file.read_bytes() == key
-    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert asok._load_master_keys(tmp_path, None, False, [])[0] == key
-    key_file.write_bytes(b"too short")
-    with pytest.raises(RuntimeError, match="shorter than 32 bytes"):
-        asok._load_master_keys(tmp_path, None, False, [])
-
-
-def test_a_first_start_on_a_full_disk_names_the_problem_and_leaves_no_key(tmp_path, monkeypatch):
-    monkeypatch.setattr(asok, "_os_write", FullDisk(10))
-    with pytest.raises(RuntimeError, match="No space left on device"):
-        asok._load_master_keys(tmp_path, None, False, [])
-    assert list((tmp_path / ".asok").iterdir()) == []
-    monkeypatch.undo()
-    assert len(asok._load_master_keys(tmp_path, None, False, [])[0]) == 64
-
-
-@pytest.mark.parametrize("target, lands", [("/notes", "/notes"), ("//evil.example", "/account"),
-                                           ("/\\evil.example", "/account"), ("https://evil.example", "/account")])
-def test_the_signin_example_only_redirects_within_the_site(tmp_path, target, lands):
-    shutil.copytree(EXAMPLES / "signin", tmp_path / "signin")
-    client = asok.TestClient(asok.load_app(tmp_path / "signin"))
-    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/signin").text).group(1)
-    r = client.post("/signin?next=" + urllib.parse.quote(target),
-                    data={"name": "ann", "password": "ann-secret", "csrf_token": token})
-    assert (r.status_code, r.headers["location"]) == (302, lands)
-
-
-def signin_app(tmp_path):
-    app = make_app(tmp_path, COMPONENT_FILES)
-
-    @app.route("/signin/<user>")
-    def signin(request, user):
-        request.session.regenerate()
-        request.session["user"] = user
-        return request.csrf_token
-
-    @app.route("/signout")
-    def signout(request):
-        request.session.clear()
-        return "bye"
-
-    @app.route("/get/<key>")
-    def get_(request, key):
-        return str(request.session.get(key))
-
-    @app.route("/set/<key>/<value>")
-    def set_(request, key, value):
-        request.session[key] = value
-        return request.csrf_token
-
-    return app
-
-
-def test_regenerate_at_sign_in_closes_session_fixation(tmp_path):
-    app = signin_app(tmp_path)
-    attacker = asok.TestClient(app)
-    attacker.get("/set/x/1")
-    victim = asok.TestClient(app)
-    victim.cookies = dict(attacker.cookies)  # the attacker planted its cookie in the victim's browser
-    old_sid, old_csrf = victim.sid, victim.get("/set/cart/apple").text
-    counter = victim.live("/", "Counter")
-    counter.call("increment")
-    new_csrf = victim.get("/signin/ann").text
-    assert victim.sid != old_sid and new_csrf != old_csrf
-    assert [victim.get(f"/get/{k}").text for k in ("user", "cart")] == ["ann", "apple"]  # same data
-    assert "Count: 11 / 1" in victim.get("/").text  # component states come along
-    assert attacker.get("/get/user").text == "None" and attacker.get("/get/cart").text == "None"
-    attacker.get("/set/y/2")
-    assert attacker.sid not in (old_sid, victim.sid)  # the planted id is dead: writing gets a fresh one
-    stale = counter.send({"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
-                          "method": "increment", "args": [], "csrf": old_csrf})
-    assert stale["error"]["code"] == "bad_csrf"  # the page from before sign-in holds the old token
-    old_socket = json.loads(app.live_event(old_sid, json.dumps(
-        {"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
-         "method": "increment", "args": [], "csrf": old_csrf})))
-    assert old_socket["error"]["code"] == "no_session"  # a socket opened with the old cookie
-    assert not asok.FileSessionStore(tmp_path / ".asok" / "sessions").load(old_sid)["data"]
-
-
-def test_sign_out_with_clear_drops_component_states(tmp_path):
-    app = signin_app(tmp_path)
-    client = asok.TestClient(app)
-    client.get("/signin/ann")
-    counter = client.live("/", "Counter")
-    counter.call("add", 5)
-    old_page = counter.state_token
-    assert client.get("/signout").text == "bye"
-    assert client.get("/get/user").text == "None"
-    assert "Count: 10 / 0" in client.get("/").text  # the previous user's count is gone
-    counter.state_token = old_page
-    replay = counter.call("increment")  # an old tab cannot bring the state back
-    assert replay["error"]["code"] == "bad_state"
-    fresh = client.live("/", "Counter")
-    assert "Count: 11 / 1" in fresh.call("increment")["html"]
-
-
-def test_csrf_required_for_unsafe_methods(tmp_path):
-    client = asok.TestClient(session_app(tmp_path))
-    r = client.post("/form", data={})
-    assert r.status == 403 and "CSRF token missing" in r.text
-    token = client.get("/form").text
-    assert client.post("/form", data={"csrf_token": token}).text == "accepted"
-    assert client.post("/form", headers={"X-CSRF-Token": token}).text == "accepted"
-    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"})
-    assert r.status == 403 and "invalid" in r.text
-    assert client.post("/hook").text == "no token needed"
-    stranger = asok.TestClient(client.app)
-    r = stranger.post("/form", data={"csrf_token": token})
-    assert r.status == 403 and "no session" in r.text
-
-
-def test_template_reloads_in_debug_mode(tmp_path):
-    app = make_app(tmp_path, {"src/pages/index.html": "one"}, debug=True)
-    client = asok.TestClient(app)
-    assert client.get("/").text == "one"
-    page = tmp_path / "src" / "pages" / "index.html"
-    page.write_text("two")
-    os.utime(page, (time.time() + 5, time.time() + 5))
-    assert client.get("/").text == "two"
-
-
-def test_reload_restarts_when_a_python_file_changes(tmp_path):
-    app_py = tmp_path / "app.py"
-    app_py.write_text('from asok import Asok\napp = Asok(__file__, secret_key="k" * 32)\n'
-                      'app.route("/v")(lambda: "one")\n')
-    with serve_process(tmp_path, "--reload") as (port, proc):
-        assert get(port, "/v")[2] == b"one"
-        app_py.write_text(app_py.read_text().replace('"one"', '"two"'))
-        for _ in range(100):
-            try:
-                if get(port, "/v")[2] == b"two":
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        assert get(port, "/v")[2] == b"two"
-
-
-# ═══════════════════════════════════════════════════════════════════════════
-# Templates
-# ═══════════════════════════════════════════════════════════════════════════
-
-def jinja(src):
-    """The same template in the Jinja-like spelling."""
-    for a, b in (('<<', '{{'), ('>>', '}}'), ('<%', '{%'), ('%>', '%}'), ('<#', '{#'), ('#>', '#}')):
-        src = src.replace(a, b)
-    return src
-
-
-@pytest.fixture(params=['native', 'jinja'])
-def S(request):
-    """Spells a native-syntax template in the syntax under test."""
-    return (lambda src: src) if request.param == 'native' else jinja
-
-
-def render(src, **ctx):
-    return asok.Template(src).render(**ctx)
-
-
-def write(root, name, text):
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def frames_of(excinfo):
-    return [(f.filename, f.lineno) for f in traceback.extract_tb(excinfo.value.__traceback__)]
-
+# ═══ 2. HTML safety ═══════════════════════════════════════════════════════════════════════════════
 
 # ─── Markup and escape (HTML safety) ───
 
@@ -2118,6 +534,36 @@ def test_markup_of_html_object():
         def __html__(self):
             return '<w>'
     assert asok.Markup(Widget()) == '<w>'
+
+
+# ═══ 3a. Templates: syntax ════════════════════════════════════════════════════════════════════════
+
+def jinja(src):
+    """The same template in the Jinja-like spelling."""
+    for a, b in (('<<', '{{'), ('>>', '}}'), ('<%', '{%'), ('%>', '%}'), ('<#', '{#'), ('#>', '#}')):
+        src = src.replace(a, b)
+    return src
+
+
+@pytest.fixture(params=['native', 'jinja'])
+def S(request):
+    """Spells a native-syntax template in the syntax under test."""
+    return (lambda src: src) if request.param == 'native' else jinja
+
+
+def render(src, **ctx):
+    return asok.Template(src).render(**ctx)
+
+
+def write(root, name, text):
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def frames_of(excinfo):
+    return [(f.filename, f.lineno) for f in traceback.extract_tb(excinfo.value.__traceback__)]
 
 
 # ─── syntax: tags, comments, whitespace, raw; errors that say where ───
@@ -2209,6 +655,8 @@ def test_template_error_str_without_location():
     assert str(asok.TemplateError('boom', 'a.html')) == 'a.html: boom'
 
 
+# ═══ 3b. Templates: expressions ═══════════════════════════════════════════════════════════════════
+
 # ─── expressions: filters and attributes ───
 
 def test_attribute_falls_back_to_item(S):
@@ -2224,8 +672,9 @@ def test_filters_in_if_for_and_set(S):
     assert render(src, xs=[2, 1]) == 'big122'
 
 
-# ─── compiler: output, statements, template lines in tracebacks ───
+# ═══ 3c. Templates: compiler ══════════════════════════════════════════════════════════════════════
 
+# ─── compiler: output, statements, template lines in tracebacks ───
 
 def test_output_escapes_html_specials(S):
     assert render(S('<p><< v >></p>'), v='& < > " \'') == '<p>&amp; &lt; &gt; &#34; &#39;</p>'
@@ -2319,6 +768,8 @@ def test_runtime_error_inside_macro_points_at_macro_line(tmp_path):
     frames = frames_of(exc)
     assert frames.index((str(path), 4)) < frames.index((str(path), 2))
 
+
+# ═══ 3d. Templates: runtime and loader ════════════════════════════════════════════════════════════
 
 # ─── runtime: names, filters, undefined ───
 
@@ -2562,9 +1013,7 @@ def test_render_context_leaves_the_dict_alone(tmp_path):
     assert ctx == {'xs': [1, 2]}
 
 
-# ═══════════════════════════════════════════════════════════════════════════
-# HTTP/1.1 parser, sans-I/O
-# ═══════════════════════════════════════════════════════════════════════════
+# ═══ 4. HTTP/1.1, sans-I/O ════════════════════════════════════════════════════════════════════════
 
 SPLITS = ["whole", "bytewise"]
 
@@ -3111,9 +1560,7 @@ def test_render_switching_protocols_head():
     assert raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n\r\n") == 1
 
 
-# ═══════════════════════════════════════════════════════════════════════════
-# WebSocket, sans-I/O and clients
-# ═══════════════════════════════════════════════════════════════════════════
+# ═══ 5. WebSocket, sans-I/O ═══════════════════════════════════════════════════════════════════════
 
 MASK = b"\x37\xfa\x21\x3d"
 
@@ -3531,6 +1978,8 @@ def test_handshake_request_refuses_header_injection():
         asok.ws_handshake_request("h", "/", "k", None, [("X", "a\r\nEvil: 1")])
 
 
+# ═══ 6. WebSocket clients (tests and the benchmark) ═══════════════════════════════════════════════
+
 # ─── clients against a tiny threaded echo server ───
 
 class _EchoHandler(socketserver.BaseRequestHandler):
@@ -3699,75 +2148,1117 @@ def test_async_client_refused_upgrade(echo_url):
     assert info.value.status == 403
 
 
-# ═══════════════════════════════════════════════════════════════════════════
-# Live components and the live protocol
-# ═══════════════════════════════════════════════════════════════════════════
+# ═══ 7. Signing and keys (DESIGN §6) ══════════════════════════════════════════════════════════════
 
-COMPONENT_FILES = {
-    "src/components/Counter.py": '''
-        from asok import Component
-        from asok.component import exposed
+class FullDisk:
+    """A stand-in for os.write on a disk with `room` bytes left: a write past it is cut short,
+    and the next one fails with ENOSPC, as a nearly full filesystem does."""
 
-        class Counter(Component):
-            count = 0
-            mounted = 0
+    def __init__(self, room=0, errno_=asok.errno.ENOSPC):
+        self.room = room
+        self.errno = errno_
+        self.calls = 0
 
-            def mount(self):
-                self.mounted += 1
+    def __call__(self, fd, data):
+        self.calls += 1
+        if self.room <= 0:
+            raise OSError(self.errno, os.strerror(self.errno))
+        n = os.write(fd, bytes(data[:self.room]))
+        self.room -= n
+        return n
 
-            @exposed
-            def increment(self):
-                self.count += 1
-                self.session["pcount"] = self.session.get("pcount", 0) + 1
 
-            @exposed
-            def add(self, n: int, note: str = ""):
-                self.count += n
+def test_debug_key_is_deterministic_and_random_key_is_kept_0600(tmp_path, monkeypatch):
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    a = asok.Asok(tmp_path, debug=True)
+    b = asok.Asok(tmp_path, debug=True)
+    assert a._state_signer.sign("v") == b._state_signer.sign("v")
+    c = asok.Asok(tmp_path, debug=False)
+    key_file = tmp_path / ".asok" / "secret_key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    d = asok.Asok(tmp_path, debug=False)
+    assert c._state_signer.sign("v") == d._state_signer.sign("v") != a._state_signer.sign("v")
+    monkeypatch.setenv("SECRET_KEY", "env-key-" + "x" * 30)
+    e = asok.Asok(tmp_path)
+    assert e._state_signer.sign("v") not in (a._state_signer.sign("v"), c._state_signer.sign("v"))
 
-            @exposed
-            def scale(self, factor: float, flag: bool = False):
-                self.count = int(self.count * factor) + (1000 if flag else 0)
 
-            @exposed
-            def boom(self):
-                self.count += 1
-                raise RuntimeError("kaboom")
+def test_start_up_says_where_the_key_came_from_outside_debug_mode(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    with caplog.at_level(logging.INFO, logger="asok"):
+        asok.Asok(tmp_path, debug=False).log_startup()
+        asok.Asok(tmp_path, debug=True).log_startup()
+        monkeypatch.setenv("SECRET_KEY", "e" * 32)
+        asok.Asok(tmp_path, debug=False).log_startup()
+    lines = [r.getMessage() for r in caplog.records if "signing key" in r.getMessage()]
+    assert len(lines) == 2
+    assert str(tmp_path / ".asok" / "secret_key") in lines[0] and "SECRET_KEY environment" in lines[1]
+    assert all("must share it" in line for line in lines)
 
-            @exposed
-            def corrupt(self):
-                self.count = object()
 
-            def _internal(self):
-                return 1
+def test_keys_are_derived_per_purpose_and_rotate(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    signed = app._state_signer.sign("value", bind="ctx")
+    with pytest.raises(asok.BadSignature):
+        app._cookie_signer.unsign(signed, bind="ctx")
+    with pytest.raises(asok.BadSignature):
+        app._state_signer.unsign(signed, bind="other ctx")
+    rotated = make_app(tmp_path, {}, secret_key="n" * 32, secret_key_fallbacks=["k" * 32])
+    assert rotated._state_signer.unsign(signed, bind="ctx") == "value"
+    assert "k" * 32 not in repr(app._state_signer)
 
-            def helper(self):
-                self.count = -1
-    ''',
-    "src/components/counter.html": "<p>Count: {{ count }} / {{ session.get('pcount', 0) }}</p>\n",
-    "src/components/Labels.py": '''
-        from asok import Component, exposed
 
-        class Labels(Component):
-            text = ""
-            size = 1
-            tags = []
+def _key_of(folder, barrier, out):
+    barrier.wait(10)
+    try:
+        out.put(asok._load_master_keys(folder, None, False, [])[0])
+    except Exception as exc:
+        out.put(repr(exc))
 
-            @exposed
-            def tag(self, name: str):
-                self.tags.append(name)
-    ''',
-    "src/components/labels.html": "<b><< text >>:<< size >>:<< tags | join(',') >></b>",
-    "src/pages/index.html": "<html><head></head><body>{{ component('Counter', count=10) }}"
-                            "{{ component('Counter') }}</body></html>",
-    "src/pages/labels.html": "<body><< component('Labels', cid='my-labels') >></body>",
-    "src/pages/plain.html": "<html><head></head><body>no components</body></html>",
-}
+
+def test_workers_starting_together_on_a_fresh_folder_agree_on_one_key(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(8):
+        folder = tmp_path / str(trial)
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_key_of, args=(folder, barrier, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        keys = [out.get(timeout=20) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert len(set(keys)) == 1 and len(keys[0]) == 64, keys
+        assert (folder / ".asok" / "secret_key").read_bytes() == keys[0]
+        assert [p.name for p in (folder / ".asok").iterdir()] == ["secret_key"]  # no temporary file left
+
+
+def test_an_empty_key_file_is_replaced_and_a_short_one_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(asok, "KEY_FILE_WAIT", 0.05)
+    key_file = tmp_path / ".asok" / "secret_key"
+    key_file.parent.mkdir()
+    key_file.write_bytes(b"")  # left by a first start on a full disk
+    key = asok._load_master_keys(tmp_path, None, False, [])[0]
+    assert len(key) == 64 and key_file.read_bytes() == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert asok._load_master_keys(tmp_path, None, False, [])[0] == key
+    key_file.write_bytes(b"too short")
+    with pytest.raises(RuntimeError, match="shorter than 32 bytes"):
+        asok._load_master_keys(tmp_path, None, False, [])
+
+
+def test_a_first_start_on_a_full_disk_names_the_problem_and_leaves_no_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(asok, "_os_write", FullDisk(10))
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        asok._load_master_keys(tmp_path, None, False, [])
+    assert list((tmp_path / ".asok").iterdir()) == []
+    monkeypatch.undo()
+    assert len(asok._load_master_keys(tmp_path, None, False, [])[0]) == 64
+
+
+# ═══ 8. Sessions (DESIGN §6, §11): Session, the store contract, file and Redis stores ═════════════
+
+# ── sessions: the cookie, what a change saves ─────────────────────────────────
+
+def session_app(tmp_path, **options):
+    app = make_app(tmp_path, {"app.py": ""}, **options)
+
+    @app.route("/set/<key>/<value>")
+    def set_(request, key, value):
+        request.session[key] = value
+        return "ok"
+
+    @app.route("/get/<key>")
+    def get_(request, key):
+        return str(request.session.get(key))
+
+    @app.route("/form", methods=["GET", "POST"])
+    def form(request):
+        return request.csrf_token if request.method == "GET" else "accepted"
+
+    @app.route("/hook", methods=["POST"], csrf=False)
+    def hook():
+        return "no token needed"
+
+    return app
+
+
+def test_session_cookie_flags_and_round_trip(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    r = client.get("/set/a/1")
+    cookie = r.header("set-cookie")
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    assert client.get("/get/a").text == "1"
+    files = list((tmp_path / ".asok" / "sessions").glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["data"] == {"a": "1"}
+    https = asok.TestClient(session_app(tmp_path), scheme="https")
+    assert "Secure" in https.get("/set/a/1").header("set-cookie")
+
+
+def test_nested_session_change_without_modified_is_not_kept(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/add")
+    def add(request):
+        request.session.setdefault("items", [])
+        request.session["items"].append(1)  # nested change, not marked modified
+        return str(len(request.session["items"]))
+
+    client = asok.TestClient(app)
+    assert [client.get("/add").text for _ in range(3)] == ["1", "2", "2"]  # the append of #2 is not saved
+
+
+# ── the Redis session store (a real redis-server) ───────────────────────────
+
+@contextlib.contextmanager
+def redis_server_process(port=None):
+    """Debian's redis-server on a free port, with no persistence; yields (port, process)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("redis-server is missing under CI (make test installs it)")
+        pytest.skip("redis-server is not installed (make test installs it with apt-get)")
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
-def live_app(tmp_path):
-    return make_app(tmp_path, COMPONENT_FILES)
+def redis_port():
+    pytest.importorskip("redis")
+    with redis_server_process() as (port, _):
+        yield port
 
+
+def redis_client(port, **options):
+    import redis
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, **options)
+
+
+def test_redis_store_round_trip_lifetime_as_ttl_and_delete(redis_port):
+    store = asok.RedisSessionStore(redis_client(redis_port), lifetime=600)
+    sid = "r" * 43
+    assert store.load(sid) is None
+    assert store.update(sid, lambda record: record["data"].update(a=1) or "result") == "result"
+    assert store.load(sid)["data"] == {"a": 1}
+    assert 590 < store.client.ttl(f"asok:s:{sid}") <= 600
+    assert store.client.get(f"asok:l:{sid}") is None  # the lock is released
+    store.delete(sid)
+    assert store.load(sid) is None
+    assert store.load("../bad") is None
+    with pytest.raises(ValueError):
+        store.update("../bad", lambda record: None)
+
+
+def test_redis_store_update_that_raises_saves_nothing_and_releases_the_lock(redis_port):
+    store = asok.RedisSessionStore(redis_client(redis_port, decode_responses=True))
+    sid = "e" * 43
+    store.update(sid, lambda record: record["data"].update(n=1))
+
+    def fails(record):
+        record["data"]["n"] = 2
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        store.update(sid, fails)
+    assert store.load(sid)["data"] == {"n": 1}
+    store.update(sid, lambda record: record["data"].update(n=3))  # not left locked
+    assert store.load(sid)["data"] == {"n": 3}
+
+
+def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port):
+    stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
+    sid = "c" * 43
+
+    def bump(record):
+        record["data"]["n"] = record["data"].get("n", 0) + 1
+
+    def worker(store):
+        for _ in range(50):
+            store.update(sid, bump)
+
+    threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert stores[0].load(sid)["data"]["n"] == 200
+
+
+def test_redis_store_a_write_after_the_lock_expired_fails_instead_of_overwriting(redis_port):
+    slow = asok.RedisSessionStore(redis_client(redis_port), lock_timeout=0.2)
+    fast = asok.RedisSessionStore(redis_client(redis_port))
+    sid = "f" * 43
+    fast.update(sid, lambda record: record["data"].update(owner="first"))
+    inside, done = threading.Event(), threading.Event()
+
+    def stalls(record):
+        record["data"]["owner"] = "stalled"
+        inside.set()
+        assert done.wait(10)
+
+    failure = []
+    thread = threading.Thread(target=lambda: failure.append(pytest.raises(asok.StoreUnavailable, slow.update, sid,
+                                                                           stalls)))
+    thread.start()
+    assert inside.wait(10)
+    time.sleep(0.3)  # the stalled holder's lock runs out; this sleep sets up the case, it measures nothing
+    fast.update(sid, lambda record: record["data"].update(owner="second"))
+    done.set()
+    thread.join(10)
+    assert "expired before the write" in str(failure[0].value)
+    assert fast.load(sid)["data"]["owner"] == "second"
+
+
+def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    store = asok.RedisSessionStore(redis_client(port))
+    sid = "d" * 43
+    with pytest.raises(asok.StoreUnavailable, match="Redis: cannot lock the session"):
+        store.update(sid, lambda record: record["data"].update(n=1))
+    with redis_server_process(port):
+        store.update(sid, lambda record: record["data"].update(n=1))
+        assert store.load(sid)["data"] == {"n": 1}
+
+
+def test_asok_keeps_a_falsy_store_and_gives_it_the_session_lifetime(tmp_path):
+    class EmptyLookingStore(asok.FileSessionStore):
+        def __len__(self):
+            return 0
+
+    store = EmptyLookingStore(tmp_path / "s")
+    app = make_app(tmp_path, {"app.py": ""}, session_store=store, session_lifetime=77)
+    assert app.sessions is store and store.lifetime == 77
+
+
+def test_redis_down_answers_503_and_store_unavailable_naming_redis_then_recovers(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    app = make_app(tmp_path, COMPONENT_FILES, session_store=asok.RedisSessionStore(redis_client(port)))
+
+    @app.route("/set")
+    def set_(request):
+        request.session["a"] = 1
+        return "ok"
+
+    client = asok.TestClient(app)
+    with redis_server_process(port):
+        counter = client.live("/", "Counter")
+    r = client.get("/set")
+    assert r.status_code == 503 and "Redis" in r.text
+    refused = counter.call("increment")
+    assert refused["error"]["code"] == "store_unavailable" and "Redis" in refused["error"]["message"]
+    with redis_server_process(port):
+        assert client.get("/set").status_code == 200
+        assert "error" not in counter.call("increment")
+        assert counter.state["count"] == 11
+
+
+# ── the file store: bad cookies, many processes, a full disk, torn writes ─────
+
+@pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
+                                    "../../../etc/passwd.AAAA", ""])
+def test_bad_session_cookie_gets_a_fresh_session(tmp_path, cookie):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    good = client.cookies["asok_session"]
+    client.cookies["asok_session"] = cookie
+    assert client.get("/get/a").text == "None"
+    forged_sid = "A" * 43
+    client.cookies["asok_session"] = forged_sid + "." + good.rpartition(".")[2]
+    assert client.get("/get/a").text == "None"
+    client.cookies["asok_session"] = good
+    assert client.get("/get/a").text == "1"
+    assert not any(p.suffix == ".json" and p.parent != tmp_path / ".asok" / "sessions"
+                   for p in tmp_path.rglob("*.json"))
+
+
+def test_store_refuses_ids_that_would_name_a_path(tmp_path):
+    store = asok.FileSessionStore(tmp_path / "s")
+    for sid in ["../x", "a/b", "", "x" * 43 + "/", None, "é" * 43]:
+        assert store.load(sid) is None
+        with pytest.raises(ValueError):
+            store.save(sid, {"data": {}})
+
+
+def test_expired_sessions_are_collected(tmp_path):
+    store = asok.FileSessionStore(tmp_path / "s", lifetime=60)
+    old, new = "a" * 43, "b" * 43
+    store.save(old, {"data": {"x": 1}})
+    store.save(new, {"data": {"x": 2}})
+    past = time.time() - 3600
+    os.utime(tmp_path / "s" / f"{old}.json", (past, past))
+    assert store.collect() == 1
+    assert store.load(old) is None and store.load(new)["data"] == {"x": 2}
+
+
+def _bump_many(folder, sid, key, n):
+    store = asok.FileSessionStore(folder)
+    for _ in range(n):
+        def bump(record):
+            record["data"][key] = record["data"].get(key, 0) + 1
+            record["data"]["total"] = record["data"].get("total", 0) + 1
+        store.update(sid, bump)
+
+
+def test_two_processes_share_sessions_without_losing_writes(tmp_path):
+    sid = asok.secrets.token_urlsafe(32)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_bump_many, args=(tmp_path, sid, f"p{i}", 200)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    data = asok.FileSessionStore(tmp_path).load(sid)["data"]
+    assert data == {"p0": 200, "p1": 200, "total": 400}
+
+
+def test_concurrent_requests_writing_different_keys_keep_both(tmp_path):
+    app_a, app_b = session_app(tmp_path), session_app(tmp_path)  # two "processes" on one folder
+    client = asok.TestClient(app_a)
+    client.get("/set/a/1")
+    other = asok.TestClient(app_b)
+    other.cookies = dict(client.cookies)
+    client.get("/set/b/2")
+    other.get("/set/c/3")
+    assert [client.get(f"/get/{k}").text for k in "abc"] == ["1", "2", "3"]
+
+
+def session_files(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).glob("*.json")}
+
+
+@pytest.mark.parametrize("disk", [FullDisk(0), FullDisk(7), FullDisk(0, asok.errno.EIO),
+                                  FullDisk(0, asok.errno.EROFS)], ids=["enospc", "short-write", "eio", "erofs"])
+def test_a_session_save_the_disk_refuses_gets_503_and_changes_nothing(tmp_path, monkeypatch, disk):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    before = session_files(tmp_path / ".asok" / "sessions")
+    monkeypatch.setattr(asok, "_os_write", disk)
+    r = client.get("/set/a/2")
+    assert r.status == 503 and r.header("retry-after") == "5"
+    assert os.strerror(disk.errno) in r.text and "nothing was saved" in r.text
+    assert session_files(tmp_path / ".asok" / "sessions") == before  # truncated back, byte for byte
+    assert client.get("/get/a").text == "1"  # and the running process does not remember the 2
+    monkeypatch.setattr(asok, "_os_write", os.write)  # space comes back
+    assert client.get("/set/a/3").status == 200
+    restarted = asok.TestClient(session_app(tmp_path))
+    restarted.cookies = dict(client.cookies)
+    assert restarted.get("/get/a").text == "3"
+
+
+@pytest.mark.parametrize("fault", ["short-write", "fsync"])
+def test_a_compaction_the_disk_refuses_keeps_the_old_file(tmp_path, monkeypatch, fault):
+    store = asok.FileSessionStore(tmp_path)
+    sid, path = "c" * 43, tmp_path / ("c" * 43 + ".json")
+    for _ in range(4):  # four lines of a fifth of SESSION_LOG_MAX: the next save compacts
+        store.save(sid, {"data": {"n": 1, "pad": "x" * (asok.SESSION_LOG_MAX // 5)}, "live": {}})
+    before = path.read_bytes()
+    if fault == "short-write":
+        monkeypatch.setattr(asok, "_os_write", FullDisk(1000))
+    else:
+        def failing_fsync(fd):
+            raise OSError(asok.errno.EIO, "Input/output error")
+        monkeypatch.setattr(asok, "_os_fsync", failing_fsync)
+    with pytest.raises(asok.StoreUnavailable) as refused:  # the second save compacts the file
+        store.update(sid, lambda record: record["data"].update(n=2))
+    assert refused.value.reason in ("No space left on device", "Input/output error")
+    assert path.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+    assert store.load(sid)["data"]["n"] == 1
+    monkeypatch.undo()
+    store.update(sid, lambda record: record["data"].update(n=2))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 2
+    assert path.read_bytes().count(b"\n") == 1  # that save was the compaction the disk refused
+
+
+def _compact_forever(folder, sid, out):
+    store = asok.FileSessionStore(folder)
+    for n in range(1, 100000):
+        store.update(sid, lambda record: record["data"].update(n=n, pad="x" * 30000))  # compacts every 2 saves
+        os.write(out, b"%d\n" % n)  # acknowledged
+
+
+def test_kill_9_during_compaction_loses_no_acknowledged_save(tmp_path):
+    sid = "k" * 43
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        read_end, write_end = os.pipe()
+        child = ctx.Process(target=_compact_forever, args=(tmp_path, sid, write_end))
+        child.start()
+        os.close(write_end)
+        acked, buf = 0, b""
+        while acked < 3 + 7 * round_:  # let it run a different while each round
+            chunk = os.read(read_end, 4096)
+            assert chunk, "the writer died"
+            buf += chunk
+            acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2] or 0)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        while chunk := os.read(read_end, 4096):  # acks written before it died
+            buf += chunk
+        os.close(read_end)
+        acked = int(buf.rstrip(b"\n").rpartition(b"\n")[2])
+        record = asok.FileSessionStore(tmp_path).load(sid)
+        assert record is not None and record["data"]["n"] >= acked
+
+
+def test_a_process_whose_session_file_was_compacted_by_another_keeps_its_writes(tmp_path):
+    sid, path = "s" * 43, tmp_path / ("s" * 43 + ".json")
+    one, other = asok.FileSessionStore(tmp_path), asok.FileSessionStore(tmp_path)
+    one.save(sid, {"data": {"n": 1}, "live": {}})  # `one` keeps an append descriptor on this inode
+    inode = path.stat().st_ino
+    for _ in range(100):
+        if path.stat().st_ino != inode:
+            break
+        other.update(sid, lambda r: r["data"].update(pad="x" * 9000))  # grows the log until compacted
+    assert path.stat().st_ino != inode
+    with open(path, "ab") as f:
+        f.write(b'{"data":{"n":')  # and a crash tore an append
+    one.update(sid, lambda r: r["data"].update(n=3))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 3
+    one.update(sid, lambda r: r["data"].update(n=4))
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 4
+
+
+def test_readers_get_their_own_copy_of_a_session_record(tmp_path):
+    store = asok.FileSessionStore(tmp_path)
+    sid = "r" * 43
+    store.save(sid, {"data": {"items": [1]}, "live": {}})
+    first = store.load(sid)
+    first["data"]["items"].append(2)  # a reader changing what it got
+    assert store.load(sid)["data"]["items"] == [1]
+
+    def fails(record):
+        record["data"]["items"].append(3)
+        raise RuntimeError("fn failed")
+
+    with pytest.raises(RuntimeError):
+        store.update(sid, fails)
+    assert store.load(sid)["data"]["items"] == [1]
+
+
+def test_a_store_that_cannot_read_is_unavailable_not_a_fresh_session(tmp_path, monkeypatch):
+    store = asok.FileSessionStore(tmp_path)
+    sid = "u" * 43
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    store._cache.clear()
+    real_open = open
+
+    def broken_open(path, *args, **kwargs):
+        if str(path).endswith(".json"):
+            raise OSError(asok.errno.EIO, "Input/output error")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", broken_open)
+    with pytest.raises(asok.StoreUnavailable):
+        store.update(sid, lambda record: record["data"].update(n=2))  # not a blank record over the old one
+    monkeypatch.undo()
+    assert store.load(sid)["data"] == {"n": 1}
+
+
+def test_a_session_record_over_the_cap_is_refused(tmp_path):
+    store = asok.FileSessionStore(tmp_path, max_record=1000)
+    sid = "m" * 43
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    with pytest.raises(asok.SessionTooLarge, match="limit is 1000"):
+        store.update(sid, lambda record: record["data"].update(pad="x" * 1000))
+    assert store.load(sid)["data"] == {"n": 1}
+    app = session_app(tmp_path, session_store=store)
+    client = asok.TestClient(app)
+    r = client.get("/set/big/" + "y" * 1200)
+    assert r.status == 500 and "the limit is 1000" in r.text
+
+
+def test_a_malformed_session_record_is_a_fresh_session_and_logged(tmp_path, caplog):
+    app = session_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/set/a/1")
+    path = next((tmp_path / ".asok" / "sessions").glob("*.json"))
+    path.write_text(json.dumps({"data": ["not", "a", "dict"], "live": {"x": 5},
+                                "expires": time.time() + 3600}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        r = client.get("/get/a")
+    assert (r.status, r.text) == (200, "None")
+    assert "malformed" in caplog.text
+    assert client.get("/set/b/2").status == 200 and client.get("/get/b").text == "2"
+
+
+def test_the_collector_deletes_nothing_when_every_session_looks_expired(tmp_path, caplog):
+    store = asok.FileSessionStore(tmp_path, lifetime=60)
+    sids = [c * 43 for c in "abc"]
+    for sid in sids:
+        store.save(sid, {"data": {"x": 1}})
+    past = time.time() - 15 * 24 * 3600  # what a clock jump of 15 days looks like
+    for sid in sids:
+        os.utime(tmp_path / f"{sid}.json", (past, past))
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        assert store.collect() == 0
+    assert "clock" in caplog.text and len(list(tmp_path.glob("*.json"))) == 3
+    store.save("d" * 43, {"data": {"x": 2}})  # one session in use: the old ones really are old
+    assert store.collect() == 3 and [p.stem for p in tmp_path.glob("*.json")] == ["d" * 43]
+
+
+def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
+    store = asok.FileSessionStore(tmp_path, lifetime=600)
+    sid = "s" * 43
+    for n in range(3):
+        store.update(sid, lambda record: record["data"].update(n=n))
+    path = tmp_path / f"{sid}.json"
+    with open(path, "ab") as f:
+        f.write(b'{"data": {"n": 99')  # a crash in the middle of a write
+    assert store.load(sid)["data"] == {"n": 2}
+    store.update(sid, lambda record: record["data"].update(m=1))
+    assert store.load(sid)["data"] == {"n": 2, "m": 1}
+    for n in range(asok.SESSION_LOG_MAX // 40):
+        store.update(sid, lambda record: record["data"].update(n=n))
+    assert path.stat().st_size < asok.SESSION_LOG_MAX
+    assert store.load(sid)["data"]["n"] == asok.SESSION_LOG_MAX // 40 - 1
+
+
+def test_session_write_after_a_torn_line_survives_a_restart(tmp_path):
+    sid = "t" * 43
+    store = asok.FileSessionStore(tmp_path)
+    store.save(sid, {"data": {"n": 1}, "live": {}})
+    with open(tmp_path / f"{sid}.json", "ab") as f:
+        f.write(b'{"data":{"n":')  # a crash tore the next append
+    restarted = asok.FileSessionStore(tmp_path)
+    assert restarted.load(sid)["data"] == {"n": 1}
+    restarted.save(sid, {"data": {"n": 2}, "live": {}})
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 2}
+
+
+# ── signing in and out: regenerate, clear ─────────────────────────────────────
+
+def signin_app(tmp_path):
+    app = make_app(tmp_path, COMPONENT_FILES)
+
+    @app.route("/signin/<user>")
+    def signin(request, user):
+        request.session.regenerate()
+        request.session["user"] = user
+        return request.csrf_token
+
+    @app.route("/signout")
+    def signout(request):
+        request.session.clear()
+        return "bye"
+
+    @app.route("/get/<key>")
+    def get_(request, key):
+        return str(request.session.get(key))
+
+    @app.route("/set/<key>/<value>")
+    def set_(request, key, value):
+        request.session[key] = value
+        return request.csrf_token
+
+    return app
+
+
+def test_regenerate_at_sign_in_closes_session_fixation(tmp_path):
+    app = signin_app(tmp_path)
+    attacker = asok.TestClient(app)
+    attacker.get("/set/x/1")
+    victim = asok.TestClient(app)
+    victim.cookies = dict(attacker.cookies)  # the attacker planted its cookie in the victim's browser
+    old_sid, old_csrf = victim.sid, victim.get("/set/cart/apple").text
+    counter = victim.live("/", "Counter")
+    counter.call("increment")
+    new_csrf = victim.get("/signin/ann").text
+    assert victim.sid != old_sid and new_csrf != old_csrf
+    assert [victim.get(f"/get/{k}").text for k in ("user", "cart")] == ["ann", "apple"]  # same data
+    assert "Count: 11 / 1" in victim.get("/").text  # component states come along
+    assert attacker.get("/get/user").text == "None" and attacker.get("/get/cart").text == "None"
+    attacker.get("/set/y/2")
+    assert attacker.sid not in (old_sid, victim.sid)  # the planted id is dead: writing gets a fresh one
+    stale = counter.send({"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+                          "method": "increment", "args": [], "csrf": old_csrf})
+    assert stale["error"]["code"] == "bad_csrf"  # the page from before sign-in holds the old token
+    old_socket = json.loads(app.live_event(old_sid, json.dumps(
+        {"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+         "method": "increment", "args": [], "csrf": old_csrf})))
+    assert old_socket["error"]["code"] == "no_session"  # a socket opened with the old cookie
+    assert not asok.FileSessionStore(tmp_path / ".asok" / "sessions").load(old_sid)["data"]
+
+
+def test_sign_out_with_clear_drops_component_states(tmp_path):
+    app = signin_app(tmp_path)
+    client = asok.TestClient(app)
+    client.get("/signin/ann")
+    counter = client.live("/", "Counter")
+    counter.call("add", 5)
+    old_page = counter.state_token
+    assert client.get("/signout").text == "bye"
+    assert client.get("/get/user").text == "None"
+    assert "Count: 10 / 0" in client.get("/").text  # the previous user's count is gone
+    counter.state_token = old_page
+    replay = counter.call("increment")  # an old tab cannot bring the state back
+    assert replay["error"]["code"] == "bad_state"
+    fresh = client.live("/", "Counter")
+    assert "Count: 11 / 1" in fresh.call("increment")["html"]
+
+
+# ═══ 9. Form data: MultiDict, multipart/form-data (RFC 7578 on RFC 2046 §5.1), UploadedFile ═══════
+
+# ── multipart/form-data, uploads ──────────────────────────────────────────────
+
+MP_BODY = (b"preamble to ignore\r\n"
+           b"--XyZ\r\n"
+           b'Content-Disposition: form-data; name="title"\r\n\r\n'
+           b"caf\xc3\xa9 --XyZ not a boundary\r\n"
+           b"--XyZ  \r\n"  # transport padding after a boundary is allowed (RFC 2046 5.1.1)
+           b'Content-Disposition: form-data; name="doc"; filename="notes.txt"\r\n'
+           b"Content-Type: text/plain\r\n\r\n"
+           b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"
+           b"\r\n--XyZ--\r\nepilogue to ignore")
+
+
+def mp_events(body, splits):
+    """Feed `body` to a MultipartParser in pieces; return the events with data pieces joined."""
+    parser = asok.MultipartParser("XyZ")
+    events = []
+    for piece in [body[i:j] for i, j in zip([0] + splits, splits + [len(body)])] + [b""]:
+        for kind, value in parser.feed(piece):
+            if kind == "data" and events and events[-1][0] == "data":
+                events[-1] = ("data", events[-1][1] + value)
+            else:
+                events.append((kind, value))
+    return events
+
+
+def test_multipart_parser_byte_by_byte_and_in_one_piece():
+    whole = mp_events(MP_BODY, [])
+    assert whole == [
+        ("part", {"content-disposition": 'form-data; name="title"'}), ("data", "café --XyZ not a boundary".encode()),
+        ("end", None),
+        ("part", {"content-disposition": 'form-data; name="doc"; filename="notes.txt"', "content-type": "text/plain"}),
+        ("data", b"line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"), ("end", None), ("close", None)]
+    assert mp_events(MP_BODY, list(range(1, len(MP_BODY)))) == whole
+    for cut in range(1, len(MP_BODY)):
+        assert mp_events(MP_BODY, [cut]) == whole, cut
+
+
+def test_multipart_fields_and_files_reach_request_form_and_files(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        doc = request.files["doc"]
+        return {"form": dict(request.form), "files": list(request.files),
+                "doc": [doc.name, doc.filename, doc.content_type, doc.size, doc.read().decode()]}
+
+    client = asok.TestClient(app)
+    r = client.post("/up", body=MP_BODY, headers={"Content-Type": 'multipart/form-data; boundary="XyZ"'})
+    assert r.json() == {"form": {"title": "café --XyZ not a boundary"}, "files": ["doc"],
+                        "doc": ["doc", "notes.txt", "text/plain", 34, "line 1\r\n--XyY line 2\r\n-\r\n--\r\n--Xy\r"]}
+    # an empty file input (no file chosen) sends a part with no name and no bytes: not a file
+    app.route("/names", methods=["POST"], csrf=False)(lambda request: [dict(request.form), list(request.files)])
+    r = client.post("/names", data={"a": "1"}, files={"doc": ("", b"", "application/octet-stream")})
+    assert r.json() == [{"a": "1"}, []]
+
+
+@pytest.mark.parametrize("body, ctype, words", [
+    (MP_BODY[:-30], "boundary=XyZ", "ends before the closing boundary"),
+    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--XyZ junk\r\n", "boundary=XyZ",
+     "text after a boundary"),
+    (b"--XyZ\r\nno colon here\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "is not `Name: value`"),
+    (b"--XyZ\r\nContent-Type: text/plain\r\n\r\nx\r\n--XyZ--\r\n", "boundary=XyZ", "needs Content-Disposition"),
+    (b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n\r\n\xff\r\n--XyZ--\r\n", "boundary=XyZ",
+     "'a' is not valid UTF-8"),
+    (b"--XyZ--\r\n", "charset=utf-8", "needs a boundary parameter"),
+    (b"--" + b"b" * 71 + b"--\r\n", "boundary=" + "b" * 71, "1 to 70 characters"),
+    (b"just text", "boundary=XyZ", "ends before the closing boundary"),
+])
+def test_malformed_multipart_bodies_get_400_naming_the_problem(tmp_path, body, ctype, words):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/up", methods=["POST"], csrf=False)(lambda request: dict(request.form))
+    r = asok.TestClient(app).post("/up", body=body, headers={"Content-Type": "multipart/form-data; " + ctype})
+    assert r.status == 400 and words in html.unescape(r.text)
+
+
+def test_multipart_limits_hold_at_their_edge(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, max_form_parts=3, max_field_size=10, max_part_size=20, max_body=400)
+    app.route("/up", methods=["POST"], csrf=False)(
+        lambda request: {"n": len(request.form) + len(request.files), "sizes": [f.size for f in request.files.values()]})
+    client = asok.TestClient(app)
+
+    def post(fields=None, files=None):
+        body, ctype = asok._multipart_body(fields, files)
+        return client.post("/up", body=body, headers={"Content-Type": ctype})
+
+    assert post({"a": "1", "b": "2", "c": "3"}).json()["n"] == 3
+    r = post({"a": "1", "b": "2", "c": "3", "d": "4"})
+    assert r.status == 413 and "more than 3 parts (the limit)" in html.unescape(r.text)
+    assert post({"a": "x" * 10}).status == 200
+    r = post({"a": "x" * 11})
+    assert r.status == 413 and "form field 'a' is over 10 bytes" in html.unescape(r.text)
+    assert post(files={"f": ("f.bin", b"y" * 20, "application/octet-stream")}).json()["sizes"] == [20]
+    r = post(files={"f": ("f.bin", b"y" * 21, "application/octet-stream")})
+    assert r.status == 413 and "file 'f' is over 20 bytes" in html.unescape(r.text)
+    body, ctype = asok._multipart_body({"a": "1"})
+    padded = b"p" * (400 - len(body)) + b"\r\n" + body  # the preamble brings it to the limit
+    assert client.post("/up", body=padded[2:], headers={"Content-Type": ctype}).status == 200
+    r = client.post("/up", body=b"p" + padded[2:], headers={"Content-Type": ctype})
+    assert r.status == 413 and "the limit is 400 bytes" in html.unescape(r.text)
+    # a part's header section
+    head = b'Content-Disposition: form-data; name="a"\r\nX-Pad: '
+    for pad, status in ((asok.MULTIPART_MAX_HEADER - len(head), 200), (asok.MULTIPART_MAX_HEADER - len(head) + 1, 413)):
+        big = b"--XyZ\r\n" + head + b"p" * pad + b"\r\n\r\nv\r\n--XyZ--\r\n"
+        parser = asok.MultipartParser("XyZ")
+        if status == 200:
+            assert parser.feed(big)[0][0] == "part"
+        else:
+            with pytest.raises(asok.HTTPError) as info:
+                parser.feed(big)
+            assert info.value.status == 413 and "headers are over 8192 bytes" in info.value.detail
+
+
+@pytest.mark.parametrize("raw, safe", [
+    ("../../etc/passwd", "passwd"), ("..\\..\\boot.ini", "boot.ini"), ("C:\\Users\\me\\photo.png", "photo.png"),
+    ("a\x00.png", "a.png"), ("evil.php\x00.png", "evil.php.png"), ("..", ""), ("../", ""), ("/", ""),
+    (".bashrc", "bashrc"), ("new\nline.txt", "newline.txt"), ("ok name.txt", "ok name.txt"), ("é.png", "é.png"),
+])
+def test_an_uploaded_filename_is_never_a_path(tmp_path, raw, safe):
+    app = make_app(tmp_path, {"app.py": ""})
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        upload = request.files["f"]
+        try:
+            where = upload.save(folder)
+        except ValueError as exc:
+            where = str(exc)
+        return {"filename": upload.filename, "raw": upload.raw_filename, "where": str(where)}
+
+    body, ctype = asok._multipart_body(files={"f": ("PLACEHOLDER", b"data", "text/plain")})
+    quoted = raw.replace("\\", "\\\\").replace('"', '\\"').encode()
+    r = asok.TestClient(app).post("/up", body=body.replace(b"PLACEHOLDER", quoted), headers={"Content-Type": ctype})
+    got = r.json()
+    assert got["filename"] == safe and got["raw"] == raw
+    if safe:
+        assert got["where"] == str(folder / safe) and (folder / safe).read_bytes() == b"data"
+    else:
+        assert "no usable file name" in got["where"]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder) == ["app.py"]
+
+
+def test_uploaded_file_save_is_whole_or_leaves_the_target_untouched(tmp_path, monkeypatch):
+    upload = asok.UploadedFile("f", "new.txt", "text/plain", io.BytesIO(b"new content"), 11)
+    target = tmp_path / "kept.txt"
+    target.write_bytes(b"old content")
+
+    def full_disk(src, dst, length=0):
+        dst.write(b"new")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(asok.shutil, "copyfileobj", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        upload.save(target)
+    assert target.read_bytes() == b"old content" and sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+    monkeypatch.undo()
+    assert upload.save(target) == target and target.read_bytes() == b"new content"
+    assert upload.save(tmp_path) == tmp_path / "new.txt" and upload.read() == b"new content"
+
+
+def test_csrf_token_is_read_from_a_multipart_body(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    token = client.get("/form").text
+    r = client.post("/form", data={"csrf_token": token}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 200 and r.text == "accepted"
+    r = client.post("/form", data={"other": "1"}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 403 and "CSRF token missing" in html.unescape(r.text)
+    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"}, files={"f": ("a.txt", b"x", "text/plain")})
+    assert r.status == 403 and "invalid" in html.unescape(r.text)
+
+
+def test_a_large_upload_through_the_server_waits_on_disk_and_arrives_whole(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    seen = {}
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        upload = request.files["f"]
+        seen["body_on_disk"] = not isinstance(request._body, bytes)
+        seen["file_on_disk"] = upload.file._rolled
+        return hashlib.sha256(upload.read()).hexdigest()
+
+    data = os.urandom(3 << 20)
+    body, ctype = asok._multipart_body({"x": "1"}, {"f": ("big.bin", data, "application/octet-stream")})
+    with running(app) as port:
+        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        status, _, answer = exchange(port, raw + body)
+        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
+        assert seen == {"body_on_disk": True, "file_on_disk": True}
+        chunked = b"".join(b"%x\r\n%b\r\n" % (len(body[i:i + 70000]), body[i:i + 70000]) for i in range(0, len(body), 70000))
+        raw = f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        status, _, answer = exchange(port, raw + chunked + b"0\r\n\r\n")
+        assert (status, answer.decode()) == (200, hashlib.sha256(data).hexdigest())
+
+
+def test_a_body_the_disk_cannot_hold_gets_503_and_the_server_goes_on(tmp_path, monkeypatch):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/up", methods=["POST"], csrf=False)(lambda request: str(len(request.body)))
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(asok.tempfile, "TemporaryFile", lambda **kw: FullDisk())
+    with running(app) as port:
+        size = asok.BODY_MEMORY + 1
+        status, _, answer = exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"a" * size)
+        assert status == 503 and b"no room for the request body (No space left on device)" in answer
+        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")[2] == b"3"
+
+
+# ═══ 10. Requests, responses, routing ═════════════════════════════════════════════════════════════
+
+# ── routing, pages, responses ────────────────────────────────────────────────
+
+def test_file_pages_nested_and_params(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, PAGES))
+    assert client.get("/").text == "<h1>home</h1>"
+    assert client.get("/about").text == "<h1>about 2</h1>"
+    assert client.get("/docs").text == "docs index"
+    assert client.get("/docs/").text == "docs index"
+    assert client.get("/blog/hello-world").text == "post hello-world"
+    assert client.get("/blog/<b>").text == "post &lt;b&gt;"
+
+
+def test_handler_return_values(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/s")(lambda: "text")
+    app.route("/b")(lambda: b"\x00\x01")
+    app.route("/j")(lambda: {"a": [1, 2]})
+    app.route("/t")(lambda: ("made", 201, {"X-Extra": "1"}))
+    app.route("/r")(lambda: asok.Response("teapot", 418, {"X-Tea": "yes"}, content_type="text/plain"))
+    app.route("/g")(lambda: (part for part in ["a", "b", "c"]))
+    app.route("/n")(lambda: None)
+    client = asok.TestClient(app)
+    r = client.get("/s")
+    assert (r.text, r.header("content-type")) == ("text", "text/html; charset=utf-8")
+    assert client.get("/b").header("content-type") == "application/octet-stream"
+    assert client.get("/j").json() == {"a": [1, 2]}
+    r = client.get("/t")
+    assert (r.status, r.text, r.header("x-extra")) == (201, "made", "1")
+    r = client.get("/r")
+    assert (r.status, r.header("x-tea"), r.header("content-type")) == (418, "yes", "text/plain")
+    assert client.get("/g").text == "abc"
+    assert client.get("/n").status == 500
+
+
+@pytest.mark.parametrize("target, lands", [("/notes", "/notes"), ("//evil.example", "/account"),
+                                           ("/\\evil.example", "/account"), ("https://evil.example", "/account")])
+def test_the_signin_example_only_redirects_within_the_site(tmp_path, target, lands):
+    shutil.copytree(EXAMPLES / "signin", tmp_path / "signin")
+    client = asok.TestClient(asok.load_app(tmp_path / "signin"))
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/signin").text).group(1)
+    r = client.post("/signin?next=" + urllib.parse.quote(target),
+                    data={"name": "ann", "password": "ann-secret", "csrf_token": token})
+    assert (r.status_code, r.headers["location"]) == (302, lands)
+
+
+def test_request_fields(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/inspect/<int:n>", methods=["POST"], csrf=False)
+    def inspect_(request, n):
+        return {"n": n, "method": request.method, "path": request.path, "q": request.query.getlist("q"),
+                "form": dict(request.form), "cookie": request.cookies.get("c"), "ua": request.headers.get("user-agent")}
+
+    @app.route("/json", methods=["POST"], csrf=False)
+    def json_(request):
+        return {"got": request.json}
+
+    client = asok.TestClient(app)
+    client.cookies["c"] = "cv"
+    r = client.request("POST", "/inspect/7?q=1&q=2", data={"a": "b"}, headers={"User-Agent": "t"})
+    assert r.json() == {"n": 7, "method": "POST", "path": "/inspect/7", "q": ["1", "2"], "form": {"a": "b"},
+                        "cookie": "cv", "ua": "t"}
+    assert client.post("/json", json_body={"x": 1}).json() == {"got": {"x": 1}}
+    r = client.post("/json", body=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "not valid JSON" in r.text
+    assert client.get("/inspect/notanumber").status == 404
+
+
+# ── proxies ──────────────────────────────────────────────────────────────────
+
+def proxy_view(tmp_path, trusted, headers, remote="127.0.0.1", **options):
+    """What a route sees of scheme, host and client address behind `trusted` proxies."""
+    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies=trusted, **options)
+
+    @app.route("/who")
+    def who(request):
+        request.session["seen"] = 1
+        return f"{request.scheme} {request.host} {request.remote_addr}"
+
+    request = asok.Request("GET", "/who", "", {"host": "internal:8000", **headers}, b"", "http", remote, app)
+    response = app.handle(request)
+    return response.body.decode(), response.header("set-cookie")
+
+
+def test_a_trusted_proxy_gives_scheme_host_and_client_and_the_cookie_is_secure(tmp_path):
+    seen, cookie = proxy_view(tmp_path, "127.0.0.1", {"x-forwarded-proto": "https",
+                                                    "x-forwarded-host": "example.com",
+                                                    "x-forwarded-for": "203.0.113.7"})
+    assert seen == "https example.com 203.0.113.7" and "Secure" in cookie
+
+
+def test_forwarded_header_is_read_right_to_left_past_trusted_hops(tmp_path):
+    headers = {"forwarded": 'for=198.51.100.1;proto=http, for="[2001:db8::1]:4711";proto=https;host=a.example, '
+                            'for=10.0.0.2;proto=http'}
+    seen, _ = proxy_view(tmp_path, ["127.0.0.1", "10.0.0.0/8"], headers)
+    # 10.0.0.2 is a trusted hop, so the element before it names the client; 198.51.100.1 is
+    # what the client itself claimed and is not believed.
+    assert seen == "https a.example 2001:db8::1"
+
+
+@pytest.mark.parametrize("trusted, remote", [(None, "127.0.0.1"), ("10.0.0.0/8", "127.0.0.1")])
+def test_forwarded_headers_from_an_untrusted_peer_are_ignored(tmp_path, trusted, remote):
+    seen, cookie = proxy_view(tmp_path, trusted, {"x-forwarded-proto": "https", "x-forwarded-host": "evil.example",
+                                                  "x-forwarded-for": "1.2.3.4"}, remote)
+    assert seen == "http internal:8000 127.0.0.1" and "Secure" not in cookie
+
+
+def test_a_forwarded_host_with_bad_characters_is_not_taken(tmp_path):
+    seen, _ = proxy_view(tmp_path, "*", {"x-forwarded-host": "a.example/<script>", "x-forwarded-proto": "ftp"})
+    assert seen == "http internal:8000 127.0.0.1"
+
+
+def test_trusted_proxies_from_the_environment_and_a_bad_entry_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    seen, _ = proxy_view(tmp_path, None, {"x-forwarded-proto": "https"})
+    assert seen.startswith("https ")
+    with pytest.raises(ValueError, match="'nope' is not an IP address"):
+        make_app(tmp_path, {}, trusted_proxies="127.0.0.1, nope")
+
+
+def test_live_socket_origin_check_uses_the_forwarded_scheme_and_live_origins(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, trusted_proxies="127.0.0.1", live_origins=["https://other.example"])
+    route, _ = asok._find_ws_route(app, "/asok/live")
+
+    def allowed(origin, headers):
+        request = asok.Request("GET", "/asok/live", "", {"host": "internal", "origin": origin, **headers},
+                               b"", "http", "127.0.0.1", app)
+        return asok._origin_allowed(request, route)
+
+    behind_tls = {"x-forwarded-proto": "https", "x-forwarded-host": "site.example"}
+    assert allowed("https://site.example", behind_tls)
+    assert not allowed("http://site.example", behind_tls)
+    assert allowed("https://other.example", {})
+    assert not allowed("https://third.example", {})
+
+
+# ── behind nginx terminating TLS, as README's "Deploying" shows ──────────────
+
+NGINX_SITE = """
+    # Host as the browser sent it, the WebSocket upgrade passed on, the scheme for Secure cookies
+    map $http_upgrade $connection_upgrade { default upgrade; '' close; }
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        ssl_certificate %(dir)s/cert.pem;
+        ssl_certificate_key %(dir)s/key.pem;
+        location / {
+            proxy_pass http://127.0.0.1:%(upstream)d;
+            proxy_http_version 1.1;
+            proxy_set_header Host $http_host;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_read_timeout 1h;
+        }
+    }
+"""
+
+
+@contextlib.contextmanager
+def nginx_tls_proxy(tmp_path, upstream):
+    """Debian's nginx on a free port, TLS with a throw-away certificate, in front of `upstream`."""
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if exe is None or shutil.which("openssl") is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("nginx or openssl is missing under CI (make test installs nginx-light)")
+        pytest.skip("nginx is not installed (make test installs nginx-light with apt-get)")
+    folder = tmp_path / "nginx"
+    folder.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    site = NGINX_SITE % {"port": port, "dir": folder, "upstream": upstream}
+    (folder / "nginx.conf").write_text(
+        f"daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log;\n"
+        f"events {{}}\nhttp {{ access_log off; client_body_temp_path {folder}; proxy_temp_path {folder};\n{site}}}\n")
+    proc = subprocess.Popen([exe, "-c", str(folder / "nginx.conf"), "-p", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None or _accepts(port))
+        assert proc.poll() is None, (folder / "error.log").read_text()
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_behind_a_tls_proxy_the_cookie_is_secure_and_the_live_socket_works(tmp_path):
+    pytest.importorskip("websockets")
+    from websockets.sync.client import connect as websockets_connect
+    import ssl
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    with serve_process(app_dir, env={"FORWARDED_ALLOW_IPS": "127.0.0.1"}) as (upstream, _), \
+            nginx_tls_proxy(tmp_path, upstream) as port:
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/", context=tls, timeout=10) as r:
+            page, cookie = r.read().decode(), r.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie
+        (cid, name, state), = asok._find_components(page)
+        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
+        with websockets_connect(f"wss://127.0.0.1:{port}/asok/live", ssl=tls, open_timeout=10,
+                                origin=f"https://127.0.0.1:{port}",
+                                additional_headers={"Cookie": cookie.split(";")[0]}) as ws:
+            ws.send(json.dumps({"id": "t:1", "cid": cid, "component": name, "state": state,
+                                "method": "increment", "args": [], "csrf": csrf}))
+            for _ in range(10):
+                reply = json.loads(ws.recv(timeout=10))
+                if reply.get("id") == "t:1":
+                    break
+            assert "Count: 11" in reply["html"]
+
+
+# ═══ 11. Components (DESIGN §4, §10) ══════════════════════════════════════════════════════════════
+
+# ── rendering, props, keys, state fields ──────────────────────────────────────
 
 def test_component_renders_with_signed_state_and_runtime(live_app):
     client = asok.TestClient(live_app)
@@ -3782,53 +3273,10 @@ def test_component_renders_with_signed_state_and_runtime(live_app):
     assert js.status == 200 and js.header("content-type").startswith("text/javascript")
 
 
-@pytest.mark.parametrize("line, squeezed", [
-    ("const a = b + ++c, d = e - -f;", "const a=b+ ++c,d=e- -f;"),
-    ('x = "a = b" + `${ y } = z`;', 'x="a = b"+`${ y } = z`;'),
-    ("y = 'it\\'s = so' + [1, 2];", "y='it\\'s = so'+[1,2];"),
-    ("for (const el of [...nodes]) if (!el.id) continue;", "for(const el of[...nodes])if(!el.id)continue;"),
-])
-def test_alive_js_loses_spaces_beside_punctuation_but_not_in_strings(line, squeezed):
-    assert asok._squeeze_js(line) == squeezed
-
-
-def test_alive_js_is_served_minified_gzipped_and_cached_by_version(live_app, monkeypatch, tmp_path):
-    client = asok.TestClient(live_app)
-    version = re.search(r'alive.js\?v=(\w+)', client.get("/").text).group(1)
-    plain = client.get(f"/asok/alive.js?v={version}")
-    assert "immutable" in plain.header("cache-control") and plain.header("content-encoding") is None
-    source = (ROOT / "alive.js").read_text()
-    assert len(plain.body) < len(source.encode()) and b"\n//" not in plain.body and b"\n  " not in plain.body
-    packed = client.get(f"/asok/alive.js?v={version}", headers={"Accept-Encoding": "br, gzip;q=0.8"})
-    assert packed.header("content-encoding") == "gzip" and gzip.decompress(packed.body) == plain.body
-    refused = client.get("/asok/alive.js", headers={"Accept-Encoding": "gzip;q=0"})
-    assert refused.header("content-encoding") is None and refused.header("cache-control") == "no-cache"
-    assert client.get("/asok/alive.js", headers={"If-None-Match": f'"{version}"'}).status == 304
-    assert client.get("/asok/alive-nope.js").status == 404
-    # a part after a `//# part: name` line is a second script, only for pages that ask for it
-    js = tmp_path / "alive.js"
-    js.write_text(source + "\n//# part: extra\n  // a comment\n  window.extra = 1; // trailing\n")
-    monkeypatch.setattr(asok, "ALIVE_JS", js)
-    extra = client.get("/asok/alive-extra.js")
-    assert extra.status == 200 and extra.body == b"window.extra=1;\n"
-    assert b"window.extra" not in client.get("/asok/alive.js").body
-    assert "alive-extra.js" not in client.get("/").text
-    monkeypatch.setattr(live_app.components["Counter"], "_alive_parts", ("extra",), raising=False)
-    assert re.search(r'<script src="/asok/alive-extra.js\?v=\w+" defer>', client.get("/").text)
-
-
-def test_click_increments_and_persists_across_reload_and_restart(live_app, tmp_path):
-    client = asok.TestClient(live_app)
-    counter = client.live("/", "Counter")
-    reply = counter.call("increment")
-    assert "Count: 11 / 1" in reply["html"] and counter.state["count"] == 11
-    counter.call("add", 5)
-    assert counter.state["count"] == 16
-    assert "Count: 16 / 1" in client.get("/").text  # a reload renders the persisted state
-    restarted = asok.TestClient(make_app(tmp_path, {}))  # a new process on the same folder and key
-    restarted.cookies = dict(client.cookies)
-    assert "Count: 16 / 1" in restarted.get("/").text
-    assert restarted.live("/", "Counter").state["mounted"] == 1  # mount ran once, on the first render
+def test_runtime_is_injected_into_a_page_without_head_or_body(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES, "src/pages/bare.html": "{{ component('Counter') }}"})
+    page = asok.TestClient(app).get("/bare").text
+    assert re.search(r'<script src="/asok/alive.js\?v=\w+" defer></script>$', page) and "&lt;" not in page
 
 
 def test_component_props_mount_and_explicit_cid(live_app):
@@ -3840,6 +3288,12 @@ def test_component_props_mount_and_explicit_cid(live_app):
     assert labels.state == {"text": "", "size": 1, "tags": ["a", "b"]}
     fresh = asok.TestClient(live_app).live("/labels", "Labels")
     assert fresh.state["tags"] == []  # class defaults are not shared between sessions
+
+
+def test_a_prop_called_name(tmp_path):
+    files = {"src/components/Greeter.py": "from asok import Component\nclass Greeter(Component):\n    name = ''\n",
+             "src/components/greeter.html": "Hi << name >>", "src/pages/index.html": "{{ component('Greeter', name='Ann') }}"}
+    assert "Hi Ann" in asok.TestClient(make_app(tmp_path, files)).get("/").text
 
 
 KEYED_FILES = {
@@ -3970,6 +3424,217 @@ def test_a_page_render_with_new_props_calls_update_and_saves_it(keyed_app):
     assert client.live("/book?label=a", "Book").state["updates"] == 1
     assert client.live("/book?label=b", "Book").state == {"title": "Ulysses", "label": "b", "updates": 2, "mounted": 1}
     assert book.call("retitle", "Ulysses")["html"] == "<b>Ulysses|b</b>"
+
+
+def test_the_default_update_ignores_props_once_there_is_saved_state(live_app):
+    client = asok.TestClient(live_app)
+    client.live("/", "Counter").call("increment")
+    assert "Count: 11 / 1" in client.get("/").text  # the page still passes count=10
+
+
+def test_arguments_are_converted_to_annotated_types(live_app):
+    counter = asok.TestClient(live_app).live("/", "Counter")
+    assert "error" not in counter.call("add", "5")
+    assert counter.state["count"] == 15
+    counter.call("scale", "2", "true")
+    assert counter.state["count"] == 1030
+
+
+TABLE_FILES = {
+    "src/components/Table.py": '''
+        from asok import Component, exposed
+
+        class Table(Component):
+            url = ("page", "sort", "desc")
+            page = 1
+            sort = "name"
+            desc = False
+            clicks = 0
+
+            @exposed
+            def next(self):
+                self.page += 1
+                self.clicks += 1
+    ''',
+    "src/components/table.html": "<p><< page >>|<< sort >>|<< desc >>|<< clicks >></p>",
+    "src/pages/index.html": "<head></head><body><< component('Table') >></body>",
+}
+
+
+def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_path):
+    app = make_app(tmp_path, TABLE_FILES)
+    client = asok.TestClient(app)
+    page = client.get("/").text
+    assert "<p>1|name|False|0</p>" in page and '<script src="/asok/alive-forms.js?v=' in page
+    assert 'data-asok-url="{&quot;page&quot;: 1, &quot;sort&quot;: &quot;name&quot;, &quot;desc&quot;: false}"' in page
+    table = client.live("/", "Table")
+    table.call("next")
+    assert "<p>2|name|False|1</p>" in client.get("/").text  # no query string: the saved state
+    assert "<p>5|price|True|1</p>" in client.get("/?page=5&sort=price&desc=true&clicks=99").text
+    table = client.live("/?page=5&sort=price&desc=true", "Table")
+    table.call("next")  # the next event goes on from what the link showed
+    assert table.state == {"page": 6, "sort": "price", "desc": True, "clicks": 2}
+    assert "<p>6|price|True|2</p>" in client.get("/").text
+    # values that do not convert to the field's type get its default, not a 500
+    r = client.get("/?page=abc&desc=maybe&sort=")
+    assert r.status == 200 and "<p>1||False|2</p>" in r.text
+    assert "<p>1|x|False|0</p>" in asok.TestClient(app).get("/?page=1e999&sort=x").text  # another session
+
+
+def test_max_upload_must_be_a_number_of_bytes():
+    with pytest.raises(TypeError, match=r"Big.max_upload must be a number of bytes \(an int >= 0\), not '10MB'"):
+        type("Big", (asok.Component,), {"max_upload": "10MB"})
+
+
+def test_url_must_name_state_fields(tmp_path):
+    app = make_app(tmp_path, {"src/components/Bad.py": '''
+        from asok import Component
+
+        class Bad(Component):
+            url = ("page",)
+            size = 1
+    '''})
+    with pytest.raises(TypeError, match=r"Bad.url names 'page', which is not a state attribute \(it has: size\)"):
+        app.components
+
+
+def test_a_state_that_is_not_finite_json_is_refused_naming_the_attribute(tmp_path):
+    files = {"src/components/Ratio.py": ("from asok import Component, exposed\n"
+                                         "class Ratio(Component):\n    r = 1.0\n"
+                                         "    @exposed\n    def blow(self):\n        self.r = float('inf')\n"),
+             "src/components/ratio.html": "<< r >>", "src/pages/index.html": "{{ component('Ratio') }}"}
+    app = make_app(tmp_path, files, debug=True)
+    client = asok.TestClient(app)
+    ratio = client.live("/", "Ratio")
+    reply = ratio.call("blow")
+    assert reply["error"]["code"] == "server_error" and "Ratio.r is inf" in reply["error"]["message"]
+    assert client.live("/", "Ratio").state["r"] == 1.0
+
+
+def test_a_non_json_class_attribute_is_named(tmp_path):
+    files = {"src/components/Bad.py": "from asok import Component\nclass Bad(Component):\n    tags = set()\n",
+             "src/components/bad.html": "x", "src/pages/index.html": "{{ component('Bad') }}"}
+    app = make_app(tmp_path, files, debug=True)
+    r = asok.TestClient(app).get("/")
+    assert r.status == 500 and "Bad.tags is a set" in r.text
+
+
+def test_ws_model_sets_a_state_attribute_with_its_type(live_app):
+    labels = asok.TestClient(live_app).live("/labels", "Labels")
+    labels.call("$model", "text", "hello")
+    labels.call("$model", "size", "3")
+    assert labels.state["text"] == "hello" and labels.state["size"] == 3
+    assert labels.call("$model", "missing", 1)["error"]["code"] == "bad_args"
+    assert labels.call("$model", "_asok_app", 1)["error"]["code"] == "bad_args"
+    assert labels.call("$model", "size", "big")["error"]["code"] == "bad_args"
+
+
+def test_a_locked_field_cannot_be_set_from_the_browser(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES, "src/components/Labels.py": '''
+        from asok import Component, exposed
+
+        class Labels(Component):
+            text = ""
+            size = 1
+            tags = []
+            locked = ("size",)
+
+            @exposed
+            def grow(self):
+                self.size += 1
+    '''})
+    labels = asok.TestClient(app).live("/labels", "Labels")
+    refused = labels.call("$model", "size", 99)
+    assert refused["error"]["code"] == "locked" and "only the component's methods" in refused["error"]["message"]
+    assert labels.state["size"] == 1
+    assert "error" not in labels.call("$model", "text", "free")  # other fields stay writable
+    assert "error" not in labels.call("grow") and labels.state["size"] == 2
+    assert "locked" not in labels.state  # a setting, not state
+
+
+def test_ws_model_values_must_have_the_field_type(live_app):
+    client = asok.TestClient(live_app)
+    labels = client.live("/labels", "Labels")
+    for prop, value in [("text", {"a": 1}), ("text", ["x"]), ("tags", "x"), ("tags", {"a": 1}), ("size", [1])]:
+        reply = labels.call("$model", prop, value)
+        assert reply["error"]["code"] == "bad_args" and repr(prop) in reply["error"]["message"], (prop, value)
+    assert labels.call("$model", "tags", ["a", "b"])["html"]
+    assert "error" not in labels.call("tag", "c")  # later events still work
+    assert client.live("/labels", "Labels").state == {"text": "", "size": 1, "tags": ["a", "b", "c"]}
+
+
+def test_component_errors_name_the_problem(tmp_path):
+    app = make_app(tmp_path, {**COMPONENT_FILES,
+                              "src/pages/typo.html": "{{ component('Counter', cuont=1) }}",
+                              "src/pages/unknown.html": "{{ component('Nope') }}"}, debug=True)
+    client = asok.TestClient(app)
+    r = client.get("/typo")
+    assert r.status == 500 and "Counter has no state attribute &#x27;cuont&#x27;" in r.text
+    r = client.get("/unknown")
+    assert r.status == 500 and "no such component" in r.text
+
+
+def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
+    files = dict(COMPONENT_FILES)
+    files["src/components/Panel.py"] = '''
+        from asok import Component, exposed
+
+        class Panel(Component):
+            opened = 0
+
+            @exposed
+            def open(self):
+                self.opened += 1
+    '''
+    files["src/components/panel.html"] = ("<form><input name=csrf_token value='{{ csrf_token }}'>{{ opened }}"
+                                          "{{ component('Labels') }}</form>")
+    files["src/pages/panel.html"] = "<head></head>{{ component('Panel') }}"
+    client = asok.TestClient(make_app(tmp_path, files))
+    panel = client.live("/panel", "Panel")
+    reply = panel.call("open")
+    assert f"value='{panel.csrf}'" in reply["html"]
+    assert 'id="/panel#Panel-0#Labels-0" data-asok-component="Labels"' in reply["html"]
+    assert asok.TestClient.live(client, "/panel", "Labels").cid == "/panel#Panel-0#Labels-0"
+
+
+def test_on_and_every_refuse_bad_declarations():
+    with pytest.raises(ValueError, match="name of a state field in braces"):
+        asok.on("chat:{room.name}")
+    with pytest.raises(ValueError, match="at least"):
+        asok.every(0)
+    with pytest.raises(ValueError, match="number of seconds"):
+        asok.every("5")
+    with pytest.raises(TypeError, match=r"takes the payload \(def got\(self, payload\)\)"):
+        type("Bad", (asok.Component,), {"got": asok.on("t")(lambda self: None)})
+    with pytest.raises(TypeError, match="an @every method takes nothing"):
+        type("Bad", (asok.Component,), {"tick": asok.every(1)(lambda self, x: None)})
+
+
+def test_live_renders_see_the_path_and_query_of_the_page(tmp_path):
+    files = {**COMPONENT_FILES, "src/components/counter.html":
+             "<p><< request.path >>?<< request.query.get('q', '-') >> << count >></p>",
+             "src/pages/search.html": "<head></head><< component('Counter') >>"}
+    client = asok.TestClient(make_app(tmp_path, files))
+    counter = client.live("/search?q=kiwi", "Counter")
+    assert "<p>/search?kiwi 1</p>" in counter.call("increment")["html"]
+
+
+# ═══ 12. The live protocol (DESIGN §5, §9): calls, pushes, published messages, timers ═════════════
+
+# ── calls: emit, refusals, uploads, state tokens, replies, the socket ─────────
+
+def test_click_increments_and_persists_across_reload_and_restart(live_app, tmp_path):
+    client = asok.TestClient(live_app)
+    counter = client.live("/", "Counter")
+    reply = counter.call("increment")
+    assert "Count: 11 / 1" in reply["html"] and counter.state["count"] == 11
+    counter.call("add", 5)
+    assert counter.state["count"] == 16
+    assert "Count: 16 / 1" in client.get("/").text  # a reload renders the persisted state
+    restarted = asok.TestClient(make_app(tmp_path, {}))  # a new process on the same folder and key
+    restarted.cookies = dict(client.cookies)
+    assert "Count: 16 / 1" in restarted.get("/").text
+    assert restarted.live("/", "Counter").state["mounted"] == 1  # mount ran once, on the first render
 
 
 EMIT_FILES = {
@@ -4103,20 +3768,6 @@ def test_the_todo_example_finds_items_by_id_and_each_item_keeps_its_own_text(tmp
     assert "two, edited" in item.also[0]["html"]  # the list heard of it (emit) in the same round trip
     page = client.get("/").text
     assert re.findall(r'<li id="(todo-\d+)"', page) == ["todo-2"] and 'value="two, edited"' in page
-
-
-def test_the_default_update_ignores_props_once_there_is_saved_state(live_app):
-    client = asok.TestClient(live_app)
-    client.live("/", "Counter").call("increment")
-    assert "Count: 11 / 1" in client.get("/").text  # the page still passes count=10
-
-
-def test_arguments_are_converted_to_annotated_types(live_app):
-    counter = asok.TestClient(live_app).live("/", "Counter")
-    assert "error" not in counter.call("add", "5")
-    assert counter.state["count"] == 15
-    counter.call("scale", "2", "true")
-    assert counter.state["count"] == 1030
 
 
 @pytest.mark.parametrize("method, args, code, words", [
@@ -4312,47 +3963,6 @@ def test_live_uploads_are_refused_past_the_limit_and_for_another_component_or_se
     assert pending_uploads(app) == []
 
 
-TABLE_FILES = {
-    "src/components/Table.py": '''
-        from asok import Component, exposed
-
-        class Table(Component):
-            url = ("page", "sort", "desc")
-            page = 1
-            sort = "name"
-            desc = False
-            clicks = 0
-
-            @exposed
-            def next(self):
-                self.page += 1
-                self.clicks += 1
-    ''',
-    "src/components/table.html": "<p><< page >>|<< sort >>|<< desc >>|<< clicks >></p>",
-    "src/pages/index.html": "<head></head><body><< component('Table') >></body>",
-}
-
-
-def test_url_bound_fields_start_from_the_query_string_over_the_saved_state(tmp_path):
-    app = make_app(tmp_path, TABLE_FILES)
-    client = asok.TestClient(app)
-    page = client.get("/").text
-    assert "<p>1|name|False|0</p>" in page and '<script src="/asok/alive-forms.js?v=' in page
-    assert 'data-asok-url="{&quot;page&quot;: 1, &quot;sort&quot;: &quot;name&quot;, &quot;desc&quot;: false}"' in page
-    table = client.live("/", "Table")
-    table.call("next")
-    assert "<p>2|name|False|1</p>" in client.get("/").text  # no query string: the saved state
-    assert "<p>5|price|True|1</p>" in client.get("/?page=5&sort=price&desc=true&clicks=99").text
-    table = client.live("/?page=5&sort=price&desc=true", "Table")
-    table.call("next")  # the next event goes on from what the link showed
-    assert table.state == {"page": 6, "sort": "price", "desc": True, "clicks": 2}
-    assert "<p>6|price|True|2</p>" in client.get("/").text
-    # values that do not convert to the field's type get its default, not a 500
-    r = client.get("/?page=abc&desc=maybe&sort=")
-    assert r.status == 200 and "<p>1||False|2</p>" in r.text
-    assert "<p>1|x|False|0</p>" in asok.TestClient(app).get("/?page=1e999&sort=x").text  # another session
-
-
 def test_the_default_upload_limit_admits_10_mib(tmp_path):
     app = make_app(tmp_path, {
         "src/components/Plain.py": """
@@ -4374,52 +3984,6 @@ def test_the_default_upload_limit_admits_10_mib(tmp_path):
     assert plain.state["size"] == 10 << 20
     refused = plain.submit("form", files={"f": ("a.bin", b"\0" * ((10 << 20) + 1), "application/octet-stream")})
     assert refused["error"]["code"] == "too_large"
-
-
-def test_max_upload_must_be_a_number_of_bytes():
-    with pytest.raises(TypeError, match=r"Big.max_upload must be a number of bytes \(an int >= 0\), not '10MB'"):
-        type("Big", (asok.Component,), {"max_upload": "10MB"})
-
-
-def test_url_must_name_state_fields(tmp_path):
-    app = make_app(tmp_path, {"src/components/Bad.py": '''
-        from asok import Component
-
-        class Bad(Component):
-            url = ("page",)
-            size = 1
-    '''})
-    with pytest.raises(TypeError, match=r"Bad.url names 'page', which is not a state attribute \(it has: size\)"):
-        app.components
-
-
-def test_component_modules_may_import_helpers_from_app_py(tmp_path):
-    files = {
-        "app.py": '''
-            from asok import Asok
-
-            app = Asok(__file__, secret_key="k" * 32)
-
-            def greeting(name):  # defined after Asok(__file__) ran
-                return f"Hello, {name}"
-        ''',
-        "src/components/Greeter.py": '''
-            from asok import Component
-            from app import greeting
-
-            class Greeter(Component):
-                name = "Ann"
-
-                def render(self):
-                    return greeting(self.name)
-        ''',
-        "src/pages/index.html": "<body><< component('Greeter') >></body>",
-    }
-    for rel, text in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(textwrap.dedent(text))
-    app = asok.load_app(tmp_path)
-    assert "Hello, Ann" in asok.TestClient(app).get("/").text
 
 
 def test_tampered_foreign_and_stale_states_are_refused(live_app):
@@ -4507,19 +4071,6 @@ def test_numbers_that_are_not_finite_are_refused(live_app, args):
     assert counter.client.live("/", "Counter").state["count"] == 10
 
 
-def test_a_state_that_is_not_finite_json_is_refused_naming_the_attribute(tmp_path):
-    files = {"src/components/Ratio.py": ("from asok import Component, exposed\n"
-                                         "class Ratio(Component):\n    r = 1.0\n"
-                                         "    @exposed\n    def blow(self):\n        self.r = float('inf')\n"),
-             "src/components/ratio.html": "<< r >>", "src/pages/index.html": "{{ component('Ratio') }}"}
-    app = make_app(tmp_path, files, debug=True)
-    client = asok.TestClient(app)
-    ratio = client.live("/", "Ratio")
-    reply = ratio.call("blow")
-    assert reply["error"]["code"] == "server_error" and "Ratio.r is inf" in reply["error"]["message"]
-    assert client.live("/", "Ratio").state["r"] == 1.0
-
-
 ROWS_FILES = {
     "src/components/Rows.py": '''
         from asok import Component, exposed
@@ -4591,6 +4142,45 @@ def test_a_reference_to_a_state_the_session_no_longer_holds_is_refused(tmp_path)
     assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
 
 
+def test_a_session_keeps_a_bounded_number_of_component_states(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 2)
+    client = asok.TestClient(live_app)
+    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
+    labels = client.live("/labels", "Labels")
+    first.call("increment")
+    second.call("increment")
+    first.call("increment")  # used again: now the newest
+    labels.call("tag", "x")  # a third: the least recently used (second) goes
+    assert list(live_app.sessions.load(client.sid)["live"]) == ["/#Counter-0", "my-labels"]
+    assert "Count: 12 / 3" in client.get("/").text
+
+
+def test_an_old_state_of_a_dropped_component_cannot_come_back(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
+    client = asok.TestClient(live_app)
+    counter, labels = client.live("/", "Counter"), client.live("/labels", "Labels")
+    counter.call("add", 5)
+    old = counter.state_token  # count 15
+    counter.call("add", -15)  # spent down to 0
+    labels.call("tag", "x")  # the counter's state is dropped past the limit
+    counter.state_token = old
+    reply = counter.call("increment")
+    assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
+    fresh = client.live("/", "Counter")  # a reload starts from the props again, and works
+    assert fresh.state["count"] == 10 and "error" not in fresh.call("increment")
+
+
+def test_a_fresh_component_works_after_another_state_was_dropped(live_app, monkeypatch):
+    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
+    client = asok.TestClient(live_app)
+    tab1 = client.live("/", "Counter", 0)  # open, not clicked yet
+    client.live("/labels", "Labels").call("tag", "x")
+    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
+    assert "error" not in second.call("increment")  # drops Labels
+    assert "error" not in first.call("increment")  # never stored, rendered before the drop
+    assert "Count: 12" in tab1.call("increment")["html"]  # another tab: the saved state, not its own
+
+
 def test_replies_carry_only_what_changed_and_rebuild_the_whole_html(tmp_path):
     app = make_app(tmp_path, ROWS_FILES)
     client = asok.TestClient(app)
@@ -4647,199 +4237,6 @@ def test_malformed_live_messages_are_refused(live_app, message, code):
     reply = counter.send(message)
     assert reply["error"]["code"] == code and reply["error"]["message"]
     assert counter.client.live("/", "Counter").state["count"] == 10
-
-
-def test_ws_model_sets_a_state_attribute_with_its_type(live_app):
-    labels = asok.TestClient(live_app).live("/labels", "Labels")
-    labels.call("$model", "text", "hello")
-    labels.call("$model", "size", "3")
-    assert labels.state["text"] == "hello" and labels.state["size"] == 3
-    assert labels.call("$model", "missing", 1)["error"]["code"] == "bad_args"
-    assert labels.call("$model", "_asok_app", 1)["error"]["code"] == "bad_args"
-    assert labels.call("$model", "size", "big")["error"]["code"] == "bad_args"
-
-
-# ── the test client's user actions: click, type, submit, press ───────────────
-
-ACTION_FILES = {
-    "src/components/Panel.py": '''
-        from asok import Component, exposed
-
-        class Panel(Component):
-            count = 0
-            note = ""
-            query = ""
-            seen = []
-            form = {}
-
-            @exposed
-            def add(self, n: int = 1):
-                self.count += n
-
-            @exposed
-            def search(self, where: str, text: str):
-                self.query = f"{where}:{text}"
-
-            @exposed
-            def save(self, fields: dict):
-                self.form = fields
-
-            @exposed
-            def done(self):
-                self.seen = self.seen + ["enter"]
-    ''',
-    "src/components/panel.html": '''\
-        <section>
-          <h3>Count: << count >></h3>
-          <button ws-click="add"><span>Add</span> 1</button>
-          <button class="big" ws-click="add(5)">Add 5</button>
-          <button ws-click="add(5)">Twin</button><button ws-click="add(5)">Twin</button>
-          <p>Just text</p>
-          <input ws-model="note" value="<< note >>" ws-keydown.enter="done">
-          <input name="q" ws-input='search("top")'>
-          <p>Query: << query >> &amp; note: << note >></p>
-          <form ws-submit="save">
-            <input type="hidden" name="token" value="t1">
-            <input name="email" value="old@example.org">
-            <input type="checkbox" name="agree">
-            <input type="checkbox" name="news" value="weekly" checked>
-            <select name="size"><option value="s">S</option><option value="m" selected>M</option></select>
-            <textarea name="bio">Hi &lt;there&gt;</textarea>
-            <input name="off" value="x" disabled>
-            <button type="submit">Save</button>
-          </form>
-          << component("Labels") >>
-        </section>
-    ''',
-    "src/components/Labels.py": '''
-        from asok import Component, exposed
-
-        class Labels(Component):
-            @exposed
-            def add(self):
-                pass
-    ''',
-    "src/components/labels.html": '<button ws-click="add">Inner</button>',
-    "src/pages/index.html": "<html><head></head><body><< component('Panel') >></body></html>",
-}
-
-
-@pytest.fixture
-def panel(tmp_path):
-    return asok.TestClient(make_app(tmp_path, ACTION_FILES)).live("/", "Panel")
-
-
-def test_live_html_and_text_read_the_component_as_rendered(panel):
-    assert panel.html.startswith("<section>") and panel.html.rstrip().endswith("</section>")
-    assert 'data-asok-component="Labels"' in panel.html  # a nested component is part of the HTML
-    assert panel.text.startswith("Count: 0 Add 1 Add 5 TwinTwin Just text Query: & note:")
-    assert "Inner" in panel.text
-
-
-def test_live_click_finds_the_element_by_its_text_or_a_selector_and_sends_its_arguments(panel):
-    assert "error" not in panel.click("Add 1")  # the text spans a <span> and the button's own text
-    assert panel.state["count"] == 1 and "Count: 1" in panel.text
-    panel.click("Add 5")
-    assert panel.state["count"] == 6
-    panel.click("button.big")
-    panel.click("section > button[ws-click='add(5)'].big")
-    assert "Count: 16" in panel.text
-
-
-def test_live_click_says_what_it_could_not_click(panel):
-    with pytest.raises(AssertionError, match=r"2 clickable elements have that text"):
-        panel.click("Twin")
-    with pytest.raises(AssertionError, match=r"no clickable element in Panel has that text or matches it as a "
-                                             r"selector; there are: <button ws-click=\"add\"> 'Add 1'"):
-        panel.click("Add 2")
-    with pytest.raises(AssertionError, match=r"<p> 'Just text' has no ws-click"):
-        panel.click("section > p")
-    with pytest.raises(AssertionError, match="nothing in Panel matches 'button.missing'"):
-        panel.type("button.missing", "x")
-    with pytest.raises(AssertionError, match="no clickable element"):
-        panel.click("Inner")  # inside the nested Labels: its events go to Labels, not Panel
-    assert panel.state["count"] == 0
-
-
-def test_live_type_sets_a_model_or_calls_ws_input_with_the_value_last(panel):
-    panel.type("[ws-model=note]", "milk")
-    panel.type("input[name=q]", "kiwi")
-    assert (panel.state["note"], panel.state["query"]) == ("milk", "top:kiwi")
-    assert "Query: top:kiwi & note: milk" in panel.text
-    with pytest.raises(AssertionError, match="has no ws-input or ws-change"):
-        panel.type("h3", "x")
-
-
-def test_live_submit_sends_the_form_fields_with_the_given_ones_over_them(panel):
-    panel.submit("form", {"email": "new@example.org", "agree": "on"})
-    assert panel.state["form"] == {"token": "t1", "email": "new@example.org", "agree": "on", "news": "weekly",
-                                   "size": "m", "bio": "Hi <there>"}
-    panel.submit("button[type=submit]")  # the form around the button; the rendered values
-    assert panel.state["form"]["email"] == "old@example.org" and "agree" not in panel.state["form"]
-    with pytest.raises(AssertionError, match=r"the form has no field 'emial' \(it has agree, bio, email"):
-        panel.submit("form", {"emial": "x"})
-
-
-def test_live_press_sends_the_keydown_directive_of_that_key(panel):
-    panel.press("[ws-model=note]", "Enter")
-    assert panel.state["seen"] == ["enter"]
-    with pytest.raises(AssertionError, match="has no ws-keydown.escape"):
-        panel.press("[ws-model=note]", "Escape")
-
-
-def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
-    shutil.copytree(EXAMPLES / "counter", tmp_path / "counter", ignore=shutil.ignore_patterns(".asok"))
-    counter = asok.TestClient(asok.Asok(tmp_path / "counter", secret_key="k" * 32)).live("/", "Counter")
-    assert "Count: 10" in counter.text
-    counter.click("Add 1")
-    counter.click("Add 1")
-    counter.click("Remove 1")
-    assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
-
-
-def test_a_locked_field_cannot_be_set_from_the_browser(tmp_path):
-    app = make_app(tmp_path, {**COMPONENT_FILES, "src/components/Labels.py": '''
-        from asok import Component, exposed
-
-        class Labels(Component):
-            text = ""
-            size = 1
-            tags = []
-            locked = ("size",)
-
-            @exposed
-            def grow(self):
-                self.size += 1
-    '''})
-    labels = asok.TestClient(app).live("/labels", "Labels")
-    refused = labels.call("$model", "size", 99)
-    assert refused["error"]["code"] == "locked" and "only the component's methods" in refused["error"]["message"]
-    assert labels.state["size"] == 1
-    assert "error" not in labels.call("$model", "text", "free")  # other fields stay writable
-    assert "error" not in labels.call("grow") and labels.state["size"] == 2
-    assert "locked" not in labels.state  # a setting, not state
-
-
-def test_ws_model_values_must_have_the_field_type(live_app):
-    client = asok.TestClient(live_app)
-    labels = client.live("/labels", "Labels")
-    for prop, value in [("text", {"a": 1}), ("text", ["x"]), ("tags", "x"), ("tags", {"a": 1}), ("size", [1])]:
-        reply = labels.call("$model", prop, value)
-        assert reply["error"]["code"] == "bad_args" and repr(prop) in reply["error"]["message"], (prop, value)
-    assert labels.call("$model", "tags", ["a", "b"])["html"]
-    assert "error" not in labels.call("tag", "c")  # later events still work
-    assert client.live("/labels", "Labels").state == {"text": "", "size": 1, "tags": ["a", "b", "c"]}
-
-
-def test_component_errors_name_the_problem(tmp_path):
-    app = make_app(tmp_path, {**COMPONENT_FILES,
-                              "src/pages/typo.html": "{{ component('Counter', cuont=1) }}",
-                              "src/pages/unknown.html": "{{ component('Nope') }}"}, debug=True)
-    client = asok.TestClient(app)
-    r = client.get("/typo")
-    assert r.status == 500 and "Counter has no state attribute &#x27;cuont&#x27;" in r.text
-    r = client.get("/unknown")
-    assert r.status == 500 and "no such component" in r.text
 
 
 def live_socket(port, client, origin=None):
@@ -4976,24 +4373,6 @@ def test_a_page_that_does_not_read_holds_one_push_per_component():
     assert asyncio.run(main()) == ["a0", "a99", "b99"]
 
 
-def test_an_error_during_the_websocket_upgrade_answers_500(live_app, monkeypatch):
-    client = asok.TestClient(live_app)
-    client.live("/", "Counter")
-
-    def broken(request):
-        raise RuntimeError("the session could not be opened")
-
-    with running(live_app) as port:
-        monkeypatch.setattr(live_app, "_open_session", broken)
-        raw = wsi_upgrade("/asok/live", f"127.0.0.1:{port}", f"Cookie: asok_session={client.cookies['asok_session']}\r\n")
-        status, _, body = exchange(port, raw)
-        assert status == 500 and b"failed to open this WebSocket" in body
-        monkeypatch.undo()
-        with live_socket(port, client) as ws:  # and the next upgrade works
-            ws.send("{}")
-            assert json.loads(ws.receive(timeout=10))["error"]["code"] == "bad_message"
-
-
 def test_a_malformed_session_record_still_gets_a_websocket_answer(live_app, tmp_path):
     client = asok.TestClient(live_app)
     counter = client.live("/", "Counter")
@@ -5007,23 +4386,6 @@ def test_a_malformed_session_record_still_gets_a_websocket_answer(live_app, tmp_
             reply = json.loads(ws.receive(timeout=10))
     assert "Count: 11 / 1" in reply["html"]  # the page's own state, on a fresh record
     assert asok._record_problem(asok.FileSessionStore(path.parent).load(client.sid)) is None
-
-
-def test_session_file_survives_a_torn_write_and_compacts(tmp_path):
-    store = asok.FileSessionStore(tmp_path, lifetime=600)
-    sid = "s" * 43
-    for n in range(3):
-        store.update(sid, lambda record: record["data"].update(n=n))
-    path = tmp_path / f"{sid}.json"
-    with open(path, "ab") as f:
-        f.write(b'{"data": {"n": 99')  # a crash in the middle of a write
-    assert store.load(sid)["data"] == {"n": 2}
-    store.update(sid, lambda record: record["data"].update(m=1))
-    assert store.load(sid)["data"] == {"n": 2, "m": 1}
-    for n in range(asok.SESSION_LOG_MAX // 40):
-        store.update(sid, lambda record: record["data"].update(n=n))
-    assert path.stat().st_size < asok.SESSION_LOG_MAX
-    assert store.load(sid)["data"]["n"] == asok.SESSION_LOG_MAX // 40 - 1
 
 
 def test_clicks_the_disk_refuses_are_never_acknowledged_nor_applied_later(live_app, tmp_path, monkeypatch):
@@ -5087,29 +4449,6 @@ def test_page_views_racing_live_events_on_one_session_never_fail(tmp_path):
         sys.setswitchinterval(interval)
     assert errors == [] and set(statuses) == {200} and len(statuses) == 300
     assert len(board.state["cells"]) == 450
-
-
-def test_nested_component_and_csrf_token_in_a_live_re_render(tmp_path):
-    files = dict(COMPONENT_FILES)
-    files["src/components/Panel.py"] = '''
-        from asok import Component, exposed
-
-        class Panel(Component):
-            opened = 0
-
-            @exposed
-            def open(self):
-                self.opened += 1
-    '''
-    files["src/components/panel.html"] = ("<form><input name=csrf_token value='{{ csrf_token }}'>{{ opened }}"
-                                          "{{ component('Labels') }}</form>")
-    files["src/pages/panel.html"] = "<head></head>{{ component('Panel') }}"
-    client = asok.TestClient(make_app(tmp_path, files))
-    panel = client.live("/panel", "Panel")
-    reply = panel.call("open")
-    assert f"value='{panel.csrf}'" in reply["html"]
-    assert 'id="/panel#Panel-0#Labels-0" data-asok-component="Labels"' in reply["html"]
-    assert asok.TestClient.live(client, "/panel", "Labels").cid == "/panel#Panel-0#Labels-0"
 
 
 # ── live updates: pushes to every view, @on / publish, @every, join and catch-up (DESIGN §9) ──
@@ -5207,19 +4546,6 @@ def test_publish_refuses_what_it_cannot_carry(tmp_path):
         app.publish(5, None)
 
 
-def test_on_and_every_refuse_bad_declarations():
-    with pytest.raises(ValueError, match="name of a state field in braces"):
-        asok.on("chat:{room.name}")
-    with pytest.raises(ValueError, match="at least"):
-        asok.every(0)
-    with pytest.raises(ValueError, match="number of seconds"):
-        asok.every("5")
-    with pytest.raises(TypeError, match=r"takes the payload \(def got\(self, payload\)\)"):
-        type("Bad", (asok.Component,), {"got": asok.on("t")(lambda self: None)})
-    with pytest.raises(TypeError, match="an @every method takes nothing"):
-        type("Bad", (asok.Component,), {"tick": asok.every(1)(lambda self, x: None)})
-
-
 def test_a_join_answers_views_that_show_an_older_save_and_only_those(live_app):
     client = asok.TestClient(live_app)
     page = client.get("/").text
@@ -5283,14 +4609,6 @@ def test_a_component_a_re_render_adds_is_followed_by_that_page(tmp_path):
     client.live("/panel", "Labels").call("tag", "x")  # another tab changes the child
     assert pushed[-1]["cid"] == "/panel#Panel-0#Labels-0" and ":x</b>" in pushed[-1]["html"]
 
-def test_live_renders_see_the_path_and_query_of_the_page(tmp_path):
-    files = {**COMPONENT_FILES, "src/components/counter.html":
-             "<p><< request.path >>?<< request.query.get('q', '-') >> << count >></p>",
-             "src/pages/search.html": "<head></head><< component('Counter') >>"}
-    client = asok.TestClient(make_app(tmp_path, files))
-    counter = client.live("/search?q=kiwi", "Counter")
-    assert "<p>/search?kiwi 1</p>" in counter.call("increment")["html"]
-
 
 CLOCK_FILES = {
     **COMPONENT_FILES,
@@ -5327,6 +4645,10 @@ def test_every_runs_once_per_period_while_a_view_is_open_and_stops_with_the_last
     periods = app.sessions.load(client.sid)["live"]["/ticker#Ticker-0"]["s"]["periods"]
     assert len(periods) >= 3 and len(set(periods)) == len(periods)  # never twice in one period
 
+
+# ═══ 13. Brokers: how the processes serving one app reach each other (DESIGN §9, §11) ═════════════
+
+# ── the folder broker: processes on one machine ───────────────────────────────
 
 def test_two_apps_on_one_folder_share_their_views_and_apply_a_publish_once(tmp_path):
     one = make_app(tmp_path, {**FEED_FILES, **CLOCK_FILES})
@@ -5387,18 +4709,397 @@ def test_the_folder_broker_skips_dead_peers_and_malformed_messages(tmp_path, cap
     listener.close()
 
 
-# ═══════════════════════════════════════════════════════════════════════════
-# WebSocket through real sockets: examples/echo, @app.websocket, uvicorn
-# ═══════════════════════════════════════════════════════════════════════════
-#
-# Uses from the web-core helpers above: make_app, free_port, running, serve_process,
-# exchange, ROOT, EXAMPLES and the `echo_port` fixture (`python asok.py serve examples/echo`). Test names carry the Autobahn|Testsuite
-# case family they belong to: framing, pings/pongs, reserved bits, opcodes,
-# fragmentation, UTF-8 handling, limits, closing handshake, opening handshake.
+WHERE_FILES = {
+    "src/components/Where.py": '''
+        import os
+        from asok import Component, exposed
+
+        class Where(Component):
+            count = 0
+
+            @exposed
+            def bump(self):
+                self.count += 1
+
+            def render(self):
+                return self.html("where.html", pid=os.getpid())
+    ''',
+    "src/components/where.html": "<p><< count >>@<< pid >></p>",
+    "src/pages/index.html": "<head></head><< component('Where') >>",
+}
+
+
+@pytest.mark.parametrize("server", ["asok serve --workers 2", "uvicorn --workers 2"])
+def test_a_change_in_one_worker_is_pushed_to_a_view_in_the_other(tmp_path, server):
+    make_app(tmp_path, WHERE_FILES)
+    if server.startswith("uvicorn"):
+        pytest.importorskip("uvicorn")
+        pytest.importorskip("websockets")
+        os.environ["APP_DIR"] = str(tmp_path)
+        try:
+            proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
+        finally:
+            del os.environ["APP_DIR"]
+        stop = functools.partial(wsi_stop, proc)
+    else:
+        context = serve_process(tmp_path, "--workers", "2", env={"SECRET_KEY": "k" * 32})
+        port, _ = context.__enter__()
+        stop = functools.partial(context.__exit__, None, None, None)
+    try:
+        jar = {}
+        first = SocketTab(port, jar)
+        cid, page_state = first.components["Where"]
+        seen = {re.search(r"@(\d+)<", first.call("Where", "bump")["html"]).group(1): first}
+        join = json.dumps({"join": [[cid, "Where", page_state]], "url": "/", "csrf": first.csrf})
+
+        def worker_of(tab):
+            tab.ws.send(join)  # shows an older save: the answer is rendered by the socket's worker
+            return re.search(r"@(\d+)<", json.loads(tab.ws.receive(timeout=10))["html"]).group(1)
+
+        spare = []
+        for _ in range(6):  # opened at once, so a busy worker leaves some to the other one
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                tabs = list(pool.map(lambda _: SocketTab(port, jar), range(24)))
+            for tab in tabs:
+                (spare if seen.setdefault(worker_of(tab), tab) is not tab else []).append(tab)
+            if len(seen) == 2:
+                break
+        for tab in spare:
+            tab.close()
+        if len(seen) < 2:
+            pytest.skip("the kernel gave every connection to one worker")
+        (here, clicker), (there, other) = seen.items()
+        assert "<p>2@" in clicker.call("Where", "bump")["html"]
+        push = json.loads(other.ws.receive(timeout=10))
+        assert push["cid"] == cid and f"<p>2@{there}</p>" in push["html"]  # re-rendered by the other worker
+        other.close()
+        clicker.close()
+    finally:
+        stop()
+
+
+# ── two nodes on one Redis (DESIGN §11) ──────────────────────────────────────
+
+REDIS_APP_PY = """
+import os
+import redis
+from asok import Asok, RedisBroker, RedisSessionStore
+
+client = redis.Redis(host="127.0.0.1", port=int(os.environ["REDIS_PORT"]), socket_timeout=5)
+app = Asok(__file__, session_store=RedisSessionStore(client), broker=RedisBroker(client))
+"""
+
+
+def redis_node_folders(tmp_path, example="counter", count=2):
+    """`count` copies of an example, each with an app.py on the Redis store and broker."""
+    folders = []
+    for name in "ABCD"[:count]:
+        folder = tmp_path / f"node{name}"
+        shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns(".asok"))
+        (folder / "app.py").write_text(REDIS_APP_PY)
+        folders.append(folder)
+    return folders
+
+
+def receive_push(tab, cid, seconds=10):
+    """The next push (a message with no request id) for `cid` on a tab's socket."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = json.loads(tab.ws.receive(timeout=max(0.1, deadline - time.monotonic())))
+        if message.get("cid") == cid and "id" not in message:
+            return message
+    raise AssertionError("no push")
+
+
+def join(tab):
+    """Send the join alive.js sends on connecting: every component and the state it shows."""
+    tab.ws.send(json.dumps({"join": [[cid, name, state] for name, (cid, state) in tab.components.items()],
+                            "url": "/", "csrf": tab.csrf}))
+
+
+def test_redis_broker_delivers_to_every_process_once_and_resubscribes_after_a_restart(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    got = {"a": queue.Queue(), "b": queue.Queue()}
+    brokers = {name: asok.RedisBroker(redis_client(port)) for name in got}
+
+    def heard(name, seconds=10):
+        """What `name` received within `seconds` (bounded), as a list."""
+        out, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                out.append(got[name].get(timeout=0.2))
+            except queue.Empty:
+                if out:
+                    return out
+        return out
+
+    with redis_server_process(port):
+        for name, broker in brokers.items():
+            broker.subscribe(got[name].put)
+        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
+        brokers["a"].publish(b'{"x":1}')
+        assert heard("a") == [b'{"x":1}']  # its own message once: directly, not again from Redis
+        assert heard("b") == [b'{"x":1}']
+    with redis_server_process(port):  # Redis restarted: both subscribe again by themselves
+        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
+        brokers["b"].publish(b'{"x":2}')
+        assert heard("a") == [b'{"x":2}'] and heard("b") == [b'{"x":2}']
+    for broker in brokers.values():
+        broker.close()
+
+
+def test_two_nodes_on_redis_behave_as_one_and_survive_kill_9(tmp_path, redis_port):
+    env = {"REDIS_PORT": str(redis_port), "SECRET_KEY": "s" * 40}
+    folder_a, folder_b = redis_node_folders(tmp_path)
+    with serve_process(folder_a, env=env) as (port_a, node_a), serve_process(folder_b, env=env) as (port_b, _):
+        jar = {}
+        tab_a, tab_b = SocketTab(port_a, jar), SocketTab(port_b, jar)  # one browser: the cookie works on both
+        cid = tab_b.components["Counter"][0]
+        join(tab_b)
+        assert "Count: 11" in tab_a.call("Counter", "increment")["html"]
+        assert "Count: 11" in receive_push(tab_b, cid)["html"]  # B shows A's click with no click of its own
+        # 400 increments alternating between the nodes, each sent again to the other node
+        # (a page that reconnected elsewhere resends what was in flight): none lost, none twice.
+        tabs = (tab_a, tab_b)
+        for n in range(400):
+            rid = f"page:{n}"
+            first = tabs[n % 2].call("Counter", "increment", rid=rid)
+            again = tabs[(n + 1) % 2].call("Counter", "increment", rid=rid)
+            assert f"Count: {12 + n}" in first["html"] and f"Count: {12 + n}" in again["html"], (n, again)
+        tab_a.close()
+        node_a.kill()  # kill -9
+        node_a.wait(10)
+        assert "Count: 412" in tab_b.call("Counter", "increment")["html"]
+        tab_b.close()
+        page = urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port_b}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
+            timeout=10).read().decode()
+        assert "Count: 412" in page
+
+
+# ═══ 14. The application ══════════════════════════════════════════════════════════════════════════
+
+# ── error pages, hooks, static files, CSRF, reloads, alive.js ─────────────────
+
+def test_404_405_and_500_pages(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.route("/boom")
+    def boom():
+        raise ValueError("secret detail")
+
+    @app.route("/only-post", methods=["POST"], csrf=False)
+    def only_post():
+        return "posted"
+
+    client = asok.TestClient(app)
+    assert client.get("/missing").status == 404
+    r = client.get("/only-post")
+    assert r.status == 405 and r.header("allow") == "POST"
+    r = client.get("/boom")
+    assert r.status == 500 and "secret detail" not in r.text and "Traceback" not in r.text
+    app.debug = True
+    r = client.get("/boom")
+    assert r.status == 500 and "Traceback" in r.text and "secret detail" in r.text
+
+
+def test_debug_error_page_names_the_error_and_the_template_line(tmp_path):
+    app = make_app(tmp_path, {"src/pages/index.html": "line one\n<< nothere >>\n"}, debug=True)
+    r = asok.TestClient(app).get("/")
+    assert r.status == 500
+    assert "NameError: &#x27;nothere&#x27; is undefined" in r.text and "index.html, line 2)" in r.text
+
+
+def test_an_exception_that_cannot_be_printed_still_gets_a_500(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, debug=True)
+
+    class Weird(Exception):
+        def __str__(self):
+            raise RuntimeError("no str")
+
+    def boom():
+        raise Weird()
+
+    app.route("/boom")(boom)
+    with running(app) as port:
+        assert get(port, "/boom")[0] == 500
+
+
+def test_before_request_may_answer_instead_of_pages_and_routes(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    calls = []
+
+    @app.before_request
+    def require_sign_in(request):
+        calls.append(request.path)
+        if request.path != "/signin" and not request.session.get("user"):
+            return asok.redirect("/signin")
+
+    @app.route("/signin")
+    def signin(request):
+        request.session["user"] = "ann"
+        return "signed in"
+
+    app.route("/api")(lambda: {"ok": True})
+    client = asok.TestClient(app)
+    for path in ("/", "/about", "/api", "/blog/x"):
+        r = client.get(path)
+        assert (r.status, r.header("location")) == (302, "/signin")
+    assert client.get("/static/site.css").status == 200  # static files do not pass through it
+    assert "/static/site.css" not in calls
+    assert client.get("/signin").text == "signed in"
+    assert client.get("/about").text == "<h1>about 2</h1>" and client.get("/api").json() == {"ok": True}
+
+
+def test_static_files_etag_last_modified_and_304(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, headers, body = get(port, "/static/site.css")
+        assert status == 200 and body == b"body { color: red }"
+        assert headers["content-type"].startswith("text/css")
+        etag, modified = headers["etag"], headers["last-modified"]
+        assert get(port, "/static/site.css", f"If-None-Match: {etag}\r\n")[0] == 304
+        assert get(port, "/static/site.css", f"If-Modified-Since: {modified}\r\n")[0] == 304
+        assert get(port, "/static/site.css", 'If-None-Match: "other"\r\n')[0] == 200
+
+
+def test_favicon_is_204_unless_the_app_has_one(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    client = asok.TestClient(app)
+    r = client.get("/favicon.ico")
+    assert (r.status_code, r.content, "content-type" in r.headers) == (204, b"", False)
+    assert client.post("/favicon.ico").status_code in (403, 404)  # only GET and HEAD are answered
+    (tmp_path / "static" / "favicon.ico").write_bytes(b"\x00\x00\x01\x00icon")
+    r = client.get("/favicon.ico")
+    assert (r.status_code, r.content) == (200, b"\x00\x00\x01\x00icon") and "etag" in r.headers
+    app.route("/favicon.ico")(lambda: asok.Response(b"mine", content_type="image/png"))
+    assert client.get("/favicon.ico").content == b"mine"  # a route of the app's own comes first
+
+
+@pytest.mark.parametrize("path", ["/static/../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
+                                  "/static//etc/passwd", "/static/%00x", "/static/"])
+def test_static_cannot_leave_its_folder(tmp_path, path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, _, body = get(port, path)
+        assert status in (400, 404)
+        assert b"import" not in body and b"root:" not in body
+
+
+def test_csrf_required_for_unsafe_methods(tmp_path):
+    client = asok.TestClient(session_app(tmp_path))
+    r = client.post("/form", data={})
+    assert r.status == 403 and "CSRF token missing" in r.text
+    token = client.get("/form").text
+    assert client.post("/form", data={"csrf_token": token}).text == "accepted"
+    assert client.post("/form", headers={"X-CSRF-Token": token}).text == "accepted"
+    r = client.post("/form", data={"csrf_token": token[:-2] + "xx"})
+    assert r.status == 403 and "invalid" in r.text
+    assert client.post("/hook").text == "no token needed"
+    stranger = asok.TestClient(client.app)
+    r = stranger.post("/form", data={"csrf_token": token})
+    assert r.status == 403 and "no session" in r.text
+
+
+def test_template_reloads_in_debug_mode(tmp_path):
+    app = make_app(tmp_path, {"src/pages/index.html": "one"}, debug=True)
+    client = asok.TestClient(app)
+    assert client.get("/").text == "one"
+    page = tmp_path / "src" / "pages" / "index.html"
+    page.write_text("two")
+    os.utime(page, (time.time() + 5, time.time() + 5))
+    assert client.get("/").text == "two"
+
+
+@pytest.mark.parametrize("line, squeezed", [
+    ("const a = b + ++c, d = e - -f;", "const a=b+ ++c,d=e- -f;"),
+    ('x = "a = b" + `${ y } = z`;', 'x="a = b"+`${ y } = z`;'),
+    ("y = 'it\\'s = so' + [1, 2];", "y='it\\'s = so'+[1,2];"),
+    ("for (const el of [...nodes]) if (!el.id) continue;", "for(const el of[...nodes])if(!el.id)continue;"),
+])
+def test_alive_js_loses_spaces_beside_punctuation_but_not_in_strings(line, squeezed):
+    assert asok._squeeze_js(line) == squeezed
+
+
+def test_alive_js_is_served_minified_gzipped_and_cached_by_version(live_app, monkeypatch, tmp_path):
+    client = asok.TestClient(live_app)
+    version = re.search(r'alive.js\?v=(\w+)', client.get("/").text).group(1)
+    plain = client.get(f"/asok/alive.js?v={version}")
+    assert "immutable" in plain.header("cache-control") and plain.header("content-encoding") is None
+    source = (ROOT / "alive.js").read_text()
+    assert len(plain.body) < len(source.encode()) and b"\n//" not in plain.body and b"\n  " not in plain.body
+    packed = client.get(f"/asok/alive.js?v={version}", headers={"Accept-Encoding": "br, gzip;q=0.8"})
+    assert packed.header("content-encoding") == "gzip" and gzip.decompress(packed.body) == plain.body
+    refused = client.get("/asok/alive.js", headers={"Accept-Encoding": "gzip;q=0"})
+    assert refused.header("content-encoding") is None and refused.header("cache-control") == "no-cache"
+    assert client.get("/asok/alive.js", headers={"If-None-Match": f'"{version}"'}).status == 304
+    assert client.get("/asok/alive-nope.js").status == 404
+    # a part after a `//# part: name` line is a second script, only for pages that ask for it
+    js = tmp_path / "alive.js"
+    js.write_text(source + "\n//# part: extra\n  // a comment\n  window.extra = 1; // trailing\n")
+    monkeypatch.setattr(asok, "ALIVE_JS", js)
+    extra = client.get("/asok/alive-extra.js")
+    assert extra.status == 200 and extra.body == b"window.extra=1;\n"
+    assert b"window.extra" not in client.get("/asok/alive.js").body
+    assert "alive-extra.js" not in client.get("/").text
+    monkeypatch.setattr(live_app.components["Counter"], "_alive_parts", ("extra",), raising=False)
+    assert re.search(r'<script src="/asok/alive-extra.js\?v=\w+" defer>', client.get("/").text)
+
+
+def test_component_modules_may_import_helpers_from_app_py(tmp_path):
+    files = {
+        "app.py": '''
+            from asok import Asok
+
+            app = Asok(__file__, secret_key="k" * 32)
+
+            def greeting(name):  # defined after Asok(__file__) ran
+                return f"Hello, {name}"
+        ''',
+        "src/components/Greeter.py": '''
+            from asok import Component
+            from app import greeting
+
+            class Greeter(Component):
+                name = "Ann"
+
+                def render(self):
+                    return greeting(self.name)
+        ''',
+        "src/pages/index.html": "<body><< component('Greeter') >></body>",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(text))
+    app = asok.load_app(tmp_path)
+    assert "Hello, Ann" in asok.TestClient(app).get("/").text
+
+
+def test_url_for_and_render_template_take_a_parameter_called_name(tmp_path):
+    app = make_app(tmp_path, {"src/hello.html": "<a href='<< url_for(\"hello\", name=name) >>'>x</a>"})
+
+    @app.route("/hello/<name>")
+    def hello(name):
+        return f"Hello, {name}"
+
+    app.route("/page")(lambda request: app.render_template(request, "hello.html", name="bob"))
+    assert asok.TestClient(app).get("/page").text == "<a href='/hello/bob'>x</a>"
+
+
+# ═══ 15. WebSocket handlers' side: the object an @app.websocket handler receives ══════════════════
+
+# ── raw WebSocket frames over real sockets (used here and in 17) ──────────────
 
 WSI_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
 WSI_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="       # RFC 6455 §1.3's example answer to WSI_KEY
+
+
 WSI_MASK = b"\x5a\xc3\x0f\x91"
+
+
 WSI_ECHO_LIMIT = 16 * 1024 * 1024                # examples/echo's max_size
 
 
@@ -5497,7 +5198,6 @@ class RawWebSocket(Conn):
         return int.from_bytes(payload[:2], "big"), payload[2:]
 
 
-
 def wsi_still_serving(port):
     """The server still upgrades and echoes, and still answers plain HTTP."""
     with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo", timeout=10) as ws:
@@ -5515,6 +5215,836 @@ def wsi_refused_with(port, frames, code):
     assert got == code
     wsi_still_serving(port)
 
+
+# ── @app.websocket routes on the built-in server ───────────────────────────
+
+def wsi_route_app(tmp_path, seen):
+    """An app whose handlers report what they saw into `seen` (a queue read by the test)."""
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.websocket("/iterate")
+    async def iterate(ws):
+        async for message in ws:
+            await ws.send(message * 2)
+        seen.put(("iterate", ws.closed))
+
+    @app.websocket("/types")
+    async def kinds(ws):
+        first, second = await ws.receive(), await ws.receive()
+        await ws.send(f"{type(first).__name__} {type(second).__name__}")
+        await ws.send(second[::-1])
+
+    @app.websocket("/close")
+    async def closes(ws):
+        await ws.receive()
+        await ws.close(4001, "go away")
+        seen.put(("close", ws.closed))
+
+    @app.websocket("/room/<name>")
+    async def room(ws, name):
+        await ws.send(f"room {name}, path {ws.request.path}")
+        await ws.close()
+
+    @app.websocket("/partners", origins=["https://partner.example", "http://other.example:8080/"])
+    async def partners(ws):
+        await ws.send("welcome")
+        await ws.close()
+
+    @app.websocket("/wait")
+    async def wait(ws):
+        try:
+            while True:
+                await ws.receive()
+        except asok.ConnectionClosed as closed:
+            seen.put(("wait", closed.code))
+
+    @app.websocket("/fails")
+    async def fails(ws):
+        await ws.receive()
+        raise RuntimeError("handler bug")
+
+    @app.websocket("/small", max_size=10)
+    async def small(ws):
+        async for message in ws:
+            await ws.send(message)
+        seen.put(("small", ws.closed[0]))
+
+    return app
+
+
+def wsi_seen(seen, name):
+    """The next report from handler `name` (other handlers' reports are not expected here)."""
+    got_name, value = seen.get(timeout=10)
+    assert got_name == name
+    return value
+
+
+def test_route_async_for_ends_when_the_client_closes(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ab")
+            assert ws.receive(10) == "abab"
+            ws.send(b"\x01")
+            assert ws.receive(10) == b"\x01\x01"
+            ws.close(1000, "bye now")
+        assert wsi_seen(seen, "iterate") == (1000, "bye now")
+
+
+def test_route_receive_returns_str_for_text_and_bytes_for_binary(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/types") as ws:
+            ws.send("text")
+            ws.send(b"\x00bin")
+            assert ws.receive(10) == "str bytes"
+            assert ws.receive(10) == b"nib\x00"
+
+
+def test_route_close_code_and_reason_reach_the_client(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/close")
+        ws.send("anything")
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert (closed.value.code, closed.value.reason) == (4001, "go away")
+        assert wsi_seen(seen, "close") == (4001, "go away")
+
+
+def test_route_server_close_then_client_echo_ends_tcp(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        with RawWebSocket(port, "/close") as ws:
+            ws.send(wsi_frame(1, b"x"))
+            fin, _, opcode, payload, _ = ws.read_frame()
+            assert (opcode, payload) == (0x8, wsi_close_body(4001, b"go away"))
+            ws.send(wsi_frame(0x8, wsi_close_body(4001)))
+            assert is_closed(ws)
+
+
+def test_route_ping_while_server_close_is_in_flight_is_harmless(tmp_path, caplog):
+    seen = queue.Queue()
+    with caplog.at_level(logging.ERROR), running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/close") as ws:
+            ws.send(wsi_frame(1, b"x"))
+            assert ws.read_frame()[2] == 0x8
+            ws.send(wsi_frame(0x9, b"late"), wsi_frame(1, b"late too"), wsi_frame(0x8, wsi_close_body(4001)))
+            assert is_closed(ws)
+        assert wsi_seen(seen, "close") == (4001, "go away")
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ok")
+            assert ws.receive(10) == "okok"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_route_path_parameters_and_request(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/room/blue")
+        assert ws.receive(10) == "room blue, path /room/blue"
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert closed.value.code == 1000
+
+
+@pytest.mark.parametrize("origin, status", [
+    ("https://partner.example", 101), ("http://other.example:8080", 101), ("http://127.0.0.1:{port}", 101),
+    ("https://evil.example", 403), ("http://partner.example", 403), ("https://partner.example:444", 403),
+])
+def test_route_may_list_other_allowed_origins(tmp_path, origin, status):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        origin = origin.format(port=port)
+        if status == 101:
+            ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/partners", origin=origin)
+            assert ws.receive(10) == "welcome"
+            ws.close()
+        else:
+            raw = wsi_upgrade("/partners", f"127.0.0.1:{port}", f"Origin: {origin}\r\n")
+            assert exchange(port, raw)[0] == status
+        # the listed origins belong to that route only
+        raw = wsi_upgrade("/iterate", f"127.0.0.1:{port}", "Origin: https://partner.example\r\n")
+        assert exchange(port, raw)[0] == 403
+
+
+def test_route_server_ping_finds_a_dead_peer(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen), ping_interval=0.5) as port:
+        with RawWebSocket(port, "/wait") as ws:
+            # The peer never answers: first a ping comes, then the server gives up on us.
+            assert ws.read_frame()[2:4] == (0x9, b"asok")
+            assert wsi_seen(seen, "wait") == 1006
+            with pytest.raises(EOFError):
+                while True:
+                    assert ws.read_frame()[2] == 0x9
+        with RawWebSocket(port, "/wait") as ws:
+            # A peer that answers stays connected through several pings.
+            for _ in range(3):
+                fin, _, opcode, payload, _ = ws.read_frame()
+                assert opcode == 0x9
+                ws.send(wsi_frame(0xA, payload))
+            assert seen.empty()
+            ws.send(wsi_frame(0x8, wsi_close_body(1000)))
+            assert ws.read_close()[0] == 1000
+        assert wsi_seen(seen, "wait") == 1000
+
+
+def test_route_peer_vanishing_without_close_frame_ends_handler_with_1006(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/iterate") as ws:
+            ws.send(wsi_frame(1, b"hi"))
+            assert ws.read_message() == (1, b"hihi")
+        assert wsi_seen(seen, "iterate")[0] == 1006
+        with RawWebSocket(port, "/wait") as ws:
+            ws.send(wsi_frame(1, b"half a message", fin=False))
+            ws.sock.shutdown(socket.SHUT_WR)
+            assert is_closed(ws)
+        assert wsi_seen(seen, "wait") == 1006
+
+
+def test_route_handler_error_closes_with_1011_and_server_lives_on(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/fails")
+        ws.send("boom")
+        with pytest.raises(asok.ConnectionClosed) as closed:
+            ws.receive(10)
+        assert closed.value.code == 1011
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
+            ws.send("ok")
+            assert ws.receive(10) == "okok"
+
+
+def test_route_max_size_is_per_route(tmp_path):
+    seen = queue.Queue()
+    with running(wsi_route_app(tmp_path, seen)) as port:
+        with RawWebSocket(port, "/small") as ws:
+            ws.send(wsi_frame(1, b"0123456789"))
+            assert ws.read_message() == (1, b"0123456789")
+            ws.send(wsi_frame(1, b"0123456789!"))
+            assert ws.read_close()[0] == 1009
+        assert wsi_seen(seen, "small") == 1009
+
+
+def test_route_unknown_websocket_path_is_404(tmp_path):
+    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
+        assert exchange(port, wsi_upgrade("/nowhere", f"127.0.0.1:{port}"))[0] == 404
+
+
+# ═══ 16. WSGI (PEP 3333) and ASGI 3 adapters ══════════════════════════════════════════════════════
+
+def test_wsgi_validator_finds_nothing(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    app.route("/g")(lambda: (p for p in ["a", "b"]))
+
+    @app.route("/echo", methods=["POST"], csrf=False)
+    def echo(request):
+        return asok.Response(request.body, content_type="application/octet-stream")
+
+    validated = wsgiref.validate.validator(app)
+
+    def call(method, path, body=b"", query=""):
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
+                   "SERVER_NAME": "x", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": io.StringIO(), "wsgi.multithread": True, "wsgi.multiprocess": False,
+                   "wsgi.run_once": False, "HTTP_HOST": "x"}
+        if body:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        seen = {}
+
+        def start_response(status, headers, exc_info=None):
+            seen["status"], seen["headers"] = status, headers
+            return lambda data: None
+
+        result = validated(environ, start_response)
+        body = b"".join(result)
+        result.close()
+        return int(seen["status"].split()[0]), body
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert call("GET", "/") == (200, b"<h1>home</h1>")
+        assert call("GET", "/about", query="a=1")[0] == 200
+        assert call("HEAD", "/about") == (200, b"")
+        assert call("POST", "/echo", b"data") == (200, b"data")
+        assert call("GET", "/g") == (200, b"ab")
+        assert call("GET", "/static/site.css")[0] == 200
+        assert call("GET", "/nope")[0] == 404
+        assert call("DELETE", "/about")[0] == 405
+        assert call("POST", "/about")[0] == 403
+        status, body = call("GET", "/asok/live")  # a WebSocket endpoint: 426 with no hop-by-hop field
+        assert status == 426 and b"WebSocket" in body
+
+
+def test_wsgi_warns_once_that_live_components_need_a_websocket_server(tmp_path, caplog):
+    app = make_app(tmp_path, {"src/components/C.py": "from asok import Component\nclass C(Component):\n"
+                                                      "    def render(self):\n        return '<p></p>'\n"})
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/nope", "wsgi.input": io.BytesIO(), "SERVER_SOFTWARE": "gunicorn"}
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        for _ in range(3):
+            app(environ, lambda status, headers: None)
+    warned = [r for r in caplog.records if "WSGI" in r.getMessage()]
+    assert len(warned) == 1 and "live components need a WebSocket" in warned[0].getMessage()
+
+
+def test_asgi_http_and_lifespan(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.route("/echo", methods=["POST"], csrf=False)
+    def echo(request):
+        return asok.Response(request.body, content_type="text/plain")
+
+    async def call(scope, body_parts=(b"",)):
+        messages = [{"type": "http.request", "body": p, "more_body": i < len(body_parts) - 1}
+                    for i, p in enumerate(body_parts)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await app.asgi(scope, receive, send)
+        return sent
+
+    def scope(method, path):
+        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                "root_path": "", "headers": [(b"host", b"x")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+
+    sent = asyncio.run(call(scope("GET", "/about")))
+    assert sent[0]["status"] == 200 and sent[1]["body"] == b"<h1>about 2</h1>"
+    sent = asyncio.run(call(scope("POST", "/echo"), [b"ab", b"cd"]))
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == b"abcd"
+
+    async def lifespan():
+        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        out = []
+
+        async def receive():
+            return inbox.pop(0)
+
+        async def send(message):
+            out.append(message["type"])
+
+        await app.asgi({"type": "lifespan"}, receive, send)
+        return out
+
+    assert asyncio.run(lifespan()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_asgi_304_has_no_content_length(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    app.route("/nm")(lambda: asok.Response(b"", 304))
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/nm", "query_string": b"", "headers": [(b"host", b"x")]}
+    asyncio.run(app.asgi(scope, receive, send))
+    assert sent[0]["status"] == 304 and b"content-length" not in dict(sent[0]["headers"])
+
+
+def test_asgi_websocket_to_an_unknown_path_is_the_404_a_get_gets(tmp_path):
+    app = make_app(tmp_path, PAGES)
+
+    @app.websocket("/ws")
+    async def ws(socket):
+        await socket.send("hi")
+
+    def refusal(path, extensions, origin=None):
+        sent = []
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"host", b"x")] + ([(b"origin", origin.encode())] if origin else [])
+        scope = {"type": "websocket", "path": path, "query_string": b"", "headers": headers,
+                 "scheme": "ws", "extensions": extensions}
+        asyncio.run(app.asgi(scope, receive, send))
+        return sent
+
+    # With the websocket.http.response extension: the HTTP answer the built-in server gives.
+    sent = refusal("/nowhere", {"websocket.http.response": {}})
+    assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 404
+    assert b"404" in b"".join(m["body"] for m in sent[1:]) and sent[-1]["type"] == "websocket.http.response.body"
+    assert (b"content-length", str(len(sent[1]["body"])).encode()) in sent[0]["headers"]
+    sent = refusal("/ws", {"websocket.http.response": {}}, origin="http://evil.example")
+    assert sent[0]["status"] == 403 and b"origin http://evil.example" in sent[1]["body"]
+    # Without it: a close before the accept (the ASGI server answers 403).
+    assert refusal("/nowhere", {}) == [{"type": "websocket.close", "code": asok.CloseCode.POLICY_VIOLATION}]
+
+
+# ── under uvicorn, through app.asgi ─────────────────────────────────────────
+
+def test_uvicorn_serves_a_folder_app_as_asok_asgi_with_two_workers(tmp_path):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    os.environ["APP_DIR"] = str(app_dir)
+    try:
+        proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
+    finally:
+        del os.environ["APP_DIR"]
+    try:
+        jar = {}
+        for n in range(6):  # a new connection each time, so both workers take some
+            tab = SocketTab(port, jar)
+            reply = tab.call("Counter", "increment")
+            tab.close()
+            assert f"Count: {11 + n}" in reply["html"], reply
+        assert "Count: 16" in urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
+            timeout=10).read().decode()
+    finally:
+        wsi_stop(proc)
+
+
+@pytest.fixture(scope="module")
+def uvicorn_echo_port():
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi",
+                                    "--app-dir", str(EXAMPLES / "echo")], ROOT)
+    try:
+        yield port
+    finally:
+        wsi_stop(proc)
+
+
+def test_uvicorn_post_echo_returns_the_body(uvicorn_echo_port):
+    body = bytes(range(256))
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: 256\r\n\r\n" + body)
+    status, headers, got = exchange(uvicorn_echo_port, raw)
+    assert (status, got) == (200, body) and headers["content-type"] == "application/octet-stream"
+
+
+def test_uvicorn_websocket_echo_with_the_websockets_client(uvicorn_echo_port):
+    from websockets.sync.client import connect as websockets_connect
+    with websockets_connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", open_timeout=10) as ws:
+        ws.send("héllo")
+        assert ws.recv(timeout=10) == "héllo"
+        ws.send(b"\x00\xffbinary")
+        assert ws.recv(timeout=10) == b"\x00\xffbinary"
+        ws.send(["frag", "mented"])
+        assert ws.recv(timeout=10) == "fragmented"
+        payload = b"\x01" * 200_000
+        ws.send(payload)
+        assert ws.recv(timeout=10) == payload
+
+
+def test_uvicorn_websocket_echo_with_asok_clients(uvicorn_echo_port):
+    url = f"ws://127.0.0.1:{uvicorn_echo_port}/echo"
+    with asok.WebSocketClient.connect(url) as ws:
+        ws.send("text")
+        assert ws.receive(10) == "text"
+        ws.send(b"\x00bytes")
+        assert ws.receive(10) == b"\x00bytes"
+
+    async def main():
+        async with await asok.AsyncWebSocketClient.connect(url) as ws:
+            await ws.send("async text")
+            await ws.send(b"async bytes")
+            return [await ws.receive(10), await ws.receive(10)]
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == ["async text", b"async bytes"]
+
+
+def test_uvicorn_refuses_a_cross_origin_websocket(uvicorn_echo_port):
+    with pytest.raises(asok.WebSocketHandshakeError) as refused:
+        asok.WebSocketClient.connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", origin="https://evil.example")
+    assert refused.value.status == 403
+
+
+def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("websockets")
+    uvicorn = shutil.which("uvicorn", path=os.path.dirname(sys.executable)) or shutil.which("uvicorn")
+    if uvicorn is None:
+        pytest.skip("no uvicorn script")
+    proc, port = wsi_start_uvicorn([uvicorn, "app:app.asgi"], EXAMPLES / "echo")
+    try:
+        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo") as ws:
+            ws.send("plain uvicorn")
+            assert ws.receive(10) == "plain uvicorn"
+    finally:
+        wsi_stop(proc)
+
+
+# ═══ 17. The asyncio server: one protocol object per connection drives the sans-I/O parsers ═══════
+
+# ── the echo example through the CLI ─────────────────────────────────────────
+
+@pytest.fixture(scope="module")
+def echo_port():
+    with serve_process(EXAMPLES / "echo") as (port, _):
+        yield port
+
+
+def test_cli_serves_echo_post_body_unchanged(echo_port):
+    body = bytes(range(256)) * 4
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    status, headers, got = exchange(echo_port, raw)
+    assert status == 200 and got == body
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(echo_port):
+    with connect(echo_port) as sock:
+        for n in range(3):
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + str(n).encode())
+            status, headers, body = read_response(sock)
+            assert (status, body) == (200, str(n).encode())
+            assert "close" not in headers.get("connection", "")
+
+
+def test_pipelined_requests_answered_in_order(echo_port):
+    raw = b"".join(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n" + c for c in (b"a", b"b", b"c"))
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        bodies = []
+        for _ in range(3):
+            bodies.append(read_response(sock)[2])
+        assert bodies == [b"a", b"b", b"c"]
+
+
+def test_pipelined_requests_wait_while_the_client_does_not_read(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    handled = []
+
+    @app.route("/big")
+    def big():
+        handled.append(1)
+        return b"x" * (1 << 20)
+
+    with running(app) as port:
+        with connect(port, timeout=20) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+            time.sleep(1.0)
+            assert len(handled) < 30  # not 100 MiB of responses piled up in the server's memory
+            for _ in range(100):
+                assert len(read_response(sock)[2]) == 1 << 20
+        assert len(handled) == 100
+
+
+def test_chunked_request_body_is_decoded(echo_port):
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
+    assert exchange(echo_port, raw)[2] == b"hello world"
+
+
+def test_connection_close_closes_after_the_response(echo_port):
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
+        status, headers, body = read_response(sock)
+        assert (status, body, headers["connection"]) == (200, b"hi", "close")
+        assert is_closed(sock)
+
+
+def test_http10_closes_unless_keep_alive(echo_port):
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi")
+        assert read_response(sock)[2] == b"hi"
+        assert is_closed(sock)
+    with connect(echo_port) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi")
+        status, headers, _ = read_response(sock)
+        assert headers["connection"] == "keep-alive"
+        sock.sendall(b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\n\r\nho")
+        assert read_response(sock)[2] == b"ho"
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\nabcd", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n", 413),
+])
+def test_bad_requests_get_their_status_and_the_connection_closes(echo_port, raw, status):
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        got, headers, body = read_response(sock)
+        assert got == status, body
+        assert headers["connection"] == "close"
+        assert body  # says what was wrong
+        assert is_closed(sock)
+    assert exchange(echo_port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")[2] == b"ok"
+
+
+def test_a_malformed_absolute_target_gets_400(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        assert exchange(port, b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 400
+        assert exchange(port, b"GET http://x/about HTTP/1.1\r\nHost: x\r\n\r\n")[2] == b"<h1>about 2</h1>"
+
+
+def test_smuggling_attempt_is_not_treated_as_a_second_request(echo_port):
+    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    with connect(echo_port) as sock:
+        sock.sendall(raw)
+        assert read_response(sock)[0] == 400
+        assert is_closed(sock)
+
+
+def test_a_response_header_with_a_line_break_gets_a_500_not_a_hang(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/go")(lambda request: asok.redirect(request.query["next"]))
+    with running(app) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /go?next=/a%0d%0aX-Evil:%201 HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = read_response(sock)
+            assert status == 500 and "x-evil" not in headers
+            sock.sendall(b"GET /go?next=/fine HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[:2][0] == 302
+
+
+def test_body_limit_is_configurable(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""}, max_body=10)
+
+    @app.route("/up", methods=["POST"], csrf=False)
+    def up(request):
+        return str(len(request.body))
+
+    with running(app) as port:
+        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n" + b"a" * 11
+        assert exchange(port, raw)[0] == 413
+        raw = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n" + b"a" * 11 + b"\r\n0\r\n\r\n"
+        assert exchange(port, raw)[0] == 413
+        assert exchange(port, b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n" + b"a" * 10)[2] == b"10"
+
+
+def test_head_sends_headers_without_body(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app) as port:
+        status, headers, body = exchange(port, b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\n", "HEAD")
+        assert status == 200 and body == b""
+        assert int(headers["content-length"]) == len(b"<h1>about 2</h1>")
+        # the connection is usable afterwards: nothing of a body was sent
+        with connect(port) as sock:
+            sock.sendall(b"HEAD /about HTTP/1.1\r\nHost: x\r\n\r\nGET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock, "HEAD")[2] == b""
+            status, _, body = read_response(sock)
+            assert (status, body) == (200, b"<h1>about 2</h1>")
+
+
+def test_streamed_body_is_chunked_on_the_wire(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/stream")(lambda: (f"part{i};" for i in range(3)))
+    with running(app) as port:
+        status, headers, body = get(port, "/stream")
+        assert headers["transfer-encoding"] == "chunked"
+        assert body == b"part0;part1;part2;"
+
+
+def test_slow_client_is_dropped_and_others_are_served(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, header_timeout=1.0) as port:
+        slow = connect(port, timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\n")
+        dropped = False
+        for _ in range(40):  # one byte every 0.1 s: never a complete head
+            assert get(port, "/about")[0] == 200
+            try:
+                slow.sendall(b"X")
+            except OSError:
+                dropped = True
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                data = slow.recv(4096)
+                if data.startswith(b"HTTP/1.1 408") or data == b"":
+                    dropped = True
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        slow.close()
+        assert dropped
+
+
+def _read_until_closed(sock, limit):
+    got = 0
+    sock.settimeout(5)
+    try:
+        while got < limit and (data := sock.recv(1 << 16)):
+            got += len(data)
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return got
+
+
+@pytest.mark.parametrize("path, request_headers", [("/big", "Connection: close\r\n"), ("/big", ""), ("/stream", "")])
+def test_a_client_that_stops_reading_is_dropped(tmp_path, path, request_headers):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/big")(lambda: b"x" * (32 << 20))
+    app.route("/stream")(lambda: (b"y" * 65536 for _ in range(512)))
+    with running(app, body_timeout=0.5) as port:
+        with connect(port) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{request_headers}\r\n".encode())
+            time.sleep(2.0)  # never read meanwhile: the server gives up on what it still holds
+            assert _read_until_closed(sock.sock, 32 << 20) < 32 << 20  # what the kernel had, then the end
+
+
+def test_a_slow_but_steady_reader_gets_the_whole_response(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+    app.route("/big")(lambda: b"x" * (2 << 20))
+    with running(app, body_timeout=0.3) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while len(got) < (2 << 20) + 100 and (data := sock.sock.recv(1 << 15)):
+                got += data
+                if b"\r\n\r\n" in got and len(got) - got.index(b"\r\n\r\n") - 4 >= 2 << 20:
+                    break
+                time.sleep(0.01)  # ~3 MB/s: the whole body takes longer than body_timeout
+            assert len(got) - got.index(b"\r\n\r\n") - 4 == 2 << 20
+
+
+def test_a_request_body_trickling_in_is_dropped_however_short_its_pauses(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    jar = {}
+    with serve_measured(app_dir, tmp_path / "server.log", body_timeout=0.5) as (port, pid):
+        slow = [connect(port, timeout=10) for _ in range(40)]
+        for sock in slow:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        answers = {}
+        for _ in range(60):  # a byte each every 0.2 s: no pause reaches body_timeout, the average is too low
+            for i, sock in enumerate(slow):
+                if i in answers:
+                    continue
+                sock.setblocking(False)
+                try:
+                    answers[i] = sock.recv(4096)
+                except BlockingIOError:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"x")
+                except OSError:
+                    answers[i] = b""
+            if len(answers) == len(slow):
+                break
+            time.sleep(0.2)
+        assert len(answers) == len(slow)  # every one was dropped
+        assert b"HTTP/1.1 408" in answers[0] and b"1024 bytes/s" in answers[0]
+        assert counter_served(port, jar)
+        for sock in slow:
+            sock.close()
+
+
+def test_connections_past_the_limit_get_503_and_the_server_recovers(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, max_connections=4, idle_timeout=30) as port:
+        held = [connect(port) for _ in range(4)]
+        for sock in held:
+            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200
+        status, headers, body = get(port, "/about")
+        assert status == 503 and headers["retry-after"] == "1" and b"4 connections open, its limit" in body
+        held.pop().close()
+        wait_for(lambda: get(port, "/about")[0] == 200)
+        for sock in held:
+            sock.close()
+
+
+def test_the_connection_limit_leaves_descriptors_to_refuse_with(tmp_path):
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import asok; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024)); "
+            "print(asok._connection_limit(None), asok._connection_limit(5000), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == [str(1024 - asok._FDS_KEPT)] * 2 + ["1024"]  # soft limit raised to the hard one
+    assert "max_connections=5000 lowered" in out.stderr
+
+
+def test_idle_keep_alive_connection_is_closed(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    with running(app, idle_timeout=0.3) as port:
+        with connect(port) as sock:
+            sock.sendall(b"GET /about HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            assert is_closed(sock)
+
+
+def test_slow_handler_does_not_stall_other_clients(tmp_path):
+    app = make_app(tmp_path, PAGES)
+    release = threading.Event()
+
+    @app.route("/slow")
+    def slow():
+        release.wait(10)
+        return "slow done"
+
+    with running(app) as port:
+        slow_sock = connect(port, timeout=15)
+        slow_sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.1)
+        assert get(port, "/about")[0] == 200  # answered while /slow is still running
+        assert not release.is_set()
+        release.set()
+        assert read_response(slow_sock)[2] == b"slow done"
+        slow_sock.close()
+
+
+def test_sigterm_lets_in_flight_requests_finish(tmp_path):
+    (tmp_path / "app.py").write_text(textwrap.dedent("""
+        import time
+        from asok import Asok
+        app = Asok(__file__, secret_key="k" * 32)
+
+        @app.route("/slow")
+        def slow():
+            time.sleep(1.0)
+            return "finished"
+    """))
+    with serve_process(tmp_path) as (port, proc):
+        sock = connect(port, timeout=15)
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        status, _, body = read_response(sock)
+        assert (status, body) == (200, b"finished")
+        assert proc.wait(15) == 0
+        log = proc.stdout.read().decode()
+        assert '"GET /slow HTTP/1.1" 200' in log  # the access log
+
+
+def test_an_error_during_the_websocket_upgrade_answers_500(live_app, monkeypatch):
+    client = asok.TestClient(live_app)
+    client.live("/", "Counter")
+
+    def broken(request):
+        raise RuntimeError("the session could not be opened")
+
+    with running(live_app) as port:
+        monkeypatch.setattr(live_app, "_open_session", broken)
+        raw = wsi_upgrade("/asok/live", f"127.0.0.1:{port}", f"Cookie: asok_session={client.cookies['asok_session']}\r\n")
+        status, _, body = exchange(port, raw)
+        assert status == 500 and b"failed to open this WebSocket" in body
+        monkeypatch.undo()
+        with live_socket(port, client) as ws:  # and the next upgrade works
+            ws.send("{}")
+            assert json.loads(ws.receive(timeout=10))["error"]["code"] == "bad_message"
+
+
+# ── WebSocket through real sockets: the echo example (`echo_port`) ────────────
+# Test names carry the Autobahn|Testsuite case family they belong to: framing, pings/pongs,
+# reserved bits, opcodes, fragmentation, UTF-8 handling, limits, closing handshake, opening handshake.
 
 # ── framing ─────────────────────────────────────────────────────────────────
 
@@ -5842,6 +6372,8 @@ def test_autobahn_closing_handshake_close_over_125_bytes_is_1002(echo_port):
 # ── opening handshake ───────────────────────────────────────────────────────
 
 WSI_K = f"Sec-WebSocket-Key: {WSI_KEY}\r\n"
+
+
 WSI_BAD_HANDSHAKES = {
     "no-key": f"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               f"Sec-WebSocket-Version: 13\r\n\r\n",
@@ -5931,218 +6463,6 @@ def test_two_hundred_connections_each_echo_twenty_messages(echo_port):
     assert asyncio.run(main()) == [True] * 200
 
 
-# ── @app.websocket routes on the built-in server ───────────────────────────
-
-def wsi_route_app(tmp_path, seen):
-    """An app whose handlers report what they saw into `seen` (a queue read by the test)."""
-    app = make_app(tmp_path, {"app.py": ""})
-
-    @app.websocket("/iterate")
-    async def iterate(ws):
-        async for message in ws:
-            await ws.send(message * 2)
-        seen.put(("iterate", ws.closed))
-
-    @app.websocket("/types")
-    async def kinds(ws):
-        first, second = await ws.receive(), await ws.receive()
-        await ws.send(f"{type(first).__name__} {type(second).__name__}")
-        await ws.send(second[::-1])
-
-    @app.websocket("/close")
-    async def closes(ws):
-        await ws.receive()
-        await ws.close(4001, "go away")
-        seen.put(("close", ws.closed))
-
-    @app.websocket("/room/<name>")
-    async def room(ws, name):
-        await ws.send(f"room {name}, path {ws.request.path}")
-        await ws.close()
-
-    @app.websocket("/partners", origins=["https://partner.example", "http://other.example:8080/"])
-    async def partners(ws):
-        await ws.send("welcome")
-        await ws.close()
-
-    @app.websocket("/wait")
-    async def wait(ws):
-        try:
-            while True:
-                await ws.receive()
-        except asok.ConnectionClosed as closed:
-            seen.put(("wait", closed.code))
-
-    @app.websocket("/fails")
-    async def fails(ws):
-        await ws.receive()
-        raise RuntimeError("handler bug")
-
-    @app.websocket("/small", max_size=10)
-    async def small(ws):
-        async for message in ws:
-            await ws.send(message)
-        seen.put(("small", ws.closed[0]))
-
-    return app
-
-
-def wsi_seen(seen, name):
-    """The next report from handler `name` (other handlers' reports are not expected here)."""
-    got_name, value = seen.get(timeout=10)
-    assert got_name == name
-    return value
-
-
-def test_route_async_for_ends_when_the_client_closes(tmp_path):
-    seen = queue.Queue()
-    with running(wsi_route_app(tmp_path, seen)) as port:
-        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
-            ws.send("ab")
-            assert ws.receive(10) == "abab"
-            ws.send(b"\x01")
-            assert ws.receive(10) == b"\x01\x01"
-            ws.close(1000, "bye now")
-        assert wsi_seen(seen, "iterate") == (1000, "bye now")
-
-
-def test_route_receive_returns_str_for_text_and_bytes_for_binary(tmp_path):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/types") as ws:
-            ws.send("text")
-            ws.send(b"\x00bin")
-            assert ws.receive(10) == "str bytes"
-            assert ws.receive(10) == b"nib\x00"
-
-
-def test_route_close_code_and_reason_reach_the_client(tmp_path):
-    seen = queue.Queue()
-    with running(wsi_route_app(tmp_path, seen)) as port:
-        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/close")
-        ws.send("anything")
-        with pytest.raises(asok.ConnectionClosed) as closed:
-            ws.receive(10)
-        assert (closed.value.code, closed.value.reason) == (4001, "go away")
-        assert wsi_seen(seen, "close") == (4001, "go away")
-
-
-def test_route_server_close_then_client_echo_ends_tcp(tmp_path):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        with RawWebSocket(port, "/close") as ws:
-            ws.send(wsi_frame(1, b"x"))
-            fin, _, opcode, payload, _ = ws.read_frame()
-            assert (opcode, payload) == (0x8, wsi_close_body(4001, b"go away"))
-            ws.send(wsi_frame(0x8, wsi_close_body(4001)))
-            assert is_closed(ws)
-
-
-def test_route_ping_while_server_close_is_in_flight_is_harmless(tmp_path, caplog):
-    seen = queue.Queue()
-    with caplog.at_level(logging.ERROR), running(wsi_route_app(tmp_path, seen)) as port:
-        with RawWebSocket(port, "/close") as ws:
-            ws.send(wsi_frame(1, b"x"))
-            assert ws.read_frame()[2] == 0x8
-            ws.send(wsi_frame(0x9, b"late"), wsi_frame(1, b"late too"), wsi_frame(0x8, wsi_close_body(4001)))
-            assert is_closed(ws)
-        assert wsi_seen(seen, "close") == (4001, "go away")
-        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
-            ws.send("ok")
-            assert ws.receive(10) == "okok"
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-
-
-def test_route_path_parameters_and_request(tmp_path):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/room/blue")
-        assert ws.receive(10) == "room blue, path /room/blue"
-        with pytest.raises(asok.ConnectionClosed) as closed:
-            ws.receive(10)
-        assert closed.value.code == 1000
-
-
-@pytest.mark.parametrize("origin, status", [
-    ("https://partner.example", 101), ("http://other.example:8080", 101), ("http://127.0.0.1:{port}", 101),
-    ("https://evil.example", 403), ("http://partner.example", 403), ("https://partner.example:444", 403),
-])
-def test_route_may_list_other_allowed_origins(tmp_path, origin, status):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        origin = origin.format(port=port)
-        if status == 101:
-            ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/partners", origin=origin)
-            assert ws.receive(10) == "welcome"
-            ws.close()
-        else:
-            raw = wsi_upgrade("/partners", f"127.0.0.1:{port}", f"Origin: {origin}\r\n")
-            assert exchange(port, raw)[0] == status
-        # the listed origins belong to that route only
-        raw = wsi_upgrade("/iterate", f"127.0.0.1:{port}", "Origin: https://partner.example\r\n")
-        assert exchange(port, raw)[0] == 403
-
-
-def test_route_server_ping_finds_a_dead_peer(tmp_path):
-    seen = queue.Queue()
-    with running(wsi_route_app(tmp_path, seen), ping_interval=0.5) as port:
-        with RawWebSocket(port, "/wait") as ws:
-            # The peer never answers: first a ping comes, then the server gives up on us.
-            assert ws.read_frame()[2:4] == (0x9, b"asok")
-            assert wsi_seen(seen, "wait") == 1006
-            with pytest.raises(EOFError):
-                while True:
-                    assert ws.read_frame()[2] == 0x9
-        with RawWebSocket(port, "/wait") as ws:
-            # A peer that answers stays connected through several pings.
-            for _ in range(3):
-                fin, _, opcode, payload, _ = ws.read_frame()
-                assert opcode == 0x9
-                ws.send(wsi_frame(0xA, payload))
-            assert seen.empty()
-            ws.send(wsi_frame(0x8, wsi_close_body(1000)))
-            assert ws.read_close()[0] == 1000
-        assert wsi_seen(seen, "wait") == 1000
-
-
-def test_route_peer_vanishing_without_close_frame_ends_handler_with_1006(tmp_path):
-    seen = queue.Queue()
-    with running(wsi_route_app(tmp_path, seen)) as port:
-        with RawWebSocket(port, "/iterate") as ws:
-            ws.send(wsi_frame(1, b"hi"))
-            assert ws.read_message() == (1, b"hihi")
-        assert wsi_seen(seen, "iterate")[0] == 1006
-        with RawWebSocket(port, "/wait") as ws:
-            ws.send(wsi_frame(1, b"half a message", fin=False))
-            ws.sock.shutdown(socket.SHUT_WR)
-            assert is_closed(ws)
-        assert wsi_seen(seen, "wait") == 1006
-
-
-def test_route_handler_error_closes_with_1011_and_server_lives_on(tmp_path):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        ws = asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/fails")
-        ws.send("boom")
-        with pytest.raises(asok.ConnectionClosed) as closed:
-            ws.receive(10)
-        assert closed.value.code == 1011
-        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/iterate") as ws:
-            ws.send("ok")
-            assert ws.receive(10) == "okok"
-
-
-def test_route_max_size_is_per_route(tmp_path):
-    seen = queue.Queue()
-    with running(wsi_route_app(tmp_path, seen)) as port:
-        with RawWebSocket(port, "/small") as ws:
-            ws.send(wsi_frame(1, b"0123456789"))
-            assert ws.read_message() == (1, b"0123456789")
-            ws.send(wsi_frame(1, b"0123456789!"))
-            assert ws.read_close()[0] == 1009
-        assert wsi_seen(seen, "small") == 1009
-
-
-def test_route_unknown_websocket_path_is_404(tmp_path):
-    with running(wsi_route_app(tmp_path, queue.Queue())) as port:
-        assert exchange(port, wsi_upgrade("/nowhere", f"127.0.0.1:{port}"))[0] == 404
-
-
 # ── graceful shutdown ──────────────────────────────────────────────────────
 
 def test_serve_shutdown_sends_1001_to_open_websockets(tmp_path):
@@ -6170,191 +6490,332 @@ def test_cli_sigterm_sends_1001_to_open_websockets():
         assert proc.wait(15) == 0
 
 
-# ── two nodes on one Redis (DESIGN §11) ──────────────────────────────────────
+# ═══ 18. Testing ══════════════════════════════════════════════════════════════════════════════════
 
-REDIS_APP_PY = """
-import os
-import redis
-from asok import Asok, RedisBroker, RedisSessionStore
+# ── the test client: what Flask and Starlette users type ─────────────────────
 
-client = redis.Redis(host="127.0.0.1", port=int(os.environ["REDIS_PORT"]), socket_timeout=5)
-app = Asok(__file__, session_store=RedisSessionStore(client), broker=RedisBroker(client))
-"""
+def probe_app(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
 
+    @app.route("/probe", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], csrf=False)
+    def probe(request):
+        return asok.Response(json.dumps({"method": request.method, "probe": request.headers.get("x-probe"),
+                                         "query": {k: request.query.getlist(k) for k in request.query},
+                                         "type": request.content_type, "body": request.body.decode()}),
+                             headers=[("X-Twice", "a"), ("X-Twice", "b")], content_type="application/json")
 
-def redis_node_folders(tmp_path, example="counter", count=2):
-    """`count` copies of an example, each with an app.py on the Redis store and broker."""
-    folders = []
-    for name in "ABCD"[:count]:
-        folder = tmp_path / f"node{name}"
-        shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns(".asok"))
-        (folder / "app.py").write_text(REDIS_APP_PY)
-        folders.append(folder)
-    return folders
+    return app
 
 
-def receive_push(tab, cid, seconds=10):
-    """The next push (a message with no request id) for `cid` on a tab's socket."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        message = json.loads(tab.ws.receive(timeout=max(0.1, deadline - time.monotonic())))
-        if message.get("cid") == cid and "id" not in message:
-            return message
-    raise AssertionError("no push")
+def test_client_response_has_status_code_headers_mapping_and_json(tmp_path):
+    r = asok.TestClient(probe_app(tmp_path)).get("/probe")
+    assert r.status_code == r.status == 200
+    assert r.headers["content-type"] == r.headers["Content-Type"] == "application/json"
+    assert "CONTENT-TYPE" in r.headers and "x-missing" not in r.headers and r.headers.get("x-missing", "-") == "-"
+    assert r.headers["x-twice"] == "a, b" and r.headers.getlist("X-Twice") == ["a", "b"]
+    assert list(r.headers) == ["x-twice", "content-type"] and len(r.headers) == 2
+    assert r.header("x-twice") == "a"
+    assert r.json() == r.get_json() == {"method": "GET", "probe": None, "query": {}, "type": "", "body": ""}
+    assert r.content == r.data == r.body and json.loads(r.text)["method"] == "GET"
+    with pytest.raises(KeyError):
+        r.headers["x-missing"]
 
 
-def join(tab):
-    """Send the join alive.js sends on connecting: every component and the state it shows."""
-    tab.ws.send(json.dumps({"join": [[cid, name, state] for name, (cid, state) in tab.components.items()],
-                            "url": "/", "csrf": tab.csrf}))
+def test_client_methods_take_headers_params_json_and_data(tmp_path):
+    client = asok.TestClient(probe_app(tmp_path))
+    for verb in ("get", "post", "put", "patch", "delete", "options"):
+        r = getattr(client, verb)("/probe?a=1", params={"b": ["2", "3"]}, headers={"X-Probe": verb})
+        assert r.json()["method"] == verb.upper() and r.json()["probe"] == verb
+        assert r.json()["query"] == {"a": ["1"], "b": ["2", "3"]}
+    head = client.head("/probe", headers={"X-Probe": "h"})
+    assert head.status_code == 200 and head.body == b"" and head.headers["content-length"] != "0"
+    sent = client.post("/probe", json={"x": [1, None]}).json()
+    assert (sent["type"], json.loads(sent["body"])) == ("application/json", {"x": [1, None]})
+    sent = client.patch("/probe", data={"a": "b c", "n": ["1", "2"]}).json()
+    assert (sent["type"], sent["body"]) == ("application/x-www-form-urlencoded", "a=b+c&n=1&n=2")
+    assert client.put("/probe", content=b"raw").json()["body"] == "raw"
+    assert client.post("http://testserver/probe", params=[("q", "x")]).json()["query"] == {"q": ["x"]}
+    with pytest.raises(TypeError, match="give one of data=, json= and content="):
+        client.post("/probe", data={"a": 1}, json={"a": 1})
 
 
-def test_redis_broker_delivers_to_every_process_once_and_resubscribes_after_a_restart(tmp_path):
-    pytest.importorskip("redis")
-    port = free_port()
-    got = {"a": queue.Queue(), "b": queue.Queue()}
-    brokers = {name: asok.RedisBroker(redis_client(port)) for name in got}
+def test_client_follows_redirects_as_a_browser_does(tmp_path):
+    app = probe_app(tmp_path)
+    app.route("/go", methods=["GET", "POST"], csrf=False)(lambda: asok.redirect("/probe?via=go", 303))
+    app.route("/keep", methods=["POST"], csrf=False)(lambda: asok.redirect("/probe", 307))
+    app.route("/hop/<int:n>")(lambda n: asok.redirect(f"/hop/{n - 1}" if n else "/probe"))
+    app.route("/away")(lambda: asok.redirect("https://elsewhere.example/x"))
+    app.route("/loop")(lambda: asok.redirect("/loop"))
+    client = asok.TestClient(app)
+    assert client.post("/go", data={"a": "1"}).status_code == 303  # not followed unless asked
+    r = client.post("/go", data={"a": "1"}, follow_redirects=True)
+    assert r.status_code == 200 and r.json()["method"] == "GET" and r.json()["body"] == ""
+    assert r.url == "/probe?via=go" and [h.status_code for h in r.history] == [303]
+    r = client.post("/keep", content=b"again", headers={"content-type": "text/plain"}, follow_redirects=True)
+    assert (r.json()["method"], r.json()["body"], r.json()["type"]) == ("POST", "again", "text/plain")
+    r = asok.TestClient(app, follow_redirects=True).get("/hop/3")
+    assert r.json()["method"] == "GET" and [h.url for h in r.history] == ["/hop/3", "/hop/2", "/hop/1", "/hop/0"]
+    r = client.get("/away", follow_redirects=True)
+    assert r.status_code == 302 and r.headers["location"] == "https://elsewhere.example/x"
+    with pytest.raises(AssertionError, match=f"more than {asok.TEST_MAX_REDIRECTS} redirects"):
+        client.get("/loop", follow_redirects=True)
 
-    def heard(name, seconds=10):
-        """What `name` received within `seconds` (bounded), as a list."""
-        out, deadline = [], time.monotonic() + seconds
-        while time.monotonic() < deadline:
+
+def test_client_as_a_context_manager_keeps_cookies_inside_the_block(live_app):
+    with asok.TestClient(live_app) as client:
+        client.live("/", "Counter").call("increment")
+        assert client.sid and client.get("/").text.count("Count: 11 / 1") == 1
+    assert client.cookies == {} and client.sid is None
+
+
+def test_importing_the_testing_classes_into_a_test_module_gives_pytest_no_warning(tmp_path):
+    (tmp_path / "test_uses_asok.py").write_text(
+        "from asok import TestClient, TestResponse, Headers, LiveHandle\n\n"
+        "def test_nothing_to_see():\n    assert TestClient and TestResponse and Headers and LiveHandle\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                          "error::pytest.PytestCollectionWarning", "test_uses_asok.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+    assert "warning" not in run.stdout.lower(), run.stdout
+
+
+# ═══ 19. Testing: a small HTML tree and CSS selectors, for LiveHandle's user actions ══════════════
+
+# ── the test client's user actions: click, type, submit, press ───────────────
+
+ACTION_FILES = {
+    "src/components/Panel.py": '''
+        from asok import Component, exposed
+
+        class Panel(Component):
+            count = 0
+            note = ""
+            query = ""
+            seen = []
+            form = {}
+
+            @exposed
+            def add(self, n: int = 1):
+                self.count += n
+
+            @exposed
+            def search(self, where: str, text: str):
+                self.query = f"{where}:{text}"
+
+            @exposed
+            def save(self, fields: dict):
+                self.form = fields
+
+            @exposed
+            def done(self):
+                self.seen = self.seen + ["enter"]
+    ''',
+    "src/components/panel.html": '''\
+        <section>
+          <h3>Count: << count >></h3>
+          <button ws-click="add"><span>Add</span> 1</button>
+          <button class="big" ws-click="add(5)">Add 5</button>
+          <button ws-click="add(5)">Twin</button><button ws-click="add(5)">Twin</button>
+          <p>Just text</p>
+          <input ws-model="note" value="<< note >>" ws-keydown.enter="done">
+          <input name="q" ws-input='search("top")'>
+          <p>Query: << query >> &amp; note: << note >></p>
+          <form ws-submit="save">
+            <input type="hidden" name="token" value="t1">
+            <input name="email" value="old@example.org">
+            <input type="checkbox" name="agree">
+            <input type="checkbox" name="news" value="weekly" checked>
+            <select name="size"><option value="s">S</option><option value="m" selected>M</option></select>
+            <textarea name="bio">Hi &lt;there&gt;</textarea>
+            <input name="off" value="x" disabled>
+            <button type="submit">Save</button>
+          </form>
+          << component("Labels") >>
+        </section>
+    ''',
+    "src/components/Labels.py": '''
+        from asok import Component, exposed
+
+        class Labels(Component):
+            @exposed
+            def add(self):
+                pass
+    ''',
+    "src/components/labels.html": '<button ws-click="add">Inner</button>',
+    "src/pages/index.html": "<html><head></head><body><< component('Panel') >></body></html>",
+}
+
+
+@pytest.fixture
+def panel(tmp_path):
+    return asok.TestClient(make_app(tmp_path, ACTION_FILES)).live("/", "Panel")
+
+
+def test_live_html_and_text_read_the_component_as_rendered(panel):
+    assert panel.html.startswith("<section>") and panel.html.rstrip().endswith("</section>")
+    assert 'data-asok-component="Labels"' in panel.html  # a nested component is part of the HTML
+    assert panel.text.startswith("Count: 0 Add 1 Add 5 TwinTwin Just text Query: & note:")
+    assert "Inner" in panel.text
+
+
+def test_live_click_finds_the_element_by_its_text_or_a_selector_and_sends_its_arguments(panel):
+    assert "error" not in panel.click("Add 1")  # the text spans a <span> and the button's own text
+    assert panel.state["count"] == 1 and "Count: 1" in panel.text
+    panel.click("Add 5")
+    assert panel.state["count"] == 6
+    panel.click("button.big")
+    panel.click("section > button[ws-click='add(5)'].big")
+    assert "Count: 16" in panel.text
+
+
+def test_live_click_says_what_it_could_not_click(panel):
+    with pytest.raises(AssertionError, match=r"2 clickable elements have that text"):
+        panel.click("Twin")
+    with pytest.raises(AssertionError, match=r"no clickable element in Panel has that text or matches it as a "
+                                             r"selector; there are: <button ws-click=\"add\"> 'Add 1'"):
+        panel.click("Add 2")
+    with pytest.raises(AssertionError, match=r"<p> 'Just text' has no ws-click"):
+        panel.click("section > p")
+    with pytest.raises(AssertionError, match="nothing in Panel matches 'button.missing'"):
+        panel.type("button.missing", "x")
+    with pytest.raises(AssertionError, match="no clickable element"):
+        panel.click("Inner")  # inside the nested Labels: its events go to Labels, not Panel
+    assert panel.state["count"] == 0
+
+
+def test_live_type_sets_a_model_or_calls_ws_input_with_the_value_last(panel):
+    panel.type("[ws-model=note]", "milk")
+    panel.type("input[name=q]", "kiwi")
+    assert (panel.state["note"], panel.state["query"]) == ("milk", "top:kiwi")
+    assert "Query: top:kiwi & note: milk" in panel.text
+    with pytest.raises(AssertionError, match="has no ws-input or ws-change"):
+        panel.type("h3", "x")
+
+
+def test_live_submit_sends_the_form_fields_with_the_given_ones_over_them(panel):
+    panel.submit("form", {"email": "new@example.org", "agree": "on"})
+    assert panel.state["form"] == {"token": "t1", "email": "new@example.org", "agree": "on", "news": "weekly",
+                                   "size": "m", "bio": "Hi <there>"}
+    panel.submit("button[type=submit]")  # the form around the button; the rendered values
+    assert panel.state["form"]["email"] == "old@example.org" and "agree" not in panel.state["form"]
+    with pytest.raises(AssertionError, match=r"the form has no field 'emial' \(it has agree, bio, email"):
+        panel.submit("form", {"emial": "x"})
+
+
+def test_live_press_sends_the_keydown_directive_of_that_key(panel):
+    panel.press("[ws-model=note]", "Enter")
+    assert panel.state["seen"] == ["enter"]
+    with pytest.raises(AssertionError, match="has no ws-keydown.escape"):
+        panel.press("[ws-model=note]", "Escape")
+
+
+def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
+    shutil.copytree(EXAMPLES / "counter", tmp_path / "counter", ignore=shutil.ignore_patterns(".asok"))
+    counter = asok.TestClient(asok.Asok(tmp_path / "counter", secret_key="k" * 32)).live("/", "Counter")
+    assert "Count: 10" in counter.text
+    counter.click("Add 1")
+    counter.click("Add 1")
+    counter.click("Remove 1")
+    assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
+
+
+# ═══ 20. Command line ═════════════════════════════════════════════════════════════════════════════
+
+# ── the command line: help, --version, logging ───────────────────────────────
+
+def asok_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "asok.py"), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "80", **(env or {})})
+
+
+def test_cli_alone_prints_the_help_and_version_prints_the_version():
+    alone = asok_cli()
+    assert alone.returncode == 0 and alone.stdout.startswith("usage: asok")
+    assert "serve an app folder" in alone.stdout and "examples:\n" in alone.stdout
+    assert alone.stdout == asok_cli("--help").stdout
+    version = asok_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"asok {asok.__version__} (Python 3.")
+
+
+def test_serve_help_gives_each_option_its_default_and_lists_the_environment():
+    commands = next(a for a in asok._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["serve"]._actions:
+        if action.dest != "help":
+            assert "(default: " in action.help, f"{action.option_strings or action.dest}: say its default"
+    text = asok_cli("serve", "--help").stdout
+    for name in ("HOST", "PORT", "DEBUG", "SECRET_KEY"):
+        assert f"\n  {name} " in text.partition("environment:")[2]
+    assert "--log-level LEVEL" in text and "\nexamples:\n  # " in text
+
+
+def test_readme_shows_the_serve_help_as_the_cli_prints_it():
+    text = asok_cli("serve", "--help").stdout
+    assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
+        "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
+
+
+def test_a_bad_port_from_the_environment_is_a_clear_error():
+    run = asok_cli("serve", env={"PORT": "80a"})
+    assert run.returncode == 2 and "a port is a number from 0 to 65535 (given: '80a', from --port or $PORT)" in run.stderr
+
+
+def test_log_lines_carry_time_pid_level_and_log_level_filters_them(tmp_path):
+    (tmp_path / "src" / "pages").mkdir(parents=True)
+    (tmp_path / "src" / "pages" / "index.html").write_text("hi")
+    outputs = []
+    for args in ((), ("--log-level", "warning")):
+        with serve_process(tmp_path, *args) as (port, proc):
+            assert get(port, "/")[0] == 200
+            proc.terminate()
+            proc.wait(15)
+            outputs.append(proc.stdout.read().decode())
+    lines = outputs[0].splitlines()
+    pid = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\]"
+    assert any(re.fullmatch(pid + r" INFO asok: serving .* on http://127\.0\.0\.1:\d+", line) for line in lines), lines
+    assert any(re.fullmatch(pid + r' INFO asok\.access: .*"GET / HTTP/1\.1" 200 .*', line) for line in lines), lines
+    assert "INFO" not in outputs[1] and "serving" not in outputs[1]
+
+
+def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger():
+    script = textwrap.dedent("""
+        import logging, asok
+        print("root handlers:", logging.getLogger().handlers)
+        asok.log.info("first")
+        logging.basicConfig(format="ROOT %(name)s %(message)s")
+        asok.log.info("second")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert run.stdout == "root handlers: []\n"
+    assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
+
+
+def test_under_uvicorn_asoks_log_lines_come_out_formatted(tmp_path):
+    pytest.importorskip("uvicorn")
+    shutil.copytree(EXAMPLES / "echo", tmp_path / "echo")
+    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi", "--app-dir",
+                                    str(tmp_path / "echo")], ROOT)
+    proc.terminate()
+    output = proc.communicate(timeout=15)[0].decode()
+    assert re.search(r"^\S+ \S+ \[\d+\] INFO asok: signing key from \S+secret_key", output, re.M), output
+
+
+def test_reload_restarts_when_a_python_file_changes(tmp_path):
+    app_py = tmp_path / "app.py"
+    app_py.write_text('from asok import Asok\napp = Asok(__file__, secret_key="k" * 32)\n'
+                      'app.route("/v")(lambda: "one")\n')
+    with serve_process(tmp_path, "--reload") as (port, proc):
+        assert get(port, "/v")[2] == b"one"
+        app_py.write_text(app_py.read_text().replace('"one"', '"two"'))
+        for _ in range(100):
             try:
-                out.append(got[name].get(timeout=0.2))
-            except queue.Empty:
-                if out:
-                    return out
-        return out
-
-    with redis_server_process(port):
-        for name, broker in brokers.items():
-            broker.subscribe(got[name].put)
-        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
-        brokers["a"].publish(b'{"x":1}')
-        assert heard("a") == [b'{"x":1}']  # its own message once: directly, not again from Redis
-        assert heard("b") == [b'{"x":1}']
-    with redis_server_process(port):  # Redis restarted: both subscribe again by themselves
-        wait_for(lambda: redis_client(port).pubsub_numsub("asok:live")[0][1] == 2)
-        brokers["b"].publish(b'{"x":2}')
-        assert heard("a") == [b'{"x":2}'] and heard("b") == [b'{"x":2}']
-    for broker in brokers.values():
-        broker.close()
-
-
-def test_two_nodes_on_redis_behave_as_one_and_survive_kill_9(tmp_path, redis_port):
-    env = {"REDIS_PORT": str(redis_port), "SECRET_KEY": "s" * 40}
-    folder_a, folder_b = redis_node_folders(tmp_path)
-    with serve_process(folder_a, env=env) as (port_a, node_a), serve_process(folder_b, env=env) as (port_b, _):
-        jar = {}
-        tab_a, tab_b = SocketTab(port_a, jar), SocketTab(port_b, jar)  # one browser: the cookie works on both
-        cid = tab_b.components["Counter"][0]
-        join(tab_b)
-        assert "Count: 11" in tab_a.call("Counter", "increment")["html"]
-        assert "Count: 11" in receive_push(tab_b, cid)["html"]  # B shows A's click with no click of its own
-        # 400 increments alternating between the nodes, each sent again to the other node
-        # (a page that reconnected elsewhere resends what was in flight): none lost, none twice.
-        tabs = (tab_a, tab_b)
-        for n in range(400):
-            rid = f"page:{n}"
-            first = tabs[n % 2].call("Counter", "increment", rid=rid)
-            again = tabs[(n + 1) % 2].call("Counter", "increment", rid=rid)
-            assert f"Count: {12 + n}" in first["html"] and f"Count: {12 + n}" in again["html"], (n, again)
-        tab_a.close()
-        node_a.kill()  # kill -9
-        node_a.wait(10)
-        assert "Count: 412" in tab_b.call("Counter", "increment")["html"]
-        tab_b.close()
-        page = urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{port_b}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
-            timeout=10).read().decode()
-        assert "Count: 412" in page
-
-
-# ── behind nginx terminating TLS, as README's "Deploying" shows ──────────────
-
-NGINX_SITE = """
-    # Host as the browser sent it, the WebSocket upgrade passed on, the scheme for Secure cookies
-    map $http_upgrade $connection_upgrade { default upgrade; '' close; }
-    server {
-        listen 127.0.0.1:%(port)d ssl;
-        ssl_certificate %(dir)s/cert.pem;
-        ssl_certificate_key %(dir)s/key.pem;
-        location / {
-            proxy_pass http://127.0.0.1:%(upstream)d;
-            proxy_http_version 1.1;
-            proxy_set_header Host $http_host;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_read_timeout 1h;
-        }
-    }
-"""
-
-
-@contextlib.contextmanager
-def nginx_tls_proxy(tmp_path, upstream):
-    """Debian's nginx on a free port, TLS with a throw-away certificate, in front of `upstream`."""
-    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if exe is None or shutil.which("openssl") is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("nginx or openssl is missing under CI (make test installs nginx-light)")
-        pytest.skip("nginx is not installed (make test installs nginx-light with apt-get)")
-    folder = tmp_path / "nginx"
-    folder.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem")],
-                   check=True, capture_output=True, timeout=60)
-    port = free_port()
-    site = NGINX_SITE % {"port": port, "dir": folder, "upstream": upstream}
-    (folder / "nginx.conf").write_text(
-        f"daemon off; worker_processes 1; pid {folder}/nginx.pid; error_log {folder}/error.log;\n"
-        f"events {{}}\nhttp {{ access_log off; client_body_temp_path {folder}; proxy_temp_path {folder};\n{site}}}\n")
-    proc = subprocess.Popen([exe, "-c", str(folder / "nginx.conf"), "-p", str(folder)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: proc.poll() is not None or _accepts(port))
-        assert proc.poll() is None, (folder / "error.log").read_text()
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _accepts(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def test_behind_a_tls_proxy_the_cookie_is_secure_and_the_live_socket_works(tmp_path):
-    pytest.importorskip("websockets")
-    from websockets.sync.client import connect as websockets_connect
-    import ssl
-    app_dir = tmp_path / "counter"
-    shutil.copytree(EXAMPLES / "counter", app_dir)
-    with serve_process(app_dir, env={"FORWARDED_ALLOW_IPS": "127.0.0.1"}) as (upstream, _), \
-            nginx_tls_proxy(tmp_path, upstream) as port:
-        tls = ssl.create_default_context()
-        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/", context=tls, timeout=10) as r:
-            page, cookie = r.read().decode(), r.headers["Set-Cookie"]
-        assert "Secure" in cookie and "HttpOnly" in cookie
-        (cid, name, state), = asok._find_components(page)
-        csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
-        with websockets_connect(f"wss://127.0.0.1:{port}/asok/live", ssl=tls, open_timeout=10,
-                                origin=f"https://127.0.0.1:{port}",
-                                additional_headers={"Cookie": cookie.split(";")[0]}) as ws:
-            ws.send(json.dumps({"id": "t:1", "cid": cid, "component": name, "state": state,
-                                "method": "increment", "args": [], "csrf": csrf}))
-            for _ in range(10):
-                reply = json.loads(ws.recv(timeout=10))
-                if reply.get("id") == "t:1":
+                if get(port, "/v")[2] == b"two":
                     break
-            assert "Count: 11" in reply["html"]
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert get(port, "/v")[2] == b"two"
 
 
 # ── serve --workers ──────────────────────────────────────────────────────────
@@ -6368,15 +6829,6 @@ def worker_pids(parent):
             if int(fields[1]) == parent:
                 pids.add(int(stat_file.parent.name))
     return pids
-
-
-def wait_for(predicate, seconds=15):
-    """Poll `predicate` until it is true (or fail after `seconds`); returns its value."""
-    deadline = time.monotonic() + seconds
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-    return value
 
 
 def test_serve_workers_share_the_socket_replace_a_dead_worker_and_stop_on_sigterm(tmp_path):
@@ -6412,477 +6864,73 @@ def test_serve_workers_refuses_a_bad_count_by_name(tmp_path):
     assert result.returncode == 2 and "--workers takes a number of processes" in result.stderr
 
 
-# ── under uvicorn, through app.asgi ─────────────────────────────────────────
+# ═══ 21. The examples gallery and the shared stylesheet ═══════════════════════════════════════════
 
-def wsi_start_uvicorn(command, cwd):
-    """Start `command` plus --host/--port in `cwd`; returns (process, port) once it accepts."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError("uvicorn did not start: " + proc.communicate()[0].decode())
-            time.sleep(0.1)
+# ── the examples gallery: `python asok.py serve examples` ────────────────────
+
+def test_gallery_finds_the_app_folders_and_what_each_shows(tmp_path):
+    files = {
+        "a/src/pages/index.html": "<head><meta name=\"description\" content=\"The seed's &amp; more\"></head>",
+        "b/app.py": '"""Routes in app.py.\n\nMore text."""\n',
+        "c/src/pages/index.html": "<title>Just a title</title>",
+        "d/src/html/base.html": "<meta name='description' content='From the \"layout\"'>",
+        "e/src/components/X.py": "",
+        "not-an-app/notes.txt": "",
+        ".hidden/src/pages/index.html": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    apps = asok.gallery_apps(tmp_path)
+    assert [p.name for p in apps] == ["a", "b", "c", "d", "e"]
+    assert [asok.describe_app(p) for p in apps] == [
+        "The seed's & more", "Routes in app.py.", "Just a title", 'From the "layout"', ""]
+    assert asok.gallery_apps(tmp_path / "a") == [] and asok.gallery_apps(tmp_path / "missing") == []
 
 
-def wsi_stop(proc):
-    if proc.poll() is None:
+def test_every_example_says_what_it_shows_and_links_the_shared_stylesheet():
+    for folder in asok.gallery_apps(EXAMPLES):
+        assert asok.describe_app(folder), f"examples/{folder.name}: give its index page a " \
+                                          f'<meta name="description" content="what it shows">'
+        pages = [p.read_text() for p in (folder / "src").rglob("*.html")]
+        assert any('<link rel="stylesheet" href="/asok/asok.css">' in t for t in pages), \
+            f'examples/{folder.name}: link the shared stylesheet: <link rel="stylesheet" href="/asok/asok.css">'
+
+
+def test_gallery_serves_an_index_and_each_example_with_one_session(tmp_path):
+    shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    names = [p.name for p in asok.gallery_apps(tmp_path / "examples")]
+    with serve_process(tmp_path / "examples") as (port, proc):
+        status, _, body = get(port, "/")
+        assert status == 200
+        links = re.findall(r'<a href="http://x:(\d+)/"><b>([^<]+)</b><span>([^<]*)</span>', body.decode())
+        assert [name for _, name, _ in links] == names and all(text for _, _, text in links)
+        ports = {name: int(p) for p, name, _ in links}
+        assert len(set(ports.values()) | {port}) == len(names) + 1
+        for name, example_port in ports.items():
+            status, headers, page = get(example_port, "/")
+            assert status in (200, 302, 303), name
+            if status == 200:
+                assert b'href="/asok/asok.css"' in page, name
+        status, headers, _ = get(ports["counter"], "/")
+        cookie = headers["set-cookie"].split(";")[0]
+        status, headers, page = get(ports["todo"], "/", f"Cookie: {cookie}\r\n")
+        assert status == 200 and "set-cookie" not in headers  # the counter's session is the todo's too
+        assert "set-cookie" in get(ports["todo"], "/")[1]
         proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    proc.stdout.close()
+        assert proc.wait(15) == 0
+        log = proc.stdout.read().decode()
+    assert f"gallery of {len(names)} apps in" in log
 
 
-class SocketTab:
-    """A browser tab over real sockets: the page over HTTP (cookies kept in `jar`, a dict shared
-    by the tabs of one browser), then the live socket, as alive.js speaks it."""
+def test_a_gallery_runs_in_one_process():
+    run = asok_cli("serve", str(EXAMPLES), "--workers", "2")
+    assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
 
-    def __init__(self, port, jar, path="/"):
-        # a page id of its own, as alive.js draws one: the server applies a resend of a page's
-        # request id once, so two tabs must never share one (id(self) can repeat once one is freed)
-        self.port, self.jar, self.n, self.page_id = port, jar, 0, os.urandom(6).hex()
-        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers),
-                                    timeout=10) as r:
-            page = self.page = r.read().decode()
-            for value in r.headers.get_all("Set-Cookie") or ():
-                name, _, rest = value.partition("=")
-                jar[name] = rest.split(";")[0]
-        self.csrf = re.search(r'<meta name="csrf-token" content="([^"]+)"', page).group(1)
-        self.components = {el.attrs["data-asok-component"]: [el.attrs["id"], el.attrs["data-asok-state"]]
-                           for el in asok._parse_html(page).walk() if "data-asok-component" in el.attrs}
-        self.ws = asok.WebSocketClient.connect(
-            f"ws://127.0.0.1:{port}/asok/live", origin=f"http://127.0.0.1:{port}",
-            headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())})
 
-    def call(self, name, method, *args, rid=None):
-        """Send one event and return its reply, skipping any push that arrives before it."""
-        self.n += 1
-        cid, state = self.components[name]
-        rid = rid or f"{self.page_id}:{self.n}"
-        self.ws.send(json.dumps({"id": rid, "cid": cid, "component": name, "state": state,
-                                 "method": method, "args": list(args), "csrf": self.csrf}))
-        for _ in range(100):
-            reply = json.loads(self.ws.receive(timeout=10))
-            if reply.get("id") == rid:
-                if "state" in reply:
-                    self.components[name][1] = reply["state"]
-                return reply
-        raise AssertionError("no reply")
-
-    def close(self):
-        self.ws.close()
-
-
-def test_uvicorn_serves_a_folder_app_as_asok_asgi_with_two_workers(tmp_path):
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("websockets")
-    app_dir = tmp_path / "counter"
-    shutil.copytree(EXAMPLES / "counter", app_dir)
-    os.environ["APP_DIR"] = str(app_dir)
-    try:
-        proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
-    finally:
-        del os.environ["APP_DIR"]
-    try:
-        jar = {}
-        for n in range(6):  # a new connection each time, so both workers take some
-            tab = SocketTab(port, jar)
-            reply = tab.call("Counter", "increment")
-            tab.close()
-            assert f"Count: {11 + n}" in reply["html"], reply
-        assert "Count: 16" in urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{port}/", headers={"Cookie": f"asok_session={jar['asok_session']}"}),
-            timeout=10).read().decode()
-    finally:
-        wsi_stop(proc)
-
-
-WHERE_FILES = {
-    "src/components/Where.py": '''
-        import os
-        from asok import Component, exposed
-
-        class Where(Component):
-            count = 0
-
-            @exposed
-            def bump(self):
-                self.count += 1
-
-            def render(self):
-                return self.html("where.html", pid=os.getpid())
-    ''',
-    "src/components/where.html": "<p><< count >>@<< pid >></p>",
-    "src/pages/index.html": "<head></head><< component('Where') >>",
-}
-
-
-@pytest.mark.parametrize("server", ["asok serve --workers 2", "uvicorn --workers 2"])
-def test_a_change_in_one_worker_is_pushed_to_a_view_in_the_other(tmp_path, server):
-    make_app(tmp_path, WHERE_FILES)
-    if server.startswith("uvicorn"):
-        pytest.importorskip("uvicorn")
-        pytest.importorskip("websockets")
-        os.environ["APP_DIR"] = str(tmp_path)
-        try:
-            proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "asok:asgi", "--workers", "2"], ROOT)
-        finally:
-            del os.environ["APP_DIR"]
-        stop = functools.partial(wsi_stop, proc)
-    else:
-        context = serve_process(tmp_path, "--workers", "2", env={"SECRET_KEY": "k" * 32})
-        port, _ = context.__enter__()
-        stop = functools.partial(context.__exit__, None, None, None)
-    try:
-        jar = {}
-        first = SocketTab(port, jar)
-        cid, page_state = first.components["Where"]
-        seen = {re.search(r"@(\d+)<", first.call("Where", "bump")["html"]).group(1): first}
-        join = json.dumps({"join": [[cid, "Where", page_state]], "url": "/", "csrf": first.csrf})
-
-        def worker_of(tab):
-            tab.ws.send(join)  # shows an older save: the answer is rendered by the socket's worker
-            return re.search(r"@(\d+)<", json.loads(tab.ws.receive(timeout=10))["html"]).group(1)
-
-        spare = []
-        for _ in range(6):  # opened at once, so a busy worker leaves some to the other one
-            with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                tabs = list(pool.map(lambda _: SocketTab(port, jar), range(24)))
-            for tab in tabs:
-                (spare if seen.setdefault(worker_of(tab), tab) is not tab else []).append(tab)
-            if len(seen) == 2:
-                break
-        for tab in spare:
-            tab.close()
-        if len(seen) < 2:
-            pytest.skip("the kernel gave every connection to one worker")
-        (here, clicker), (there, other) = seen.items()
-        assert "<p>2@" in clicker.call("Where", "bump")["html"]
-        push = json.loads(other.ws.receive(timeout=10))
-        assert push["cid"] == cid and f"<p>2@{there}</p>" in push["html"]  # re-rendered by the other worker
-        other.close()
-        clicker.close()
-    finally:
-        stop()
-
-
-@pytest.fixture(scope="module")
-def uvicorn_echo_port():
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("websockets")
-    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi",
-                                    "--app-dir", str(EXAMPLES / "echo")], ROOT)
-    try:
-        yield port
-    finally:
-        wsi_stop(proc)
-
-
-def test_uvicorn_post_echo_returns_the_body(uvicorn_echo_port):
-    body = bytes(range(256))
-    raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-           b"Content-Length: 256\r\n\r\n" + body)
-    status, headers, got = exchange(uvicorn_echo_port, raw)
-    assert (status, got) == (200, body) and headers["content-type"] == "application/octet-stream"
-
-
-def test_uvicorn_websocket_echo_with_the_websockets_client(uvicorn_echo_port):
-    from websockets.sync.client import connect as websockets_connect
-    with websockets_connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", open_timeout=10) as ws:
-        ws.send("héllo")
-        assert ws.recv(timeout=10) == "héllo"
-        ws.send(b"\x00\xffbinary")
-        assert ws.recv(timeout=10) == b"\x00\xffbinary"
-        ws.send(["frag", "mented"])
-        assert ws.recv(timeout=10) == "fragmented"
-        payload = b"\x01" * 200_000
-        ws.send(payload)
-        assert ws.recv(timeout=10) == payload
-
-
-def test_uvicorn_websocket_echo_with_asok_clients(uvicorn_echo_port):
-    url = f"ws://127.0.0.1:{uvicorn_echo_port}/echo"
-    with asok.WebSocketClient.connect(url) as ws:
-        ws.send("text")
-        assert ws.receive(10) == "text"
-        ws.send(b"\x00bytes")
-        assert ws.receive(10) == b"\x00bytes"
-
-    async def main():
-        async with await asok.AsyncWebSocketClient.connect(url) as ws:
-            await ws.send("async text")
-            await ws.send(b"async bytes")
-            return [await ws.receive(10), await ws.receive(10)]
-
-    assert asyncio.run(asyncio.wait_for(main(), 30)) == ["async text", b"async bytes"]
-
-
-def test_uvicorn_refuses_a_cross_origin_websocket(uvicorn_echo_port):
-    with pytest.raises(asok.WebSocketHandshakeError) as refused:
-        asok.WebSocketClient.connect(f"ws://127.0.0.1:{uvicorn_echo_port}/echo", origin="https://evil.example")
-    assert refused.value.status == 403
-
-
-def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("websockets")
-    uvicorn = shutil.which("uvicorn", path=os.path.dirname(sys.executable)) or shutil.which("uvicorn")
-    if uvicorn is None:
-        pytest.skip("no uvicorn script")
-    proc, port = wsi_start_uvicorn([uvicorn, "app:app.asgi"], EXAMPLES / "echo")
-    try:
-        with asok.WebSocketClient.connect(f"ws://127.0.0.1:{port}/echo") as ws:
-            ws.send("plain uvicorn")
-            assert ws.receive(10) == "plain uvicorn"
-    finally:
-        wsi_stop(proc)
-
-
-def test_under_uvicorn_asoks_log_lines_come_out_formatted(tmp_path):
-    pytest.importorskip("uvicorn")
-    shutil.copytree(EXAMPLES / "echo", tmp_path / "echo")
-    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi", "--app-dir",
-                                    str(tmp_path / "echo")], ROOT)
-    proc.terminate()
-    output = proc.communicate(timeout=15)[0].decode()
-    assert re.search(r"^\S+ \S+ \[\d+\] INFO asok: signing key from \S+secret_key", output, re.M), output
-
-
-def test_a_session_keeps_a_bounded_number_of_component_states(live_app, monkeypatch):
-    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 2)
-    client = asok.TestClient(live_app)
-    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
-    labels = client.live("/labels", "Labels")
-    first.call("increment")
-    second.call("increment")
-    first.call("increment")  # used again: now the newest
-    labels.call("tag", "x")  # a third: the least recently used (second) goes
-    assert list(live_app.sessions.load(client.sid)["live"]) == ["/#Counter-0", "my-labels"]
-    assert "Count: 12 / 3" in client.get("/").text
-
-
-# ── found in review ──────────────────────────────────────────────────────────
-
-def test_pipelined_requests_wait_while_the_client_does_not_read(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    handled = []
-
-    @app.route("/big")
-    def big():
-        handled.append(1)
-        return b"x" * (1 << 20)
-
-    with running(app) as port:
-        with connect(port, timeout=20) as sock:
-            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
-            time.sleep(1.0)
-            assert len(handled) < 30  # not 100 MiB of responses piled up in the server's memory
-            for _ in range(100):
-                assert len(read_response(sock)[2]) == 1 << 20
-        assert len(handled) == 100
-
-
-def test_session_write_after_a_torn_line_survives_a_restart(tmp_path):
-    sid = "t" * 43
-    store = asok.FileSessionStore(tmp_path)
-    store.save(sid, {"data": {"n": 1}, "live": {}})
-    with open(tmp_path / f"{sid}.json", "ab") as f:
-        f.write(b'{"data":{"n":')  # a crash tore the next append
-    restarted = asok.FileSessionStore(tmp_path)
-    assert restarted.load(sid)["data"] == {"n": 1}
-    restarted.save(sid, {"data": {"n": 2}, "live": {}})
-    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 2}
-
-
-def test_a_response_header_with_a_line_break_gets_a_500_not_a_hang(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/go")(lambda request: asok.redirect(request.query["next"]))
-    with running(app) as port:
-        with connect(port) as sock:
-            sock.sendall(b"GET /go?next=/a%0d%0aX-Evil:%201 HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, headers, body = read_response(sock)
-            assert status == 500 and "x-evil" not in headers
-            sock.sendall(b"GET /go?next=/fine HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert read_response(sock)[:2][0] == 302
-
-
-def test_a_malformed_absolute_target_gets_400(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    with running(app) as port:
-        assert exchange(port, b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 400
-        assert exchange(port, b"GET http://x/about HTTP/1.1\r\nHost: x\r\n\r\n")[2] == b"<h1>about 2</h1>"
-
-
-def test_an_old_state_of_a_dropped_component_cannot_come_back(live_app, monkeypatch):
-    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
-    client = asok.TestClient(live_app)
-    counter, labels = client.live("/", "Counter"), client.live("/labels", "Labels")
-    counter.call("add", 5)
-    old = counter.state_token  # count 15
-    counter.call("add", -15)  # spent down to 0
-    labels.call("tag", "x")  # the counter's state is dropped past the limit
-    counter.state_token = old
-    reply = counter.call("increment")
-    assert reply["error"]["code"] == "bad_state" and "reload" in reply["error"]["message"]
-    fresh = client.live("/", "Counter")  # a reload starts from the props again, and works
-    assert fresh.state["count"] == 10 and "error" not in fresh.call("increment")
-
-
-def test_nested_session_change_without_modified_is_not_kept(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-
-    @app.route("/add")
-    def add(request):
-        request.session.setdefault("items", [])
-        request.session["items"].append(1)  # nested change, not marked modified
-        return str(len(request.session["items"]))
-
-    client = asok.TestClient(app)
-    assert [client.get("/add").text for _ in range(3)] == ["1", "2", "2"]  # the append of #2 is not saved
-
-
-def test_asgi_304_has_no_content_length(tmp_path):
-    app = make_app(tmp_path, PAGES)
-    app.route("/nm")(lambda: asok.Response(b"", 304))
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b""}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {"type": "http", "method": "GET", "path": "/nm", "query_string": b"", "headers": [(b"host", b"x")]}
-    asyncio.run(app.asgi(scope, receive, send))
-    assert sent[0]["status"] == 304 and b"content-length" not in dict(sent[0]["headers"])
-
-
-def test_url_for_and_render_template_take_a_parameter_called_name(tmp_path):
-    app = make_app(tmp_path, {"src/hello.html": "<a href='<< url_for(\"hello\", name=name) >>'>x</a>"})
-
-    @app.route("/hello/<name>")
-    def hello(name):
-        return f"Hello, {name}"
-
-    app.route("/page")(lambda request: app.render_template(request, "hello.html", name="bob"))
-    assert asok.TestClient(app).get("/page").text == "<a href='/hello/bob'>x</a>"
-
-
-def test_runtime_is_injected_into_a_page_without_head_or_body(tmp_path):
-    app = make_app(tmp_path, {**COMPONENT_FILES, "src/pages/bare.html": "{{ component('Counter') }}"})
-    page = asok.TestClient(app).get("/bare").text
-    assert re.search(r'<script src="/asok/alive.js\?v=\w+" defer></script>$', page) and "&lt;" not in page
-
-
-def test_a_non_json_class_attribute_is_named(tmp_path):
-    files = {"src/components/Bad.py": "from asok import Component\nclass Bad(Component):\n    tags = set()\n",
-             "src/components/bad.html": "x", "src/pages/index.html": "{{ component('Bad') }}"}
-    app = make_app(tmp_path, files, debug=True)
-    r = asok.TestClient(app).get("/")
-    assert r.status == 500 and "Bad.tags is a set" in r.text
-
-
-def test_debug_error_page_names_the_error_and_the_template_line(tmp_path):
-    app = make_app(tmp_path, {"src/pages/index.html": "line one\n<< nothere >>\n"}, debug=True)
-    r = asok.TestClient(app).get("/")
-    assert r.status == 500
-    assert "NameError: &#x27;nothere&#x27; is undefined" in r.text and "index.html, line 2)" in r.text
-
-
-def test_a_prop_called_name(tmp_path):
-    files = {"src/components/Greeter.py": "from asok import Component\nclass Greeter(Component):\n    name = ''\n",
-             "src/components/greeter.html": "Hi << name >>", "src/pages/index.html": "{{ component('Greeter', name='Ann') }}"}
-    assert "Hi Ann" in asok.TestClient(make_app(tmp_path, files)).get("/").text
-
-
-def test_a_fresh_component_works_after_another_state_was_dropped(live_app, monkeypatch):
-    monkeypatch.setattr(asok, "LIVE_MAX_PER_SESSION", 1)
-    client = asok.TestClient(live_app)
-    tab1 = client.live("/", "Counter", 0)  # open, not clicked yet
-    client.live("/labels", "Labels").call("tag", "x")
-    first, second = client.live("/", "Counter", 0), client.live("/", "Counter", 1)
-    assert "error" not in second.call("increment")  # drops Labels
-    assert "error" not in first.call("increment")  # never stored, rendered before the drop
-    assert "Count: 12" in tab1.call("increment")["html"]  # another tab: the saved state, not its own
-
-
-def test_a_process_whose_session_file_was_compacted_by_another_keeps_its_writes(tmp_path):
-    sid, path = "s" * 43, tmp_path / ("s" * 43 + ".json")
-    one, other = asok.FileSessionStore(tmp_path), asok.FileSessionStore(tmp_path)
-    one.save(sid, {"data": {"n": 1}, "live": {}})  # `one` keeps an append descriptor on this inode
-    inode = path.stat().st_ino
-    for _ in range(100):
-        if path.stat().st_ino != inode:
-            break
-        other.update(sid, lambda r: r["data"].update(pad="x" * 9000))  # grows the log until compacted
-    assert path.stat().st_ino != inode
-    with open(path, "ab") as f:
-        f.write(b'{"data":{"n":')  # and a crash tore an append
-    one.update(sid, lambda r: r["data"].update(n=3))
-    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 3
-    one.update(sid, lambda r: r["data"].update(n=4))
-    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 4
-
-
-def _read_until_closed(sock, limit):
-    got = 0
-    sock.settimeout(5)
-    try:
-        while got < limit and (data := sock.recv(1 << 16)):
-            got += len(data)
-    except (ConnectionResetError, socket.timeout):
-        pass
-    return got
-
-
-@pytest.mark.parametrize("path, request_headers", [("/big", "Connection: close\r\n"), ("/big", ""), ("/stream", "")])
-def test_a_client_that_stops_reading_is_dropped(tmp_path, path, request_headers):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/big")(lambda: b"x" * (32 << 20))
-    app.route("/stream")(lambda: (b"y" * 65536 for _ in range(512)))
-    with running(app, body_timeout=0.5) as port:
-        with connect(port) as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{request_headers}\r\n".encode())
-            time.sleep(2.0)  # never read meanwhile: the server gives up on what it still holds
-            assert _read_until_closed(sock.sock, 32 << 20) < 32 << 20  # what the kernel had, then the end
-
-
-def test_a_slow_but_steady_reader_gets_the_whole_response(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""})
-    app.route("/big")(lambda: b"x" * (2 << 20))
-    with running(app, body_timeout=0.3) as port:
-        with connect(port) as sock:
-            sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-            got = b""
-            while len(got) < (2 << 20) + 100 and (data := sock.sock.recv(1 << 15)):
-                got += data
-                if b"\r\n\r\n" in got and len(got) - got.index(b"\r\n\r\n") - 4 >= 2 << 20:
-                    break
-                time.sleep(0.01)  # ~3 MB/s: the whole body takes longer than body_timeout
-            assert len(got) - got.index(b"\r\n\r\n") - 4 == 2 << 20
-
-
-def test_an_exception_that_cannot_be_printed_still_gets_a_500(tmp_path):
-    app = make_app(tmp_path, {"app.py": ""}, debug=True)
-
-    class Weird(Exception):
-        def __str__(self):
-            raise RuntimeError("no str")
-
-    def boom():
-        raise Weird()
-
-    app.route("/boom")(boom)
-    with running(app) as port:
-        assert get(port, "/boom")[0] == 500
+def test_the_shared_stylesheet_is_served_and_revalidated(tmp_path):
+    client = asok.TestClient(make_app(tmp_path, PAGES))
+    r = client.get("/asok/asok.css")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/css; charset=utf-8"
+    assert ".asok-loading" in r.text and "html.asok-disconnected" in r.text and "system-ui" in r.text
+    assert client.get("/asok/asok.css", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
