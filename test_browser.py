@@ -295,6 +295,21 @@ def test_a_click_in_one_tab_shows_in_the_other_without_a_click_there(serve, cont
     assert watching.evaluate("asokErrors") == [] and clicking.evaluate("asokErrors") == []
 
 
+def test_each_component_has_its_own_queue(serve, page):
+    server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
+    page.goto(server.url + "/two")
+    assert counts(page) == [1, 100]
+    first, second = (f"[data-asok-component]:nth-of-type({n}) {INCREMENT}" for n in (1, 2))
+    in_flight = page.evaluate("([first, second]) => { for (let i = 0; i < 10; i++) {"
+                              "document.querySelector(first).click(); document.querySelector(second).click(); }"
+                              "return document.querySelectorAll('.asok-loading').length; }", [first, second])
+    assert in_flight == 2  # one event in flight per component, not one per page
+    expect_count(page, 11, 0)
+    expect_count(page, 110, 1)
+    page.reload()
+    assert counts(page) == [11, 110]
+
+
 # ── under a WSGI server, which cannot carry the live socket ──────────
 
 WSGI_SERVE = ("import sys, wsgiref.simple_server, asok; app = asok.load_app(sys.argv[1]); "
@@ -330,56 +345,6 @@ def test_under_wsgi_the_page_says_once_in_the_console_that_the_live_socket_is_re
     finally:
         proc.kill()
         proc.wait()
-
-
-# ── two nodes on one Redis ───────────────────────────────────────────
-
-@pytest.fixture
-def redis_nodes(serve):
-    """redis_nodes("counter") serves the example twice, from two folders, on one Redis
-    (its store and broker) with one SECRET_KEY: two machines, as far as asok can tell."""
-    pytest.importorskip("redis")
-    from test_asok import REDIS_APP_PY, redis_server_process
-    with redis_server_process() as (port, _):
-        env = {"REDIS_PORT": str(port), "SECRET_KEY": "n" * 40}
-        yield lambda example: [serve(example, {"app.py": REDIS_APP_PY}, env, f"{example}-{name}") for name in "AB"]
-
-
-def test_two_nodes_on_redis_a_click_on_one_shows_on_the_other_and_one_dies(redis_nodes, context):
-    node_a, node_b = redis_nodes("counter")
-    on_a, on_b = context.new_page(), context.new_page()  # cookies are per host, so both share a session
-    for tab, node in ((on_a, node_a), (on_b, node_b)):
-        tab.goto(node.url)
-        expect_count(tab, 10)
-        expect_connected(tab, True)
-    on_a.click(INCREMENT)
-    expect_count(on_a, 11)
-    expect_count(on_b, 11)  # pushed through Redis; no click on B
-    burst(on_b, INCREMENT, 4)
-    expect_count(on_b, 15)
-    expect_count(on_a, 15)
-    node_a.stop(signal.SIGKILL)
-    expect_connected(on_a, False)
-    on_b.click(INCREMENT)
-    expect_count(on_b, 16)
-    on_b.reload()
-    expect_count(on_b, 16)
-    assert on_b.evaluate("asokErrors") == []
-
-
-def test_each_component_has_its_own_queue(serve, page):
-    server = serve("counter", {"src/pages/two.html": TWO_COUNTERS})
-    page.goto(server.url + "/two")
-    assert counts(page) == [1, 100]
-    first, second = (f"[data-asok-component]:nth-of-type({n}) {INCREMENT}" for n in (1, 2))
-    in_flight = page.evaluate("([first, second]) => { for (let i = 0; i < 10; i++) {"
-                              "document.querySelector(first).click(); document.querySelector(second).click(); }"
-                              "return document.querySelectorAll('.asok-loading').length; }", [first, second])
-    assert in_flight == 2  # one event in flight per component, not one per page
-    expect_count(page, 11, 0)
-    expect_count(page, 110, 1)
-    page.reload()
-    assert counts(page) == [11, 110]
 
 
 # ── replies that carry only what changed ─────────────────────────────
@@ -695,6 +660,41 @@ def test_one_publish_is_applied_once_for_three_tabs_on_two_processes(serve, brow
     finally:
         ann_context.close()
         bob_context.close()
+
+
+# ── two nodes on one Redis ───────────────────────────────────────────
+
+@pytest.fixture
+def redis_nodes(serve):
+    """redis_nodes("counter") serves the example twice, from two folders, on one Redis
+    (its store and broker) with one SECRET_KEY: two machines, as far as asok can tell."""
+    pytest.importorskip("redis")
+    from test_asok import REDIS_APP_PY, redis_server_process
+    with redis_server_process() as (port, _):
+        env = {"REDIS_PORT": str(port), "SECRET_KEY": "n" * 40}
+        yield lambda example: [serve(example, {"app.py": REDIS_APP_PY}, env, f"{example}-{name}") for name in "AB"]
+
+
+def test_two_nodes_on_redis_a_click_on_one_shows_on_the_other_and_one_dies(redis_nodes, context):
+    node_a, node_b = redis_nodes("counter")
+    on_a, on_b = context.new_page(), context.new_page()  # cookies are per host, so both share a session
+    for tab, node in ((on_a, node_a), (on_b, node_b)):
+        tab.goto(node.url)
+        expect_count(tab, 10)
+        expect_connected(tab, True)
+    on_a.click(INCREMENT)
+    expect_count(on_a, 11)
+    expect_count(on_b, 11)  # pushed through Redis; no click on B
+    burst(on_b, INCREMENT, 4)
+    expect_count(on_b, 15)
+    expect_count(on_a, 15)
+    node_a.stop(signal.SIGKILL)
+    expect_connected(on_a, False)
+    on_b.click(INCREMENT)
+    expect_count(on_b, 16)
+    on_b.reload()
+    expect_count(on_b, 16)
+    assert on_b.evaluate("asokErrors") == []
 
 
 # ── refusals ─────────────────────────────────────────────────────────
