@@ -227,8 +227,8 @@ class Markup(str):
 
     __slots__ = ()
 
-    def __new__(cls, obj=''):
-        if hasattr(obj, '__html__'):
+    def __new__(cls, obj=""):
+        if hasattr(obj, "__html__"):
             obj = obj.__html__()
         return super().__new__(cls, obj)
 
@@ -236,12 +236,12 @@ class Markup(str):
         return self
 
     def __add__(self, other):
-        if isinstance(other, str) or hasattr(other, '__html__'):
+        if isinstance(other, str) or hasattr(other, "__html__"):
             return Markup(str.__add__(self, escape(other)))
         return NotImplemented
 
     def __radd__(self, other):
-        if isinstance(other, str) or hasattr(other, '__html__'):
+        if isinstance(other, str) or hasattr(other, "__html__"):
             return Markup(str.__add__(escape(other), self))
         return NotImplemented
 
@@ -259,21 +259,21 @@ class Markup(str):
             arg = _TplEscaped(arg)
         return Markup(str.__mod__(self, arg))
 
-    def format(self, *args: Any, **kwargs: Any) -> 'Markup':
+    def format(self, *args: Any, **kwargs: Any) -> "Markup":
         """str.format with every argument escaped."""
         args = [_TplEscaped(a) for a in args]
         kwargs = {k: _TplEscaped(v) for k, v in kwargs.items()}
         return Markup(str.format(self, *args, **kwargs))
 
-    def join(self, seq: Iterable[Any]) -> 'Markup':
+    def join(self, seq: Iterable[Any]) -> "Markup":
         """str.join with every item escaped."""
         return Markup(str.join(self, map(escape, seq)))
 
     def __repr__(self):
-        return f'Markup({str.__repr__(self)})'
+        return f"Markup({str.__repr__(self)})"
 
     @classmethod
-    def escape(cls, s: Any) -> 'Markup':
+    def escape(cls, s: Any) -> "Markup":
         """Escape `s` and return it as this class."""
         rv = escape(s)
         return rv if cls is Markup else cls(rv)
@@ -282,7 +282,7 @@ class Markup(str):
 class _TplEscaped:
     """Wraps a `%`/`format` argument of Markup so that it is escaped when formatted."""
 
-    __slots__ = ('obj',)
+    __slots__ = ("obj",)
 
     def __init__(self, obj):
         self.obj = obj
@@ -294,7 +294,7 @@ class _TplEscaped:
         return escape(repr(self.obj))
 
     def __format__(self, spec):
-        if hasattr(self.obj, '__html__'):
+        if hasattr(self.obj, "__html__"):
             return self.obj.__html__()
         return escape(format(self.obj, spec))
 
@@ -312,13 +312,13 @@ def _tpl_esc(v):
     """Escape one output value to a str; the choke point of every `<< >>`."""
     t = type(v)
     if t is str:
-        return (v.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')
-                .replace('"', '&#34;').replace("'", '&#39;'))
+        return (v.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                .replace('"', "&#34;").replace("'", "&#39;"))
     if t is int or t is float or t is bool:
         return str(v)
     if t is Markup:
         return v
-    if hasattr(v, '__html__'):
+    if hasattr(v, "__html__"):
         return v.__html__()
     return _tpl_esc(str(v))
 
@@ -327,7 +327,7 @@ def escape(obj: Any) -> Markup:
     """Escape `& < > " '` in `str(obj)`; objects with `__html__` are trusted.
 
     None becomes "None", as in Jinja and MarkupSafe."""
-    if hasattr(obj, '__html__'):
+    if hasattr(obj, "__html__"):
         return Markup(obj.__html__())
     return Markup(_tpl_esc(str(obj)))
 
@@ -2545,7 +2545,7 @@ class WebSocketClient(_WSClientCore):
 
     @classmethod
     def connect(cls, url: str, origin: str | None = None, headers: Mapping[str, str] | None = None,
-                timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> 'WebSocketClient':
+                timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> "WebSocketClient":
         """Open the TCP connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -2624,7 +2624,7 @@ class WebSocketClient(_WSClientCore):
             self._closed = ConnectionClosed(CloseCode.ABNORMAL, str(err))
             self._raise_if_closed()
 
-    def __enter__(self) -> 'WebSocketClient':
+    def __enter__(self) -> "WebSocketClient":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -2643,7 +2643,7 @@ class AsyncWebSocketClient(_WSClientCore):
 
     @classmethod
     async def connect(cls, url: str, origin: str | None = None, headers: Mapping[str, str] | None = None,
-                      timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> 'AsyncWebSocketClient':
+                      timeout: float = 10, max_size: int = WS_CLIENT_MAX_MESSAGE) -> "AsyncWebSocketClient":
         """Open the connection and do the handshake; raises WebSocketHandshakeError if refused."""
         host, port, key, request = _ws_client_request(url, origin, headers)
         reader, writer = await asyncio.wait_for(
@@ -3800,7 +3800,7 @@ class Request:
 
     def __init__(self, method: str, path: str, query_string: str = "",
                  headers: dict[str, str] | None = None, body: bytes | BinaryIO = b"", scheme: str = "http",
-                 remote_addr: str = "", app: 'Asok | None' = None) -> None:
+                 remote_addr: str = "", app: "Asok | None" = None) -> None:
         self.method = method.upper()
         self.path = path
         self.query_string = query_string
@@ -7781,7 +7781,7 @@ class TestResponse:
 
     __test__ = False  # a class named Test... is not a test class: pytest must not collect it
 
-    def __init__(self, response: Response, url: str = "", history: 'Iterable[TestResponse]' = ()) -> None:
+    def __init__(self, response: Response, url: str = "", history: "Iterable[TestResponse]" = ()) -> None:
         self.status = response.status
         self.headers = Headers(response.headers)
         body = response.body
@@ -7858,7 +7858,7 @@ class TestClient:
         self.follow_redirects = follow_redirects
         self.cookies = {}
 
-    def __enter__(self) -> 'TestClient':
+    def __enter__(self) -> "TestClient":
         """`with TestClient(app) as client:`; the client's cookies are dropped at the end."""
         return self
 
@@ -7973,7 +7973,7 @@ class TestClient:
         self.app.publish(topic, payload)
         self.app.live.settle(timeout)
 
-    def live(self, path: str, name: str, index: int = 0) -> 'LiveHandle':
+    def live(self, path: str, name: str, index: int = 0) -> "LiveHandle":
         """Load the page at `path` and return a LiveHandle on its `index`-th `name` component,
         joined as alive.js joins: it receives pushes (`handle.pushes`) until `handle.close()`."""
         page = self.get(path)
