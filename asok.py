@@ -3794,9 +3794,27 @@ def _multipart_body(fields=None, files=None):
 
 # ═══ 10. Requests, responses, routing ═════════════════════════════════════════════════════════════
 
+@dataclass(frozen=True, slots=True)
+class _SessionAccess:
+    """How a Request reaches its session, given to it when it is made (`app.session_access`; a
+    Request with no app gets _NO_SESSIONS). `open(request)` returns the Session the request's
+    cookie names (a fresh one if none verifies); `csrf_token(request)` that session's CSRF
+    token, starting the session if it is new."""
+    open: Callable[[Any], Session]
+    csrf_token: Callable[[Any], str]
+
+
+def _no_csrf_token(request):
+    raise AttributeError("a Request made without an app has no csrf_token (no key signs one)")
+
+
+_NO_SESSIONS = _SessionAccess(lambda request: Session(), _no_csrf_token)  # a Request with no app
+
+
 class Request:
     """One HTTP request. Built by the server, the WSGI and ASGI adapters and the TestClient.
-    `body` is given as bytes or, for a large body, as a binary file at its start."""
+    `body` is given as bytes or, for a large body, as a binary file at its start. The request
+    reaches its session through what the app gives it here (`app.session_access`)."""
 
     def __init__(self, method: str, path: str, query_string: str = "",
                  headers: dict[str, str] | None = None, body: bytes | BinaryIO = b"", scheme: str = "http",
@@ -3812,6 +3830,7 @@ class Request:
         self.params = {}
         if app is not None and app.trusted_proxies and _ip_in(remote_addr, app.trusted_proxies):
             self._trust_proxy(app.trusted_proxies)
+        self._sessions = app.session_access if app is not None else _NO_SESSIONS
         self._session = None
         self._cookies = None
         self._query = None
@@ -3947,13 +3966,13 @@ class Request:
     def session(self) -> Session:
         """The user's session, opened from the cookie when first used."""
         if self._session is None:
-            self._session = self.app._open_session(self) if self.app else Session()
+            self._session = self._sessions.open(self)
         return self._session
 
     @property
     def csrf_token(self) -> str:
         """The session's CSRF token (starting a session if there is none)."""
-        return self.app._csrf_token(self)
+        return self._sessions.csrf_token(self)
 
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -4637,7 +4656,7 @@ class _LiveContext:
 
     @property
     def csrf_token(self):
-        return self.app._csrf_token(self)
+        return self.app.session_access.csrf_token(self)
 
 
 class _LazyToken:
@@ -6020,6 +6039,9 @@ class _AppSetup:
         self._wsgi_warned = False
         self.live = LiveHub(self, broker or FolderBroker(_live_folder(self.root)))
         self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
+        # what each Request is given to reach its session (14b); the methods are looked up per call
+        self.session_access = _SessionAccess(lambda request: self._open_session(request),
+                                             lambda request: self._csrf_token(request))
 
     def __repr__(self):
         return f"<Asok {self.root}>"
