@@ -4537,11 +4537,21 @@ def _url_value(cls, name, text):
     return default
 
 
+@dataclass(frozen=True, slots=True)
+class _RendererTools:
+    """What the app gives each _ComponentRenderer besides itself (built once, in Asok.__init__)."""
+    session_id: Callable[[Session], str]            # its sid, starting the session if it is new
+    context: Callable[[Any, str], dict[str, Any]]   # (request, prefix) -> the globals of a nested render
+    save_url_state: Callable[..., tuple[int, int]]  # (sid, cid, cls, state) -> the saved (version, seq)
+    wrap: Callable[..., Markup]                     # (comp, name, cid, sid, version, seq, saved) -> its HTML
+
+
 class _ComponentRenderer:
     """The `component(name, **props)` template global for one page render or one live event."""
 
-    def __init__(self, app, request, prefix):
+    def __init__(self, app, tools, request, prefix):
         self.app = app
+        self.tools = tools
         self.request = request
         self.prefix = prefix
         self.counts = {}
@@ -4558,9 +4568,9 @@ class _ComponentRenderer:
         request.uses_live = True
         if getattr(cls, "_alive_parts", None):  # parts of alive.js this component needs (see _minify_alive)
             request.alive_parts = {*getattr(request, "alive_parts", ()), *cls._alive_parts}
-        session = request.session
-        sid = app._ensure_session(session)
-        context = app._context(request, cid)
+        session, tools = request.session, self.tools
+        sid = tools.session_id(session)
+        context = tools.context(request, cid)
         stored = SavedComponent.load(session.live.get(cid), name)
         if stored is not None:
             if props:
@@ -4578,9 +4588,9 @@ class _ComponentRenderer:
             if changed:
                 for key, value in changed.items():
                     setattr(comp, key, value)
-                version, seq = app._save_url_state(sid, cid, cls, comp._checked_state())
+                version, seq = tools.save_url_state(sid, cid, cls, comp._checked_state())
                 saved = True
-        markup = app._wrap_component(comp, name, cid, sid, version, seq, saved)
+        markup = tools.wrap(comp, name, cid, sid, version, seq, saved)
         if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
@@ -4631,7 +4641,7 @@ class _ComponentRenderer:
                     if live.get(cid, {}).get("v") == before:  # else a newer save wins
                         live[cid] = saved
                 app.sessions.update(sid, save)
-        return app._wrap_component(comp, name, cid, sid, stored.version, stored.seq, saved=True)
+        return self.tools.wrap(comp, name, cid, sid, stored.version, stored.seq, saved=True)
 
 
 class _LiveContext:
@@ -6042,6 +6052,8 @@ class _AppSetup:
         # what each Request is given to reach its session (14b); the methods are looked up per call
         self.session_access = _SessionAccess(lambda request: self._open_session(request),
                                              lambda request: self._csrf_token(request))
+        self._renderer_tools = _RendererTools(self._ensure_session, self._context, self._save_url_state,
+                                              self._wrap_component)
 
     def __repr__(self):
         return f"<Asok {self.root}>"
@@ -6399,7 +6411,7 @@ class _AppPages(_AppSessions):
         """The template globals of one render; components inside get cids under `prefix`
         (the page path, or the cid of the component being rendered)."""
         return {"request": request, "session": request.session, "csrf_token": _LazyToken(request),
-                "component": _ComponentRenderer(self, request, prefix)}
+                "component": _ComponentRenderer(self, self._renderer_tools, request, prefix)}
 
     def render_template(self, request: Request, name: str, /, **context: Any) -> str:
         """Render `name` (under src/) for a route handler; adds the page globals and, when a
