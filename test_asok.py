@@ -311,6 +311,11 @@ PAGES = {
 }
 
 
+def asok_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "asok.py"), *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "80", **(env or {})})
+
+
 # ── the live-component app most sections use: `live_app` ──────────────────────
 
 COMPONENT_FILES = {
@@ -769,7 +774,7 @@ def test_runtime_error_inside_macro_points_at_macro_line(tmp_path):
     assert frames.index((str(path), 4)) < frames.index((str(path), 2))
 
 
-# ═══ 3d. Templates: runtime and loader ════════════════════════════════════════════════════════════
+# ═══ 3d. Templates: runtime and filters ═══════════════════════════════════════════════════════════
 
 # ─── runtime: names, filters, undefined ───
 
@@ -882,6 +887,8 @@ def test_undefined_in_loop_body(S):
     with pytest.raises(NameError, match="'y' is undefined"):
         render(S('<% for x in xs %><< y >><% endfor %>'), xs=[1])
 
+
+# ═══ 3e. Templates: the loader (Template, Templates) ══════════════════════════════════════════════
 
 # ─── loader: inheritance, include, files ───
 
@@ -1013,7 +1020,7 @@ def test_render_context_leaves_the_dict_alone(tmp_path):
     assert ctx == {'xs': [1, 2]}
 
 
-# ═══ 4. HTTP/1.1, sans-I/O ════════════════════════════════════════════════════════════════════════
+# ═══ 4b. HTTP/1.1, sans-I/O: the request parser ═══════════════════════════════════════════════════
 
 SPLITS = ["whole", "bytewise"]
 
@@ -1344,22 +1351,6 @@ def test_bad_chunked_body(split, chunks, status, message):
     assert (exc.status, exc.message) == (status, message)
 
 
-@pytest.mark.parametrize("method, status, headers, body, version, expected", [
-    ("GET", 200, [], b"abc", "HTTP/1.1", (3, "length")),
-    ("GET", 200, [("content-length", "3")], b"abc", "HTTP/1.1", (None, "length")),
-    ("HEAD", 200, [], b"abc", "HTTP/1.1", (3, "none")),
-    ("HEAD", 200, [], iter([b"a"]), "HTTP/1.1", (None, "none")),
-    ("GET", 204, [], b"", "HTTP/1.1", (None, "none")),
-    ("GET", 304, [], b"", "HTTP/1.1", (None, "none")),
-    ("GET", 103, [], b"", "HTTP/1.1", (None, "none")),
-    ("GET", 200, [], iter([b"a"]), "HTTP/1.1", (None, "chunked")),
-    ("GET", 200, [], iter([b"a"]), "HTTP/1.0", (None, "close")),
-    ("GET", 200, [("Content-Length", "1")], iter([b"a"]), "HTTP/1.0", (None, "length")),
-])
-def test_response_framing_decides_length_chunked_close_or_no_body(method, status, headers, body, version, expected):
-    assert asok.response_framing(method, status, headers, body, version) == expected
-
-
 def test_chunked_total_too_large_is_413_as_soon_as_announced():
     parser = asok.HTTPParser(max_body=10)
     parser.receive_data(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -1530,6 +1521,24 @@ def test_protocol_error_is_sticky():
     assert isinstance(first.value, Exception) and str(first.value) == "missing Host header"
 
 
+# ═══ 4c. HTTP/1.1, sans-I/O: responses (the head, chunks, the framing rule) ═══════════════════════
+
+@pytest.mark.parametrize("method, status, headers, body, version, expected", [
+    ("GET", 200, [], b"abc", "HTTP/1.1", (3, "length")),
+    ("GET", 200, [("content-length", "3")], b"abc", "HTTP/1.1", (None, "length")),
+    ("HEAD", 200, [], b"abc", "HTTP/1.1", (3, "none")),
+    ("HEAD", 200, [], iter([b"a"]), "HTTP/1.1", (None, "none")),
+    ("GET", 204, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 304, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 103, [], b"", "HTTP/1.1", (None, "none")),
+    ("GET", 200, [], iter([b"a"]), "HTTP/1.1", (None, "chunked")),
+    ("GET", 200, [], iter([b"a"]), "HTTP/1.0", (None, "close")),
+    ("GET", 200, [("Content-Length", "1")], iter([b"a"]), "HTTP/1.0", (None, "length")),
+])
+def test_response_framing_decides_length_chunked_close_or_no_body(method, status, headers, body, version, expected):
+    assert asok.response_framing(method, status, headers, body, version) == expected
+
+
 # ── responses ───────────────────────────────────────────────────────────────
 
 def test_render_response_head():
@@ -1560,7 +1569,14 @@ def test_render_switching_protocols_head():
     assert raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n\r\n") == 1
 
 
-# ═══ 5. WebSocket, sans-I/O ═══════════════════════════════════════════════════════════════════════
+# ═══ 5a. WebSocket, sans-I/O: limits, opcodes, close codes, events, frames ════════════════════════
+
+def test_close_code_enum():
+    assert asok.CloseCode.MESSAGE_TOO_BIG == 1009
+    assert asok.CloseCode.INVALID_DATA == 1007
+
+
+# ═══ 5b. WebSocket, sans-I/O: the connection (WSConnection) ═══════════════════════════════════════
 
 MASK = b"\x37\xfa\x21\x3d"
 
@@ -1855,11 +1871,6 @@ def test_unsendable_close_code_is_a_local_error():
         asok.WSConnection().send(asok.CloseConnection(999))
 
 
-def test_close_code_enum():
-    assert asok.CloseCode.MESSAGE_TOO_BIG == 1009
-    assert asok.CloseCode.INVALID_DATA == 1007
-
-
 # ─── message size ───
 
 def test_oversized_frame_is_refused_from_its_header(bytewise):
@@ -1909,6 +1920,8 @@ def test_events_can_stop_after_a_number_of_frames():
     assert len(list(server.events(max_frames=3))) == 3 and server.frames_left
     assert list(server.events(max_frames=3)) == [asok.Ping(b"p")] and not server.frames_left
 
+
+# ═══ 5c. WebSocket, sans-I/O: the opening handshake (§4) ══════════════════════════════════════════
 
 # ─── handshake ───
 
@@ -2255,7 +2268,7 @@ def test_a_first_start_on_a_full_disk_names_the_problem_and_leaves_no_key(tmp_pa
     assert len(asok._load_master_keys(tmp_path, None, False, [])[0]) == 64
 
 
-# ═══ 8. Sessions (DESIGN §6, §11): Session, the store contract, file and Redis stores ═════════════
+# ═══ 8a. Sessions (DESIGN §6, §11): Session and the store contract ════════════════════════════════
 
 # ── sessions: the cookie, what a change saves ─────────────────────────────────
 
@@ -2307,167 +2320,78 @@ def test_nested_session_change_without_modified_is_not_kept(tmp_path):
     assert [client.get("/add").text for _ in range(3)] == ["1", "2", "2"]  # the append of #2 is not saved
 
 
-# ── the Redis session store (a real redis-server) ───────────────────────────
+# ── signing in and out: regenerate, clear ─────────────────────────────────────
 
-@contextlib.contextmanager
-def redis_server_process(port=None):
-    """Debian's redis-server on a free port, with no persistence; yields (port, process)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError("redis-server is missing under CI (make test installs it)")
-        pytest.skip("redis-server is not installed (make test installs it with apt-get)")
-    port = port or free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield port, proc
-    finally:
-        proc.kill()
-        proc.wait()
+def signin_app(tmp_path):
+    app = make_app(tmp_path, COMPONENT_FILES)
 
+    @app.route("/signin/<user>")
+    def signin(request, user):
+        request.session.regenerate()
+        request.session["user"] = user
+        return request.csrf_token
 
-@pytest.fixture
-def redis_port():
-    pytest.importorskip("redis")
-    with redis_server_process() as (port, _):
-        yield port
+    @app.route("/signout")
+    def signout(request):
+        request.session.clear()
+        return "bye"
+
+    @app.route("/get/<key>")
+    def get_(request, key):
+        return str(request.session.get(key))
+
+    @app.route("/set/<key>/<value>")
+    def set_(request, key, value):
+        request.session[key] = value
+        return request.csrf_token
+
+    return app
 
 
-def redis_client(port, **options):
-    import redis
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, **options)
+def test_regenerate_at_sign_in_closes_session_fixation(tmp_path):
+    app = signin_app(tmp_path)
+    attacker = asok.TestClient(app)
+    attacker.get("/set/x/1")
+    victim = asok.TestClient(app)
+    victim.cookies = dict(attacker.cookies)  # the attacker planted its cookie in the victim's browser
+    old_sid, old_csrf = victim.sid, victim.get("/set/cart/apple").text
+    counter = victim.live("/", "Counter")
+    counter.call("increment")
+    new_csrf = victim.get("/signin/ann").text
+    assert victim.sid != old_sid and new_csrf != old_csrf
+    assert [victim.get(f"/get/{k}").text for k in ("user", "cart")] == ["ann", "apple"]  # same data
+    assert "Count: 11 / 1" in victim.get("/").text  # component states come along
+    assert attacker.get("/get/user").text == "None" and attacker.get("/get/cart").text == "None"
+    attacker.get("/set/y/2")
+    assert attacker.sid not in (old_sid, victim.sid)  # the planted id is dead: writing gets a fresh one
+    stale = counter.send({"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+                          "method": "increment", "args": [], "csrf": old_csrf})
+    assert stale["error"]["code"] == "bad_csrf"  # the page from before sign-in holds the old token
+    old_socket = json.loads(app.live_event(old_sid, json.dumps(
+        {"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
+         "method": "increment", "args": [], "csrf": old_csrf})))
+    assert old_socket["error"]["code"] == "no_session"  # a socket opened with the old cookie
+    assert not asok.FileSessionStore(tmp_path / ".asok" / "sessions").load(old_sid)["data"]
 
 
-def test_redis_store_round_trip_lifetime_as_ttl_and_delete(redis_port):
-    store = asok.RedisSessionStore(redis_client(redis_port), lifetime=600)
-    sid = "r" * 43
-    assert store.load(sid) is None
-    assert store.update(sid, lambda record: record["data"].update(a=1) or "result") == "result"
-    assert store.load(sid)["data"] == {"a": 1}
-    assert 590 < store.client.ttl(f"asok:s:{sid}") <= 600
-    assert store.client.get(f"asok:l:{sid}") is None  # the lock is released
-    store.delete(sid)
-    assert store.load(sid) is None
-    assert store.load("../bad") is None
-    with pytest.raises(ValueError):
-        store.update("../bad", lambda record: None)
-
-
-def test_redis_store_update_that_raises_saves_nothing_and_releases_the_lock(redis_port):
-    store = asok.RedisSessionStore(redis_client(redis_port, decode_responses=True))
-    sid = "e" * 43
-    store.update(sid, lambda record: record["data"].update(n=1))
-
-    def fails(record):
-        record["data"]["n"] = 2
-        raise KeyError("boom")
-
-    with pytest.raises(KeyError):
-        store.update(sid, fails)
-    assert store.load(sid)["data"] == {"n": 1}
-    store.update(sid, lambda record: record["data"].update(n=3))  # not left locked
-    assert store.load(sid)["data"] == {"n": 3}
-
-
-def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port):
-    stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
-    sid = "c" * 43
-
-    def bump(record):
-        record["data"]["n"] = record["data"].get("n", 0) + 1
-
-    def worker(store):
-        for _ in range(50):
-            store.update(sid, bump)
-
-    threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert stores[0].load(sid)["data"]["n"] == 200
-
-
-def test_redis_store_a_write_after_the_lock_expired_fails_instead_of_overwriting(redis_port):
-    slow = asok.RedisSessionStore(redis_client(redis_port), lock_timeout=0.2)
-    fast = asok.RedisSessionStore(redis_client(redis_port))
-    sid = "f" * 43
-    fast.update(sid, lambda record: record["data"].update(owner="first"))
-    inside, done = threading.Event(), threading.Event()
-
-    def stalls(record):
-        record["data"]["owner"] = "stalled"
-        inside.set()
-        assert done.wait(10)
-
-    failure = []
-    thread = threading.Thread(target=lambda: failure.append(pytest.raises(asok.StoreUnavailable, slow.update, sid,
-                                                                           stalls)))
-    thread.start()
-    assert inside.wait(10)
-    time.sleep(0.3)  # the stalled holder's lock runs out; this sleep sets up the case, it measures nothing
-    fast.update(sid, lambda record: record["data"].update(owner="second"))
-    done.set()
-    thread.join(10)
-    assert "expired before the write" in str(failure[0].value)
-    assert fast.load(sid)["data"]["owner"] == "second"
-
-
-def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_path):
-    pytest.importorskip("redis")
-    port = free_port()
-    store = asok.RedisSessionStore(redis_client(port))
-    sid = "d" * 43
-    with pytest.raises(asok.StoreUnavailable, match="Redis: cannot lock the session"):
-        store.update(sid, lambda record: record["data"].update(n=1))
-    with redis_server_process(port):
-        store.update(sid, lambda record: record["data"].update(n=1))
-        assert store.load(sid)["data"] == {"n": 1}
-
-
-def test_asok_keeps_a_falsy_store_and_gives_it_the_session_lifetime(tmp_path):
-    class EmptyLookingStore(asok.FileSessionStore):
-        def __len__(self):
-            return 0
-
-    store = EmptyLookingStore(tmp_path / "s")
-    app = make_app(tmp_path, {"app.py": ""}, session_store=store, session_lifetime=77)
-    assert app.sessions is store and store.lifetime == 77
-
-
-def test_redis_down_answers_503_and_store_unavailable_naming_redis_then_recovers(tmp_path):
-    pytest.importorskip("redis")
-    port = free_port()
-    app = make_app(tmp_path, COMPONENT_FILES, session_store=asok.RedisSessionStore(redis_client(port)))
-
-    @app.route("/set")
-    def set_(request):
-        request.session["a"] = 1
-        return "ok"
-
+def test_sign_out_with_clear_drops_component_states(tmp_path):
+    app = signin_app(tmp_path)
     client = asok.TestClient(app)
-    with redis_server_process(port):
-        counter = client.live("/", "Counter")
-    r = client.get("/set")
-    assert r.status_code == 503 and "Redis" in r.text
-    refused = counter.call("increment")
-    assert refused["error"]["code"] == "store_unavailable" and "Redis" in refused["error"]["message"]
-    with redis_server_process(port):
-        assert client.get("/set").status_code == 200
-        assert "error" not in counter.call("increment")
-        assert counter.state["count"] == 11
+    client.get("/signin/ann")
+    counter = client.live("/", "Counter")
+    counter.call("add", 5)
+    old_page = counter.state_token
+    assert client.get("/signout").text == "bye"
+    assert client.get("/get/user").text == "None"
+    assert "Count: 10 / 0" in client.get("/").text  # the previous user's count is gone
+    counter.state_token = old_page
+    replay = counter.call("increment")  # an old tab cannot bring the state back
+    assert replay["error"]["code"] == "bad_state"
+    fresh = client.live("/", "Counter")
+    assert "Count: 11 / 1" in fresh.call("increment")["html"]
 
 
-# ── the file store: bad cookies, many processes, a full disk, torn writes ─────
+# ═══ 8b. Sessions: the file store, and the record both stores keep ════════════════════════════════
 
 @pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
                                     "../../../etc/passwd.AAAA", ""])
@@ -2742,75 +2666,166 @@ def test_session_write_after_a_torn_line_survives_a_restart(tmp_path):
     assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 2}
 
 
-# ── signing in and out: regenerate, clear ─────────────────────────────────────
+# ═══ 8c. Sessions: the Redis store ════════════════════════════════════════════════════════════════
 
-def signin_app(tmp_path):
-    app = make_app(tmp_path, COMPONENT_FILES)
+# ── the Redis session store (a real redis-server) ───────────────────────────
 
-    @app.route("/signin/<user>")
-    def signin(request, user):
-        request.session.regenerate()
-        request.session["user"] = user
-        return request.csrf_token
-
-    @app.route("/signout")
-    def signout(request):
-        request.session.clear()
-        return "bye"
-
-    @app.route("/get/<key>")
-    def get_(request, key):
-        return str(request.session.get(key))
-
-    @app.route("/set/<key>/<value>")
-    def set_(request, key, value):
-        request.session[key] = value
-        return request.csrf_token
-
-    return app
-
-
-def test_regenerate_at_sign_in_closes_session_fixation(tmp_path):
-    app = signin_app(tmp_path)
-    attacker = asok.TestClient(app)
-    attacker.get("/set/x/1")
-    victim = asok.TestClient(app)
-    victim.cookies = dict(attacker.cookies)  # the attacker planted its cookie in the victim's browser
-    old_sid, old_csrf = victim.sid, victim.get("/set/cart/apple").text
-    counter = victim.live("/", "Counter")
-    counter.call("increment")
-    new_csrf = victim.get("/signin/ann").text
-    assert victim.sid != old_sid and new_csrf != old_csrf
-    assert [victim.get(f"/get/{k}").text for k in ("user", "cart")] == ["ann", "apple"]  # same data
-    assert "Count: 11 / 1" in victim.get("/").text  # component states come along
-    assert attacker.get("/get/user").text == "None" and attacker.get("/get/cart").text == "None"
-    attacker.get("/set/y/2")
-    assert attacker.sid not in (old_sid, victim.sid)  # the planted id is dead: writing gets a fresh one
-    stale = counter.send({"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
-                          "method": "increment", "args": [], "csrf": old_csrf})
-    assert stale["error"]["code"] == "bad_csrf"  # the page from before sign-in holds the old token
-    old_socket = json.loads(app.live_event(old_sid, json.dumps(
-        {"id": "p:9", "cid": counter.cid, "component": "Counter", "state": counter.state_token,
-         "method": "increment", "args": [], "csrf": old_csrf})))
-    assert old_socket["error"]["code"] == "no_session"  # a socket opened with the old cookie
-    assert not asok.FileSessionStore(tmp_path / ".asok" / "sessions").load(old_sid)["data"]
+@contextlib.contextmanager
+def redis_server_process(port=None):
+    """Debian's redis-server on a free port, with no persistence; yields (port, process)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError("redis-server is missing under CI (make test installs it)")
+        pytest.skip("redis-server is not installed (make test installs it with apt-get)")
+    port = port or free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def test_sign_out_with_clear_drops_component_states(tmp_path):
-    app = signin_app(tmp_path)
+@pytest.fixture
+def redis_port():
+    pytest.importorskip("redis")
+    with redis_server_process() as (port, _):
+        yield port
+
+
+def redis_client(port, **options):
+    import redis
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2, **options)
+
+
+def test_redis_store_round_trip_lifetime_as_ttl_and_delete(redis_port):
+    store = asok.RedisSessionStore(redis_client(redis_port), lifetime=600)
+    sid = "r" * 43
+    assert store.load(sid) is None
+    assert store.update(sid, lambda record: record["data"].update(a=1) or "result") == "result"
+    assert store.load(sid)["data"] == {"a": 1}
+    assert 590 < store.client.ttl(f"asok:s:{sid}") <= 600
+    assert store.client.get(f"asok:l:{sid}") is None  # the lock is released
+    store.delete(sid)
+    assert store.load(sid) is None
+    assert store.load("../bad") is None
+    with pytest.raises(ValueError):
+        store.update("../bad", lambda record: None)
+
+
+def test_redis_store_update_that_raises_saves_nothing_and_releases_the_lock(redis_port):
+    store = asok.RedisSessionStore(redis_client(redis_port, decode_responses=True))
+    sid = "e" * 43
+    store.update(sid, lambda record: record["data"].update(n=1))
+
+    def fails(record):
+        record["data"]["n"] = 2
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        store.update(sid, fails)
+    assert store.load(sid)["data"] == {"n": 1}
+    store.update(sid, lambda record: record["data"].update(n=3))  # not left locked
+    assert store.load(sid)["data"] == {"n": 3}
+
+
+def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port):
+    stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
+    sid = "c" * 43
+
+    def bump(record):
+        record["data"]["n"] = record["data"].get("n", 0) + 1
+
+    def worker(store):
+        for _ in range(50):
+            store.update(sid, bump)
+
+    threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert stores[0].load(sid)["data"]["n"] == 200
+
+
+def test_redis_store_a_write_after_the_lock_expired_fails_instead_of_overwriting(redis_port):
+    slow = asok.RedisSessionStore(redis_client(redis_port), lock_timeout=0.2)
+    fast = asok.RedisSessionStore(redis_client(redis_port))
+    sid = "f" * 43
+    fast.update(sid, lambda record: record["data"].update(owner="first"))
+    inside, done = threading.Event(), threading.Event()
+
+    def stalls(record):
+        record["data"]["owner"] = "stalled"
+        inside.set()
+        assert done.wait(10)
+
+    failure = []
+    thread = threading.Thread(target=lambda: failure.append(pytest.raises(asok.StoreUnavailable, slow.update, sid,
+                                                                           stalls)))
+    thread.start()
+    assert inside.wait(10)
+    time.sleep(0.3)  # the stalled holder's lock runs out; this sleep sets up the case, it measures nothing
+    fast.update(sid, lambda record: record["data"].update(owner="second"))
+    done.set()
+    thread.join(10)
+    assert "expired before the write" in str(failure[0].value)
+    assert fast.load(sid)["data"]["owner"] == "second"
+
+
+def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    store = asok.RedisSessionStore(redis_client(port))
+    sid = "d" * 43
+    with pytest.raises(asok.StoreUnavailable, match="Redis: cannot lock the session"):
+        store.update(sid, lambda record: record["data"].update(n=1))
+    with redis_server_process(port):
+        store.update(sid, lambda record: record["data"].update(n=1))
+        assert store.load(sid)["data"] == {"n": 1}
+
+
+def test_asok_keeps_a_falsy_store_and_gives_it_the_session_lifetime(tmp_path):
+    class EmptyLookingStore(asok.FileSessionStore):
+        def __len__(self):
+            return 0
+
+    store = EmptyLookingStore(tmp_path / "s")
+    app = make_app(tmp_path, {"app.py": ""}, session_store=store, session_lifetime=77)
+    assert app.sessions is store and store.lifetime == 77
+
+
+def test_redis_down_answers_503_and_store_unavailable_naming_redis_then_recovers(tmp_path):
+    pytest.importorskip("redis")
+    port = free_port()
+    app = make_app(tmp_path, COMPONENT_FILES, session_store=asok.RedisSessionStore(redis_client(port)))
+
+    @app.route("/set")
+    def set_(request):
+        request.session["a"] = 1
+        return "ok"
+
     client = asok.TestClient(app)
-    client.get("/signin/ann")
-    counter = client.live("/", "Counter")
-    counter.call("add", 5)
-    old_page = counter.state_token
-    assert client.get("/signout").text == "bye"
-    assert client.get("/get/user").text == "None"
-    assert "Count: 10 / 0" in client.get("/").text  # the previous user's count is gone
-    counter.state_token = old_page
-    replay = counter.call("increment")  # an old tab cannot bring the state back
-    assert replay["error"]["code"] == "bad_state"
-    fresh = client.live("/", "Counter")
-    assert "Count: 11 / 1" in fresh.call("increment")["html"]
+    with redis_server_process(port):
+        counter = client.live("/", "Counter")
+    r = client.get("/set")
+    assert r.status_code == 503 and "Redis" in r.text
+    refused = counter.call("increment")
+    assert refused["error"]["code"] == "store_unavailable" and "Redis" in refused["error"]["message"]
+    with redis_server_process(port):
+        assert client.get("/set").status_code == 200
+        assert "error" not in counter.call("increment")
+        assert counter.state["count"] == 11
 
 
 # ═══ 9. Form data: MultiDict, multipart/form-data (RFC 7578 on RFC 2046 §5.1), UploadedFile ═══════
@@ -3619,7 +3634,7 @@ def test_live_renders_see_the_path_and_query_of_the_page(tmp_path):
     assert "<p>/search?kiwi 1</p>" in counter.call("increment")["html"]
 
 
-# ═══ 12. The live protocol (DESIGN §5, §9): calls, pushes, published messages, timers ═════════════
+# ═══ 12. The live protocol (DESIGN §5, §9) ════════════════════════════════════════════════════════
 
 # ── calls: emit, refusals, uploads, state tokens, replies, the socket ─────────
 
@@ -5679,7 +5694,7 @@ def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
         wsi_stop(proc)
 
 
-# ═══ 17. The asyncio server: one protocol object per connection drives the sans-I/O parsers ═══════
+# ═══ 17. The asyncio server ═══════════════════════════════════════════════════════════════════════
 
 # ── the echo example through the CLI ─────────────────────────────────────────
 
@@ -6490,7 +6505,7 @@ def test_cli_sigterm_sends_1001_to_open_websockets():
         assert proc.wait(15) == 0
 
 
-# ═══ 18. Testing ══════════════════════════════════════════════════════════════════════════════════
+# ═══ 18. Testing: TestClient, TestResponse, Headers ═══════════════════════════════════════════════
 
 # ── the test client: what Flask and Starlette users type ─────────────────────
 
@@ -6580,7 +6595,7 @@ def test_importing_the_testing_classes_into_a_test_module_gives_pytest_no_warnin
     assert "warning" not in run.stdout.lower(), run.stdout
 
 
-# ═══ 19. Testing: a small HTML tree and CSS selectors, for LiveHandle's user actions ══════════════
+# ═══ 19b. Testing: LiveHandle, a live component driven like a user (click, type, submit) ══════════
 
 # ── the test client's user actions: click, type, submit, press ───────────────
 
@@ -6720,86 +6735,7 @@ def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
     assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
 
 
-# ═══ 20. Command line ═════════════════════════════════════════════════════════════════════════════
-
-# ── the command line: help, --version, logging ───────────────────────────────
-
-def asok_cli(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "asok.py"), *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "COLUMNS": "80", **(env or {})})
-
-
-def test_cli_alone_prints_the_help_and_version_prints_the_version():
-    alone = asok_cli()
-    assert alone.returncode == 0 and alone.stdout.startswith("usage: asok")
-    assert "serve an app folder" in alone.stdout and "examples:\n" in alone.stdout
-    assert alone.stdout == asok_cli("--help").stdout
-    version = asok_cli("--version")
-    assert version.returncode == 0 and version.stdout.startswith(f"asok {asok.__version__} (Python 3.")
-
-
-def test_serve_help_gives_each_option_its_default_and_lists_the_environment():
-    commands = next(a for a in asok._parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for action in commands.choices["serve"]._actions:
-        if action.dest != "help":
-            assert "(default: " in action.help, f"{action.option_strings or action.dest}: say its default"
-    text = asok_cli("serve", "--help").stdout
-    for name in ("HOST", "PORT", "DEBUG", "SECRET_KEY"):
-        assert f"\n  {name} " in text.partition("environment:")[2]
-    assert "--log-level LEVEL" in text and "\nexamples:\n  # " in text
-
-
-def test_readme_shows_the_serve_help_as_the_cli_prints_it():
-    text = asok_cli("serve", "--help").stdout
-    assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
-        "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
-
-
-def test_a_bad_port_from_the_environment_is_a_clear_error():
-    run = asok_cli("serve", env={"PORT": "80a"})
-    assert run.returncode == 2 and "a port is a number from 0 to 65535 (given: '80a', from --port or $PORT)" in run.stderr
-
-
-def test_log_lines_carry_time_pid_level_and_log_level_filters_them(tmp_path):
-    (tmp_path / "src" / "pages").mkdir(parents=True)
-    (tmp_path / "src" / "pages" / "index.html").write_text("hi")
-    outputs = []
-    for args in ((), ("--log-level", "warning")):
-        with serve_process(tmp_path, *args) as (port, proc):
-            assert get(port, "/")[0] == 200
-            proc.terminate()
-            proc.wait(15)
-            outputs.append(proc.stdout.read().decode())
-    lines = outputs[0].splitlines()
-    pid = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\]"
-    assert any(re.fullmatch(pid + r" INFO asok: serving .* on http://127\.0\.0\.1:\d+", line) for line in lines), lines
-    assert any(re.fullmatch(pid + r' INFO asok\.access: .*"GET / HTTP/1\.1" 200 .*', line) for line in lines), lines
-    assert "INFO" not in outputs[1] and "serving" not in outputs[1]
-
-
-def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger():
-    script = textwrap.dedent("""
-        import logging, asok
-        print("root handlers:", logging.getLogger().handlers)
-        asok.log.info("first")
-        logging.basicConfig(format="ROOT %(name)s %(message)s")
-        asok.log.info("second")
-    """)
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    assert run.stdout == "root handlers: []\n"
-    assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
-
-
-def test_under_uvicorn_asoks_log_lines_come_out_formatted(tmp_path):
-    pytest.importorskip("uvicorn")
-    shutil.copytree(EXAMPLES / "echo", tmp_path / "echo")
-    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi", "--app-dir",
-                                    str(tmp_path / "echo")], ROOT)
-    proc.terminate()
-    output = proc.communicate(timeout=15)[0].decode()
-    assert re.search(r"^\S+ \S+ \[\d+\] INFO asok: signing key from \S+secret_key", output, re.M), output
-
+# ═══ 20. Running an app: load_app, serve_workers, the reloader ════════════════════════════════════
 
 def test_reload_restarts_when_a_python_file_changes(tmp_path):
     app_py = tmp_path / "app.py"
@@ -6934,3 +6870,79 @@ def test_the_shared_stylesheet_is_served_and_revalidated(tmp_path):
     assert r.status_code == 200 and r.headers["content-type"] == "text/css; charset=utf-8"
     assert ".asok-loading" in r.text and "html.asok-disconnected" in r.text and "system-ui" in r.text
     assert client.get("/asok/asok.css", headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+
+
+# ═══ 22. Command line: `python asok.py serve`, main() ═════════════════════════════════════════════
+
+# ── the command line: help, --version, logging ───────────────────────────────
+
+def test_cli_alone_prints_the_help_and_version_prints_the_version():
+    alone = asok_cli()
+    assert alone.returncode == 0 and alone.stdout.startswith("usage: asok")
+    assert "serve an app folder" in alone.stdout and "examples:\n" in alone.stdout
+    assert alone.stdout == asok_cli("--help").stdout
+    version = asok_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith(f"asok {asok.__version__} (Python 3.")
+
+
+def test_serve_help_gives_each_option_its_default_and_lists_the_environment():
+    commands = next(a for a in asok._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices["serve"]._actions:
+        if action.dest != "help":
+            assert "(default: " in action.help, f"{action.option_strings or action.dest}: say its default"
+    text = asok_cli("serve", "--help").stdout
+    for name in ("HOST", "PORT", "DEBUG", "SECRET_KEY"):
+        assert f"\n  {name} " in text.partition("environment:")[2]
+    assert "--log-level LEVEL" in text and "\nexamples:\n  # " in text
+
+
+def test_readme_shows_the_serve_help_as_the_cli_prints_it():
+    text = asok_cli("serve", "--help").stdout
+    assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
+        "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
+
+
+def test_a_bad_port_from_the_environment_is_a_clear_error():
+    run = asok_cli("serve", env={"PORT": "80a"})
+    assert run.returncode == 2 and "a port is a number from 0 to 65535 (given: '80a', from --port or $PORT)" in run.stderr
+
+
+def test_log_lines_carry_time_pid_level_and_log_level_filters_them(tmp_path):
+    (tmp_path / "src" / "pages").mkdir(parents=True)
+    (tmp_path / "src" / "pages" / "index.html").write_text("hi")
+    outputs = []
+    for args in ((), ("--log-level", "warning")):
+        with serve_process(tmp_path, *args) as (port, proc):
+            assert get(port, "/")[0] == 200
+            proc.terminate()
+            proc.wait(15)
+            outputs.append(proc.stdout.read().decode())
+    lines = outputs[0].splitlines()
+    pid = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\d+\]"
+    assert any(re.fullmatch(pid + r" INFO asok: serving .* on http://127\.0\.0\.1:\d+", line) for line in lines), lines
+    assert any(re.fullmatch(pid + r' INFO asok\.access: .*"GET / HTTP/1\.1" 200 .*', line) for line in lines), lines
+    assert "INFO" not in outputs[1] and "serving" not in outputs[1]
+
+
+def test_asok_logs_through_its_own_handler_and_never_configures_the_root_logger():
+    script = textwrap.dedent("""
+        import logging, asok
+        print("root handlers:", logging.getLogger().handlers)
+        asok.log.info("first")
+        logging.basicConfig(format="ROOT %(name)s %(message)s")
+        asok.log.info("second")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert run.stdout == "root handlers: []\n"
+    assert re.fullmatch(r"\S+ \S+ \[\d+\] INFO asok: first\nROOT asok second\n", run.stderr), run.stderr
+
+
+def test_under_uvicorn_asoks_log_lines_come_out_formatted(tmp_path):
+    pytest.importorskip("uvicorn")
+    shutil.copytree(EXAMPLES / "echo", tmp_path / "echo")
+    proc, port = wsi_start_uvicorn([sys.executable, "-m", "uvicorn", "app:app.asgi", "--app-dir",
+                                    str(tmp_path / "echo")], ROOT)
+    proc.terminate()
+    output = proc.communicate(timeout=15)[0].decode()
+    assert re.search(r"^\S+ \S+ \[\d+\] INFO asok: signing key from \S+secret_key", output, re.M), output
