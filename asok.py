@@ -116,6 +116,7 @@ import json
 import keyword
 import logging
 import math
+import mmap
 import mimetypes
 import os
 import queue
@@ -7087,6 +7088,9 @@ WS_CLOSE_TIMEOUT = 5.0     # wait this long for the peer's close frame
 SWITCH_INTERVAL = 0.0002   # GIL hand-off between the event loop and handler threads (default 5 ms)
 SWEEP_EVERY = 1.0          # deadlines are checked at least this often (a quarter of the shortest timeout)
 SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
+ACCEPT_DEFER = 0.001       # --workers: how long a worker holding more connections than another leaves
+ACCEPT_DEFER_TIMES = 3     # the shared socket to the others, and how many times in a row at most
+_worker_slots = None       # --workers: (open connections per worker, in shared memory; this worker's index)
 BODY_MIN_RATE = 1024       # bytes/s a request body must average once its first body_timeout is over
 WS_MAX_OUTPUT = 8 << 20    # bytes queued for one WebSocket peer (unread, or waiting to be sent); past it the
                            # peer is dropped. A single message larger than this still goes when none waits.
@@ -7725,6 +7729,73 @@ def _connection_limit(requested):
     return limit
 
 
+class _SharedListener:
+    """Accepts from a listening socket that other processes accept from too (`--workers`).
+    asyncio's own server accepts every pending connection at each wake-up, so the first
+    worker to wake takes a whole burst: ten keep-alive connections all on one of two
+    workers, the other idle. This one takes a connection at a time, and when `slots` (a
+    count of open connections per worker, in memory the workers share) shows this worker
+    holding more than another, it leaves the socket to the others for a moment, a few
+    times at most, so a wedged worker cannot hold connections back. It has the members
+    serve() uses of asyncio.Server."""
+
+    def __init__(self, loop, sock, factory, state, slots=None, index=0):
+        self.loop, self.factory, self.state, self.sockets = loop, factory, state, [sock]
+        self.slots, self.index, self.pending, self.deferred, self.closed = slots, index, 0, 0, False
+        self.tasks = set()
+        sock.setblocking(False)
+        self._publish()
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _publish(self):
+        mine = len(self.state.connections) + self.pending
+        if self.slots is not None:
+            self.slots[self.index] = mine
+        return mine
+
+    def _accept(self):
+        mine = self._publish()
+        if self.slots is not None and self.deferred < ACCEPT_DEFER_TIMES and mine > min(self.slots):
+            self.deferred += 1
+            self.loop.remove_reader(self.sockets[0].fileno())
+            self.loop.call_later(ACCEPT_DEFER, self._resume)
+            return
+        self.deferred = 0
+        try:
+            conn, _ = self.sockets[0].accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the client gave up while it queued
+        except OSError as exc:  # EMFILE and the like: the connection cap answers those it can
+            log.warning("accept failed: %s", exc)
+            return
+        self.pending += 1
+        self._publish()
+        task = self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn))
+        self.tasks.add(task)
+        task.add_done_callback(self._accepted)
+
+    def _accepted(self, task):
+        self.tasks.discard(task)
+        self.pending -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("accepted connection failed: %s", task.exception())
+
+    def _resume(self):
+        if not self.closed:
+            self.loop.add_reader(self.sockets[0].fileno(), self._accept)
+
+    def close(self):
+        self.closed = True
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.sockets[0].fileno())
+        if self.slots is not None:
+            self.slots[self.index] = 1 << 62  # a stopping worker is never the least loaded
+
+    async def wait_closed(self):
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
                 ready: Callable[[tuple[Any, ...]], Any] | None = None,
                 header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
@@ -7737,8 +7808,11 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
     sys.setswitchinterval(SWITCH_INTERVAL)
     state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval,
                          _connection_limit(max_connections))
-    where = {"sock": sock} if sock is not None else {"host": host, "port": port}
-    server = await loop.create_server(lambda: _HTTPConnection(state), backlog=1024, **where)
+    if sock is not None:
+        slots, index = _worker_slots or (None, 0)
+        server = _SharedListener(loop, sock, lambda: _HTTPConnection(state), state, slots, index)
+    else:
+        server = await loop.create_server(lambda: _HTTPConnection(state), host, port, backlog=1024)
     stop = stop or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -8515,6 +8589,7 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
     except OSError as exc:
         raise SystemExit(f"asok: cannot listen on {host}:{port}: {exc.strerror}")
     children, crashes, stopping = {}, 0, []
+    slots = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")  # shared with the children it forks
 
     def stop(signum, frame):
         stopping.append(signum)
@@ -8522,11 +8597,14 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    def spawn():
+    def spawn(index):
+        global _worker_slots
+        slots[index] = 1 << 62  # not serving yet: the others take what comes; its listener writes 0
         pid = os.fork()
         if pid == 0:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
+            _worker_slots = (slots, index)
             status = 1
             try:
                 asyncio.run(serve(load_app(app_dir), sock=sock))
@@ -8535,21 +8613,22 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
                 log.exception("worker %d failed", os.getpid())
             finally:
                 os._exit(status)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), index)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("%d workers on http://%s:%d (pid %d)", workers, host, sock.getsockname()[1], os.getpid())
-    for _ in range(workers):
-        spawn()
+    for index in range(workers):
+        spawn(index)
     while children:
         try:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        started = children.pop(pid, None)
+        started, index = children.pop(pid, (None, 0))
         if started is None or stopping:
             continue
+        slots[index] = 1 << 62  # until its replacement serves, the dead worker takes none
         crashes = crashes + 1 if time.monotonic() - started < WORKER_QUICK_DEATH else 0
         log.warning("worker %d exited (%s); starting another", pid, _exit_text(status))
         if crashes >= WORKER_MAX_CRASHES:
@@ -8558,7 +8637,7 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
             stopping.append("crashes")
             continue
         time.sleep(min(crashes * 0.5, 2.0))
-        spawn()
+        spawn(index)
     sock.close()
     return 1 if "crashes" in stopping else 0
 

@@ -251,10 +251,14 @@ class Server:
     def __exit__(self, *exc):
         died = self.proc is not None and self.proc.poll() is not None
         self.stop()
+        logged = (self.workdir / f"{self.label}.log").read_bytes() if self.log is not None else b""
         if died:
             print(f"bench: {self.label} server exited early ({self.proc.returncode}); its log ends:\n"
-                  f"{(self.workdir / f'{self.label}.log').read_bytes()[-3000:].decode(errors='replace')}",
-                  file=sys.stderr)
+                  f"{logged[-3000:].decode(errors='replace')}", file=sys.stderr)
+        elif b"Traceback" in logged:  # the temporary folder goes with the run: say it now
+            first = logged[logged.index(b"Traceback"):][:3000].decode(errors="replace")
+            print(f"bench: {self.label} server logged an error (the first of "
+                  f"{logged.count(b'Traceback')}):\n{first}", file=sys.stderr)
 
 
 def asok_server(example, tmp, label, *args, files=None, pin=True, env=None):

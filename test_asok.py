@@ -26,6 +26,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import traceback
 import urllib.parse
 import urllib.request
@@ -6798,6 +6799,58 @@ def test_serve_workers_refuses_a_bad_count_by_name(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "asok.py"), "serve", str(tmp_path), "--workers", "0"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "--workers takes a number of processes" in result.stderr
+
+
+def test_serve_workers_spread_a_burst_of_keep_alive_connections_over_both_workers(tmp_path):
+    # asyncio's own server accepts every queued connection when it wakes, so one worker took
+    # all ten connections of a burst and the other sat idle
+    app_dir = tmp_path / "pids"
+    app_dir.mkdir()
+    (app_dir / "app.py").write_text("import os\nfrom asok import Asok\napp = Asok(__file__)\n\n"
+                                    "@app.route('/pid')\ndef pid(request):\n    return str(os.getpid())\n")
+    with serve_process(app_dir, "--workers", "2") as (port, proc):
+        def pid_of_a_new_connection():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/pid", timeout=10) as r:
+                return int(r.read())
+        seen = set()
+        wait_for(lambda: seen.add(pid_of_a_new_connection()) or len(seen) == 2)  # both serving
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        try:
+            for s in socks:
+                s.sendall(b"GET /pid HTTP/1.1\r\nHost: x\r\n\r\n")
+            served = [int(s.recv(4096).rpartition(b"\r\n\r\n")[2]) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        assert set(served) == worker_pids(proc.pid)
+        assert min(served.count(pid) for pid in set(served)) >= 5, served  # not 19 and 1 either
+
+
+def test_a_worker_holding_more_connections_leaves_the_shared_socket_to_the_others_a_few_times():
+    loop = asyncio.new_event_loop()
+    listening = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listening.getsockname(), timeout=5)
+    state = types.SimpleNamespace(connections={"one open connection"})
+    slots = memoryview(bytearray(16)).cast("q")  # this worker's count, then the other's: 0
+    try:
+        listener = asok._SharedListener(loop, listening, asyncio.Protocol, state, slots, 0)
+        for _ in range(asok.ACCEPT_DEFER_TIMES):
+            listener._accept()
+            assert listener.pending == 0 and slots[0] == 1  # left for the other worker
+        listener._accept()  # the other did not take it: this one does, rather than hold it back
+        assert listener.pending == 1 and slots[0] == 2
+        slots[1] = 5
+        second = socket.create_connection(listening.getsockname(), timeout=5)
+        listener._accept()  # now the other holds more: no waiting
+        assert listener.pending == 2 and slots[0] == 3
+        listener.close()
+        assert slots[0] > 1 << 60  # a stopping worker is never the least loaded
+        second.close()
+    finally:
+        client.close()
+        listening.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
 
 
 # ═══ 21. The examples gallery and the shared stylesheet ═══════════════════════════════════════════
