@@ -6746,6 +6746,7 @@ class Asok(_AppPages):
                         replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
                     await outbox.reply(reply)
+                message = parsed = replies = reply = None  # an idle page's socket holds none of it
         finally:
             outbox.closed = True
             self.live.leave(conn)  # quick: no I/O, the lock is only ever held briefly
@@ -6816,22 +6817,33 @@ class _ServerWebSocket(WebSocket):
     def __init__(self, request, conn):
         self.request = request
         self._conn = conn
-        self._queue = asyncio.Queue()
-        self.queued = 0  # bytes of the messages in the queue
+        self._items = []      # messages not received yet, then the ConnectionClosed that ends them
+        self._waiter = None   # the future receive() waits on while there are none
+        self.queued = 0       # bytes of the messages in _items
         self.closed = None
 
     async def receive(self):
-        if self._queue.empty() and self.closed is not None:
-            raise ConnectionClosed(*self.closed)
-        item = await self._queue.get()
-        if not isinstance(item, ConnectionClosed):
-            self.queued -= len(item)
-            if self._conn.flow.paused:
-                self._conn.read_more()
+        # a list and one future rather than an asyncio.Queue (four deques: ~3 KB per idle socket)
+        while not self._items:
+            if self.closed is not None:
+                raise ConnectionClosed(*self.closed)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items[0]
         if isinstance(item, ConnectionClosed):
-            self._queue.put_nowait(item)
-            raise item
+            raise item  # it stays: every later receive() raises it too
+        del self._items[0]
+        self.queued -= len(item)
+        if self._conn.flow.paused:
+            self._conn.read_more()
         return item
+
+    def _wake(self):
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def send(self, data):
         if self.closed is not None:
@@ -6853,12 +6865,14 @@ class _ServerWebSocket(WebSocket):
 
     def _deliver(self, item):
         self.queued += len(item)
-        self._queue.put_nowait(item)
+        self._items.append(item)
+        self._wake()
 
     def _closed(self, code, reason):
         if self.closed is None:
             self.closed = (code, reason)
-            self._queue.put_nowait(ConnectionClosed(code, reason))
+            self._items.append(ConnectionClosed(code, reason))
+            self._wake()
 
 
 class _ASGIWebSocket(WebSocket):
@@ -7165,6 +7179,42 @@ def _settle(waiter, future):
         waiter.set_exception(exc)
 
 
+class _Gate:
+    """asyncio.Event's is_set / set / clear / wait, allocating nothing until someone waits:
+    every open connection holds one, and an asyncio.Event's deque alone is 760 bytes."""
+
+    __slots__ = ("_open", "_waiters")
+
+    def __init__(self):
+        self._open, self._waiters = True, None
+
+    def is_set(self):
+        return self._open
+
+    def clear(self):
+        self._open = False
+
+    def set(self):
+        self._open = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self):
+        if self._open:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class _FlowControl:
     """Back-pressure both ways on one transport. Reading pauses while we hold enough of the
     peer's input; `writable` is clear while asyncio's write buffer is over its high-water mark.
@@ -7177,8 +7227,7 @@ class _FlowControl:
         self.transport = transport
         self.timeout = timeout
         self.paused = False
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.writable = _Gate()
         self.stall = None  # write-buffer size when the peer was last seen reading, while watched
 
     def pause_reading(self):

@@ -5105,6 +5105,24 @@ def test_url_for_and_render_template_take_a_parameter_called_name(tmp_path):
 
 # ═══ 15. WebSocket handlers' side: the object an @app.websocket handler receives ══════════════════
 
+def test_a_server_websocket_keeps_a_message_that_arrives_while_its_receive_is_cancelled():
+    async def main():
+        conn = types.SimpleNamespace(flow=types.SimpleNamespace(paused=False))
+        ws = asok._ServerWebSocket(None, conn)
+        waiting = asyncio.ensure_future(ws.receive())
+        await asyncio.sleep(0)
+        ws._deliver("one")
+        waiting.cancel()  # woken, but cancelled before it ran: "one" must not go with it
+        await asyncio.sleep(0)
+        ws._deliver("two")
+        assert [await ws.receive(), await ws.receive()] == ["one", "two"] and ws.queued == 0
+        ws._closed(1000, "bye")
+        for _ in range(2):  # the close is seen by every later receive
+            with pytest.raises(asok.ConnectionClosed):
+                await ws.receive()
+    asyncio.run(main())
+
+
 # ── raw WebSocket frames over real sockets (used here and in 17) ──────────────
 
 WSI_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -5696,6 +5714,23 @@ def test_uvicorn_command_line_with_app_module_and_asgi_attribute():
 
 
 # ═══ 17. The asyncio server ═══════════════════════════════════════════════════════════════════════
+
+def test_the_write_gate_wakes_every_waiter_and_forgets_one_that_was_cancelled():
+    async def main():
+        gate = asok._Gate()
+        await asyncio.wait_for(gate.wait(), 1)  # open: no waiting
+        gate.clear()
+        first, second = asyncio.ensure_future(gate.wait()), asyncio.ensure_future(gate.wait())
+        gone = asyncio.ensure_future(gate.wait())
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert len(gate._waiters) == 2 and not first.done()
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 1)
+        assert gate._waiters is None and gone.cancelled()
+    asyncio.run(main())
+
 
 # ── the echo example through the CLI ─────────────────────────────────────────
 
