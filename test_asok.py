@@ -4639,7 +4639,9 @@ CLOCK_FILES = {
             @every(0.1)
             def tick(self):
                 self.ticks += 1
-                self.periods = self.periods + [round(time.time() / 0.1)]
+                # the period it runs in: a tick runs at or after its period's start, never a period late
+                # (round() here put a tick that ran late and the next, on time, in one period)
+                self.periods = self.periods + [int(time.time() / 0.1 + 1e-6)]
     ''',
     "src/components/ticker.html": "<b><< ticks >></b>",
     "src/pages/ticker.html": "<head></head><< component('Ticker') >>",
