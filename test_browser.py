@@ -557,9 +557,8 @@ def test_chat_across_two_nodes_on_redis(redis_nodes, browser):
 def test_a_timer_updates_the_page_on_its_own_and_stops_when_the_tab_closes(serve, context):
     server = serve("clock", {"app.py": STATS_APP})
     page = context.new_page()
-    page.goto(server.url)
-    expect(page.locator(".ticks")).to_have_text("0")
-    expect(page.locator(".ticks")).to_have_text("2")  # two ticks pushed, no click
+    assert '<dd class="ticks">0</dd>' in page.goto(server.url).text()  # as rendered (a tick may come at once)
+    expect(page.locator(".ticks")).to_have_text(re.compile(r"^([2-9]|\d\d+)$"))  # two ticks pushed, no click
     assert live_stats(server) == {"views": 1, "timers": 1}
     page.close()
     for _ in range(200):  # the server's own account: no view left, no timer running
