@@ -4968,6 +4968,9 @@ class _NothingToSave(Exception):
 
 # ═══ 12b. The live protocol: the hub's intake (tokens, messages, joins, views) ════════════════════
 
+# LiveHub is one object written as a chain of three classes, one a part (12b-12d), so that each
+# part reads on its own: _LiveIntake, then _LiveApply(_LiveIntake), then LiveHub(_LiveApply).
+# Nothing is overridden; a method of an earlier part may call one of a later part through self.
 class _LiveIntake:
     """The live protocol (DESIGN §5, §9): every message from a page's socket, every published
     message and every timer tick for a component goes through here.
@@ -5995,6 +5998,8 @@ log = logging.getLogger("asok")
 access_log = logging.getLogger("asok.access")
 
 
+# Asok is one object written as a chain of four classes, one a part (14a-14d), as LiveHub is:
+# _AppSetup, _AppSessions(_AppSetup), _AppPages(_AppSessions), then Asok(_AppPages).
 class _AppSetup:
     """Asok, part one (14a): its settings and what is registered on it (routes, hooks,
     WebSocket routes, filters, pages, components). 14b-14d add the rest."""
