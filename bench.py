@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -1338,6 +1339,8 @@ def run_upload(tmp, cfg):
 
 PYVIEW_PYTHON = HERE / ".venv-pyview" / "bin" / "python"   # `make bench` creates it (pyview-web, uvicorn[standard])
 LIST_ROWS, LIST_ROW = 1000, 500      # the list component's rows, and the row one event changes
+BIG_ROWS = 10_000                    # the growth target's list: one row of 10,000 changes per event
+OTHERS = 199                         # the growth target's other components saved in the session
 
 # One template for both list components; {button} is each framework's way to call bump(500).
 LIST_TEMPLATE = """<div>
@@ -1416,6 +1419,7 @@ from starlette.staticfiles import StaticFiles  # noqa: E402
 from pyview import PyView  # noqa: E402
 from pv_counter import CounterLiveView  # noqa: E402
 from pv_rows import RowsLiveView  # noqa: E402
+from pv_rows10k import BigRowsLiveView  # noqa: E402
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -1450,6 +1454,7 @@ app.mount("/static", StaticFiles(packages=[("pyview", "static")]), name="static"
 app.rootTemplate = root_template
 app.add_live_view("/", CounterLiveView)
 app.add_live_view("/rows", RowsLiveView)
+app.add_live_view("/rows10k", BigRowsLiveView)
 '''
 
 
@@ -1481,23 +1486,27 @@ def pyview_server(tmp, python):
     (folder / "pv_counter.html").write_text(pyview_counter_template())
     (folder / "pv_rows.py").write_text(PYVIEW_LIST_VIEW)
     (folder / "pv_rows.html").write_text(LIST_TEMPLATE.format(button=PYVIEW_LIST_BUTTON))
+    (folder / "pv_rows10k.py").write_text(PYVIEW_LIST_VIEW.replace(f"range({LIST_ROWS})", f"range({BIG_ROWS})")
+                                          .replace("class RowsLiveView", "class BigRowsLiveView"))
+    (folder / "pv_rows10k.html").write_text(LIST_TEMPLATE.format(button=PYVIEW_LIST_BUTTON))
     port = free_port()
     argv = [str(python), "-m", "uvicorn", "bench_pyview_app:app", "--host", "127.0.0.1", "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
     return Server(argv, port, folder, "pyview")
 
 
-def asok_list_server(tmp):
-    """asok serving one page with the 1,000-row list component."""
-    folder = Path(tmp) / "asok-list"
+def asok_list_server(tmp, rows=LIST_ROWS):
+    """asok serving one page with the list component of `rows` rows (1,000 unless told)."""
+    folder = Path(tmp) / f"asok-list-{rows}"
     (folder / "src" / "pages").mkdir(parents=True)
     (folder / "src" / "components").mkdir(parents=True)
     (folder / "src" / "pages" / "index.html").write_text(ASOK_LIST_PAGE)
-    (folder / "src" / "components" / "Rows.py").write_text(ASOK_LIST_COMPONENT)
+    (folder / "src" / "components" / "Rows.py").write_text(
+        ASOK_LIST_COMPONENT.replace(f"range({LIST_ROWS})", f"range({rows})"))
     (folder / "src" / "components" / "rows.html").write_text(LIST_TEMPLATE.format(button=ASOK_LIST_BUTTON))
     port = free_port()
     argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
-    return Server(argv, port, tmp, "asok-list")
+    return Server(argv, port, tmp, f"asok-list-{rows}")
 
 
 # The Phoenix LiveView client's rendered tree: {"s": statics, "0": dynamic, ...}, and for a
@@ -1782,7 +1791,214 @@ def run_peers(tmp, opts, cfg):
             results["rounds"].append(done)
         with asok_list_server(tmp) as list_srv:
             results["bytes"] = {"asok": asok_bytes(asok_srv.port, list_srv.port), "pyview": pyview_bytes(pv_srv.port)}
+        results["growth"] = run_growth(tmp, cfg, rounds, pv_srv)
     return results
+
+
+# ── Growth (issue 16): other components saved in the session, a 10,000-row list, idle sockets ──
+
+MANY_PAGE = ('<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>many</title>\n</head>\n'
+             "<body>\n" + "{{ component('Counter', count=10) }}\n" * (OTHERS + 1) + "</body>\n</html>\n")
+
+
+def page_components(port, path="/", cookie=None):
+    """(cookie, csrf, [(cid, component, state token), ...]) of one page load."""
+    status, headers, body, _ = http_get(port, path, cookie)
+    if status != 200:
+        raise RuntimeError(f"GET {path} answered {status}")
+    text = body.decode()
+    cookies = [v.split(";")[0] for k, v in headers if k.lower() == "set-cookie"]
+    found = [(html.unescape(c), name, html.unescape(t)) for c, name, t in COMPONENT_RE.findall(text)]
+    return "; ".join(cookies) or cookie, html.unescape(CSRF_RE.search(text).group(1)), found
+
+
+async def asok_increment_each(port, cookie, csrf, comps):
+    """One increment on each of `comps` (so the session saves them); the session's clicks after."""
+    ws = await RawWS.connect(port, "/asok/live", cookie)
+    page, clicks = f"{random.random()}:", None
+    try:
+        for n, (cid, name, state) in enumerate(comps, 1):
+            ws.send(asok_call(page + str(n), cid, name, state, "increment", [], csrf, None))
+            for _ in range(10):  # a push may come first
+                data = json.loads(await ws.recv())
+                if data.get("id") == page + str(n):
+                    break
+            if "error" in data or "html" not in data:
+                raise RuntimeError(f"asok refused an increment of {cid}: {str(data)[:300]}")
+            clicks = int(PCOUNT_RE.search(data["html"]).group(1))
+    finally:
+        await ws.close()
+    return clicks
+
+
+def many_turn(server, others, cfg):
+    """Live events/s (1 connection) of the first counter of a fresh session's /many page, with
+    `others` of the page's other counters saved in that session first."""
+    cookie, csrf, comps = page_components(server.port, "/many")
+    if len(comps) != OTHERS + 1:
+        raise RuntimeError(f"/many shows {len(comps)} components, not {OTHERS + 1}")
+    clicks = asyncio.run(asok_increment_each(server.port, cookie, csrf, comps[1:1 + others])) if others else 0
+    cid, name, state = comps[0]
+    visitor = types.SimpleNamespace(cid=cid, component=name, state=state, csrf=csrf, count=10, pcount=clicks)
+
+    def task(ws, i, stats, window):
+        return live_client(ws, visitor, stats, window)
+    return asyncio.run(ws_run(server, [("/asok/live", cookie)], task, cfg["live_warm"], cfg["peer_live_secs"], "raw"))
+
+
+BIG_ROW_RE = re.compile(r'<tr id="row-%d"><td>row %d</td><td>(\d+)</td></tr>' % (LIST_ROW, LIST_ROW))
+
+
+async def asok_list_client(ws, visitor, stats, window):
+    """bump(LIST_ROW) like alive.js, each after the previous reply; the row's score must follow."""
+    page, state, held, clicks = f"{random.random()}:", visitor.state, None, 0
+    for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
+        if window.stopped:
+            break
+        rid = page + str(n)
+        text = asok_call(rid, visitor.cid, visitor.component, state, "bump", [LIST_ROW], visitor.csrf, held)
+        t0 = time.perf_counter_ns()
+        ws.send(text)
+        try:
+            reply = await ws.recv()
+        except (TimeoutError, ConnectionError) as exc:
+            stats.lost += 1
+            stats.errors.append(repr(exc))
+            break
+        t1 = time.perf_counter_ns()
+        data = json.loads(reply)
+        if data.get("id") != rid or "error" in data:
+            stats.lost += 1
+            stats.errors.append(reply[:300])
+            break
+        state, held = data["state"], asok_html(data, held)
+        clicks += 1
+        stats.total += 1
+        if n > 1:
+            visitor.call_bytes.append(len(text.encode()))
+        if window.measuring:
+            stats.latencies.append(t1 - t0)
+            stats.events += 1
+    if clicks and int(BIG_ROW_RE.search(held[1]).group(1)) != clicks:
+        stats.final_mismatch += 1
+        stats.errors.append(f"row {LIST_ROW} shows {BIG_ROW_RE.search(held[1]).group(1)} after {clicks} bumps")
+
+
+async def pyview_list_client(ws, visitor, stats, window):
+    """The same against pyview: phx-click bump with phx-value-i, the diff merged into the tree."""
+    clicks = 0
+    for _ in range(MAX_EVENTS_PER_CLIENT):
+        if window.stopped:
+            break
+        t0 = time.perf_counter_ns()
+        ref, _ = ws.push("event", phx_click("bump", i=str(LIST_ROW)))
+        try:
+            reply, _ = await ws.reply(ref)
+        except (TimeoutError, ConnectionError) as exc:
+            stats.lost += 1
+            stats.errors.append(repr(exc))
+            break
+        t1 = time.perf_counter_ns()
+        if reply.get("status") != "ok":
+            stats.lost += 1
+            stats.errors.append(str(reply)[:300])
+            break
+        phx_merge(ws.tree, reply.get("response", {}).get("diff", {}))
+        clicks += 1
+        stats.total += 1
+        if window.measuring:
+            stats.latencies.append(t1 - t0)
+            stats.events += 1
+    if clicks:
+        found = BIG_ROW_RE.search(phx_html(ws.tree))
+        if not found or int(found.group(1)) != clicks:
+            stats.final_mismatch += 1
+            stats.errors.append(f"pyview: row {LIST_ROW} shows {found and found.group(1)} after {clicks} bumps")
+
+
+def big_list_turn(kind, server, cfg):
+    """Events/s of one connection bumping one row of the 10,000-row list (a fresh page each turn)."""
+    secs = max(cfg["peer_live_secs"], 2.0)
+    if kind == "asok":
+        cookie, csrf, comps = page_components(server.port)
+        cid, name, state = next(c for c in comps if c[1] == "Rows")
+        visitor = types.SimpleNamespace(cid=cid, component=name, state=state, csrf=csrf, call_bytes=[])
+        run = asyncio.run(ws_run(server, [("/asok/live", cookie)], lambda ws, i, st, w: asok_list_client(
+            ws, visitor, st, w), cfg["live_warm"], secs, "raw"))
+        run["call_bytes"] = max(visitor.call_bytes, default=0)
+        run["first_state_bytes"] = len(state)
+        return run
+    visitor = PyviewVisitor(server.port, "/rows10k")
+    return asyncio.run(ws_run(server, [("/rows10k", visitor)], lambda ws, i, st, w: pyview_list_client(
+        ws, visitor, st, w), cfg["live_warm"], secs, PhxWS))
+
+
+async def idle_rss(server, items, warm):
+    """The server's RSS before and after opening a socket for each (path, cookie, first message);
+    `warm` sockets are opened and closed first (the allocator's first growth is not theirs)."""
+    conns = []
+    try:
+        for path, cookie, message in warm:
+            ws = await RawWS.connect(server.port, path, cookie)
+            if message:
+                ws.send(message)
+            await asyncio.sleep(0.01)
+            await ws.close()
+        await asyncio.sleep(0.5)
+        before = server.rss()
+        for start in range(0, len(items), 100):
+            batch = items[start:start + 100]
+            opened = await asyncio.wait_for(asyncio.gather(
+                *(RawWS.connect(server.port, path, cookie) for path, cookie, _ in batch)), 30)
+            for ws, (_, _, message) in zip(opened, batch):
+                if message:
+                    ws.send(message)
+            conns += opened
+        await asyncio.sleep(1.0)
+        after = server.rss()
+        return before, after, sum(not ws.closed for ws in conns)
+    finally:
+        for ws in conns:
+            await ws.close()
+
+
+def run_idle_views(tmp, cfg):
+    """RSS per idle WebSocket: /asok/live sockets, each of its own session with its page's counter
+    joined (as alive.js joins on open), beside examples/echo's /echo sockets."""
+    n, warm = cfg["idle_conns"], 20
+    limit = raise_fd_limit(n * 2 + 512)
+    if limit < n + 256:
+        return {"skipped": f"fd limit {limit} is below {n + 256}"}
+    out = {"connections": n}
+    with asok_server("echo", tmp, "idle-echo") as server:
+        before, after, alive = asyncio.run(idle_rss(server, [("/echo", None, None)] * n, [("/echo", None, None)] * warm))
+        out["echo"] = {"kib_per_conn": (after - before) / n / 1024, "open": alive}
+    with asok_server("counter", tmp, "idle-live") as server:
+        items = []
+        for _ in range(n + warm):
+            v = Visitor(server.port)
+            join = json.dumps({"join": [[v.cid, v.component, asok_ref(v.state)]], "url": "/", "csrf": v.csrf})
+            items.append(("/asok/live", v.cookie, join))
+        before, after, alive = asyncio.run(idle_rss(server, items[warm:], items[:warm]))
+        out["live"] = {"kib_per_conn": (after - before) / n / 1024, "open": alive}
+    out["extra_kib"] = out["live"]["kib_per_conn"] - out["echo"]["kib_per_conn"]
+    return out
+
+
+def run_growth(tmp, cfg, rounds, pv_srv):
+    """Issue 16's growth targets, `rounds` rounds alternating the order within each pair."""
+    out = {"many": [], "big": []}
+    with asok_server("counter", tmp, "peer-many", files={"src/pages/many.html": MANY_PAGE}) as many, \
+            asok_list_server(tmp, BIG_ROWS) as big:
+        for r in range(rounds):
+            print(f"bench: growth round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+            order = (0, OTHERS) if r % 2 == 0 else (OTHERS, 0)
+            out["many"].append({str(k): many_turn(many, k, cfg) for k in order})
+            order = ("asok", "pyview") if r % 2 == 0 else ("pyview", "asok")
+            out["big"].append({kind: big_list_turn(kind, big if kind == "asok" else pv_srv, cfg) for kind in order})
+    print("bench: idle sockets (live, echo)", file=sys.stderr, flush=True)
+    out["idle"] = run_idle_views(tmp, cfg)
+    return out
 
 
 PEER_FIGURES = [  # (label, run, figure)
@@ -1881,6 +2097,9 @@ def print_peers(peers):
     print_rows(("measure", "asok", "pyview", "asok/pyview"), rows)
     for b in bad:
         print(f"  {b}")
+    if peers.get("growth"):
+        peers["growth"]["list_call_bytes"] = peers["bytes"]["asok"]["list_request"]
+        print_growth(peers["growth"])
     starved = [f"{kind} {run} round {i + 1}: {r[kind][run]['server_cpu_pct']:.0f}%"
                for i, r in enumerate(peers["rounds"]) for kind in ("asok", "pyview") for run in ("live50", "page10")
                if r[kind][run]["server_cpu_pct"] < 60]
@@ -1898,12 +2117,63 @@ def print_peers(peers):
         verdict = _met(op, limit, value)
         out[key + ".asok"] = {"value": value, "op": op, "limit": limit, "pass": verdict == "pass"}
         checks.append((label, fmt(value), f"{op} {limit:g}", verdict))
+    growth = peers.get("growth")
+    if growth:
+        for key, (op, limit, label, value, unit) in growth_checks(growth).items():
+            verdict = _met(op, limit, value)
+            out[key] = {"value": value, "op": op, "limit": limit, "pass": verdict == "pass"}
+            checks.append((label, fmt(value) + unit, f"{op} {limit:g}{unit}", verdict))
     print("\nissue 16 targets, asok/pyview (median of rounds)")
     print_rows(("target", "figure", "target", ""), checks, right=(1,))
     met = sum(c[3] == "pass" for c in checks)
-    print(f"{met} of {len(checks)} met; not measured here: RSS per idle WebSocket against asok's echo route, "
-          "the growth targets (other components in the session, a 10,000-row component)")
+    print(f"{met} of {len(checks)} met")
     return out
+
+
+def growth_checks(growth):
+    """{key: (comparison, limit, label, value, unit)} of issue 16's growth targets."""
+    many = [r[str(OTHERS)]["events_per_s"] / r["0"]["events_per_s"] for r in growth["many"]]
+    big = [r["asok"]["events_per_s"] / r["pyview"]["events_per_s"] if r["pyview"]["events_per_s"] else float("inf")
+           for r in growth["big"]]
+    out = {"growth.others": (">=", 0.9, f"events/s, {OTHERS} others saved / none", median(many), "x"),
+           "growth.big_list": (">=", 2.0, f"events/s, one row of {BIG_ROWS:,}", median(big), "x")}
+    small = growth.get("list_call_bytes")
+    if small:
+        calls = max(r["asok"]["call_bytes"] for r in growth["big"])
+        out["growth.call_bytes"] = ("<=", 1.05, f"call bytes once saved, {BIG_ROWS:,} / {LIST_ROWS:,} rows",
+                                    calls / small, "x")
+    idle = growth.get("idle", {})
+    if "extra_kib" in idle:
+        out["growth.idle_kib"] = ("<=", 1.0, "RSS per idle live socket - echo's", idle["extra_kib"], " KiB")
+    return out
+
+
+def print_growth(growth):
+    """The growth figures behind the targets: medians (min-max) of the rounds."""
+    rows = []
+    for k in ("0", str(OTHERS)):
+        for fig, label in (("events_per_s", "events/s"), ("p50_ms", "p50 ms"),
+                           ("server_cpu_us_per_event", "server CPU µs/event")):
+            rows.append((f"counter, {k} other components saved: {label}",
+                         _spread([r[k][fig] for r in growth["many"]]), ""))
+    for fig, label in (("events_per_s", "events/s"), ("p50_ms", "p50 ms"),
+                       ("server_cpu_us_per_event", "server CPU µs/event")):
+        rows.append((f"{BIG_ROWS:,}-row list, one row: {label}", _spread([r["asok"][fig] for r in growth["big"]]),
+                     _spread([r["pyview"][fig] for r in growth["big"]])))
+    rows.append((f"{BIG_ROWS:,}-row list: call bytes once saved (first state)",
+                 f"{max(r['asok']['call_bytes'] for r in growth['big'])} "
+                 f"({growth['big'][0]['asok']['first_state_bytes']:,})", ""))
+    idle = growth.get("idle", {})
+    if "extra_kib" in idle:
+        rows.append((f"RSS per idle WebSocket KiB ({idle['connections']:,} open)",
+                     f"live {fmt(idle['live']['kib_per_conn'])}, echo {fmt(idle['echo']['kib_per_conn'])}", ""))
+    bad = [f"{kind}: {r[kind]['errors'][:2]}" for part in ("many", "big") for r in growth[part] for kind in r
+           if r[kind]["lost"] or r[kind]["out_of_order"] or r[kind]["final_mismatch"]]
+    print(f"\ngrowth (issue 16): one connection; a fresh session each turn; median (min-max) of {len(growth['many'])} "
+          "round(s)")
+    print_rows(("measure", "asok", "pyview"), rows, right=(1, 2))
+    for b in bad:
+        print(f"  lost or wrong: {b}")
 
 
 def print_rows(heads, rows, right=(1, 2, 3)):
