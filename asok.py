@@ -2977,6 +2977,11 @@ class SessionStore:
       the record fn changed before it returns fn's result. If fn raises, nothing is written
       and the exception propagates. If the write cannot be made durable, it raises
       StoreUnavailable and the previous record stays as it was, in the store and in any cache.
+    - A store may hand fn `record["live"]` (the component states, {cid: entry}) as a
+      MutableMapping that parses an entry when it is first read, and write only the entries fn
+      read or set that changed (FileSessionStore does: an event on one component costs that
+      component, not the session's others). fn uses it as a mapping; `_plain(record)` makes
+      the record a plain dict where one is needed (to compare or copy it whole).
     - Every record returned is the caller's own copy: changing it changes nothing stored.
     - The store enforces `lifetime` (seconds since the last write): an older record is gone.
       `Asok` sets it from its `session_lifetime`.
@@ -3016,17 +3021,23 @@ class SessionStore:
 # ═══ 8b. Sessions: the file store, and the record both stores keep ════════════════════════════════
 
 class FileSessionStore(SessionStore):
-    """One file per session under `folder`. Each save appends the whole record as one JSON
-    line in one write, so a save costs one small append instead of a rename (on ext4 a
-    rename over an existing file forces a block allocation: ~100 µs against ~3 µs). Loading
-    takes the last complete line; a line torn by a crash is skipped. When the file grows past
-    SESSION_LOG_MAX (or four records) it is rewritten to one line: a temporary file, written,
-    fsynced and checked for length, then `os.replace`, so a crash at any point leaves either
-    the old file or the new one. A write the disk refuses or cuts short is truncated back off
-    the file and raises StoreUnavailable. `flock` on one of _LOCK_STRIPES lock files (plus a
-    thread lock) guards read-modify-write across threads and processes. The cache keeps the
-    last line read or written of recent files, keyed by (inode, size, mtime), and parses it
-    for each caller: nobody shares a live object with a writer."""
+    """One file per session under `folder`, a log of JSON lines, each appended in one write, so
+    a save costs one small append instead of a rename (on ext4 a rename over an existing file
+    forces a block allocation: ~100 µs against ~3 µs). A line is either a whole record or what
+    one update changed: `{"~": the record but its component states, "p": [cids removed],
+    "l": {cid: entry set}}` (an entry set after its removal goes last, as in a dict). So an
+    event on one component appends that component's entry and the session's few small keys,
+    whatever else the session holds. Loading takes the last whole record and applies the
+    changes after it in order; a line torn by a crash is skipped (it was never acknowledged,
+    and the writer forgot everything it knew of the file). When the file grows past
+    SESSION_LOG_MAX (or four times the whole record) it is rewritten to one line: a temporary
+    file, written, fsynced and checked for length, then `os.replace`, so a crash at any point
+    leaves either the old file or the new one. A write the disk refuses or cuts short is
+    truncated back off the file and raises StoreUnavailable. `flock` on one of _LOCK_STRIPES
+    lock files (plus a thread lock) guards read-modify-write across threads and processes.
+    The cache keeps recent files' records as JSON text (the small keys in one text, each
+    component's entry in its own), keyed by (inode, size, mtime); each caller parses what it
+    reads: nobody shares a live object with a writer."""
 
     def __init__(self, folder: str | os.PathLike, lifetime: float = SESSION_LIFETIME,
                  max_record: int = SESSION_MAX_RECORD) -> None:
@@ -3039,7 +3050,7 @@ class FileSessionStore(SessionStore):
         self._lock_fds = {}
         self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
         self._fd_lock = threading.Lock()
-        self._cache = {}  # path -> ((inode, size, mtime_ns), the record's JSON line)
+        self._cache = {}  # path -> ((inode, size, mtime_ns), the record as _StoredRecord texts)
         self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
 
     def _path(self, sid):
@@ -3064,41 +3075,32 @@ class FileSessionStore(SessionStore):
         return _StoreLock(self._thread_locks[stripe], fd)
 
     def _read(self, path):
-        """(record or None, bytes in the file, whether it ends with a complete line, its inode).
-        The record is the caller's own; a file that cannot be read raises StoreUnavailable."""
+        """(_StoredRecord or None, bytes in the file, whether it ends with a complete line, its
+        inode). A file that cannot be read raises StoreUnavailable."""
         try:
             st = os.stat(path)
             cached = self._cache.get(path)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if cached is not None and cached[0] == stamp:
-                record, size, clean_end = json.loads(cached[1]), st.st_size, True
+                stored, clean_end = cached[1], True
             else:
                 with open(path, "rb") as f:
                     raw = f.read()
-                record, size, clean_end = self._parse(path, stamp, raw)
+                stored, clean_end = _StoredRecord.parse(raw)
+                if stored is not None and clean_end:
+                    self._remember(path, stamp, stored)
         except FileNotFoundError:
             return None, 0, True, 0
         except OSError as exc:
             raise _unavailable("read", path, exc) from exc
-        expires = record.get("expires", 0) if record is not None else 0
-        if record is not None and not (isinstance(expires, (int, float)) and expires >= time.time()):
-            record = None
-        return record, size, clean_end, st.st_ino
+        if stored is not None and not stored.alive():
+            stored = None
+        return stored, st.st_size, clean_end, st.st_ino
 
-    def _parse(self, path, stamp, raw):
-        size, clean_end = len(raw), raw.endswith(b"\n") or not raw
-        last = raw.rfind(b"\n", 0, len(raw) - 1) + 1
-        record = _json_record(raw[last:]) if clean_end else None
-        if record is not None:
-            self._remember(path, stamp, raw[last:])
-        else:  # the last line is torn: take the newest whole one (the next save mends the file)
-            record = next(filter(None, map(_json_record, reversed(raw[:last].split(b"\n")))), None)
-        return record, size, clean_end
-
-    def _remember(self, path, stamp, line):
+    def _remember(self, path, stamp, stored):
         cache = self._cache
         cache.pop(path, None)
-        cache[path] = (stamp, line)
+        cache[path] = (stamp, stored)
         if len(cache) > SESSION_CACHE_SIZE:
             del cache[next(iter(cache))]
 
@@ -3114,23 +3116,33 @@ class FileSessionStore(SessionStore):
             path = self._path(sid)
         except ValueError:
             return None
-        return self._read(path)[0]
+        stored = self._read(path)[0]
+        return None if stored is None else json.loads(stored.line())
 
-    def _write(self, path, record, size, clean_end, ino):
+    def _write(self, path, record, stored, live, size, clean_end, ino):
+        """Write what fn made of `stored` (read under the lock; None if there was no record):
+        only what changed if `live` (the _LiveEntries fn got) is still record["live"], else
+        the whole record."""
         record["expires"] = int(time.time()) + self.lifetime
-        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        if len(line) > self.max_record:
-            raise SessionTooLarge(f"the session record would be {len(line)} bytes; "
+        if stored is not None and live is not None and record.get("live") is live:
+            new, line = stored.changed(record, live)
+        else:
+            new, line = _StoredRecord.of(record), None
+        whole = new.size()
+        if whole > self.max_record:
+            raise SessionTooLarge(f"the session record would be {whole} bytes; "
                                   f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
         try:
-            if size + len(line) > max(SESSION_LOG_MAX, 4 * len(line)):
+            if line is None or size + len(line) > max(SESSION_LOG_MAX, 4 * whole):
+                line = new.line()
+            if size + len(line) > max(SESSION_LOG_MAX, 4 * whole):
                 st = self._compact(path, line)
             else:
                 st = self._append(path, line, size, clean_end, ino)
         except OSError as exc:
             self._forget(path)
             raise _unavailable("write", path, exc) from exc
-        self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), line)
+        self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), new)
 
     def _append(self, path, line, size, clean_end, ino):
         fd = self._append_fd(path, ino)
@@ -3181,8 +3193,8 @@ class FileSessionStore(SessionStore):
     def save(self, sid: str, record: dict[str, Any]) -> None:
         path = self._path(sid)
         with self._lock(sid):
-            _, size, clean_end, ino = self._read(path)
-            self._write(path, dict(record), size, clean_end, ino)
+            stored, size, clean_end, ino = self._read(path)
+            self._write(path, dict(record), stored, None, size, clean_end, ino)
 
     def delete(self, sid: str) -> None:
         path = self._path(sid)
@@ -3198,18 +3210,19 @@ class FileSessionStore(SessionStore):
     local = True
 
     def update(self, sid: str, fn: Callable[[dict[str, Any]], Any], wait: bool = True) -> Any:
-        """Run fn(record) under the session's lock and save the record it changed. The record
-        is this call's own copy, so if fn raises or the write fails, nothing changed anywhere.
-        With wait=False, a lock held by another thread or process raises StoreBusy at once."""
+        """Run fn(record) under the session's lock and save what it changed. The record is this
+        call's own copy, its component states parsed as fn reads them (_LiveEntries), so if fn
+        raises or the write fails, nothing changed anywhere. With wait=False, a lock held by
+        another thread or process raises StoreBusy at once."""
         path = self._path(sid)
         lock = self._lock(sid)
         if not wait:
             lock = lock.now()
         with lock:
-            record, size, clean_end, ino = self._read(path)
-            record = record or {"data": {}, "live": {}}
+            stored, size, clean_end, ino = self._read(path)
+            record, live = stored.record() if stored is not None else ({"data": {}, "live": {}}, None)
             result = fn(record)
-            self._write(path, record, size, clean_end, ino)
+            self._write(path, record, stored, live, size, clean_end, ino)
             return result
 
     def collect(self, max_age: float | None = None) -> int:
@@ -3242,6 +3255,200 @@ def _unavailable(action, path, exc):
     return StoreUnavailable(f"the session store cannot {action} {path}: {reason}", reason)
 
 
+_dump = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(value, separators=(",", ":")), quicker
+
+
+class _Raw(str):
+    """A component entry's JSON text, not parsed yet (FileSessionStore)."""
+    __slots__ = ()
+
+
+class _LiveEntries(collections.abc.MutableMapping):
+    """record["live"] as FileSessionStore.update hands it to fn: {cid: entry}, an entry parsed
+    from its JSON text when first read. It notes what fn read, set and deleted, so the store
+    writes only the entries that changed; an entry deleted and set again goes last, as in a dict
+    (the least recently saved component is the first one a full session drops)."""
+    __slots__ = ("_d", "_fresh", "_touched", "_appended", "_gone", "checked")
+
+    def __init__(self, texts, fresh=frozenset()):
+        self._d = dict(texts)  # cid -> _Raw text, or the entry once read or set
+        self._fresh = fresh  # cids read from the disk whose shape nobody here checked yet
+        self._touched, self._appended, self._gone = set(), [], set()
+        self.checked = False
+
+    def __getitem__(self, cid):
+        value = self._d[cid]
+        if value.__class__ is _Raw:
+            value = self._d[cid] = json.loads(value)
+            self._touched.add(cid)
+        return value
+
+    def __setitem__(self, cid, value):
+        if cid not in self._d:
+            self._appended.append(cid)
+        self._d[cid] = value
+        self._touched.add(cid)
+
+    def __delitem__(self, cid):
+        del self._d[cid]
+        self._gone.add(cid)
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __contains__(self, cid):
+        return cid in self._d
+
+    def __repr__(self):
+        return f"<_LiveEntries {len(self._d)} components>"
+
+    def unchecked(self):
+        """[(cid, entry)] of the entries read from the disk that nobody in this process has
+        checked the shape of (_record_problem checks these; the others it checked before)."""
+        self.checked = True
+        return [(cid, self[cid]) for cid in self._fresh if cid in self._d]
+
+
+def _plain(record):
+    """`record` with its component states a plain dict (see SessionStore)."""
+    live = record.get("live")
+    return {**record, "live": dict(live.items())} if isinstance(live, _LiveEntries) else record
+
+
+class _StoredRecord:
+    """A session record as FileSessionStore keeps it in its cache: the record but its component
+    states as one JSON text (`top`), each component's entry as its own (`live`, None when the
+    record's "live" is not an object: then it stays in `top`, for asok to find malformed)."""
+    __slots__ = ("top", "live", "live_size", "fresh", "expires")
+
+    def __init__(self, top, live, live_size, fresh, expires):
+        self.expires = expires  # the record's "expires", as it holds it
+        self.top = top  # JSON text of the record without "live"
+        self.live = live  # cid -> _Raw entry text, in the record's order
+        self.live_size = live_size  # characters of `"cid":entry,` over the entries
+        self.fresh = fresh  # cids read from the disk, not shape-checked yet (_LiveEntries.unchecked)
+
+    @classmethod
+    def of(cls, record, fresh=frozenset()):
+        live = record.get("live")
+        if isinstance(live, _LiveEntries):
+            fresh = frozenset() if live.checked else frozenset(c for c in live._fresh if c in live)
+            live = {cid: v if v.__class__ is _Raw else _Raw(_dump(v)) for cid, v in live._d.items()}
+        elif isinstance(live, dict):
+            live = {cid: _Raw(_dump(entry)) for cid, entry in live.items()}
+        else:
+            return cls(_dump(record), None, 0, frozenset(), record.get("expires", 0))
+        size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in live.items())
+        return cls(_dump({k: v for k, v in record.items() if k != "live"}), live, size, fresh,
+                   record.get("expires", 0))
+
+    @classmethod
+    def parse(cls, raw):
+        """(the record a file holds or None, whether the file ends with a complete line): its
+        last whole record with the changes after it applied; torn lines are skipped."""
+        clean_end = raw.endswith(b"\n") or not raw
+        base, changes = None, []
+        for line in reversed(raw.split(b"\n")[:-1]):  # the last piece is empty or torn
+            record = _json_record(line)
+            if record is None:
+                continue
+            if line.startswith(b'{"~":'):
+                changes.append(record)
+            else:
+                base = record
+                break
+        if base is None and not changes:
+            return None, clean_end
+        base = base or {"data": {}, "live": {}}
+        stored = cls.of(base, fresh=frozenset(base["live"]) if isinstance(base.get("live"), dict) else frozenset())
+        for change in reversed(changes):
+            stored = stored.applied(change)
+        return stored, clean_end
+
+    def applied(self, change):
+        """This record with one change line (parsed) applied."""
+        top, removed, entries = change.get("~"), change.get("p", []), change.get("l", {})
+        if not (isinstance(top, dict) and isinstance(removed, list) and isinstance(entries, dict)):
+            return self  # not a line asok wrote: skipped, as a torn one is
+        live, size = dict(self.live or {}), self.live_size
+        for cid in removed:
+            text = live.pop(cid, None) if isinstance(cid, str) else None
+            if text is not None:
+                size -= len(_dump(cid)) + len(text) + 2
+        for cid, entry in entries.items():
+            text, old = _Raw(_dump(entry)), live.get(cid)
+            size += len(text) - (len(old) if old is not None else -len(_dump(cid)) - 2)
+            live[cid] = text
+        return _StoredRecord(_dump(top), live, size, self.fresh | frozenset(entries), top.get("expires", 0))
+
+    def record(self):
+        """(the caller's own record, its _LiveEntries or None)."""
+        record = json.loads(self.top)
+        if self.live is None:
+            return record, None
+        live = record["live"] = _LiveEntries(self.live, self.fresh)
+        return record, live
+
+    def alive(self):
+        """Whether the record has not expired."""
+        expires = self.expires
+        return isinstance(expires, (int, float)) and expires >= time.time()
+
+    def line(self):
+        """The whole record as one line (bytes)."""
+        if self.live is None:
+            return self.top.encode() + b"\n"
+        entries = ",".join([f"{_dump(cid)}:{text}" for cid, text in self.live.items()])
+        head = self.top[:-1] + ("," if len(self.top) > 2 else "")
+        return f'{head}"live":{{{entries}}}}}\n'.encode()
+
+    def size(self):
+        """len(self.line()), without building it."""
+        if self.live is None:
+            return len(self.top) + 1
+        return len(self.top) + (len(self.top) > 2) + len('"live":{}') + max(self.live_size - 1, 0) + 1
+
+    def changed(self, record, live):
+        """(the record fn made of this one, the line that says what changed): `record` is
+        what fn left, `live` its record["live"], still the _LiveEntries it was given."""
+        d, old = live._d, self.live
+        removed = [cid for cid in live._gone if cid in old]
+        appended = dict.fromkeys(cid for cid in reversed(live._appended) if cid in d)  # the last set counts
+        entries = {}
+        for cid in live._touched:
+            if cid in d and cid not in appended:
+                text = _dump(d[cid])
+                if text != old.get(cid):
+                    entries[cid] = text
+        appended = list(reversed(appended))  # in the order they now have, after the others
+        if len(appended) == 1 and removed == appended and next(reversed(old)) == appended[0]:
+            removed = []  # the last one set again stays last (an event's component, most often)
+        for cid in appended:
+            value = d[cid]
+            entries[cid] = value if value.__class__ is _Raw else _dump(value)
+        top = _dump({k: v for k, v in record.items() if k != "live"})
+        new, size = dict(old), self.live_size
+        for cid in removed:
+            size -= len(_dump(cid)) + len(new.pop(cid)) + 2
+        parts = ['{"~":', top]
+        if removed:
+            parts += [',"p":', _dump(removed)]
+        if entries:
+            parts.append(',"l":{')
+            for i, (cid, text) in enumerate(entries.items()):
+                key, prev = _dump(cid), new.get(cid)
+                size += len(text) - (len(prev) if prev is not None else -len(key) - 2)
+                new[cid] = _Raw(text)
+                parts += [("," if i else ""), key, ":", text]
+            parts.append("}")
+        parts.append("}\n")
+        fresh = frozenset() if live.checked else frozenset(c for c in self.fresh if c in new and c not in entries)
+        return _StoredRecord(top, new, size, fresh, record.get("expires", 0)), "".join(parts).encode()
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -3251,9 +3458,9 @@ def _record_problem(record):
     if not isinstance(record.get("data", {}), dict):
         return "'data' is not an object"
     live, dropped = record.get("live", {}), record.get("dropped", {})
-    if not isinstance(live, dict) or not isinstance(dropped, dict):
+    if not isinstance(live, (dict, _LiveEntries)) or not isinstance(dropped, dict):
         return "'live' or 'dropped' is not an object"
-    for cid, entry in live.items():
+    for cid, entry in live.unchecked() if isinstance(live, _LiveEntries) else live.items():
         if not (isinstance(entry, dict) and isinstance(entry.get("c"), str) and isinstance(entry.get("s"), dict)
                 and _is_int(entry.get("v")) and _is_int(entry.get("q", 0))
                 and isinstance(entry.get("ids", ()), (list, dict))):
@@ -6275,7 +6482,7 @@ class _AppSessions(_AppSetup):
                 record["data"] = session.merge_into(record.get("data") or {})
 
             def bury(record):
-                if attempt < 2 and record and json.dumps(record, sort_keys=True) != snapshot:  # noqa: B023
+                if attempt < 2 and record and json.dumps(_plain(record), sort_keys=True) != snapshot:  # noqa: B023
                     return False
                 record.clear()
                 record.update(data={}, live={}, replaced=True)

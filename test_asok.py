@@ -2667,6 +2667,56 @@ def test_session_write_after_a_torn_line_survives_a_restart(tmp_path):
     assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 2}
 
 
+def _entry(n, pad=""):
+    return {"c": "Counter", "s": {"count": n, "pad": pad}, "v": n, "q": n, "ids": {}}
+
+
+def test_saving_one_component_appends_it_alone_and_another_process_reads_the_same_record(tmp_path):
+    sid, path = "p" * 43, tmp_path / ("p" * 43 + ".json")
+    store = asok.FileSessionStore(tmp_path)
+    store.save(sid, {"data": {}, "live": {f"c{i}": _entry(i, "x" * 100) for i in range(200)}})
+    before = path.stat().st_size
+
+    def event(record):  # as an event saves its component: the newest goes last
+        live = record["live"]
+        saved = live.pop("c5")
+        saved["v"] += 100
+        live["c5"] = saved
+        record["seq"] = 1
+
+    store.update(sid, event)
+    line = path.read_bytes()[before:]
+    assert b'"c5"' in line and b'"c6"' not in line and len(line) < 400  # the others stay as written
+    store.update(sid, lambda record: record["live"].pop("c0"))
+    store.update(sid, lambda record: record["live"]["c7"]["s"].update(count=-7))  # changed in place
+
+    def fails(record):
+        record["live"]["c8"]["v"] = 999
+        raise RuntimeError("fn failed")
+
+    with pytest.raises(RuntimeError):
+        store.update(sid, fails)
+    other = asok.FileSessionStore(tmp_path).load(sid)  # another process, reading the file
+    assert other == store.load(sid)
+    assert list(other["live"]) == [f"c{i}" for i in range(1, 200) if i != 5] + ["c5"]
+    assert (other["live"]["c5"]["v"], other["live"]["c7"]["s"]["count"], other["live"]["c8"]["v"]) == (105, -7, 8)
+    assert other["seq"] == 1
+
+
+def test_a_change_line_torn_by_a_crash_is_skipped_and_the_changes_after_it_apply(tmp_path):
+    sid, path = "q" * 43, tmp_path / ("q" * 43 + ".json")
+    store = asok.FileSessionStore(tmp_path)
+    store.save(sid, {"data": {}, "live": {"a": _entry(1), "b": _entry(1)}})
+    store.update(sid, lambda record: record["live"]["a"].update(v=2))
+    with open(path, "ab") as f:
+        f.write(b'{"~":{"data":{}},"l":{"b":{"c":"Cou')  # a crash tore the next change
+    restarted = asok.FileSessionStore(tmp_path)
+    assert restarted.load(sid)["live"]["b"]["v"] == 1
+    restarted.update(sid, lambda record: record["live"]["b"].update(v=3))
+    record = asok.FileSessionStore(tmp_path).load(sid)
+    assert (record["live"]["a"]["v"], record["live"]["b"]["v"]) == (2, 3)
+
+
 # ═══ 8c. Sessions: the Redis store ════════════════════════════════════════════════════════════════
 
 # ── the Redis session store (a real redis-server) ───────────────────────────
