@@ -8082,8 +8082,13 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
             pass
     tick = min(SWEEP_EVERY, header_timeout, body_timeout, idle_timeout, ping_interval) / 4
 
+    master = os.getppid() if _worker_slots is not None else None
+
     def sweep():
         state.sweep(loop.time())
+        if master is not None and os.getppid() != master and not stop.is_set():
+            log.warning("the --workers process that started this worker is gone; stopping")
+            stop.set()  # killed with -9, it could not stop us: a worker left alone would hold the port
         sweeper[0] = loop.call_later(tick, sweep)
 
     sweeper = [loop.call_later(tick, sweep)]

@@ -6882,6 +6882,24 @@ def test_serve_workers_share_the_socket_replace_a_dead_worker_and_stop_on_sigter
         assert b"exited (killed by signal 9); starting another" in proc.stdout.read()
 
 
+def test_serve_workers_stop_when_their_master_is_killed_so_the_port_can_be_served_again(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir)
+    with serve_process(app_dir, "--workers", "2") as (port, proc):
+        workers = wait_for(lambda: pids if len(pids := worker_pids(proc.pid)) == 2 else None)
+        proc.kill()  # -9: the master cannot tell them to stop
+        proc.wait(10)
+
+        def gone(pid):
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+            except OSError:
+                return True
+        wait_for(lambda: all(gone(pid) for pid in workers))
+        socket.create_server(("127.0.0.1", port)).close()  # the port is free to serve again
+        assert b"the --workers process that started this worker is gone; stopping" in proc.stdout.read()
+
+
 def test_serve_workers_refuses_a_bad_count_by_name(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "asok.py"), "serve", str(tmp_path), "--workers", "0"],
                             capture_output=True, text=True, timeout=30)
