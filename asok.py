@@ -29,8 +29,10 @@ and a long one is cut into lettered parts (`# ═══ 3a. ...`). The map, with
   7. Signing, keys    Signer, derive_key: HMAC-SHA256 bound to a purpose and a context
   8. Sessions         DESIGN §6, §11
      8a               Session, SessionStore (the contract)
-     8b               FileSessionStore, and the record both stores keep
-     8c               RedisSessionStore
+     8b               FileSessionStore
+     8c               a record as JSON texts, one per component (how the file store holds
+                      it); the checks of a record's shape both stores and the app use
+     8d               RedisSessionStore
   9. Form data        MultiDict, MultipartParser, UploadedFile
  10. HTTP objects     Request, Response, make_response, redirect, Route
  11. Components       DESIGN §4, §10
@@ -3018,7 +3020,7 @@ class SessionStore:
         raise NotImplementedError
 
 
-# ═══ 8b. Sessions: the file store, and the record both stores keep ════════════════════════════════
+# ═══ 8b. Sessions: the file store ═════════════════════════════════════════════════════════════════
 
 class FileSessionStore(SessionStore):
     """One file per session under `folder`, a log of JSON lines, each appended in one write, so
@@ -3255,6 +3257,39 @@ def _unavailable(action, path, exc):
     return StoreUnavailable(f"the session store cannot {action} {path}: {reason}", reason)
 
 
+class _StoreLock:
+    __slots__ = ("thread_lock", "fd", "wait")
+
+    def __init__(self, thread_lock, fd):
+        self.thread_lock = thread_lock
+        self.fd = fd
+        self.wait = True
+
+    def now(self):
+        """This lock, taken without waiting (StoreBusy if it is held)."""
+        self.wait = False
+        return self
+
+    def __enter__(self):
+        if self.wait:
+            self.thread_lock.acquire()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            return
+        if not self.thread_lock.acquire(blocking=False):
+            raise StoreBusy()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.thread_lock.release()
+            raise StoreBusy() from None
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.thread_lock.release()
+
+
+# ═══ 8c. Sessions: a record as JSON texts, one per component; a record's shape ════════════════════
+
 _dump = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(value, separators=(",", ":")), quicker
 
 
@@ -3487,38 +3522,7 @@ def _json_record(line):
     return record if isinstance(record, dict) else None
 
 
-class _StoreLock:
-    __slots__ = ("thread_lock", "fd", "wait")
-
-    def __init__(self, thread_lock, fd):
-        self.thread_lock = thread_lock
-        self.fd = fd
-        self.wait = True
-
-    def now(self):
-        """This lock, taken without waiting (StoreBusy if it is held)."""
-        self.wait = False
-        return self
-
-    def __enter__(self):
-        if self.wait:
-            self.thread_lock.acquire()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            return
-        if not self.thread_lock.acquire(blocking=False):
-            raise StoreBusy()
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.thread_lock.release()
-            raise StoreBusy() from None
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        self.thread_lock.release()
-
-
-# ═══ 8c. Sessions: the Redis store ════════════════════════════════════════════════════════════════
+# ═══ 8d. Sessions: the Redis store ════════════════════════════════════════════════════════════════
 
 class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every process and machine that uses the same Redis.

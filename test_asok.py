@@ -2392,7 +2392,7 @@ def test_sign_out_with_clear_drops_component_states(tmp_path):
     assert "Count: 11 / 1" in fresh.call("increment")["html"]
 
 
-# ═══ 8b. Sessions: the file store, and the record both stores keep ════════════════════════════════
+# ═══ 8b. Sessions: the file store ═════════════════════════════════════════════════════════════════
 
 @pytest.mark.parametrize("cookie", ["garbage", "../../etc/passwd", "a.b", "x" * 5000,
                                     "../../../etc/passwd.AAAA", ""])
@@ -2717,7 +2717,7 @@ def test_a_change_line_torn_by_a_crash_is_skipped_and_the_changes_after_it_apply
     assert (record["live"]["a"]["v"], record["live"]["b"]["v"]) == (2, 3)
 
 
-# ═══ 8c. Sessions: the Redis store ════════════════════════════════════════════════════════════════
+# ═══ 8d. Sessions: the Redis store ════════════════════════════════════════════════════════════════
 
 # ── the Redis session store (a real redis-server) ───────────────────────────
 
