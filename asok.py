@@ -5404,9 +5404,11 @@ class _LiveIntake:
                 last, view.last = view.last, (saved.seq, inner)
             if last is not None and call.held == last[0]:  # the page holds that HTML: the change suffices
                 diff = _html_diff(last[1], inner)
-        token = token_first = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
         self._adopt(conn, inner)
-        replies = [json.dumps({"id": call.rid, "html": inner, "state": token}, separators=(",", ":"))]
+        first = {"id": call.rid, "html": inner, "state": token} if diff is None else {
+            "id": call.rid, "d": diff, "state": token}
+        replies = [json.dumps(first, separators=(",", ":"))]
         for cid, (cls, saved, inner) in changed.items():  # what the emits changed comes with the reply
             with self._lock:
                 if cid in conn.views:
@@ -5415,8 +5417,6 @@ class _LiveIntake:
             self._adopt(conn, inner)
             replies.append(json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":")))
         self._flush(outbox)
-        if diff is not None:
-            replies[0] = json.dumps({"id": call.rid, "d": diff, "state": token_first}, separators=(",", ":"))
         return replies
 
     def _join(self, conn, message):
@@ -5694,7 +5694,7 @@ class _LiveApply(_LiveIntake):
             key = self._keys.get((sid, cid))
             views = [v for v in key.views if v.seq < saved.seq] if key else []
         made = {}
-        if inner is not None and rendered_for is not None:
+        if inner is not None and rendered_for is not None and views:
             made[(rendered_for.path, rendered_for.query_string)] = json.dumps(
                 {"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
         for view in views:
@@ -7375,11 +7375,13 @@ class _ServerState:
 
 def _in_thread(loop, executor, fn, *args):
     """Run fn(*args) in the executor; an asyncio future for its result (lighter than
-    run_in_executor: no wrapping of a concurrent future in an asyncio one)."""
+    run_in_executor: no wrapping of a concurrent future in an asyncio one). Results reach the
+    loop through its _LoopInbox: those that finish while the loop is busy share one wake-up."""
     waiter = loop.create_future()
+    inbox = _LoopInbox.of(loop)
 
     def done(future):
-        loop.call_soon_threadsafe(_settle, waiter, future)
+        inbox.put(waiter, _settle, waiter, future)
 
     executor.submit(fn, *args).add_done_callback(done)
     return waiter

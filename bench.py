@@ -1671,10 +1671,11 @@ async def pyview_live_client(ws, visitor, stats, window):
 
 
 def peer_turn(kind, server, cfg):
-    """One server's share of a round: live events at 1 and 50 connections, the page at 1 and 10."""
+    """One server's share of a round: live events at 1 and 50 connections, the page at 1 and 10
+    (live events only for "asok-threads", the counter without `on_loop`)."""
     out = {}
     for n in (1, 50):
-        if kind == "asok":
+        if kind.startswith("asok"):
             visitors = [Visitor(server.port) for _ in range(n)]
             clients = [("/asok/live", v.cookie) for v in visitors]
             client_cls, client = RawWS, live_client
@@ -1687,6 +1688,8 @@ def peer_turn(kind, server, cfg):
             return client(ws, visitors[i], stats, window)
         out[f"live{n}"] = asyncio.run(ws_run(server, clients, task, cfg["live_warm"], cfg["peer_live_secs"],
                                              client_cls))
+    if kind == "asok-threads":
+        return out
     cookie = Visitor(server.port).cookie if kind == "asok" else None
     for n in (1, 10):
         out[f"page{n}"] = wrk_cpu(server, n, cfg["peer_wrk_secs"], cookie)
@@ -1780,10 +1783,13 @@ def run_peers(tmp, opts, cfg):
         raise RuntimeError("wrk is not installed (apt-get install wrk; `make bench` does it)")
     results = {"versions": pyview_versions(python), "rounds": []}
     rounds = opts.rounds or cfg["peer_rounds"]
-    with asok_server("counter", tmp, "peer-asok") as asok_srv, pyview_server(tmp, python) as pv_srv:
-        servers = {"asok": asok_srv, "pyview": pv_srv}
+    counter = (EXAMPLES / "counter" / "src" / "components" / "Counter.py").read_text()
+    threads = {"src/components/Counter.py": re.sub(r"\n    on_loop = True[^\n]*", "", counter)}
+    with asok_server("counter", tmp, "peer-asok") as asok_srv, pyview_server(tmp, python) as pv_srv, \
+            asok_server("counter", tmp, "peer-asok-threads", files=threads) as threads_srv:
+        servers = {"asok": asok_srv, "pyview": pv_srv, "asok-threads": threads_srv}
         for r in range(rounds):
-            order = ("asok", "pyview") if r % 2 == 0 else ("pyview", "asok")
+            order = ("asok", "pyview", "asok-threads") if r % 2 == 0 else ("asok-threads", "pyview", "asok")
             done = {}
             for kind in order:
                 print(f"bench: peers round {r + 1}/{rounds}: {kind}", file=sys.stderr, flush=True)
@@ -2078,18 +2084,26 @@ def print_peers(peers):
     for label, run, fig in PEER_FIGURES:
         f = figures[f"{run}.{fig}"]
         rows.append((label, _spread(f["asok"]), _spread(f["pyview"]), _spread(f["ratio"], "x")))
+    for label, run, fig in PEER_FIGURES[:8]:  # the counter without on_loop: its methods in the thread pool
+        if all("asok-threads" in r for r in peers["rounds"]):
+            a = [r["asok-threads"][run][fig] for r in peers["rounds"]]
+            p = [r["pyview"][run][fig] for r in peers["rounds"]]
+            rows.append((f"{label} (in threads)", _spread(a), _spread(p),
+                         _spread([x / y if y else float("nan") for x, y in zip(a, p)], "x")))
     for label, key in PEER_BYTES:
         f = figures[key]
         rows.append((label, fmt(f["asok"][0]), fmt(f["pyview"][0]), _spread(f["ratio"], "x")))
     bad = []
-    for kind in ("asok", "pyview"):
+    for kind in ("asok", "pyview", "asok-threads"):
         for r in peers["rounds"]:
             for run in ("live1", "live50"):
+                if kind not in r:
+                    continue
                 x = r[kind][run]
                 if x["lost"] or x["out_of_order"] or x["final_mismatch"]:
                     bad.append(f"{kind} {run}: lost {x['lost']}, out of order {x['out_of_order']}, "
                                f"mismatches {x['final_mismatch']} {x['errors'][:2]}")
-            for run in ("page1", "page10"):
+            for run in ("page1", "page10") if kind != "asok-threads" else ():
                 if r[kind][run]["errors"]:
                     bad.append(f"{kind} {run}: {r[kind][run]['errors']} errors ({r[kind][run]['socket_errors']})")
     rows.append(("events lost / out of order, page errors", "0" if not any(b.startswith("asok") for b in bad)

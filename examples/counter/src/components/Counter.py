@@ -5,6 +5,7 @@ from asok.component import exposed
 
 class Counter(Component):
     count = 0
+    on_loop = True  # its methods and template never block: events run on the event loop, not in a thread
 
     @exposed
     def increment(self):
