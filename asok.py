@@ -9040,6 +9040,9 @@ html.asok-disconnected body::before { content: "Reconnecting\\2026"; position: f
   left: 50%; transform: translateX(-50%); padding: .35rem 1rem; border-radius: 999px; background: #b3261e;
   color: #fff; font-size: .875rem; font-weight: 600; box-shadow: 0 2px 10px rgb(0 0 0 / .25); }
 html.asok-disconnected [data-asok-component] { opacity: .6; filter: grayscale(.7); }
+input[type=file] { max-width: 100%; }
+/* a phone (360 px and up): less space around the page and the cards */
+@media (max-width: 30rem) { body { padding: 1.5rem .9rem 3rem; } [data-asok-component] { padding: 1rem; } }
 """
 _ASOK_CSS_ETAG = '"' + hashlib.sha256(ASOK_CSS.encode()).hexdigest()[:16] + '"'
 

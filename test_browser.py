@@ -967,6 +967,29 @@ def test_every_gallery_page_loads_with_no_console_error_and_is_screenshotted(tmp
         server.log.close()
 
 
+def test_no_gallery_page_is_wider_than_a_360_px_phone(tmp_path, context):
+    examples = tmp_path / "examples"
+    shutil.copytree(HERE / "examples", examples, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    server = Server(examples)
+    try:
+        server.start()
+        page = context.new_page()
+        page.set_viewport_size({"width": 360, "height": 740})
+        page.goto(server.url)
+        links = [(a.locator("b").inner_text(), a.get_attribute("href")) for a in page.locator(".gallery a").all()]
+        assert len(links) >= 10
+        widths = {"index": page.evaluate("document.documentElement.scrollWidth")}
+        ARTIFACTS.mkdir(exist_ok=True)
+        for name, href in links:
+            page.goto(href, wait_until="networkidle")
+            widths[name] = page.evaluate("document.documentElement.scrollWidth")
+            page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
+        assert {name: width for name, width in widths.items() if width > 360} == {}
+    finally:
+        server.stop()
+        server.log.close()
+
+
 def test_the_stylesheet_shows_a_component_loading_and_the_page_disconnected(serve, page):
     server = serve("counter")
     page.goto(server.url)
