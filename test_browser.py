@@ -1087,6 +1087,7 @@ def test_a_too_large_or_wrong_type_avatar_gets_its_error_next_to_the_field(serve
     expect_error(page, "too_large")
     message = page.eval_on_selector("#photo", "el => el.validationMessage")
     assert "this form takes at most 10.0 MiB" in message
+    expect(error).to_be_hidden()  # the error about renamed.png is not left beside huge.png
     assert page.locator("img.face").count() == 0 and not list((server.app_dir / "static").glob("avatars/*"))
 
 
