@@ -1124,6 +1124,18 @@ def test_table_sort_and_page_are_in_the_url_and_back_and_forward_restore_them(se
     assert where(page) == ("Page 3 of 5", "Papaya")
 
 
+def test_an_edited_table_link_out_of_range_is_clamped_in_the_page_and_the_address(serve, page):
+    server = serve("table")
+    page.goto(server.url + "/?page=999&sort=bogus")
+    page.wait_for_url(server.url + "/?page=5")  # the last page, sorted by name (the default: not shown)
+    assert where(page) == ("Page 5 of 5", "Raspberry")
+    page.click("text=← Previous")  # from the page shown, not from 999
+    page.wait_for_url(server.url + "/?page=4")
+    page.goto(server.url + "/?page=-3&sort=-origin")
+    page.wait_for_url(server.url + "/?sort=-origin")
+    assert where(page) == ("Page 1 of 5", "Dragon fruit")  # Vietnam first
+
+
 def test_a_shared_table_link_shows_its_page_and_sort_in_another_session_and_the_same(serve, page, browser):
     server = serve("table")
     page.goto(server.url)

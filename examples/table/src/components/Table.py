@@ -15,12 +15,22 @@ FRUITS = [
     ("Tangerine", "Morocco", 2.5), ("Watermelon", "Spain", 1.1),
 ]
 PER_PAGE = 8
+PAGES = -(-len(FRUITS) // PER_PAGE)
 
 
 class Table(Component):
     url = ("page", "sort")  # ?page=2&sort=-price: shareable, and back/forward step through them
     page: int = 1
     sort = "name"           # a column; "-price" sorts the other way
+
+    def __setattr__(self, name, value):
+        # every way a field is set (an edited URL, back and forward, a click) comes through here:
+        # ?page=999 becomes the last page and ?sort=bogus the default, and the address shows that
+        if name == "page":
+            value = min(max(value, 1), PAGES)
+        elif name == "sort" and value.lstrip("-") not in COLUMNS:
+            value = "name"
+        super().__setattr__(name, value)
 
     @exposed
     def sort_by(self, column: str):
@@ -33,12 +43,8 @@ class Table(Component):
         self.page = page
 
     def render(self):
-        column = self.sort.lstrip("-")
-        if column not in COLUMNS:
-            column = "name"
+        column, page = self.sort.lstrip("-"), self.page
         index = list(COLUMNS).index(column)
         rows = sorted(FRUITS, key=lambda row: row[index], reverse=self.sort.startswith("-"))
-        pages = max(1, -(-len(rows) // PER_PAGE))
-        page = min(max(self.page, 1), pages)  # a page out of range (from an edited URL) shows the nearest
-        return self.html("table.html", columns=COLUMNS, column=column, pages=pages, shown=page,
+        return self.html("table.html", columns=COLUMNS, column=column, pages=PAGES, shown=page,
                          rows=rows[(page - 1) * PER_PAGE:page * PER_PAGE])
