@@ -8944,34 +8944,46 @@ def _watched_files(root):
     return stamps
 
 
+RELOAD_POLL = 0.5  # seconds between two looks at the watched files' modification times
+
+
 def _run_reloader(argv, root):
-    """Run the server in a child process; restart it when a .py file of the app changes."""
+    """Run the server in a child process; restart it when a .py file of the app changes. A
+    server that exits on its own (a SyntaxError in a component, say) is started again at the
+    next change, as Flask's and uvicorn's reloaders do; only SIGINT / SIGTERM stop the reloader."""
     args = [a for a in argv if a != "--reload"]
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    while True:
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args])
-        stamps = _watched_files(root)
-        try:
-            while child.poll() is None:
-                time.sleep(0.5)
-                if _watched_files(root) != stamps:
-                    log.info("a .py file changed; restarting")
-                    break
-            else:
-                return child.returncode
-        except KeyboardInterrupt:
+    child = None
+    try:
+        while True:
+            stamps = _watched_files(root)
+            child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args])
+            while child.poll() is None and _watched_files(root) == stamps:
+                time.sleep(RELOAD_POLL)
+            if child.poll() is None:
+                log.info("a .py file changed; restarting")
+                child.terminate()
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                continue
+            code = child.returncode
+            log.error("the server exited (%s); it starts again when a .py file changes",
+                      f"killed by signal {-code}" if code < 0 else f"status {code}")
+            while _watched_files(root) == stamps:
+                time.sleep(RELOAD_POLL)
+            log.info("a .py file changed; starting the server")
+    except KeyboardInterrupt:
+        if child is not None and child.poll() is None:
             child.send_signal(signal.SIGINT)
             child.wait()
-            return 0
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
+        return 0
 
 
 # ═══ 21. The examples gallery and the shared stylesheet ═══════════════════════════════════════════

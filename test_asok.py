@@ -6842,6 +6842,33 @@ def test_reload_restarts_when_a_python_file_changes(tmp_path):
         assert get(port, "/v")[2] == b"two"
 
 
+def test_reload_survives_a_syntax_error_and_starts_the_app_again_when_it_is_fixed(tmp_path):
+    app_dir = tmp_path / "counter"
+    shutil.copytree(EXAMPLES / "counter", app_dir, ignore=shutil.ignore_patterns(".asok", "__pycache__"))
+    component = app_dir / "src" / "components" / "Counter.py"
+    good = component.read_text()
+    assert "def decrement(self):" in good
+
+    def serving():
+        try:
+            return get(port, "/")[0] == 200
+        except OSError:
+            return False
+
+    with serve_process(app_dir, "--reload") as (port, proc):
+        assert serving()
+        component.write_text(good.replace("def decrement(self):", "def decrement(self)"))
+        wait_for(lambda: not serving(), 30)  # the new server died of the SyntaxError
+        time.sleep(1.5)  # a few looks at the files: the reloader is still there, and waits
+        assert proc.poll() is None
+        component.write_text(good)
+        wait_for(serving, 30)
+        proc.terminate()
+        assert proc.wait(15) == 0
+        output = proc.stdout.read().decode()
+    assert "SyntaxError" in output and "the server exited (status 1); it starts again when a .py file changes" in output
+
+
 # ── serve --workers ──────────────────────────────────────────────────────────
 
 def worker_pids(parent):
