@@ -6823,6 +6823,21 @@ def test_the_counter_example_reads_as_a_users_clicks(tmp_path):
     assert 'Count: 11 Add 1 Remove 1 "Add 1" clicks this session: 2' in counter.text
 
 
+def test_readmes_first_component_runs_as_shown_importing_from_asok_as_every_snippet_does(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    files = re.findall(r"`(src/[^`]+)`:\n\n```\w+\n(.*?)```", readme, re.S)[:3]
+    assert [name for name, _ in files] == ["src/components/Counter.py", "src/components/counter.html",
+                                           "src/pages/index.html"]
+    for name, text in [*files, ("src/html/base.html", "<body>{% block main %}{% endblock %}</body>")]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    counter = asok.TestClient(asok.Asok(tmp_path, secret_key="k" * 32)).live("/", "Counter")
+    counter.click("Add 1")
+    assert counter.text == "Count: 11 Add 1"
+    snippets = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert [line for text in snippets for line in text.splitlines() if "asok.component" in line] == []
+
+
 # ═══ 20. Running an app: load_app, serve_workers, the reloader ════════════════════════════════════
 
 def test_reload_restarts_when_a_python_file_changes(tmp_path):

@@ -1,6 +1,5 @@
 # src/components/Counter.py
-from asok import Component
-from asok.component import exposed
+from asok import Component, exposed
 
 
 class Counter(Component):
