@@ -8851,6 +8851,14 @@ WORKER_QUICK_DEATH = 2.0    # a worker that dies sooner than this after its star
 WORKER_MAX_CRASHES = 5      # crashes in a row after which `--workers` gives up
 
 
+def _cannot_listen(host, port, exc):
+    """The one message for a socket asok cannot bind (one worker, --workers, the gallery)."""
+    if exc.errno == errno.EADDRINUSE:
+        return SystemExit(f"asok: port {port} on {host} is already in use (another server?); "
+                          "choose another with --port")
+    return SystemExit(f"asok: cannot listen on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+
+
 def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -> int:
     """`python asok.py serve --workers N`: this process binds the socket and forks N workers;
     each loads the app and serves on the shared socket (the kernel hands each connection to
@@ -8859,7 +8867,7 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
     try:
         sock = socket.create_server((host, port), backlog=1024)
     except OSError as exc:
-        raise SystemExit(f"asok: cannot listen on {host}:{port}: {exc.strerror}")
+        raise _cannot_listen(host, port, exc) from None
     children, crashes, stopping = {}, 0, []
     slots = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")  # shared with the children it forks
 
@@ -9146,10 +9154,21 @@ def _listen(host, port):
     return socket.create_server((host, port), backlog=1024)
 
 
+GALLERY_PORT_TRIES = 100  # ports tried upwards from the last one taken before any free port will do
+
+
+def _listen_from(host, port):
+    """A socket on the first free port from `port` up (a few tries), else on any free port."""
+    for candidate in range(port, min(port + GALLERY_PORT_TRIES, 65536)):
+        with contextlib.suppress(OSError):
+            return _listen(host, candidate)
+    return _listen(host, 0)
+
+
 def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> int:
     """`python asok.py serve examples`: the index of `folder`'s apps on host:port, and each app
-    on the next free port (port+1, port+2, ...; any free one when that is taken), all in this
-    process. They share one signing key, so one session cookie serves them all."""
+    on the next free port after the one before (port+1, port+2, ..., skipping those taken), all
+    in this process. They share one signing key, so one session cookie serves them all."""
     folders = gallery_apps(folder)
     if not os.environ.get("SECRET_KEY"):  # the same key for every app: the cookie ignores the port
         debug = os.environ.get("DEBUG", "").lower() in _TRUE
@@ -9158,13 +9177,10 @@ def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int 
     try:
         index_sock = _listen(host, port)
     except OSError as exc:
-        raise SystemExit(f"asok: cannot listen on {host}:{port}: {exc.strerror}")
+        raise _cannot_listen(host, port, exc) from None
     servers, apps, next_port = [], [], index_sock.getsockname()[1] + 1
     for path in folders:
-        try:
-            sock = _listen(host, next_port if port else 0)
-        except OSError:
-            sock = _listen(host, 0)
+        sock = _listen_from(host, next_port) if port else _listen(host, 0)
         next_port = sock.getsockname()[1] + 1
         servers.append((load_app(path), sock))
         apps.append((path.name, describe_app(path), sock.getsockname()[1]))
@@ -9263,6 +9279,7 @@ def _parser():
                        help=f"the lowest level of asok's log lines: {', '.join(LOG_LEVELS)} (default: info)")
     serve.add_argument("--no-access-log", action="store_true",
                        help="do not log a line per request (default: each request is logged)")
+    parser.set_defaults(command_parsers=commands.choices)
     return parser
 
 
@@ -9270,7 +9287,11 @@ def main(argv: list[str] | None = None) -> int:
     """`python asok.py ...`: parse the command line and run it; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    opts = parser.parse_args(argv)
+    opts, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the parser of the command they follow, so its usage is the one shown
+        after_command = opts.command is not None and argv.index(opts.command) < argv.index(unknown[0])
+        (opts.command_parsers[opts.command] if after_command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if opts.command is None:
         parser.print_help()
         return 0
@@ -9292,7 +9313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(app, opts.host, opts.port))
     except OSError as exc:
-        raise SystemExit(f"asok: cannot listen on {opts.host}:{opts.port}: {exc.strerror}")
+        raise _cannot_listen(opts.host, opts.port, exc) from None
     return 0
 
 

@@ -7059,6 +7059,23 @@ def test_gallery_serves_an_index_and_each_example_with_one_session(tmp_path):
     assert f"gallery of {len(names)} apps in" in log
 
 
+def test_a_gallery_app_whose_port_is_taken_gets_the_next_free_one():
+    for _ in range(20):  # a port held here with the one above it free
+        held = socket.create_server(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        try:
+            socket.create_server(("127.0.0.1", port + 1)).close()
+            break
+        except OSError:
+            held.close()
+    try:
+        sock = asok._listen_from("127.0.0.1", port)
+        assert sock.getsockname()[1] == port + 1  # the next one up, not any free port
+        sock.close()
+    finally:
+        held.close()
+
+
 def test_a_gallery_runs_in_one_process():
     run = asok_cli("serve", str(EXAMPLES), "--workers", "2")
     assert run.returncode == 1 and "holds several apps (a gallery), served by one process" in run.stderr
@@ -7100,6 +7117,25 @@ def test_readme_shows_the_serve_help_as_the_cli_prints_it():
     text = asok_cli("serve", "--help").stdout
     assert f"```\n$ python asok.py serve --help\n{text}```" in (ROOT / "README.md").read_text(), \
         "README.md's copy of `python asok.py serve --help` is out of date: paste `COLUMNS=80 python asok.py serve --help`"
+
+
+def test_an_unknown_option_of_serve_shows_the_usage_of_serve():
+    run = asok_cli("serve", "--bogus")
+    assert run.returncode == 2 and run.stderr.startswith("usage: asok serve ")
+    assert run.stderr.endswith("asok serve: error: unrecognized arguments: --bogus\n")
+    before = asok_cli("--bogus", "serve")  # before the command: the top-level parser's
+    assert before.returncode == 2 and before.stderr.startswith("usage: asok [-h]")
+
+
+def test_a_port_in_use_is_one_message_with_one_worker_several_and_a_gallery(tmp_path):
+    (tmp_path / "app" / "src" / "pages").mkdir(parents=True)
+    (tmp_path / "app" / "src" / "pages" / "index.html").write_text("hi")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        for args in ([str(tmp_path / "app")], [str(tmp_path / "app"), "--workers", "2"], [str(tmp_path)]):
+            run = asok_cli("serve", *args, "--port", port)
+            assert (run.returncode, run.stderr.splitlines()[-1]) == (
+                1, f"asok: port {port} on 127.0.0.1 is already in use (another server?); choose another with --port")
 
 
 def test_a_bad_port_from_the_environment_is_a_clear_error():
