@@ -8817,8 +8817,12 @@ def load_app(app_dir: str | os.PathLike = ".") -> Asok:
     root = Path(app_dir).resolve()
     if not root.is_dir():
         raise SystemExit(f"asok: {root} is not a folder")
+    _warn_if_alive_js_is_missing()
     app_file = root / "app.py"
     if not app_file.is_file():
+        if not (root / "src").is_dir():
+            log.warning("%s is not an app: it has no app.py and no src/ folder (src/pages, src/components), "
+                        "so every page is a 404; serve the app's folder (or a folder of apps)", root)
         app = Asok(root)
         _ = app.components  # imported now: errors show at start-up
         return app
@@ -8834,6 +8838,16 @@ def load_app(app_dir: str | os.PathLike = ".") -> Asok:
     return app
 
 
+def _warn_if_alive_js_is_missing():
+    """Once per process: without alive.js beside asok.py, pages render but nothing is live."""
+    global _alive_js_checked
+    if not _alive_js_checked and not ALIVE_JS.is_file():
+        log.warning("alive.js is missing beside asok.py (%s): pages render, but no live component "
+                    "works; copy alive.js there from asok", ALIVE_JS)
+    _alive_js_checked = True
+
+
+_alive_js_checked = False
 _folder_apps = {}
 
 

@@ -6884,6 +6884,30 @@ def test_reload_survives_a_syntax_error_and_starts_the_app_again_when_it_is_fixe
     assert "SyntaxError" in output and "the server exited (status 1); it starts again when a .py file changes" in output
 
 
+def test_serving_a_folder_that_is_not_an_app_warns_naming_what_it_looked_for(tmp_path, caplog):
+    (tmp_path / "notes.txt").write_text("")
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        asok.load_app(tmp_path)
+    assert f"{tmp_path} is not an app: it has no app.py and no src/ folder" in caplog.text
+    caplog.clear()
+    (tmp_path / "src").mkdir()
+    with caplog.at_level(logging.WARNING, logger="asok"):
+        asok.load_app(tmp_path)
+    assert "is not an app" not in caplog.text
+
+
+def test_a_missing_alive_js_is_a_warning_at_start_up(tmp_path):
+    (tmp_path / "fw").mkdir()
+    shutil.copy(ROOT / "asok.py", tmp_path / "fw" / "asok.py")  # and no alive.js beside it
+    (tmp_path / "app" / "src" / "pages").mkdir(parents=True)
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import asok; asok.load_app(sys.argv[2]); asok.load_app(sys.argv[2])"
+    runs = [subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "app")], capture_output=True,
+                           text=True, timeout=60) for folder in (tmp_path / "fw", ROOT)]
+    warning = f"alive.js is missing beside asok.py ({tmp_path / 'fw' / 'alive.js'}): pages render, but no live"
+    assert runs[0].stderr.count(warning) == 1, runs[0].stderr  # once, however many apps the process loads
+    assert "alive.js" not in runs[1].stderr
+
+
 # ── serve --workers ──────────────────────────────────────────────────────────
 
 def worker_pids(parent):
