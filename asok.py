@@ -9182,11 +9182,17 @@ def _listen_from(host, port):
 def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> int:
     """`python asok.py serve examples`: the index of `folder`'s apps on host:port, and each app
     on the next free port after the one before (port+1, port+2, ..., skipping those taken), all
-    in this process. They share one signing key, so one session cookie serves them all."""
+    in this process. A browser sends its cookie for a host to every port, so they share one
+    session: one signing key (SECRET_KEY, else `folder`/.asok/secret_key) and, for the apps
+    keeping sessions in their default file store, one store in `folder`/.asok/sessions, so a
+    session.regenerate() in one app (signing in) carries the others' state along."""
     folders = gallery_apps(folder)
+    root = Path(folder).resolve()
+    debug = os.environ.get("DEBUG", "").lower() in _TRUE
+    source = ("the SECRET_KEY environment variable" if os.environ.get("SECRET_KEY")
+              else "the development key (debug mode)" if debug else str(root / ".asok" / "secret_key"))
     if not os.environ.get("SECRET_KEY"):  # the same key for every app: the cookie ignores the port
-        debug = os.environ.get("DEBUG", "").lower() in _TRUE
-        key = _load_master_keys(Path(folder).resolve(), None, debug, [])[0]
+        key = _load_master_keys(root, None, debug, [])[0]
         os.environ["SECRET_KEY"] = key.hex() if debug else key.decode()
     try:
         index_sock = _listen(host, port)
@@ -9200,8 +9206,18 @@ def serve_gallery(folder: str | os.PathLike, host: str = "127.0.0.1", port: int 
         apps.append((path.name, describe_app(path), sock.getsockname()[1]))
     index = Asok(folder)
     index.route("/", name="gallery")(_gallery_index(apps))
-    log.info("gallery of %d apps in %s on http://%s:%d/", len(apps), Path(folder).resolve(), host,
-             index_sock.getsockname()[1])
+    own = [app for app, _ in servers if type(app.sessions) is FileSessionStore
+           and app.sessions.folder == app.root / ".asok" / "sessions"]
+    if own:
+        shared = FileSessionStore(root / ".asok" / "sessions", max(app.session_lifetime for app in own))
+        for app in own:
+            app.sessions = shared
+    for app in (index, *(app for app, _ in servers)):
+        app.key_source = source
+        app.log_startup = lambda: None  # said once below, for them all
+    log.info("gallery of %d apps in %s on http://%s:%d/", len(apps), root, host, index_sock.getsockname()[1])
+    if not debug:
+        log.info("signing key from %s, shared by the gallery's apps (one session cookie serves them all)", source)
 
     async def run():
         stop = asyncio.Event()

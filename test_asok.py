@@ -7081,6 +7081,34 @@ def test_gallery_serves_an_index_and_each_example_with_one_session(tmp_path):
         assert proc.wait(15) == 0
         log = proc.stdout.read().decode()
     assert f"gallery of {len(names)} apps in" in log
+    keys = [line for line in log.splitlines() if "signing key from" in line]
+    assert len(keys) == 1 and keys[0].endswith(f"signing key from {tmp_path / 'examples' / '.asok' / 'secret_key'}, "
+                                               "shared by the gallery's apps (one session cookie serves them all)")
+
+
+def test_signing_in_on_one_gallery_app_keeps_the_others_state(tmp_path):
+    for name in ("counter", "signin"):
+        shutil.copytree(EXAMPLES / name, tmp_path / "examples" / name, ignore=shutil.ignore_patterns(".asok"))
+    with serve_process(tmp_path / "examples") as (port, proc):
+        ports = dict((name, int(p)) for p, name in re.findall(r'<a href="http://x:(\d+)/"><b>([^<]+)</b>',
+                                                               get(port, "/")[2].decode()))
+        jar = {}
+        tab = SocketTab(ports["counter"], jar)
+        assert "Count: 11" in tab.call("Counter", "increment")["html"]
+        tab.close()
+        cookie = f"Cookie: asok_session={jar['asok_session']}\r\n"
+        form = get(ports["signin"], "/signin", cookie)[2].decode()
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+        body = urllib.parse.urlencode({"name": "ann", "password": "ann-secret", "csrf_token": token})
+        status, headers, _ = exchange(ports["signin"], (
+            f"POST /signin HTTP/1.1\r\nHost: x\r\n{cookie}Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert status in (302, 303) and headers["location"] == "/account"
+        signed_in = headers["set-cookie"].split(";")[0]
+        assert signed_in != f"asok_session={jar['asok_session']}"  # a new session id
+        assert "Ann's notes" in get(ports["signin"], "/account", f"Cookie: {signed_in}\r\n")[2].decode()
+        status, _, page = get(ports["counter"], "/", f"Cookie: {signed_in}\r\n")
+        assert status == 200 and "Count: 11" in page.decode()  # the counter's state moved with the session
 
 
 def test_a_gallery_app_whose_port_is_taken_gets_the_next_free_one():
