@@ -9383,7 +9383,6 @@ if not any(getattr(h, "_asok", False) for h in log.handlers):
 _component_module = types.ModuleType("asok.component", "asok's component API (asok is one module).")
 _component_module.Component = Component
 _component_module.exposed = exposed
-sys.modules.setdefault(__name__, sys.modules.get(__name__))
 if __name__ == "__main__":
     sys.modules.setdefault("asok", sys.modules["__main__"])
 sys.modules.setdefault("asok.component", _component_module)
