@@ -4908,7 +4908,7 @@ class SavedComponent:
     ticks: dict = field(default_factory=dict)   # t: timer method -> the last period it ran in
 
     @classmethod
-    def load(cls, raw: dict[str, Any] | None, name: str) -> 'SavedComponent | None':
+    def load(cls, raw: dict[str, Any] | None, name: str) -> "SavedComponent | None":
         """The saved component in `raw`, or None if there is none or it belongs to another class."""
         if not raw or raw.get("c") != name:
             return None
