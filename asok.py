@@ -4396,6 +4396,7 @@ LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
 LIVE_OUTBOX_REPLIES = 8         # replies queued for a page that does not read before its messages wait
+LIVE_SIGNED_KEPT = 1024         # references this process signed lately, read back without checking their HMAC
 LIVE_INLINE_STATE = 16 * 1024   # a fresh component's state past this (JSON) is saved when its page renders,
                                 # so the page's first event carries a reference, not the state
 DEFAULT_MAX_UPLOAD = 10 << 20    # bytes of files one ws-submit may upload (Component.max_upload)
@@ -5227,6 +5228,8 @@ class _LiveIntake:
         self._published = 0
         self._publish_lock = threading.Lock()
         self._subscribed = False
+        self._signed = {}  # reference token -> (what it is bound to, its StateToken), the newest last
+        self._signed_lock = threading.Lock()
 
     def _origin(self):
         """This process's name in published messages (a forked child gets its own)."""
@@ -5242,6 +5245,11 @@ class _LiveIntake:
         `saved` it), or, when `state` is None, just the reference (see StateToken)."""
         bind, now = f"{name}\0{cid}\0{sid}", int(time.time())
         ref = self.app._state_signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
+        with self._signed_lock:  # the page sends this back with its next event: read() knows it then
+            signed = self._signed
+            signed[ref] = (bind, StateToken(None, version, seq, now))
+            if len(signed) > LIVE_SIGNED_KEPT:
+                del signed[next(iter(signed))]
         if state is None:
             return ref
         payload = '{"s":%s,"v":%d,"q":%d,"t":%d%s}' % (
@@ -5261,8 +5269,13 @@ class _LiveIntake:
         return self.sign(cls.__name__, cid, sid, state, saved.version, saved.seq, saved=True)
 
     def read(self, name, cid, sid, token):
+        bind = f"{name}\0{cid}\0{sid}"
+        known = self._signed.get(token) if isinstance(token, str) else None
         try:
-            token = StateToken.from_json(self.app._state_signer.unsign(token, bind=f"{name}\0{cid}\0{sid}"))
+            if known is not None and known[0] == bind:  # a reference this process signed: no HMAC to check
+                token = known[1]
+            else:
+                token = StateToken.from_json(self.app._state_signer.unsign(token, bind=bind))
         except (BadSignature, ValueError, KeyError, TypeError):
             raise LiveError("bad_state", "state signature does not match this component, "
                                          "cid and session (tampered or foreign state)")
