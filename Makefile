@@ -29,7 +29,7 @@ browser:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	@test -x /usr/sbin/nginx || { apt-get update -qq && apt-get install -y -qq nginx-light; }
 
-# ruff with its default rules, less those ruff.toml names with a reason; pyflakes
+# ruff with its default rules and the quote rules (Q), less those ruff.toml names with a reason; pyflakes
 lint: deps
 	$(VPY) -m ruff check --no-cache asok.py
 	$(VPY) -m pyflakes asok.py
