@@ -7333,7 +7333,8 @@ SWEEP_EVERY = 1.0          # deadlines are checked at least this often (a quarte
 SHUTDOWN_GRACE = 10.0      # in-flight requests get this long on SIGINT / SIGTERM
 ACCEPT_DEFER = 0.001       # --workers: how long a worker holding more connections than another leaves
 ACCEPT_DEFER_TIMES = 3     # the shared socket to the others, and how many times in a row at most
-_worker_slots = None       # --workers: (open connections per worker, in shared memory; this worker's index)
+_worker_slots = None       # --workers: (open connections per worker, in shared memory; this worker's index;
+                           # the pid of the process that forked it)
 BODY_MIN_RATE = 1024       # bytes/s a request body must average once its first body_timeout is over
 WS_MAX_OUTPUT = 8 << 20    # bytes queued for one WebSocket peer (unread, or waiting to be sent); past it the
                            # peer is dropped. A single message larger than this still goes when none waits.
@@ -8089,7 +8090,7 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
     state = _ServerState(app, header_timeout, body_timeout, idle_timeout, ping_interval,
                          _connection_limit(max_connections))
     if sock is not None:
-        slots, index = _worker_slots or (None, 0)
+        slots, index, _ = _worker_slots or (None, 0, None)
         server = _SharedListener(loop, sock, lambda: _HTTPConnection(state), state, slots, index)
     else:
         server = await loop.create_server(lambda: _HTTPConnection(state), host, port, backlog=1024)
@@ -8101,7 +8102,7 @@ async def serve(app: Asok, host: str = "127.0.0.1", port: int = 8000, *,
             pass
     tick = min(SWEEP_EVERY, header_timeout, body_timeout, idle_timeout, ping_interval) / 4
 
-    master = os.getppid() if _worker_slots is not None else None
+    master = _worker_slots[2] if _worker_slots is not None else None  # (not getppid(): it may be gone already)
 
     def sweep():
         state.sweep(loop.time())
@@ -8904,6 +8905,8 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    master = os.getpid()
+
     def spawn(index):
         global _worker_slots
         slots[index] = 1 << 62  # not serving yet: the others take what comes; its listener writes 0
@@ -8911,7 +8914,7 @@ def serve_workers(app_dir: str | os.PathLike, host: str = "127.0.0.1", port: int
         if pid == 0:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
-            _worker_slots = (slots, index)
+            _worker_slots = (slots, index, master)
             status = 1
             try:
                 asyncio.run(serve(load_app(app_dir), sock=sock))
