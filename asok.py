@@ -4028,6 +4028,8 @@ class Request:
     `body` is given as bytes or, for a large body, as a binary file at its start. The request
     reaches its session through what the app gives it here (`app.session_access`)."""
 
+    _on_loop = False  # set by the server while it tries the request on the event loop (see _OffLoop)
+
     def __init__(self, method: str, path: str, query_string: str = "",
                  headers: dict[str, str] | None = None, body: bytes | BinaryIO = b"", scheme: str = "http",
                  remote_addr: str = "", app: "Asok | None" = None) -> None:
@@ -4607,14 +4609,18 @@ class Component:
         return state
 
     def _checked_state(self):
+        return self._checked_state_json()[0]
+
+    def _checked_state_json(self):
+        """The state, checked (JSON-safe, within LIVE_MAX_STATE), and its compact JSON."""
         state = self.state
         for name, value in state.items():
             _check_json_safe(value, f"{type(self).__name__}.{name}")
-        size = len(json.dumps(state, separators=(",", ":")))
-        if size > LIVE_MAX_STATE:
-            raise LiveError("state_too_large", f"{type(self).__name__}'s state is {size} bytes as JSON; the limit "
-                                               f"is {LIVE_MAX_STATE} (LIVE_MAX_STATE), so it was not saved")
-        return state
+        text = json.dumps(state, separators=(",", ":"))
+        if len(text) > LIVE_MAX_STATE:
+            raise LiveError("state_too_large", f"{type(self).__name__}'s state is {len(text)} bytes as JSON; the "
+                                               f"limit is {LIVE_MAX_STATE} (LIVE_MAX_STATE), so it was not saved")
+        return state, text
 
     @classmethod
     def _restore(cls, app, state, session, cid, context):
@@ -4638,9 +4644,12 @@ class Component:
     def _create(cls, app, props, session, cid, context):
         cls._check_props(props)
         state = {**cls._asok_fields, **props}
+        plain = True
         for name, value in state.items():
             _check_json_safe(value, f"{cls.__name__}.{name}")
-        state = json.loads(json.dumps(state))  # a private copy: class defaults are shared
+            plain = plain and (type(value) in _JSON_PLAIN or type(value) is float)
+        if not plain:  # a list or dict among the defaults: a private copy (class defaults are shared)
+            state = json.loads(json.dumps(state))
         self = cls._restore(app, state, session, cid, context)
         self.mount()
         return self
@@ -4777,6 +4786,8 @@ class _ComponentRenderer:
             raise LookupError(f"component({name!r}): no such component "
                               f"(known: {', '.join(sorted(app.components)) or 'none'}; "
                               f"they are found in {app.root / 'src' / 'components'})")
+        if request._on_loop and not _renders_on_loop(cls):
+            raise _OffLoop(lasting=True)  # its mount(), update() or render() is the application's
         cid = self._cid(name, props.pop("cid", None), props.pop("key", None))
         request.uses_live = True
         if getattr(cls, "_alive_parts", None):  # parts of alive.js this component needs (see _minify_alive)
@@ -4799,6 +4810,8 @@ class _ComponentRenderer:
             changed = {k: _url_value(cls, k, request.query[k]) for k in cls.url if k in request.query}
             changed = {k: v for k, v in changed.items() if getattr(comp, k) != v}
             if changed:
+                if request._on_loop:
+                    raise _OffLoop()  # a save waits for the session's lock: in a thread
                 for key, value in changed.items():
                     setattr(comp, key, value)
                 version, seq = tools.save_url_state(sid, cid, cls, comp._checked_state())
@@ -4844,6 +4857,8 @@ class _ComponentRenderer:
         comp.update(**props)
         state, before = comp._checked_state(), stored.version
         if json.dumps(state, sort_keys=True) != json.dumps(stored.state, sort_keys=True):
+            if self.request._on_loop:
+                raise _OffLoop()
             stored.state, stored.version = state, before + 1  # stored is this render's own copy
             saved = stored.dump()
             if isinstance(self.request, _LiveContext):
@@ -4857,9 +4872,43 @@ class _ComponentRenderer:
         return self.tools.wrap(comp, name, cid, sid, stored.version, stored.seq, saved=True)
 
 
+def _renders_on_loop(cls):
+    """Whether a page render of `cls` runs no application code that might block: the class says
+    `on_loop = True`, or it has no mount(), update(), html() or state of its own and its render() is
+    Component's or only `return self.html("name.html")`. Worked out once per class."""
+    known = cls.__dict__.get("_asok_page_loop")
+    if known is None:
+        known = cls.on_loop is True or (
+            all(getattr(cls, name) is getattr(Component, name) for name in ("mount", "update", "html", "state"))
+            and (cls.render is Component.render or _only_renders_a_template(cls.render)))
+        cls._asok_page_loop = known
+    return known
+
+
+def _only_renders_a_template(fn):
+    """Whether the function's source is a docstring at most and `return self.html(<literals>)`."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):  # no source to read: it might do anything
+        return False
+    node = tree.body[0] if len(tree.body) == 1 else None
+    if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.args.args) != 1:
+        return False
+    body = node.body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    call = body[0].value if len(body) == 1 and isinstance(body[0], ast.Return) else None
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "html"
+            and isinstance(call.func.value, ast.Name) and call.func.value.id == node.args.args[0].arg
+            and all(isinstance(a, ast.Constant) for a in call.args)
+            and all(k.arg is not None and isinstance(k.value, ast.Constant) for k in call.keywords))
+
+
 class _LiveContext:
     """What a live re-render sees as `request` in the template context: the session, and the
     path and query of the page, which alive.js sends when it joins."""
+
+    _on_loop = False  # a live render is never a page tried on the loop (Request._on_loop)
 
     def __init__(self, app, session, sid, conn=None):
         self.app = app
@@ -6251,6 +6300,7 @@ class _AppSetup:
         self._cookie_signer = Signer(keys, "session-cookie")
         self._csrf_signer = Signer(keys, "csrf")
         self._csrf_tokens = {}
+        self._cookie_sids = {}  # session cookie -> its session id, for cookies whose signature verified
         self.max_body = max_body
         if trusted_proxies is None:
             trusted_proxies = env.get("FORWARDED_ALLOW_IPS", "")
@@ -6273,9 +6323,11 @@ class _AppSetup:
         self._registered = {}
         self._components_lock = threading.RLock()
         self.pages = self._scan_pages()
+        self._threaded_pages = set()  # pages whose components run application code: never tried on the loop
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="asok")
         self.asgi = _ASGIApp(self)
-        self._alive_js = (None, {})
+        self._alive_js = (None, {}, None, 0.0)  # (mtime, scripts, the path read, when it was looked at)
+        self._script_tags = {}  # parts of alive.js a page needs -> its <script> tags
         self._wsgi_warned = False
         self.live = LiveHub(self, broker or FolderBroker(_live_folder(self.root)))
         self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
@@ -6397,14 +6449,18 @@ class _AppSessions(_AppSetup):
 
     def _open_session(self, request):
         token = request.cookies.get(SESSION_COOKIE)
-        sid = None
-        if token:
+        sid = self._cookie_sids.get(token) if token else None
+        if token and sid is None:  # a cookie not seen yet: its signature checked once (then remembered)
             try:
                 sid = self._cookie_signer.unsign(token)
             except BadSignature:
                 sid = None
             if sid is not None and not _SESSION_ID_RE.match(sid):
                 sid = None
+            if sid is not None:
+                if len(self._cookie_sids) > SESSION_CACHE_SIZE:
+                    self._cookie_sids.clear()
+                self._cookie_sids[token] = sid
         return self._load_session(sid)
 
     def _load_session(self, sid):
@@ -6462,6 +6518,8 @@ class _AppSessions(_AppSetup):
         session = request._session
         if session is None or not (session.modified or session.new):
             return
+        if request._on_loop and (session.modified or session.previous_sid):
+            raise _OffLoop()  # a write waits for the session's lock: the request goes to a thread
         sid = self._ensure_session(session)
         if session.previous_sid:
             self._move_session(session)
@@ -6583,9 +6641,20 @@ class _AppPages(_AppSessions):
         return self.error_response(503, f"The session storage is unavailable ({exc.reason}), so nothing "
                                         "was saved. Try again in a moment.", [("Retry-After", "5")])
 
+    def loop_first(self, request: Request) -> bool:
+        """Whether the built-in server tries `request` on its event loop before a thread: a GET or
+        HEAD without a body, in an app with file pages, a local session store, no before_request hook
+        and not in debug mode. What turns out to need a thread (a route's handler, a static file, a
+        component's own mount(), a session write) raises _OffLoop before it runs."""
+        return (request.method in ("GET", "HEAD") and not request._body and not self.debug
+                and not self.before_request_hooks and bool(self.pages) and getattr(self.sessions, "local", False))
+
     def _dispatch(self, request):
         path = request.path
+        on_loop = request._on_loop
         if path.startswith("/static/"):
+            if on_loop:
+                raise _OffLoop()
             return self._static(request, self.root / "static", path[len("/static/"):])
         if path.startswith("/asok/alive"):
             return self._alive(request)
@@ -6605,6 +6674,8 @@ class _AppPages(_AppSessions):
             if request.method not in route.methods:
                 allowed |= route.methods
                 continue
+            if on_loop:
+                raise _OffLoop()  # the application's handler: in a thread
             request.params = params
             if route.csrf and request.method in UNSAFE_METHODS:
                 self._check_csrf(request)
@@ -6621,7 +6692,16 @@ class _AppPages(_AppSessions):
             request.params = params
             if request.method in UNSAFE_METHODS:
                 self._check_csrf(request)
-            return self._render_page(request, page.page, params)
+            if not on_loop:
+                return self._render_page(request, page.page, params)
+            if page.page in self._threaded_pages:
+                raise _OffLoop()
+            try:
+                return self._render_page(request, page.page, params)
+            except _OffLoop as exc:
+                if exc.lasting:
+                    self._threaded_pages.add(page.page)
+                raise
         if allowed:
             raise HTTPError(405, f"{request.method} is not allowed here; use {', '.join(sorted(allowed))}",
                             [("Allow", ", ".join(sorted(allowed)))])
@@ -6629,6 +6709,8 @@ class _AppPages(_AppSessions):
             raise HTTPError(426, "this is a WebSocket endpoint", [("Upgrade", "websocket"), ("Connection", "Upgrade")])
         if path == "/favicon.ico" and request.method in ("GET", "HEAD"):  # asked for by every browser
             icon = self.root / "static" / "favicon.ico"
+            if on_loop:
+                raise _OffLoop()
             return _file_response(request, icon) if icon.is_file() else Response(b"", 204, content_type=None)
         raise HTTPError(404, f"nothing at {path}")
 
@@ -6658,13 +6740,15 @@ class _AppPages(_AppSessions):
         if not request.uses_live:
             return text
         scripts = self._alive_scripts()
-        tags = f'<meta name="csrf-token" content="{request.csrf_token}">'
-        parts = {*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ()),
-                 *(("model",) if " ws-model=" in text else ())}
-        for part in ("", *sorted(parts)):
-            if part in scripts:
-                name = f"alive-{part}.js" if part else "alive.js"
-                tags += f'<script src="/asok/{name}?v={scripts[part][2]}" defer></script>'
+        parts = frozenset((*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ()),
+                           *(("model",) if " ws-model=" in text else ())))
+        script_tags = self._script_tags.get(parts)
+        if script_tags is None:
+            script_tags = "".join(f'<script src="/asok/{f"alive-{part}.js" if part else "alive.js"}?v='
+                                  f'{scripts[part][2]}" defer></script>' for part in ("", *sorted(parts)) if part in scripts)
+            if len(self._script_tags) < 64:
+                self._script_tags[parts] = script_tags
+        tags = f'<meta name="csrf-token" content="{request.csrf_token}">{script_tags}'
         at = text.find("</head>")
         if at < 0:
             at = text.find("</body>")
@@ -6699,16 +6783,23 @@ class _AppPages(_AppSessions):
         return _file_response(request, path)
 
     def _alive_scripts(self):
-        """{part: (bytes, gzipped bytes, version)} of alive.js as served, read again when it changes."""
+        """{part: (bytes, gzipped bytes, version)} of alive.js as served, read again when it changes
+        (looked at once a second at most outside debug mode: every page with a component asks)."""
+        now = time.monotonic()
+        stamp, scripts, path, looked = self._alive_js
+        if path is ALIVE_JS and now - looked < 1 and not self.debug:
+            return scripts
         try:
-            stamp = ALIVE_JS.stat().st_mtime_ns
+            new_stamp = ALIVE_JS.stat().st_mtime_ns
         except OSError:
             raise HTTPError(404, f"alive.js is missing: copy it beside asok.py ({ALIVE_JS})")
-        if self._alive_js[0] != stamp:
+        if stamp != new_stamp or path is not ALIVE_JS:
             parts = _minify_alive(ALIVE_JS.read_text("utf-8"))
-            self._alive_js = (stamp, {name: (body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:12])
-                                      for name, body in parts.items()})
-        return self._alive_js[1]
+            scripts = {name: (body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:12])
+                       for name, body in parts.items()}
+            self._script_tags = {}
+        self._alive_js = (new_stamp, scripts, ALIVE_JS, now)
+        return scripts
 
     def _alive(self, request):
         """/asok/alive.js and /asok/alive-<part>.js: minified, gzipped when the browser takes it,
@@ -6729,6 +6820,17 @@ class _AppPages(_AppSessions):
             body = packed
             headers.append(("Content-Encoding", "gzip"))
         return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
+
+
+class _OffLoop(BaseException):
+    """Raised while the server tries a request on its event loop (Request._on_loop), before anything
+    that may block runs: application code, a file read, a wait for a session's lock. The server then
+    runs the request again in a thread from the start. `lasting`: the page will always need one.
+    A BaseException, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, lasting=False):
+        super().__init__()
+        self.lasting = lasting
 
 
 def _minify_alive(source):
@@ -6831,11 +6933,13 @@ class Asok(_AppPages):
     requests, 14d the live endpoint and uploads."""
 
     def _wrap_component(self, comp, name, cid, sid, version, seq, saved=False):
-        state = comp._checked_state()
+        state, text = comp._checked_state_json()
         inner = comp.render()
         cls = type(comp)
-        if not saved and len(json.dumps(state)) > LIVE_INLINE_STATE:
+        if not saved and len(text) > LIVE_INLINE_STATE:
             # too large to travel with each first event: saved now, so the page holds a reference
+            if getattr(comp._asok_context.get("request"), "_on_loop", False):
+                raise _OffLoop()
             version, seq = self._save_url_state(sid, cid, cls, state)
             saved = True
         shown = state if not saved or self.live._shows_values(cls, inner) else None
@@ -7687,6 +7791,15 @@ class _HTTPConnection(_Connection):
                 return
         started = time.perf_counter()
         loop = self.loop
+        if self.app.loop_first(request):  # asok's own page: no thread round trip (see Asok.loop_first)
+            request._on_loop = True
+            try:
+                response = self.app.handle(request)
+            except _OffLoop:  # something on the way needs a thread: the request starts again in one
+                request._on_loop, request.uses_live, request.alive_parts = False, False, set()
+            else:
+                loop.call_soon(self._handled, head, response, started)
+                return
 
         def done(future):
             exc = future.exception()

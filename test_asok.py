@@ -5838,6 +5838,60 @@ def test_pipelined_requests_wait_while_the_client_does_not_read(tmp_path):
         assert len(handled) == 100
 
 
+def test_file_pages_render_on_the_loop_and_application_code_in_a_thread_that_stalls_nobody(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Plain.py": """
+            from asok import Component
+
+            class Plain(Component):
+                n = 1
+
+                def render(self):
+                    return self.html("plain.html")
+        """,
+        "src/components/plain.html": "<p>plain << n >> << where() >></p>",
+        "src/components/Slow.py": """
+            import threading
+            from asok import Component
+
+            ENTERED, RELEASE = threading.Event(), threading.Event()
+
+            class Slow(Component):
+                def mount(self):
+                    ENTERED.set()
+                    RELEASE.wait(10)
+        """,
+        "src/components/slow.html": "<p>slow << where() >></p>",
+        "src/pages/plain.html": "<< component('Plain') >>",
+        "src/pages/slow.html": "<< component('Slow') >>",
+    })
+    app.templates.globals["where"] = lambda: threading.current_thread().name
+
+    @app.route("/route")
+    def route():
+        return threading.current_thread().name
+
+    def get(port, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.read().decode()
+
+    slow_module = sys.modules[app.components["Slow"].__module__]
+    with running(app) as port:
+        loop_thread = re.search(r"plain 1 ([^<]+)</p>", get(port, "/plain")).group(1)
+        assert not loop_thread.startswith("asok")  # no worker thread: the event loop's own
+        assert get(port, "/route").startswith("asok")  # a route's handler is the application's: a worker
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(get, port, "/slow")
+            assert slow_module.ENTERED.wait(10)  # its mount() blocks, in a worker thread...
+            assert loop_thread in get(port, "/plain")  # ...while the loop serves another page
+            slow_module.RELEASE.set()
+            assert re.search(r"slow asok[^<]*</p>", slow.result(10))
+        with connect(port) as sock:  # pipelined pages come back in order
+            sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET /route HTTP/1.1\r\nHost: x\r\n\r\n")
+            bodies = [read_response(sock)[2] for _ in range(3)]
+            assert [b"plain 1" in b for b in bodies] == [True, True, False] and bodies[2].startswith(b"asok")
+
+
 def test_chunked_request_body_is_decoded(echo_port):
     raw = (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n")
