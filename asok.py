@@ -1384,6 +1384,7 @@ class Template:
                  filename: str | None = None) -> None:
         self.source, self.name, self.env = source, name, env
         self.filename = filename or name
+        self._base = self.filename if os.path.isabs(self.filename) else None  # what ./names are beside
         filters = env.filters if env is not None else _TPL_FILTERS
         compiler = _TplCompiler(name, filters)
         last_line = source.count("\n") + (not source.endswith("\n"))
@@ -1408,7 +1409,7 @@ class Template:
         """A template named by this one's `extends` or `include`."""
         if self.env is None:
             raise TemplateError(f"cannot load {name!r}: this template has no Templates loader", self.name)
-        return self.env._get_related(name, self.filename if os.path.isabs(self.filename) else None)
+        return self.env._get_related(name, self._base)
 
     def __repr__(self):
         return f"<Template {self.name!r}>"
@@ -1935,21 +1936,36 @@ def _http_tokens(values):
 
 # ═══ 4c. HTTP/1.1, sans-I/O: responses (the head, chunks, the framing rule) ═══════════════════════
 
+_STATUS_LINES = {}  # (version, status) -> its status line
+_FIELD_LINES = {}   # (name, value) -> its field line, for fields already checked (bounded)
+
+
 def render_response_head(status: int, headers: Iterable[tuple[str, str]], version: str = "HTTP/1.1") -> bytes:
     """Return the status line and header fields of a response, blank line included."""
-    if not isinstance(status, int) or not 100 <= status <= 999:
-        raise ValueError(f"invalid status code {status!r}")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise ValueError(f"invalid HTTP version {version!r}")
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = ""
-    lines = [f"{version} {status} {reason}\r\n"]
-    for name, value in headers:
-        if not _HTTP_TOKEN_TEXT.fullmatch(name) or _HTTP_BAD_OUTPUT.search(value):
-            raise ValueError(f"invalid response header {name!r}: {value!r}")
-        lines.append(f"{name}: {value}\r\n")
+    first = _STATUS_LINES.get((version, status)) if type(status) is int else None
+    if first is None:
+        if not isinstance(status, int) or not 100 <= status <= 999:
+            raise ValueError(f"invalid status code {status!r}")
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise ValueError(f"invalid HTTP version {version!r}")
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        first = _STATUS_LINES[(version, int(status))] = f"{version} {status} {reason}\r\n"
+    lines = [first]
+    for pair in headers:
+        line = _FIELD_LINES.get(pair) if type(pair) is tuple else None
+        if line is None:
+            name, value = pair
+            if not _HTTP_TOKEN_TEXT.fullmatch(name) or _HTTP_BAD_OUTPUT.search(value):
+                raise ValueError(f"invalid response header {name!r}: {value!r}")
+            line = f"{name}: {value}\r\n"
+            if type(pair) is tuple and type(name) is str and type(value) is str:
+                if len(_FIELD_LINES) >= 1024:  # Date, lengths, cookies: the stable ones come back
+                    _FIELD_LINES.clear()
+                _FIELD_LINES[pair] = line
+        lines.append(line)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")
 
@@ -7486,6 +7502,8 @@ class _Phase(Enum):
     WS = "ws"                  # a WebSocket: pinged every ping_interval
     WS_CLOSING = "ws-closing"  # our close frame is out: aborted after WS_CLOSE_TIMEOUT
 
+    __hash__ = object.__hash__  # by identity (each phase is one object): Enum's own is Python code, run 4 times a request
+
 
 class _ServerState:
     """What every connection of one server shares: the app, the limits, the open connections."""
@@ -7823,8 +7841,11 @@ class _HTTPConnection(_Connection):
                 response = self.app.handle(request)
             except _OffLoop:  # something on the way needs a thread: the request starts again in one
                 request._on_loop, request.uses_live, request.alive_parts = False, False, set()
-            else:
-                loop.call_soon(self._handled, head, response, started)
+            else:  # answered now, unless requests wait behind it (then later: no recursion per request)
+                if self.parser.pending_size:
+                    loop.call_soon(self._handled, head, response, started)
+                else:
+                    self._handled(head, response, started)
                 return
 
         def done(future):
