@@ -2781,7 +2781,10 @@ class Signer:
 
     def __init__(self, master_keys: Iterable[bytes], purpose: str) -> None:
         self.purpose = purpose
-        self._keys = [hmac.new(derive_key(k, purpose), digestmod=hashlib.sha256) for k in master_keys]
+        keyed = [hmac.new(derive_key(k, purpose), digestmod=hashlib.sha256) for k in master_keys]
+        # hmac.HMAC wraps OpenSSL's HMAC object in Python methods; that object, where there is one,
+        # copies, updates and digests the same, without three Python calls per signature
+        self._keys = [getattr(mac, "_hmac", None) or mac for mac in keyed]
 
     def __repr__(self):
         return f"<Signer {self.purpose} keys=***>"
