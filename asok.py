@@ -4583,7 +4583,7 @@ class Component:
                                 f"payload)); an @every method takes nothing (def {name}(self))") from None
 
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
-    on_loop = False                 # True: events run on the event loop (methods and template never block)
+    on_loop = False                 # True: events (and page renders, mount included) run on the event loop
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
     # State fields the browser may not set through ws-model ($model), as Livewire's #[Locked]:
     # every other public field is writable by the page's user, like a form field.
