@@ -5309,7 +5309,8 @@ class _LiveIntake:
     def __init__(self, app, broker):
         self.app = app
         self.broker = broker
-        self._origin_pid = None
+        self._origin_id = (None, None)  # (the pid it was made in, this process's name in messages)
+        self._origin_lock = threading.Lock()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._keys = {}         # (sid, cid) -> _Key
@@ -5326,12 +5327,18 @@ class _LiveIntake:
         self._signed_lock = threading.Lock()
 
     def _origin(self):
-        """This process's name in published messages (a forked child gets its own)."""
-        if self._origin_pid != os.getpid():
-            self._origin_pid = os.getpid()
-            self._origin_name = f"{os.getpid()}.{secrets.token_hex(4)}"
-            self._published = 0
-        return self._origin_name
+        """This process's name in published messages (a forked child gets its own). One tuple
+        read, so a thread never sees the pid of a name another thread is still making (that
+        was a server_error on the first events of a `--workers` child, one in ~20,000)."""
+        pid, name = self._origin_id
+        if pid != os.getpid():
+            with self._origin_lock:
+                pid, name = self._origin_id
+                if pid != os.getpid():
+                    name = f"{os.getpid()}.{secrets.token_hex(4)}"
+                    self._published = 0
+                    self._origin_id = (os.getpid(), name)
+        return name
 
     # ── tokens ────────────────────────────────────────────────────────
     def sign(self, name, cid, sid, state, version, seq, saved=False):
