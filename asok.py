@@ -6041,6 +6041,7 @@ class LiveHub(_LiveApply):
 
 BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
+BROKER_GATHER = 0.002       # the sender waits this long after a message for others to share its datagram
 BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
 
 
@@ -6152,6 +6153,7 @@ class FolderBroker(Broker):
         per save."""
         waiting = self._queue.get()
         while waiting is not None:  # None: close() was called
+            time.sleep(BROKER_GATHER)  # what comes meanwhile goes in the same datagram
             batch, size, waiting = [waiting], len(waiting), ...
             while waiting is ...:
                 try:
