@@ -6041,7 +6041,7 @@ class LiveHub(_LiveApply):
 
 BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within this loses it (logged)
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
-BROKER_GATHER = 0.002       # the sender waits this long after a message for others to share its datagram
+BROKER_GATHER = 0.005       # the sender waits this long after a message for others to share its datagram
 BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
 
 
