@@ -568,6 +568,26 @@ async def send(ws, text):
         await result
 
 
+async def asok_exchange(ws, rid, text, stats):
+    """One call and its reply, as alive.js makes them: (the reply's data, nanoseconds it took),
+    or (None, 0) once counted as lost (a timeout, a refusal, the reply of another request)."""
+    t0 = time.perf_counter_ns()
+    await send(ws, text)
+    try:
+        reply = await ws.recv()
+    except (TimeoutError, ConnectionError) as exc:
+        stats.lost += 1
+        stats.errors.append(repr(exc))
+        return None, 0
+    took = time.perf_counter_ns() - t0
+    data = json.loads(reply)
+    if data.get("id") != rid or "error" in data:
+        stats.lost += 1
+        stats.errors.append(reply[:300])
+        return None, 0
+    return data, took
+
+
 async def live_client(ws, visitor, stats, window):
     """Click increment like alive.js: next event after the reply, with the new state."""
     page = f"{random.random()}:"
@@ -577,19 +597,8 @@ async def live_client(ws, visitor, stats, window):
             break
         rid = page + str(n)
         text = asok_call(rid, visitor.cid, visitor.component, state, "increment", [], visitor.csrf, held)
-        t0 = time.perf_counter_ns()
-        await send(ws, text)
-        try:
-            reply = await ws.recv()
-        except (TimeoutError, ConnectionError) as exc:
-            stats.lost += 1
-            stats.errors.append(repr(exc))
-            break
-        t1 = time.perf_counter_ns()
-        data = json.loads(reply)
-        if data.get("id") != rid or "error" in data:
-            stats.lost += 1
-            stats.errors.append(reply[:300])
+        data, took = await asok_exchange(ws, rid, text, stats)
+        if data is None:
             break
         state = data["state"]
         held = asok_html(data, held)
@@ -600,7 +609,7 @@ async def live_client(ws, visitor, stats, window):
         clicks += 1
         stats.total += 1
         if window.measuring:
-            stats.latencies.append(t1 - t0)
+            stats.latencies.append(took)
             stats.events += 1
         last_html = held[1]
     if clicks:
@@ -1863,19 +1872,8 @@ async def asok_list_client(ws, visitor, stats, window):
             break
         rid = page + str(n)
         text = asok_call(rid, visitor.cid, visitor.component, state, "bump", [LIST_ROW], visitor.csrf, held)
-        t0 = time.perf_counter_ns()
-        ws.send(text)
-        try:
-            reply = await ws.recv()
-        except (TimeoutError, ConnectionError) as exc:
-            stats.lost += 1
-            stats.errors.append(repr(exc))
-            break
-        t1 = time.perf_counter_ns()
-        data = json.loads(reply)
-        if data.get("id") != rid or "error" in data:
-            stats.lost += 1
-            stats.errors.append(reply[:300])
+        data, took = await asok_exchange(ws, rid, text, stats)
+        if data is None:
             break
         state, held = data["state"], asok_html(data, held)
         clicks += 1
@@ -1883,7 +1881,7 @@ async def asok_list_client(ws, visitor, stats, window):
         if n > 1:
             visitor.call_bytes.append(len(text.encode()))
         if window.measuring:
-            stats.latencies.append(t1 - t0)
+            stats.latencies.append(took)
             stats.events += 1
     if clicks and int(BIG_ROW_RE.search(held[1]).group(1)) != clicks:
         stats.final_mismatch += 1
