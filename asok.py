@@ -2906,7 +2906,8 @@ SESSION_COOKIE = "asok_session"
 SESSION_COLLECT_EVERY = 3600
 _LOCK_STRIPES = 256
 SESSION_CACHE_SIZE = 4096     # session records a process keeps parsed
-SESSION_OPEN_FILES = 256      # session files a process keeps open for appending
+SESSION_OPEN_FILES = 1024     # session files a process keeps open for appending, at most (and at
+                              # most a sixteenth of its descriptor limit: _session_files_open)
 SESSION_LOG_MAX = 64 * 1024   # a session file is compacted to one line past this size
 SESSION_MAX_RECORD = 1 << 20  # bytes of one saved session record; a larger save is refused
 
@@ -3211,7 +3212,7 @@ class FileSessionStore(SessionStore):
             os.close(entry[1])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._append_fds[path] = (os.fstat(fd).st_ino, fd)
-        if len(self._append_fds) > SESSION_OPEN_FILES:
+        if len(self._append_fds) > _session_files_open():
             os.close(self._append_fds.pop(next(iter(self._append_fds)))[1])
         return fd
 
@@ -3273,6 +3274,14 @@ class FileSessionStore(SessionStore):
                 if path.stat().st_mtime + 3600 < now:
                     path.unlink()
         return len(expired)
+
+
+def _session_files_open():
+    """How many session files a FileSessionStore keeps open: SESSION_OPEN_FILES, but a
+    sixteenth of the descriptor limit at most (a publish to a thousand sessions appends to a
+    thousand files, and reopening each costs more than the append)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return SESSION_OPEN_FILES if soft == resource.RLIM_INFINITY else max(16, min(SESSION_OPEN_FILES, soft // 16))
 
 
 def _unavailable(action, path, exc):
@@ -4417,6 +4426,7 @@ LIVE_MAX_JOIN = 500             # live components one page may show
 LIVE_MAX_PUBLISH = 64 * 1024    # bytes of one published topic + JSON payload
 LIVE_MAX_PENDING = 64           # published messages waiting per (session, cid); past it they are dropped (logged)
 LIVE_RUNNERS = 2                # threads applying published messages and ticks at once
+LIVE_LOOP_TURN = 32             # on_loop components' messages and ticks applied per turn of the event loop
 LIVE_MIN_PERIOD = 0.05          # the shortest @every period, in seconds
 LIVE_CLOCK_SLACK = 2            # periods a tick may lag the last one saved before it counts as a clock jump
 LIVE_ORIGINS_KEPT = 16          # publishing processes whose last applied message a saved component remembers
@@ -5317,6 +5327,7 @@ class _LiveIntake:
         self._topics = {}       # topic -> {(sid, cid), ...}
         self._ready = collections.deque()
         self._runners = 0
+        self._loop_ready = {}   # event loop -> deque of keys of on_loop components waiting there
         self._heap = []         # [due, n, key, method, period, alive]
         self._timer_wake = threading.Condition(self._lock)
         self._timer_thread = None
@@ -5522,14 +5533,14 @@ class _LiveIntake:
         self._adopt(conn, inner)
         first = {"id": call.rid, "html": inner, "state": token} if diff is None else {
             "id": call.rid, "d": diff, "state": token}
-        replies = [json.dumps(first, separators=(",", ":"))]
+        replies = [_json_compact(first)]
         for cid, (cls, saved, inner) in changed.items():  # what the emits changed comes with the reply
             with self._lock:
                 if cid in conn.views:
                     conn.views[cid].seq = max(conn.views[cid].seq, saved.seq)
             token = self._saved_and_pushed(conn.sid, cid, cls, saved, inner, conn)
             self._adopt(conn, inner)
-            replies.append(json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":")))
+            replies.append(_json_compact({"cid": cid, "html": inner, "state": token}))
         self._flush(outbox)
         return replies
 
@@ -5681,7 +5692,7 @@ class _LiveApply(_LiveIntake):
                 raise LiveError("bad_state", "this page's state is older than what the session keeps; "
                                              "reload the page")
             saved = SavedComponent(name, fallback.state, fallback.version, fallback.seq)
-        before = None if always else json.dumps(saved.state, sort_keys=True)  # an event always saves
+        before = None if always else _json_compact(saved.state)  # an event always saves
         session = Session(record.get("data"), sid)
         session.live = live
         session.seq = record.get("seq", 0)
@@ -5696,8 +5707,10 @@ class _LiveApply(_LiveIntake):
         if session.cleared:
             _clear_live(record, session.seq)
             live, dropped = record["live"], record["dropped"]
-        state = comp._checked_state()
-        changed = ran and (always or session.modified or json.dumps(state, sort_keys=True) != before)
+        state, text = comp._checked_state_json()
+        # the same JSON as before it ran: unchanged (a state's keys keep their order, the class's
+        # fields first; a dict whose keys only changed order counts as changed, and is saved)
+        changed = ran and (always or session.modified or text != before)
         inner = None
         if changed or always:
             saved.version += 1 if ran else 0
@@ -5766,7 +5779,7 @@ class _LiveApply(_LiveIntake):
         inner = str(self._restore(cls, saved.state, session, sid, cid, conn).render())
         token = self._page_token(cls, cid, sid, saved, inner)
         self._adopt(conn, inner)
-        return json.dumps({"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
+        return _json_compact({"cid": cid, "html": inner, "state": token})
 
     def _adopt(self, conn, inner):
         """Components nested in HTML on its way to a page are views of that page too: a parent's
@@ -5798,7 +5811,7 @@ class _LiveApply(_LiveIntake):
                     if key is not None:
                         self._retopic(key, topics)
         self._push_local(sid, cid, cls, saved, inner, token, rendered_for)
-        self.broker.publish(('{"o":"%s","c":%s}' % (self._origin(), json.dumps([sid, cid, saved.seq]))).encode())
+        self.broker.publish(('{"o":"%s","c":%s}' % (self._origin(), _json_compact([sid, cid, saved.seq]))).encode())
         return token
 
     def _push_local(self, sid, cid, cls, saved, inner=None, token=None, rendered_for=None):
@@ -5809,8 +5822,8 @@ class _LiveApply(_LiveIntake):
             views = [v for v in key.views if v.seq < saved.seq] if key else []
         made = {}
         if inner is not None and rendered_for is not None and views:
-            made[(rendered_for.path, rendered_for.query_string)] = json.dumps(
-                {"cid": cid, "html": inner, "state": token}, separators=(",", ":"))
+            made[(rendered_for.path, rendered_for.query_string)] = _json_compact(
+                {"cid": cid, "html": inner, "state": token})
         for view in views:
             url = (view.conn.path, view.conn.query_string)
             if url not in made:
@@ -5898,10 +5911,59 @@ class LiveHub(_LiveApply):
         key.jobs.append(job)
         if not key.queued:
             key.queued = True
-            self._ready.append(key)
-            if self._runners < LIVE_RUNNERS:
-                self._runners += 1
-                self.app.executor.submit(self._run)
+            loop = self._loop_of(key)
+            if loop is not None:  # on_loop = True: applied on the loop of its page's socket
+                ready = self._loop_ready.get(loop)
+                if ready is None:
+                    ready = self._loop_ready[loop] = collections.deque()
+                    _LoopInbox.of(loop).put(self, self._run_on_loop, loop)
+                ready.append(key)
+                return
+            self._to_runners(key)
+
+    def _to_runners(self, key):
+        """Called with the lock held: `key` (queued) waits for a runner thread."""
+        self._ready.append(key)
+        if self._runners < LIVE_RUNNERS:
+            self._runners += 1
+            self.app.executor.submit(self._run)
+
+    def _loop_of(self, key):
+        """Called with the lock held: the event loop of the socket of `key`'s first view, when
+        the component says `on_loop = True` and the store is local; else None (a thread)."""
+        if key.cls.on_loop is not True or not key.views or not getattr(self.app.sessions, "local", False):
+            return None
+        outbox = getattr(key.views[0].conn.push, "__self__", None)
+        loop = getattr(outbox, "loop", None) if isinstance(outbox, _LiveOutbox) else None
+        return None if loop is None or loop.is_closed() else loop
+
+    def _run_on_loop(self, loop):
+        """On `loop`: the queued jobs of on_loop components whose pages it serves, in turns of
+        LIVE_LOOP_TURN, so a publish to a thousand views lets the loop serve sockets between
+        them. A job whose session lock is held goes to a runner thread (the loop never waits
+        for a lock), and the rest of its (session, cid)'s jobs after it."""
+        for _ in range(LIVE_LOOP_TURN):
+            with self._lock:
+                ready = self._loop_ready.get(loop)
+                if not ready:
+                    self._loop_ready.pop(loop, None)
+                    self._idle.notify_all()
+                    return
+                key = ready.popleft()
+                job = key.jobs.pop(0)
+            try:
+                self._attempt(key, job, wait=False)
+            except StoreBusy:
+                with self._lock:
+                    key.jobs.insert(0, job)
+                    self._to_runners(key)
+                continue
+            with self._lock:
+                if key.jobs:
+                    ready.append(key)
+                else:
+                    key.queued = False
+        loop.call_soon(self._run_on_loop, loop)
 
     def _run(self):
         while True:
@@ -5912,26 +5974,33 @@ class LiveHub(_LiveApply):
                     return
                 key = self._ready.popleft()
                 job = key.jobs.pop(0)
-            try:
-                self._do(key, job)
-            except LiveError as exc:
-                self._refused(key, exc)
-            except StoreUnavailable as exc:
-                self._refused(key, LiveError("store_unavailable", f"the session storage is unavailable "
-                                                                  f"({exc.reason}); a live update was not saved"))
-            except SessionTooLarge as exc:
-                self._refused(key, LiveError("session_too_large", f"{exc}; a live update was not saved"))
-            except Exception:
-                log.exception("%s of %s (%s) failed", job[0], key.cls.__name__, key.cid)
-            else:
-                key.error = None
+            self._attempt(key, job)
             with self._lock:
                 if key.jobs:
                     self._ready.append(key)
                 else:
                     key.queued = False
 
-    def _do(self, key, job):
+    def _attempt(self, key, job, wait=True):
+        """Apply one job of `key`; a refusal goes to its pages, anything else to the log (with
+        wait=False, StoreBusy is raised before anything ran)."""
+        try:
+            self._do(key, job, wait)
+        except LiveError as exc:
+            self._refused(key, exc)
+        except StoreUnavailable as exc:
+            self._refused(key, LiveError("store_unavailable", f"the session storage is unavailable "
+                                                              f"({exc.reason}); a live update was not saved"))
+        except SessionTooLarge as exc:
+            self._refused(key, LiveError("session_too_large", f"{exc}; a live update was not saved"))
+        except StoreBusy:
+            raise
+        except Exception:
+            log.exception("%s of %s (%s) failed", job[0], key.cls.__name__, key.cid)
+        else:
+            key.error = None
+
+    def _do(self, key, job, wait=True):
         """Apply one queued job of `key`: ("message", topic, origin, n, payload), ("tick",
         method, slot) or ("refresh",)."""
         sid, cid, cls = key.sid, key.cid, key.cls
@@ -5970,7 +6039,7 @@ class LiveHub(_LiveApply):
         try:
             if run is None:
                 raise _NothingToSave()
-            saved, inner, outbox, changed = self._commit(sid, cid, cls, key.fallback, conn, run)
+            saved, inner, outbox, changed = self._commit(sid, cid, cls, key.fallback, conn, run, wait=wait)
         except _NothingToSave:  # views that missed what another process saved get it
             raw = ((self.app.sessions.load(sid) or {}).get("live") or {}).get(cid)
             saved = SavedComponent.load(raw, cls.__name__)
@@ -5998,7 +6067,7 @@ class LiveHub(_LiveApply):
         """Wait until every queued message and tick of this process has been applied (tests)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._ready or self._runners:
+            while self._ready or self._runners or self._loop_ready:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"live updates still running after {timeout} s")
@@ -7499,7 +7568,8 @@ WS_MAX_OUTPUT = 8 << 20    # bytes queued for one WebSocket peer (unread, or wai
 WS_MAX_INPUT = 1 << 20     # bytes of received messages the handler has not taken yet; reading pauses past it
 WS_FRAMES_PER_TURN = 256   # frames handled for one connection before the loop serves the others
 MAX_CONNECTIONS = 10000    # open connections, at most; past it (or past what the fd limit allows) 503
-_FDS_KEPT = 640            # descriptors kept free for the session store, threads and the log
+_FDS_KEPT = 384            # descriptors kept free for threads, the log and the broker (and the session
+                           # store's open files beside them: _session_files_open)
 _PAUSE_AT = 256 * 1024
 
 
@@ -8175,7 +8245,7 @@ def _connection_limit(requested):
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             soft = wanted
-    allowed = max(16, soft - _FDS_KEPT) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
+    allowed = max(16, soft - _FDS_KEPT - _session_files_open()) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
     limit = min(requested or MAX_CONNECTIONS, allowed)
     if requested and limit < requested:
         log.warning("max_connections=%d lowered to %d: the process may open %d files", requested, limit, soft)

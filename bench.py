@@ -7,7 +7,8 @@ Measures, in one run and beside a baseline each time:
      asyncio HTTP server written below (stdlib only, fixed 1 KB body),
   4. template renders/s beside Jinja2 (the counter component's template and a 100-row page),
   5. server RSS per idle WebSocket connection with 1,000 open, and push fan-out: one publish to
-     1,000 joined views of 1,000 sessions (ms until the last has its HTML, CPU per update),
+     1,000 joined views of 1,000 sessions (ms until the last has its HTML, CPU per update;
+     the component on the event loop, on_loop = True, and again in threads),
      and the server's RSS after greedy clients (pings never read, replies never read, 16 MiB
      events, two million tiny fragments, bodies a byte at a time) beside its idle RSS,
   6. bytes: the counter page, alive.js after gzip -9, one increment's request and reply,
@@ -1106,6 +1107,7 @@ def live_stats():
 
 
 class Ping(Component):
+    on_loop = ON_LOOP  # True: its handler never blocks, applied on the event loop; False: in threads
     n = 0
 
     @on("fanout")
@@ -1118,6 +1120,15 @@ class Ping(Component):
 
 
 def run_fanout(tmp, cfg):
+    """The fan-out of one publish (run_fanout_once), with Ping's handler on the event loop
+    (`on_loop = True`, the target) and in threads (the default)."""
+    result = run_fanout_once(tmp, cfg, True)
+    if "skipped" not in result:
+        result["threads"] = run_fanout_once(tmp, cfg, False)
+    return result
+
+
+def run_fanout_once(tmp, cfg, on_loop):
     """One publish to `fanout_views` views, each of its own session (as many browsers), on one
     server: time from the publish until the last view has its new HTML (p50 / p99 over
     `fanout_rounds` publishes), server CPU per delivered update, and RSS per joined view."""
@@ -1125,10 +1136,10 @@ def run_fanout(tmp, cfg):
     limit = raise_fd_limit(n * 2 + 512)
     if limit < n + 256:
         return {"skipped": f"fd limit {limit} is below {n + 256}"}
-    folder = Path(tmp) / "fanout"
+    folder = Path(tmp) / f"fanout-{'loop' if on_loop else 'threads'}"
     for rel, text in FANOUT_FILES.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(text)
+        (folder / rel).write_text(text.replace("ON_LOOP", str(on_loop)))
     port = free_port()
     argv = [sys.executable, str(ASOK), "serve", str(folder), "--port", str(port), "--no-access-log"]
 
@@ -1187,7 +1198,7 @@ def run_fanout(tmp, cfg):
             for ws in conns:
                 await ws.close()
 
-    with Server(argv, port, tmp, "fanout") as server:
+    with Server(argv, port, tmp, f"fanout-{'loop' if on_loop else 'threads'}") as server:
         return asyncio.run(main(server))
 
 
@@ -2451,6 +2462,12 @@ def build(results):
         row(f"fan-out {fan['views']:,} views  p99 ms", fan["p99_ms"],
             f"the first publish, which writes 1,000 new session files: {fmt(fan['cold_ms'])} ms", "fanout_p99_ms")
         row("fan-out server CPU µs/update", fan["server_cpu_us_per_update"], "apply, save, render, push per view")
+        threads = fan.get("threads") or {}
+        if "p50_ms" in threads:
+            row(f"fan-out {threads['views']:,} views in threads  p50 ms", threads["p50_ms"],
+                f"Ping without on_loop = True (the default): its handler in worker threads; missed {threads['missed']}")
+            row(f"fan-out {threads['views']:,} views in threads  p99 ms", threads["p99_ms"],
+                f"server CPU {fmt(threads['server_cpu_us_per_update'])} µs/update")
         row("RSS per joined idle view KiB", fan["kib_per_joined_view"], "socket + view + subscription",
             "fanout_kib_per_view")
     elif fan:
