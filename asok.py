@@ -3323,6 +3323,8 @@ class _StoreLock:
 # ═══ 8c. Sessions: a record as JSON texts, one per component; a record's shape ════════════════════
 
 _dump = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(value, separators=(",", ":")), quicker
+# (the record's own keys, which hold the session's data: a cycle there is a ValueError. A component's
+# entry, checked JSON-safe before it is saved, goes through _json_compact, the C encoder itself.)
 
 
 class _Raw(str):
@@ -3403,9 +3405,9 @@ class _StoredRecord:
         live = record.get("live")
         if isinstance(live, _LiveEntries):
             fresh = frozenset() if live.checked else frozenset(c for c in live._fresh if c in live)
-            live = {cid: v if v.__class__ is _Raw else _Raw(_dump(v)) for cid, v in live._d.items()}
+            live = {cid: v if v.__class__ is _Raw else _Raw(_json_compact(v)) for cid, v in live._d.items()}
         elif isinstance(live, dict):
-            live = {cid: _Raw(_dump(entry)) for cid, entry in live.items()}
+            live = {cid: _Raw(_json_compact(entry)) for cid, entry in live.items()}
         else:
             return cls(_dump(record), None, 0, frozenset(), record.get("expires", 0))
         size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in live.items())
@@ -3446,7 +3448,7 @@ class _StoredRecord:
             if text is not None:
                 size -= len(_dump(cid)) + len(text) + 2
         for cid, entry in entries.items():
-            text, old = _Raw(_dump(entry)), live.get(cid)
+            text, old = _Raw(_json_compact(entry)), live.get(cid)
             size += len(text) - (len(old) if old is not None else -len(_dump(cid)) - 2)
             live[cid] = text
         return _StoredRecord(_dump(top), live, size, self.fresh | frozenset(entries), top.get("expires", 0))
@@ -3487,7 +3489,7 @@ class _StoredRecord:
         entries = {}
         for cid in live._touched:
             if cid in d and cid not in appended:
-                text = _dump(d[cid])
+                text = _json_compact(d[cid])
                 if text != old.get(cid):
                     entries[cid] = text
         appended = list(reversed(appended))  # in the order they now have, after the others
@@ -3495,7 +3497,7 @@ class _StoredRecord:
             removed = []  # the last one set again stays last (an event's component, most often)
         for cid in appended:
             value = d[cid]
-            entries[cid] = value if value.__class__ is _Raw else _dump(value)
+            entries[cid] = value if value.__class__ is _Raw else _json_compact(value)
         top = _dump({k: v for k, v in record.items() if k != "live"})
         new, size = dict(old), self.live_size
         for cid in removed:
@@ -6161,6 +6163,7 @@ class FolderBroker(Broker):
         self._peers = (None, ())  # (the folder's mtime when listed, the other processes' socket paths)
         self._closed = False
         self._pid = None
+        self._folder_fd = None  # the folder, open: its mtime is read per message without a path lookup
 
     def __repr__(self):
         return f"<FolderBroker {self.folder}>"
@@ -6172,6 +6175,7 @@ class FolderBroker(Broker):
             return
         self._pid = os.getpid()
         _private_folder(self.folder)
+        self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._path = f"{self.folder}/{os.getpid()}.{secrets.token_hex(3)}"
         self._recv.bind(self._path)
@@ -6190,9 +6194,10 @@ class FolderBroker(Broker):
     def publish(self, data: bytes) -> None:
         if len(data) > BROKER_MAX_DATAGRAM:
             raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
-        with self._lock:
-            self._open()
-            callback = self._callback
+        if self._send is None or self._pid != os.getpid():
+            with self._lock:
+                self._open()
+        callback = self._callback
         if callback is not None:
             callback(data)
         if self._others():
@@ -6205,7 +6210,7 @@ class FolderBroker(Broker):
         """The other processes' sockets, listed again when the folder changes (a process came or
         went): one stat per message, so a process that just started is never missed."""
         try:
-            stamp = os.stat(self.folder).st_mtime_ns
+            stamp = os.stat(self._folder_fd).st_mtime_ns
         except OSError:
             return ()
         listed, peers = self._peers
@@ -6277,6 +6282,9 @@ class FolderBroker(Broker):
         except OSError:
             pass
         self._recv.close()
+        fd, self._folder_fd = self._folder_fd, -1  # -1: an fstat that fails, never another file's
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class RedisBroker(Broker):
