@@ -5228,13 +5228,15 @@ def _html_diff(old, new):
     text, for each hunk (positions in old, in UTF-16 code units as JavaScript counts them); None if
     that is no shorter than `new`. A short changed middle whose tags and words are as many on both
     sides (values changed in place) is split into a hunk per changed run of them."""
-    n, step, a = min(len(old), len(new)), 4096, 0
+    n, a = min(len(old), len(new)), 0
+    step = 1 << max(n.bit_length() - 1, 0) if n < 4096 else 4096
     while step:  # the common prefix: chunks while they match, then halves of the one that does not
         if a + step <= n and old[a:a + step] == new[a:a + step]:
             a += step
         else:
             step //= 2
-    m, b, lo, hi, step = n - a, 0, len(old), len(new), 4096
+    m, b, lo, hi = n - a, 0, len(old), len(new)
+    step = 1 << max(m.bit_length() - 1, 0) if m < 4096 else 4096
     while step:  # the common suffix, within what the prefix left
         if b + step <= m and old[lo - b - step:lo - b] == new[hi - b - step:hi - b]:
             b += step

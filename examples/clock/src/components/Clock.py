@@ -5,6 +5,7 @@ from asok import Component, every
 
 
 class Clock(Component):
+    on_loop = True  # tick() only reads the clock: it runs on the event loop, no thread hand-off
     now = ""
     load = ""
     ticks = 0
