@@ -4090,6 +4090,14 @@ class Request:
     def __repr__(self):
         return f"<Request {self.method} {self.path}>"
 
+    def _retry(self):
+        """Back to where a try on the event loop started (see _OffLoop), before the request starts
+        again in a thread: the fields a page render notes on its request go back to their start
+        (the cached cookies, query and session stay: they are what the request says)."""
+        self._on_loop = False
+        self.uses_live = False
+        self.alive_parts = set()
+
     def _trust_proxy(self, trusted):
         """The peer is a proxy the app trusts (`Asok(trusted_proxies=...)`): take the client's
         scheme, host and address from `Forwarded` (RFC 7239 §4) or, without it, from
@@ -5358,9 +5366,15 @@ class _LiveIntake:
     # ── tokens ────────────────────────────────────────────────────────
     def sign(self, name, cid, sid, state, version, seq, saved=False):
         """A state token carrying `state` (with its reference inside when the session has
-        `saved` it), or, when `state` is None, just the reference (see StateToken)."""
+        `saved` it), or, when `state` is None, just the reference (see StateToken). A component
+        the session has not saved gets no reference: its page carries the state, and nothing
+        could name a save that does not exist (one HMAC and a lock fewer per such component)."""
         bind, now = f"{name}\0{cid}\0{sid}", int(time.time())
-        ref = self.app._state_signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
+        signer = self.app._state_signer
+        if not saved and state is not None:
+            return signer.sign('{"s":%s,"v":%d,"q":%d,"t":%d}' % (_json_compact_sorted(state), version, seq, now),
+                               bind=bind)
+        ref = signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
         with self._signed_lock:  # the page sends this back with its next event: read() knows it then
             signed = self._signed
             signed[ref] = (bind, StateToken(None, version, seq, now))
@@ -5368,10 +5382,9 @@ class _LiveIntake:
                 del signed[next(iter(signed))]
         if state is None:
             return ref
-        payload = '{"s":%s,"v":%d,"q":%d,"t":%d%s}' % (
-            _json_compact_sorted(state), version, seq, now,
-            ',"r":' + json.dumps(ref) if saved else "")
-        return self.app._state_signer.sign(payload, bind=bind)
+        payload = '{"s":%s,"v":%d,"q":%d,"t":%d,"r":%s}' % (
+            _json_compact_sorted(state), version, seq, now, json.dumps(ref))
+        return signer.sign(payload, bind=bind)
 
     @staticmethod
     def _shows_values(component, inner):
@@ -7932,7 +7945,7 @@ class _HTTPConnection(_Connection):
             try:
                 response = self.app.handle(request)
             except _OffLoop:  # something on the way needs a thread: the request starts again in one
-                request._on_loop, request.uses_live, request.alive_parts = False, False, set()
+                request._retry()
             else:  # answered now, unless requests wait behind it (then later: no recursion per request)
                 if self.parser.pending_size:
                     loop.call_soon(self._handled, head, response, started)

@@ -5937,6 +5937,7 @@ def test_file_pages_render_on_the_loop_and_application_code_in_a_thread_that_sta
         "src/components/slow.html": "<p>slow << where() >></p>",
         "src/pages/plain.html": "<< component('Plain') >>",
         "src/pages/slow.html": "<< component('Slow') >>",
+        "src/pages/mixed.html": "<html><head></head><body><< component('Plain') >><< component('Slow') >></body></html>",
     })
     app.templates.globals["where"] = lambda: threading.current_thread().name
 
@@ -5959,6 +5960,11 @@ def test_file_pages_render_on_the_loop_and_application_code_in_a_thread_that_sta
             assert loop_thread in get(port, "/plain")  # ...while the loop serves another page
             slow_module.RELEASE.set()
             assert re.search(r"slow asok[^<]*</p>", slow.result(10))
+        # Plain renders on the loop, then Slow needs a thread: the request starts again there from
+        # its start (Request._retry), and the page is the one a thread alone would have made
+        mixed = get(port, "/mixed")
+        assert re.search(r"plain 1 asok[^<]*</p>", mixed) and re.search(r"slow asok[^<]*</p>", mixed)
+        assert mixed.count("<script") == 1 and mixed.count('name="csrf-token"') == 1
         with connect(port) as sock:  # pipelined pages come back in order
             sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET /route HTTP/1.1\r\nHost: x\r\n\r\n")
             bodies = [read_response(sock)[2] for _ in range(3)]
