@@ -1532,7 +1532,7 @@ _HTTP_TOKEN_START = frozenset(b"!#$%&'*+-.^_`|~0123456789"
                               b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz\r")
 _HTTP_REQUEST_LINE = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]+(?:\.[0-9]+)?)")
-_HTTP_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+_HTTP_CONTROL = bytes((*range(0x09), *range(0x0b, 0x20), 0x7f))  # control bytes a head may not hold
 _HTTP_BAD_OUTPUT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _HTTP_HEX = re.compile(rb"[0-9A-Fa-f]+")
 # RFC 9110 §7.8 / IANA transfer coding registry: the codings we recognise.
@@ -1643,6 +1643,12 @@ class HTTPParser:
         """How many bytes are buffered but not consumed (cheap: no copy)."""
         return len(self._buf)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether next_event() has nothing to return but NEED_DATA until more bytes come: a new
+        cycle with no bytes buffered and the peer's side still open."""
+        return self._state == _HTTP_HEAD and not self._buf and not self._eof and self._error is None
+
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the peer; b"" means the peer closed its side."""
         if self._eof and data:
@@ -1703,7 +1709,7 @@ class HTTPParser:
 
     def _read_head(self):
         buf = self._buf
-        while buf[:1] == b"\n" or buf[:2] == b"\r\n":  # RFC 9112 §2.2
+        while buf and (buf[0] == 10 or (buf[0] == 13 and buf[1:2] == b"\n")):  # RFC 9112 §2.2
             del buf[:1 if buf[0] == 10 else 2]
         if not buf:
             if self._eof:
@@ -1776,12 +1782,12 @@ class HTTPParser:
             self._remaining = length
         else:
             self._state = _HTTP_END
-        tokens = _http_tokens(connection)
+        tokens = _http_tokens(connection) if connection else ()
         if "close" in tokens:
             keep_alive = False
         else:
             keep_alive = version == "HTTP/1.1" or "keep-alive" in tokens
-        expect_continue = version == "HTTP/1.1" and "100-continue" in _http_tokens(expect)
+        expect_continue = bool(expect) and version == "HTTP/1.1" and "100-continue" in _http_tokens(expect)
         return RequestHead(method, target, version, headers, keep_alive, expect_continue)
 
     def _check_codings(self, values, version):
@@ -1902,7 +1908,7 @@ def _http_split_lines(block):
     text = block.replace(b"\r\n", b"\n")
     if b"\r" in text:
         raise HTTPProtocolError(400, "bare CR in request head")
-    if _HTTP_CONTROL.search(text):
+    if len(text.translate(None, _HTTP_CONTROL)) != len(text):  # one C pass (a regex tests each byte)
         raise HTTPProtocolError(400, "control character in request head")
     lines = text.split(b"\n")
     lines.pop()
@@ -1920,12 +1926,20 @@ def _http_parse_fields(lines):
         name, colon, value = line.partition(b":")
         if not colon:
             raise HTTPProtocolError(400, "header line without a colon")
-        if not _HTTP_TOKEN.fullmatch(name):
-            if name and name.rstrip(b" \t") != name:
-                raise HTTPProtocolError(400, "whitespace before colon in header")
-            raise HTTPProtocolError(400, "invalid header name")
-        headers.append((name.lower().decode("ascii"), value.strip(b" \t").decode("latin-1")))
+        known = _HTTP_NAMES.get(name)
+        if known is None:
+            if not _HTTP_TOKEN.fullmatch(name):
+                if name and name.rstrip(b" \t") != name:
+                    raise HTTPProtocolError(400, "whitespace before colon in header")
+                raise HTTPProtocolError(400, "invalid header name")
+            known = name.lower().decode("ascii")
+            if len(_HTTP_NAMES) < 512:  # the common names; a client inventing names gets no room
+                _HTTP_NAMES[bytes(name)] = known
+        headers.append((known, value.strip(b" \t").decode("latin-1")))
     return headers
+
+
+_HTTP_NAMES = {}  # a header name as received -> checked, in lower case (bounded)
 
 
 def _http_tokens(values):
@@ -2918,17 +2932,20 @@ class Session(dict):
     `regenerate()` gives it a new id (call it at sign-in); `clear()` empties it, component
     states included (sign-out)."""
 
+    # what a session starts with: class attributes until set (one is opened per request)
+    new = False
+    seq = 0
+    modified = False
+    cleared = False
+    previous_sid = None  # the id regenerate() replaced, deleted when the session is saved
+
     def __init__(self, data: Mapping[str, Any] | None = None, sid: str | None = None) -> None:
-        super().__init__(data or ())
+        if data:
+            dict.__init__(self, data)
         self.sid = sid
-        self.new = False
         self.live = {}
-        self.seq = 0
         self.changed = set()
         self.deleted = set()
-        self.modified = False
-        self.cleared = False
-        self.previous_sid = None  # the id regenerate() replaced, deleted when the session is saved
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
@@ -4669,7 +4686,7 @@ class Component:
         """The component's state: its public attributes, as rendered, signed and saved."""
         state = {name: getattr(self, name) for name in self._asok_fields}
         for name, value in vars(self).items():
-            if not name.startswith("_"):
+            if name[0] != "_":
                 state[name] = value
         return state
 
@@ -4680,7 +4697,8 @@ class Component:
         """The state, checked (JSON-safe, within LIVE_MAX_STATE), and its compact JSON."""
         state = self.state
         for name, value in state.items():
-            _check_json_safe(value, f"{type(self).__name__}.{name}")
+            if type(value) not in _JSON_PLAIN:
+                _check_json_safe(value, f"{type(self).__name__}.{name}")
         text = _json_compact(state)
         if len(text) > LIVE_MAX_STATE:
             raise LiveError("state_too_large", f"{type(self).__name__}'s state is {len(text)} bytes as JSON; the "
@@ -4711,7 +4729,8 @@ class Component:
         state = {**cls._asok_fields, **props}
         plain = True
         for name, value in state.items():
-            _check_json_safe(value, f"{cls.__name__}.{name}")
+            if type(value) not in _JSON_PLAIN:
+                _check_json_safe(value, f"{cls.__name__}.{name}")
             plain = plain and (type(value) in _JSON_PLAIN or type(value) is float)
         if not plain:  # a list or dict among the defaults: a private copy (class defaults are shared)
             state = json.loads(json.dumps(state))
@@ -5364,16 +5383,17 @@ class _LiveIntake:
         return name
 
     # ── tokens ────────────────────────────────────────────────────────
-    def sign(self, name, cid, sid, state, version, seq, saved=False):
+    def sign(self, name, cid, sid, state, version, seq, saved=False, text=None):
         """A state token carrying `state` (with its reference inside when the session has
         `saved` it), or, when `state` is None, just the reference (see StateToken). A component
         the session has not saved gets no reference: its page carries the state, and nothing
-        could name a save that does not exist (one HMAC and a lock fewer per such component)."""
+        could name a save that does not exist (one HMAC and a lock fewer per such component).
+        `text`: the state's compact JSON when the caller has it (readers take keys in any order)."""
         bind, now = f"{name}\0{cid}\0{sid}", int(time.time())
         signer = self.app._state_signer
         if not saved and state is not None:
-            return signer.sign('{"s":%s,"v":%d,"q":%d,"t":%d}' % (_json_compact_sorted(state), version, seq, now),
-                               bind=bind)
+            return signer.sign('{"s":%s,"v":%d,"q":%d,"t":%d}' % (
+                text or _json_compact_sorted(state), version, seq, now), bind=bind)
         ref = signer.sign('{"q":%d,"t":%d,"v":%d}' % (seq, now, version), bind=bind)
         with self._signed_lock:  # the page sends this back with its next event: read() knows it then
             signed = self._signed
@@ -6876,7 +6896,7 @@ class _AppPages(_AppSessions):
         component is on the page, the live runtime."""
         full = self._context(request, request.path)
         full.update(context)
-        return self._finish_html(request, self.templates.render(name, **full))
+        return self._finish_html(request, self.templates.get(name).render_context(full))
 
     def _render_page(self, request, name, params):
         return Response(self.render_template(request, name, **params))
@@ -7089,7 +7109,7 @@ class Asok(_AppPages):
             version, seq = self._save_url_state(sid, cid, cls, state)
             saved = True
         shown = state if not saved or self.live._shows_values(cls, inner) else None
-        token = self.live.sign(name, cid, sid, shown, version, seq, saved=saved)
+        token = self.live.sign(name, cid, sid, shown, version, seq, saved=saved, text=text)
         bound = {k: comp._asok_fields[k] for k in comp.url}
         url = f' data-asok-url="{html.escape(json.dumps(bound))}"' if bound else ""
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
@@ -7790,6 +7810,7 @@ class _HTTPConnection(_Connection):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "-"
+        self.remote_addr = self.peer.rpartition(":")[0]
         self.parser = HTTPParser(max_body=self.app.max_body)
         self.flow = _FlowControl(transport, self.s.body_timeout)
         self.draining = None  # the phase to go back to once a client that stopped reading reads again
@@ -7923,7 +7944,7 @@ class _HTTPConnection(_Connection):
                 value = headers[name] + ("; " if name == "cookie" else ", ") + value
             headers[name] = value
         path = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
-        return Request(head.method, path, query, headers, body, "http", self.peer.rpartition(":")[0], self.app)
+        return Request(head.method, path, query, headers, body, "http", self.remote_addr, self.app)
 
     def _start(self, head, body):
         """A whole request has arrived: upgrade it, or hand it to the app in a thread."""
@@ -8022,7 +8043,8 @@ class _HTTPConnection(_Connection):
             return
         self._enter(following)
         self.flow.resume_reading()
-        self._advance()
+        if not self.parser.waiting:  # else nothing to parse until data_received
+            self._advance()
 
     async def _stream(self, head, response, keep_alive, started):
         """Send an iterable body, chunked on HTTP/1.1 (closing the connection on HTTP/1.0);
