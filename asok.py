@@ -3095,6 +3095,7 @@ class FileSessionStore(SessionStore):
         self._fd_lock = threading.Lock()
         self._cache = {}  # path -> ((inode, size, mtime_ns), the record as _StoredRecord texts)
         self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
+        self._missing = set()  # paths load() found no file at lately (bounded)
 
     def _path(self, sid):
         if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
@@ -3159,7 +3160,19 @@ class FileSessionStore(SessionStore):
             path = self._path(sid)
         except ValueError:
             return None
-        stored = self._read(path)[0]
+        missing = self._missing
+        if path in missing and not os.access(path, os.F_OK):
+            # a returning visitor whose session has no record yet (its page saved nothing): still
+            # one system call, so a file another process made is seen at once, but no stat()
+            # raising FileNotFoundError (an exception object, its message and file name) per page
+            return None
+        stored, _, _, ino = self._read(path)
+        if ino:
+            missing.discard(path)
+        else:
+            if len(missing) >= SESSION_CACHE_SIZE:
+                missing.clear()
+            missing.add(path)
         return None if stored is None else json.loads(stored.line())
 
     def _write(self, path, record, stored, live, size, clean_end, ino):
@@ -4080,6 +4093,8 @@ class Request:
     reaches its session through what the app gives it here (`app.session_access`)."""
 
     _on_loop = False  # set by the server while it tries the request on the event loop (see _OffLoop)
+    _session = _cookies = _query = _form = _files = None  # made when first asked for (one request each)
+    uses_live = False
 
     def __init__(self, method: str, path: str, query_string: str = "",
                  headers: dict[str, str] | None = None, body: bytes | BinaryIO = b"", scheme: str = "http",
@@ -4096,12 +4111,6 @@ class Request:
         if app is not None and app.trusted_proxies and _ip_in(remote_addr, app.trusted_proxies):
             self._trust_proxy(app.trusted_proxies)
         self._sessions = app.session_access if app is not None else _NO_SESSIONS
-        self._session = None
-        self._cookies = None
-        self._query = None
-        self._form = None
-        self._files = None
-        self.uses_live = False
         self.alive_parts = set()  # parts of alive.js the page needs beside the core ("forms")
 
     def __repr__(self):
@@ -4294,9 +4303,12 @@ class Response:
                  headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  content_type: str | None = "text/html; charset=utf-8") -> None:
         self.status = int(status)
-        self.headers = list(headers.items() if isinstance(headers, dict) else headers or ())
-        if content_type and not any(k.lower() == "content-type" for k, _ in self.headers):
-            self.headers.append(("Content-Type", content_type))
+        if not headers:  # the usual page: its one field, with nothing to look through
+            self.headers = [("Content-Type", content_type)] if content_type else []
+        else:
+            self.headers = list(headers.items() if isinstance(headers, dict) else headers)
+            if content_type and not any(k.lower() == "content-type" for k, _ in self.headers):
+                self.headers.append(("Content-Type", content_type))
         if isinstance(body, str):
             body = body.encode("utf-8")
         self.body = body
@@ -4649,11 +4661,9 @@ class Component:
         path = self._asok_paths.get(name)
         if path is None:
             path = self._asok_paths[name] = self._asok_dir / name
-        template = self._asok_app.templates.get_file(path)
-        context = dict(self._asok_app.templates.globals)
-        context.update(self._asok_context)
-        context.update(self.state)
-        context.update(extra)
+        templates = self._asok_app.templates
+        template = templates.get_file(path)
+        context = {**templates.globals, **self._asok_context, **self.state, **extra}
         return Markup(template.render_context(context))
 
     @property
@@ -6906,8 +6916,9 @@ class _AppPages(_AppSessions):
         if not request.uses_live:
             return text
         scripts = self._alive_scripts()
-        parts = frozenset((*getattr(request, "alive_parts", ()), *(("hooks",) if " ws-hook=" in text else ()),
-                           *(("model",) if " ws-model=" in text else ())))
+        parts, hooks, model = getattr(request, "alive_parts", ()), " ws-hook=" in text, " ws-model=" in text
+        parts = frozenset((*parts, *(("hooks",) if hooks else ()), *(("model",) if model else ()))) \
+            if parts or hooks or model else _NO_PARTS
         script_tags = self._script_tags.get(parts)
         if script_tags is None:
             script_tags = "".join(f'<script src="/asok/{f"alive-{part}.js" if part else "alive.js"}?v='
@@ -6986,6 +6997,9 @@ class _AppPages(_AppSessions):
             body = packed
             headers.append(("Content-Encoding", "gzip"))
         return Response(body, 200, headers, content_type="text/javascript; charset=utf-8")
+
+
+_NO_PARTS = frozenset()  # a page that needs alive.js's core alone
 
 
 class _OffLoop(BaseException):
@@ -7110,8 +7124,9 @@ class Asok(_AppPages):
             saved = True
         shown = state if not saved or self.live._shows_values(cls, inner) else None
         token = self.live.sign(name, cid, sid, shown, version, seq, saved=saved, text=text)
-        bound = {k: comp._asok_fields[k] for k in comp.url}
-        url = f' data-asok-url="{html.escape(json.dumps(bound))}"' if bound else ""
+        url = f' data-asok-url="{html.escape(json.dumps({k: comp._asok_fields[k] for k in comp.url}))}"' \
+            if comp.url else ""
+
         return Markup(f'<div id="{html.escape(cid)}" data-asok-component="{name}" '
                       f'data-asok-state="{html.escape(token)}"{url}>{inner}</div>')
 

@@ -2560,6 +2560,22 @@ def test_a_process_whose_session_file_was_compacted_by_another_keeps_its_writes(
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 4
 
 
+def test_a_session_with_no_file_is_looked_for_without_a_stat_and_found_once_another_process_writes_it(
+        tmp_path, monkeypatch):
+    sid = "m" * 43
+    one = asok.FileSessionStore(tmp_path)
+    assert one.load(sid) is None  # a returning visitor whose pages saved nothing yet
+    stats, stat = [], os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: stats.append(str(path)) or stat(path, *a, **k))
+    for _ in range(3):
+        assert one.load(sid) is None
+    assert not [p for p in stats if sid in p]  # no stat() (and no FileNotFoundError) per page for it
+    asok.FileSessionStore(tmp_path).save(sid, {"data": {"n": 1}, "live": {}})  # another process
+    assert one.load(sid)["data"] == {"n": 1}  # seen at once
+    os.unlink(tmp_path / f"{sid}.json")
+    assert one.load(sid) is None
+
+
 def test_readers_get_their_own_copy_of_a_session_record(tmp_path):
     store = asok.FileSessionStore(tmp_path)
     sid = "r" * 43
