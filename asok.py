@@ -4166,7 +4166,14 @@ class Request:
     def cookies(self) -> dict[str, str]:
         """The request's cookies by name."""
         if self._cookies is None:
-            self._cookies = _parse_cookies(self.headers.get("cookie", ""))
+            header = self.headers.get("cookie", "")
+            parsed = _COOKIES_SEEN.get(header)
+            if parsed is None:
+                parsed = _parse_cookies(header)
+                if len(_COOKIES_SEEN) >= 256:
+                    _COOKIES_SEEN.clear()
+                _COOKIES_SEEN[header] = parsed
+            self._cookies = dict(parsed)  # the request's own copy
         return self._cookies
 
     @property
@@ -4285,6 +4292,9 @@ def _ip_in(address, networks):
     except ValueError:
         return False
     return any(ip in net for net in networks)
+
+
+_COOKIES_SEEN = {}  # a Cookie field's value -> its cookies, parsed (bounded; each request copies)
 
 
 def _parse_cookies(header):
@@ -4694,10 +4704,9 @@ class Component:
     @property
     def state(self) -> dict[str, Any]:
         """The component's state: its public attributes, as rendered, signed and saved."""
-        state = {name: getattr(self, name) for name in self._asok_fields}
-        for name, value in vars(self).items():
-            if name[0] != "_":
-                state[name] = value
+        state = {name: value for name, value in vars(self).items() if name[0] != "_"}
+        if not self._asok_fields.keys() <= state.keys():  # a field not set on the instance: the class's
+            state = {**{name: getattr(self, name) for name in self._asok_fields}, **state}
         return state
 
     def _checked_state(self):
