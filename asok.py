@@ -7254,6 +7254,8 @@ class Asok(_AppPages):
         loop = asyncio.get_running_loop()
         outbox = _LiveOutbox(loop, ws)
         conn = LiveConnection(ws.request.session.sid, outbox.push)
+        ws.request = None  # the session's id is all a page's socket needs of it: an idle page keeps
+        # neither its headers, its cookies nor its Session (the hub loads the record per event)
         try:
             async for message in ws:
                 if not isinstance(message, str):
@@ -8158,6 +8160,10 @@ class _HTTPConnection(_Connection):
         if leftover:
             conn.data_received(leftover)
         conn.read_more()
+        # while the socket is open this frame holds only what the handler has (ws, ws.request):
+        # not this HTTP connection's parser and buffers, nor the request's head and header list
+        del self, head, leftover
+        request = None  # ws.request holds it for as long as the handler wants it (/asok/live: not long)
         await _run_ws_handler(route, conn.ws, params)
 
     def shutdown(self):
