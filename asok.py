@@ -5194,16 +5194,15 @@ class _LiveOutbox:
     """What goes out on one page's socket (built-in server or ASGI): replies in order, and
     pushes, only the newest per component (a page needs just the latest HTML). One sender at a
     time; a page that stops reading holds at most LIVE_OUTBOX_REPLIES replies (then its next
-    messages wait) and one push per component."""
-    __slots__ = ("loop", "inbox", "ws", "send_now", "replies", "pushes", "busy", "closed", "room")
+    messages wait) and one push per component. Called, it is the page's LiveConnection.push."""
+    __slots__ = ("loop", "inbox", "ws", "replies", "pushes", "busy", "closed", "room")
 
     def __init__(self, loop, ws):
         self.loop = loop
         self.inbox = _LoopInbox.of(loop)
         self.ws = ws
-        self.send_now = getattr(ws, "send_now", None)  # the built-in server's; not under ASGI
-        self.replies = []  # lists, not deques: a thousand idle pages each hold these
-        self.pushes = {}
+        self.replies = []  # a list, not a deque: a thousand idle pages each hold one
+        self.pushes = None  # {cid: text} only while pushes wait
         self.busy = False
         self.closed = False
         self.room = None
@@ -5212,11 +5211,17 @@ class _LiveOutbox:
         """Any thread."""
         self.inbox.put((id(self), cid), self._push, cid, text)
 
+    __call__ = push  # LiveConnection(sid, outbox): no bound method kept per page
+
     def _push(self, cid, text):
         if self.closed:
             return
-        if not (self.busy or self.pushes or self.replies) and self.send_now is not None and self.send_now(text):
-            return  # written at once: no task needed
+        if not (self.busy or self.pushes or self.replies):
+            send_now = getattr(self.ws, "send_now", None)  # the built-in server's; not under ASGI
+            if send_now is not None and send_now(text):
+                return  # written at once: no task needed
+        if self.pushes is None:
+            self.pushes = {}
         self.pushes.pop(cid, None)
         self.pushes[cid] = text
         if not self.busy:
@@ -5243,6 +5248,8 @@ class _LiveOutbox:
                         self.room.set()
                 else:
                     text = self.pushes.pop(next(iter(self.pushes)))
+                    if not self.pushes:
+                        self.pushes = None
                 await self.ws.send(text)
         except Exception:  # the socket is gone (ConnectionClosed, or the ASGI server's own error)
             self.closed = True
@@ -5332,6 +5339,22 @@ class _Key:
         self.queued = False
         self.timers = {}  # method -> its entry in LiveHub._heap
         self.error = None
+
+
+class _Fallback:
+    """A page's StateToken as a _Key keeps it while the store has no state for it: the state as
+    its JSON text, parsed each time `state` is read (a fresh copy; a page's parsed state, kept
+    for each of a thousand idle pages, costs several times its text)."""
+    __slots__ = ("text", "version", "seq")
+
+    def __init__(self, token):
+        state = token.state
+        self.text = None if state is None else json.dumps(state, ensure_ascii=False, separators=(",", ":"))
+        self.version, self.seq = token.version, token.seq
+
+    @property
+    def state(self):
+        return None if self.text is None else json.loads(self.text)
 
 
 class _NothingToSave(Exception):
@@ -5662,13 +5685,13 @@ class _LiveIntake:
             view = conn.views[cid] = _View(conn, cid, token.seq)
             key = self._keys.get((conn.sid, cid))
             if key is None or key.cls is not cls:
-                key = self._keys[(conn.sid, cid)] = _Key(conn.sid, cid, cls, token)
+                key = self._keys[(conn.sid, cid)] = _Key(conn.sid, cid, cls, _Fallback(token))
                 self._retopic(key, topics)
                 for method, period in cls._asok_every:
                     self._start_timer(key, method, period)
             key.views.append(view)
             if token.seq > key.fallback.seq:
-                key.fallback = token
+                key.fallback = _Fallback(token)
         return view
 
     def leave(self, conn):
@@ -7253,7 +7276,7 @@ class Asok(_AppPages):
         replies and pushes go out through the page's _LiveOutbox."""
         loop = asyncio.get_running_loop()
         outbox = _LiveOutbox(loop, ws)
-        conn = LiveConnection(ws.request.session.sid, outbox.push)
+        conn = LiveConnection(ws.request.session.sid, outbox)
         ws.request = None  # the session's id is all a page's socket needs of it: an idle page keeps
         # neither its headers, its cookies nor its Session (the hub loads the record per event)
         try:
@@ -8162,7 +8185,7 @@ class _HTTPConnection(_Connection):
         conn.read_more()
         # while the socket is open this frame holds only what the handler has (ws, ws.request):
         # not this HTTP connection's parser and buffers, nor the request's head and header list
-        del self, head, leftover
+        del self, head, leftover, accept
         request = None  # ws.request holds it for as long as the handler wants it (/asok/live: not long)
         await _run_ws_handler(route, conn.ws, params)
 
