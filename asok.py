@@ -5194,7 +5194,7 @@ class _LiveOutbox:
     """What goes out on one page's socket (built-in server or ASGI): replies in order, and
     pushes, only the newest per component (a page needs just the latest HTML). One sender at a
     time; a page that stops reading holds at most LIVE_OUTBOX_REPLIES replies (then its next
-    messages wait) and one push per component. Called, it is the page's LiveConnection.push."""
+    messages wait) and one push per component."""
     __slots__ = ("loop", "inbox", "ws", "replies", "pushes", "busy", "closed", "room")
 
     def __init__(self, loop, ws):
@@ -5210,8 +5210,6 @@ class _LiveOutbox:
     def push(self, cid, text):
         """Any thread."""
         self.inbox.put((id(self), cid), self._push, cid, text)
-
-    __call__ = push  # LiveConnection(sid, outbox): no bound method kept per page
 
     def _push(self, cid, text):
         if self.closed:
@@ -7276,7 +7274,7 @@ class Asok(_AppPages):
         replies and pushes go out through the page's _LiveOutbox."""
         loop = asyncio.get_running_loop()
         outbox = _LiveOutbox(loop, ws)
-        conn = LiveConnection(ws.request.session.sid, outbox)
+        conn = LiveConnection(ws.request.session.sid, outbox.push)  # (LiveHub._loop_of finds the outbox in it)
         ws.request = None  # the session's id is all a page's socket needs of it: an idle page keeps
         # neither its headers, its cookies nor its Session (the hub loads the record per event)
         try:
