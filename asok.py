@@ -2809,12 +2809,15 @@ class Signer:
 
     def _mac(self, key, value, bind):
         mac = key.copy()  # the keyed HMAC state, copied: cheaper than keying it again
-        mac.update(bind.encode() + b"\0" + value.encode())
+        mac.update(f"{bind}\0{value}".encode())
         return _b64(mac.digest())
 
     def sign(self, value: str, bind: str = "") -> str:
         """`value` + "." + its HMAC-SHA256 for `bind`, made with the first key."""
-        return value + "." + self._mac(self._keys[0], value, bind)
+        mac = self._keys[0].copy()  # as _mac, in this one frame: a page signs each component's token
+        mac.update(f"{bind}\0{value}".encode())
+        return value + "." + binascii.b2a_base64(mac.digest(), newline=False).translate(
+            _B64_URLSAFE).rstrip(b"=").decode("ascii")
 
     def unsign(self, token: str, bind: str = "") -> str:
         """The value in `token` when one of the keys made its signature for `bind`; BadSignature otherwise."""
@@ -4674,13 +4677,17 @@ class Component:
 
     def html(self, name: str, /, **extra: Any) -> Markup:
         """Render a template beside the component's file with the state (and `extra`) as context."""
-        path = self._asok_paths.get(name)
-        if path is None:
-            path = self._asok_paths[name] = self._asok_dir / name
         templates = self._asok_app.templates
-        template = templates.get_file(path)
+        known = self._asok_paths.get(name)
+        if known is None:
+            known = self._asok_paths[name] = (self._asok_dir / name, None, None)
+        path, loader, template = known
+        if loader is not templates or templates.debug:  # compiled once per loader; looked at again in debug
+            template = templates.get_file(path)
+            if not templates.debug:
+                self._asok_paths[name] = (path, templates, template)
         context = {**templates.globals, **self._asok_context, **self.state, **extra}
-        return Markup(template.render_context(context))
+        return str.__new__(Markup, template.render_context(context))  # a str: Markup's own __new__ adds nothing
 
     @property
     def session(self) -> Session:
@@ -7163,8 +7170,8 @@ class Asok(_AppPages):
         url = f' data-asok-url="{html.escape(json.dumps({k: comp._asok_fields[k] for k in comp.url}))}"' \
             if comp.url else ""
 
-        return Markup(f'<div id="{_attr_escape(cid)}" data-asok-component="{name}" '
-                      f'data-asok-state="{_attr_escape(token)}"{url}>{inner}</div>')
+        return str.__new__(Markup, f'<div id="{_attr_escape(cid)}" data-asok-component="{name}" '
+                                   f'data-asok-state="{_attr_escape(token)}"{url}>{inner}</div>')
 
     def _save_url_state(self, sid, cid, cls, state):
         """Save a component's state changed by the page's query string, and push it to the
