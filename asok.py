@@ -4767,7 +4767,8 @@ class Component:
         if not plain:  # a list or dict among the defaults: a private copy (class defaults are shared)
             state = json.loads(json.dumps(state))
         self = cls._restore(app, state, session, cid, context)
-        self.mount()
+        if cls.mount is not Component.mount:  # Component's own does nothing
+            self.mount()
         return self
 
     @classmethod
@@ -4887,6 +4888,8 @@ class _RendererTools:
 class _ComponentRenderer:
     """The `component(name, **props)` template global for one page render or one live event."""
 
+    __slots__ = ("app", "tools", "request", "prefix", "counts", "keyed")  # one per render
+
     def __init__(self, app, tools, request, prefix):
         self.app = app
         self.tools = tools
@@ -4911,7 +4914,8 @@ class _ComponentRenderer:
         session, tools = request.session, self.tools
         sid = tools.session_id(session)
         context = tools.context(request, cid)
-        stored = SavedComponent.load(session.live.get(cid), name)
+        raw = session.live.get(cid)
+        stored = SavedComponent.load(raw, name) if raw else None
         if stored is not None:
             if props:
                 return self._update(cls, name, cid, sid, context, stored, props)
@@ -5049,6 +5053,8 @@ class _LiveContext:
 
 class _LazyToken:
     """`csrf_token` in templates: computed, and a session created, only when printed."""
+
+    __slots__ = ("request",)  # one per render
 
     def __init__(self, request):
         self.request = request
@@ -6551,8 +6557,7 @@ class _AppSetup:
         self.live = LiveHub(self, broker or FolderBroker(_live_folder(self.root)))
         self.websocket("/asok/live", max_size=LIVE_SOCKET_MAX, origins=live_origins)(self._live_socket)
         # what each Request is given to reach its session (14b); the methods are looked up per call
-        self.session_access = _SessionAccess(lambda request: self._open_session(request),
-                                             lambda request: self._csrf_token(request))
+        self.session_access = _SessionAccess(lambda request: self._open_session(request), self._csrf_token)
         self._renderer_tools = _RendererTools(self._ensure_session, self._context, self._save_url_state,
                                               self._wrap_component)
 
@@ -6683,7 +6688,9 @@ class _AppSessions(_AppSetup):
         return self._load_session(sid)
 
     def _load_session(self, sid):
-        record = self._checked_record(self.sessions.load(sid), sid) if sid else None
+        record = self.sessions.load(sid) if sid else None
+        if record is not None:
+            record = self._checked_record(record, sid)
         if record is None or record.get("replaced"):  # a session moved away by regenerate() stays dead
             return Session(None, sid if record is None else None)
         session = Session(record.get("data"), sid)  # the store's copy is this request's own
