@@ -3598,31 +3598,77 @@ def _json_record(line):
 class RedisSessionStore(SessionStore):
     """Sessions in Redis, shared by every process and machine that uses the same Redis.
     `client` is one the user builds (redis-py: `redis.Redis(host=...)`); asok never imports
-    redis and needs only `register_script`, `get`, `delete` and `ping` of it.
+    redis and needs only `register_script` of it (each script runs with EVALSHA, else EVAL).
 
-    A record is one key (`<prefix>s:<sid>`, JSON) whose TTL is the session lifetime, so Redis
-    collects expired sessions itself. `update(sid, fn)` costs two round trips, each a Lua script:
-    the first takes the session's lock (`<prefix>l:<sid>`, held at most `lock_timeout` seconds)
-    with a fencing token from a counter and returns the record; the second writes the record
-    and releases the lock only if the lock still holds that token. A process that stalled past
-    its lock (a GC pause, a lost network) therefore cannot overwrite a newer write: its save
-    fails with StoreUnavailable and is not acknowledged. Any error of the client (Redis down,
-    a timeout) is StoreUnavailable naming Redis; the next call tries again."""
+    A record is one hash (`<prefix>s:<sid>`) whose TTL is the session lifetime, so Redis
+    collects expired sessions itself. Its field `~` holds the record but its component states
+    (JSON), one field `.<cid>` per component holds `<n> <the entry's JSON>`, where n orders the
+    components by when they were last saved (the session's component limit drops the least
+    recently saved first), and `#` the fencing token of the write that made it, which names the
+    record's version (a record whose "live" is not an object is one field `=`, to be found
+    malformed). `update(sid, fn)` costs two round trips, each a Lua script: the first takes the
+    session's lock (`<prefix>l:<sid>`, held at most `lock_timeout` seconds) with a fencing token
+    from a counter and returns the record, or only its version when it is the one this process
+    holds in its cache; the second writes only the fields fn changed (as FileSessionStore, fn
+    gets the component states as a _LiveEntries), deletes the components fn removed and
+    releases the lock, only if the lock still holds that token. A process that stalled past its
+    lock (a GC pause, a lost network) therefore cannot overwrite a newer write: its save fails
+    with StoreUnavailable and is not acknowledged. A record that is not the version read (it
+    expired meanwhile) is written whole instead. A record an older asok wrote (one JSON string
+    under the same key) is read, and rewritten as a hash on its next write. Any error of the
+    client (Redis down, a timeout) is StoreUnavailable naming Redis; the next call tries again."""
 
     _LOCK = """
     if redis.call('exists', KEYS[1]) == 1 then return false end
     local token = redis.call('incr', KEYS[3])
     redis.call('set', KEYS[1], token, 'PX', ARGV[1])
-    return {token, redis.call('get', KEYS[2])}
+    if ARGV[3] == '0' then return {token} end
+    local kind = redis.call('type', KEYS[2]).ok
+    if kind == 'hash' then
+      local version = redis.call('hget', KEYS[2], '#') or ''
+      if version == ARGV[2] then return {token, 'h', version} end
+      return {token, 'h', version, redis.call('hgetall', KEYS[2])}
+    elseif kind == 'string' then
+      return {token, 's', redis.call('get', KEYS[2])}
+    end
+    return {token}
     """
+    # ARGV: token, TTL, the version the changes apply to ('' = replace the record), how many
+    # fields to delete, those fields, then field, value pairs to set (in chunks: Lua's unpack is bounded)
     _COMMIT = """
     if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-    redis.call('set', KEYS[2], ARGV[2], 'EX', ARGV[3])
+    if ARGV[3] == '' then
+      redis.call('del', KEYS[2])
+    elseif redis.call('type', KEYS[2]).ok ~= 'hash' or redis.call('hget', KEYS[2], '#') ~= ARGV[3] then
+      return -1
+    end
+    local last = 4 + tonumber(ARGV[4])
+    for i = 5, last, 1000 do redis.call('hdel', KEYS[2], unpack(ARGV, i, math.min(i + 999, last))) end
+    for i = last + 1, #ARGV, 1000 do redis.call('hset', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+    redis.call('hset', KEYS[2], '#', ARGV[1])
+    redis.call('expire', KEYS[2], ARGV[2])
     redis.call('del', KEYS[1])
     return 1
     """
     _UNLOCK = """
     if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+    return 1
+    """
+    _READ = """
+    local kind = redis.call('type', KEYS[1]).ok
+    if kind == 'hash' then
+      local version = redis.call('hget', KEYS[1], '#') or ''
+      if version == ARGV[1] then return {'h', version} end
+      return {'h', version, redis.call('hgetall', KEYS[1])}
+    elseif kind == 'string' then
+      return {'s', redis.call('get', KEYS[1])}
+    end
+    return false
+    """
+    _DROP = """
+    if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+    redis.call('del', KEYS[2])
+    redis.call('del', KEYS[1])
     return 1
     """
 
@@ -3635,6 +3681,7 @@ class RedisSessionStore(SessionStore):
         self.lock_wait = lock_wait
         self.max_record = max_record or SESSION_MAX_RECORD
         self._scripts = None
+        self._cache = {}  # sid -> (version, _StoredRecord, {cid: n}), the records last read or written here
 
     def __repr__(self):
         return f"<RedisSessionStore {self.client!r}>"
@@ -3642,7 +3689,8 @@ class RedisSessionStore(SessionStore):
     def _redis(self, action, call, *args, **kwargs):
         try:
             if self._scripts is None:
-                self._scripts = [self.client.register_script(src) for src in (self._LOCK, self._COMMIT, self._UNLOCK)]
+                self._scripts = [self.client.register_script(src)
+                                 for src in (self._LOCK, self._COMMIT, self._UNLOCK, self._READ, self._DROP)]
             return call(*args, **kwargs) if callable(call) else self._scripts[call](*args, **kwargs)
         except StoreUnavailable:
             raise
@@ -3654,61 +3702,223 @@ class RedisSessionStore(SessionStore):
             raise ValueError("malformed session id")
         return f"{self.prefix}l:{sid}", f"{self.prefix}s:{sid}", f"{self.prefix}fence"
 
-    def _encode(self, record):
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False)
-        if len(line) > self.max_record:
-            raise SessionTooLarge(f"the session record would be {len(line)} bytes; "
-                                  f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
-        return line
+    def _remember(self, sid, version, stored, order):
+        cache = self._cache
+        cache.pop(sid, None)
+        cache[sid] = (version, stored, order)
+        if len(cache) > SESSION_CACHE_SIZE:
+            del cache[next(iter(cache))]
+
+    def _stored(self, sid, reply, at, cached):
+        """(_StoredRecord or None, its version, {cid: n}) from a script's reply, whose kind is at
+        index `at`: a hash (with its fields, or without them when it is at the version of
+        `cached`, the cache entry the script was given), a record of the old format (version '':
+        its next write replaces it) or nothing."""
+        kind = _text(reply[at]) if len(reply) > at else None
+        if kind == "h":
+            version = _text(reply[at + 1])
+            if len(reply) == at + 2:
+                if cached is None or cached[0] != version:  # not a reply to what was asked
+                    raise StoreUnavailable(f"Redis: session {sid[:6]}... answered for a version "
+                                           "this process does not hold", "bad reply")
+                return cached[1], version, cached[2]
+            stored, order = _redis_parsed(reply[at + 2] if len(reply) > at + 2 else ())
+            if version:
+                self._remember(sid, version, stored, order)
+            return stored, version, order
+        if kind == "s":
+            record = _json_record(reply[at + 1] or b"")
+            if record is not None:
+                live = record.get("live")
+                fresh = frozenset(live) if isinstance(live, dict) else frozenset()
+                return _StoredRecord.of(record, fresh), "", {}
+        return None, "", {}
 
     def load(self, sid: str) -> dict[str, Any] | None:
         try:
             _, key, _ = self._keys(sid)
         except ValueError:
             return None
-        return _json_record(self._redis("read", lambda: self.client.get(key)) or b"")
+        cached = self._cache.get(sid)
+        reply = self._redis("read", 3, keys=[key], args=[cached[0] if cached else ""])
+        stored = self._stored(sid, reply, 0, cached)[0] if reply else None
+        return None if stored is None else json.loads(stored.line())
 
     def save(self, sid: str, record: dict[str, Any]) -> None:
-        _, key, _ = self._keys(sid)
-        line = self._encode(record)
-        self._redis("write", lambda: self.client.set(key, line, ex=self.lifetime))
+        """Replace the record of `sid` (under its lock, as every write here)."""
+        def replace(old):
+            old.clear()
+            old.update(record)
+        self.update(sid, replace)
 
     def delete(self, sid: str) -> None:
-        _, key, _ = self._keys(sid)
-        self._redis("delete", lambda: self.client.delete(key))
+        keys = self._keys(sid)
+        token = self._lock(sid, keys, "", read=False)[0]
+        self._cache.pop(sid, None)
+        if not self._redis("delete", 4, keys=keys[:2], args=[token]):
+            raise self._expired(sid)
+
+    def _lock(self, sid, keys, version, read=True):
+        deadline, pause = time.monotonic() + self.lock_wait, 0.001
+        while True:
+            got = self._redis("lock", 0, keys=keys, args=[int(self.lock_timeout * 1000), version, int(read)])
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"Redis: session {sid[:6]}... stayed locked by another request "
+                                       f"for more than {self.lock_wait:g} s", "session locked")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
+    def _expired(self, sid):
+        return StoreUnavailable(f"Redis: the lock on session {sid[:6]}... expired before the write "
+                                f"(the update took over {self.lock_timeout:g} s); nothing was saved",
+                                "lock expired")
 
     def update(self, sid: str, fn: Callable[[dict[str, Any]], Any]) -> Any:
         """Run fn(record) once under the session's lock and save what it changed; if fn raises,
         nothing is written. Raises StoreUnavailable if the lock cannot be had within `lock_wait`
         seconds or was lost before the write."""
         keys = self._keys(sid)
-        deadline, pause = time.monotonic() + self.lock_wait, 0.001
-        while True:
-            got = self._redis("lock", 0, keys=keys, args=[int(self.lock_timeout * 1000)])
-            if got:
-                break
-            if time.monotonic() > deadline:
-                raise StoreUnavailable(f"Redis: session {sid[:6]}... stayed locked by another request "
-                                       f"for more than {self.lock_wait:g} s", "session locked")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        cached = self._cache.get(sid)
+        got = self._lock(sid, keys, cached[0] if cached else "")
         token = got[0]
-        record = (_json_record(got[1]) if len(got) > 1 and got[1] else None) or {"data": {}, "live": {}}
         try:
+            stored, version, order = self._stored(sid, got, 1, cached)
+            record, live = stored.record() if stored is not None else ({"data": {}, "live": {}}, None)
             result = fn(record)
-            line = self._encode(record)
+            new, order, drop, pairs = _redis_changes(record, stored, live, order, version)
+            size = new.size() - 1
+            if size > self.max_record:
+                raise SessionTooLarge(f"the session record would be {size} bytes; "
+                                      f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
         except BaseException:
             self._redis("unlock", 2, keys=keys[:1], args=[token])
             raise
-        if not self._redis("write", 1, keys=keys[:2], args=[token, line, int(self.lifetime)]):
-            raise StoreUnavailable(f"Redis: the lock on session {sid[:6]}... expired before the write "
-                                   f"(the update took over {self.lock_timeout:g} s); nothing was saved",
-                                   "lock expired")
+        ttl = max(1, int(self.lifetime))
+        try:
+            done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, version, len(drop), *["." + cid for cid in drop], *pairs])
+            if done == -1:  # not the record read (it expired meanwhile): what fn made of it, whole
+                done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, "", 0, *_redis_fields(new, order)])
+        except StoreUnavailable:
+            self._cache.pop(sid, None)
+            raise
+        if not done:
+            self._cache.pop(sid, None)
+            raise self._expired(sid)
+        self._remember(sid, str(token), new, order)
         return result
 
     def collect(self, max_age: float | None = None) -> int:
         """Redis expires sessions by their TTL: nothing to do."""
         return 0
+
+
+_redis_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _redis_parsed(pairs):
+    """(_StoredRecord, {cid: n}) of a session hash's fields (HGETALL: field, value, ...), its
+    components in the order of their n. A field asok did not write is skipped."""
+    top, entries = "{}", []
+    fields = iter(pairs)
+    for name, value in zip(fields, fields):
+        name, value = _text(name), _text(value)
+        if name.startswith("."):
+            n, _, text = value.partition(" ")
+            if n.isdigit():
+                entries.append((int(n), name[1:], text))
+        elif name == "~" and _json_record(value) is not None:
+            top = value
+        elif name == "=":
+            return _StoredRecord(value, None, 0, frozenset(), 0), {}
+    entries.sort()
+    live = {cid: _Raw(text) for _, cid, text in entries}
+    size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in live.items())
+    return _StoredRecord(top, live, size, frozenset(live), 0), {cid: n for n, cid, _ in entries}
+
+
+def _redis_changes(record, stored, live, order, version):
+    """(the record fn made as a _StoredRecord, its {cid: n}, the fields to delete, the field,
+    value pairs to set): only what changed when fn kept the _LiveEntries it got from a hash
+    at `version`, else the whole record."""
+    if not version or live is None or record.get("live") is not live:
+        new = _redis_whole(record)
+        order = {cid: n for n, cid in enumerate(new.live or (), 1)}
+        return new, order, [], _redis_fields(new, order)
+    d, old = live._d, stored.live
+    appended = set(live._appended)
+    moved = []  # set new or after their removal: they go last, in the order they now have in d
+    if appended:
+        count = sum(cid in d for cid in appended)
+        for cid in reversed(d):
+            if len(moved) == count:
+                break
+            if cid in appended:
+                moved.append(cid)
+        moved.reverse()
+    if len(moved) == 1 and old and next(reversed(old)) == moved[0]:
+        moved = []  # the last one set again stays last (an event's component, most often)
+    drop = [cid for cid in live._gone if cid in old and cid not in d]
+    new, order, size, pairs, written = dict(old), dict(order), stored.live_size, [], set()
+    last = next(reversed(order.values()), 0)
+    for cid in drop:
+        size -= len(_dump(cid)) + len(new.pop(cid)) + 2
+        del order[cid]
+    moving = set(moved)
+    for cid in live._touched:  # read or set in place: written if its text changed
+        if cid in d and cid in old and cid not in moving:
+            value = d[cid]
+            text = value if value.__class__ is _Raw else _redis_json(value)
+            if text != old[cid]:
+                size += len(text) - len(old[cid])
+                new[cid] = _Raw(text)
+                written.add(cid)
+                pairs += ["." + cid, f"{order[cid]} {text}"]
+    for cid in moved:
+        value = d[cid]
+        text = value if value.__class__ is _Raw else _redis_json(value)
+        prev = new.pop(cid, None)
+        size += len(text) - (len(prev) if prev is not None else -len(_dump(cid)) - 2)
+        new[cid] = _Raw(text)
+        order.pop(cid, None)
+        last = order[cid] = last + 1
+        written.add(cid)
+        pairs += ["." + cid, f"{last} {text}"]
+    top = _redis_json({k: v for k, v in record.items() if k != "live"})
+    if top != stored.top:
+        pairs += ["~", top]
+    fresh = frozenset() if live.checked else frozenset(c for c in stored.fresh if c in new and c not in written)
+    return _StoredRecord(top, new, size, fresh, 0), order, drop, pairs
+
+
+def _redis_whole(record):
+    """`record` (what fn left) as a _StoredRecord; its "live" not a mapping keeps it whole."""
+    live = record.get("live")
+    if isinstance(live, _LiveEntries):
+        fresh = frozenset() if live.checked else frozenset(c for c in live._fresh if c in live)
+        entries = live._d
+    elif isinstance(live, dict):
+        fresh, entries = frozenset(), live
+    else:
+        return _StoredRecord(_redis_json(record), None, 0, frozenset(), 0)
+    texts = {cid: v if v.__class__ is _Raw else _Raw(_redis_json(v)) for cid, v in entries.items()}
+    size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in texts.items())
+    return _StoredRecord(_redis_json({k: v for k, v in record.items() if k != "live"}), texts, size, fresh, 0)
+
+
+def _redis_fields(stored, order):
+    """The field, value pairs of a whole session hash."""
+    if stored.live is None:
+        return ["=", stored.top]
+    pairs = ["~", stored.top]
+    for cid, text in stored.live.items():
+        pairs += ["." + cid, f"{order[cid]} {text}"]
+    return pairs
 
 
 def _redis_unavailable(action, exc):

@@ -2814,7 +2814,7 @@ def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port
         record["data"]["n"] = record["data"].get("n", 0) + 1
 
     def worker(store):
-        for _ in range(50):
+        for _ in range(25):
             store.update(sid, bump)
 
     threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
@@ -2848,6 +2848,127 @@ def test_redis_store_a_write_after_the_lock_expired_fails_instead_of_overwriting
     thread.join(10)
     assert "expired before the write" in str(failure[0].value)
     assert fast.load(sid)["data"]["owner"] == "second"
+
+
+class CountingRedis:
+    """A redis-py client as RedisSessionStore sees it, counting the characters of the keys and
+    arguments it sends to its scripts and of the replies it gets."""
+
+    def __init__(self, client):
+        self.client, self.sent, self.received = client, 0, 0
+
+    def register_script(self, source):
+        script = self.client.register_script(source)
+
+        def run(keys=(), args=()):
+            self.sent += sum(len(str(a)) for a in (*keys, *args))
+            reply = script(keys=keys, args=args)
+            self.received += len(repr(reply))
+            return reply
+        return run
+
+
+def test_redis_store_saving_one_component_of_200_sends_it_alone_and_another_client_reads_the_same_record(
+        redis_port):
+    counted = CountingRedis(redis_client(redis_port))
+    store, sid = asok.RedisSessionStore(counted), "p" * 43
+    store.save(sid, {"data": {}, "live": {f"c{i}": _entry(i, "x" * 100) for i in range(200)}})
+    whole = counted.sent
+    assert whole > 200 * 100
+
+    def event(record):  # as an event saves its component: the newest goes last
+        live = record["live"]
+        saved = live.pop("c5")
+        saved["v"] += 100
+        live["c5"] = saved
+        record["seq"] = 1
+
+    counted.sent = counted.received = 0
+    store.update(sid, event)
+    assert counted.sent < 500 and counted.received < 100  # c5's entry and the small keys; the others stay
+    store.update(sid, lambda record: record["live"].pop("c0"))
+    counted.sent = 0
+    store.update(sid, lambda record: record["live"]["c7"]["s"].update(count=-7))  # changed in place
+    assert counted.sent < 500
+
+    def fails(record):
+        record["live"]["c8"]["v"] = 999
+        raise RuntimeError("fn failed")
+
+    with pytest.raises(RuntimeError):
+        store.update(sid, fails)
+    other = asok.RedisSessionStore(redis_client(redis_port))  # another process: nothing cached
+    assert other.load(sid) == store.load(sid)
+    record = other.load(sid)
+    assert list(record["live"]) == [f"c{i}" for i in range(1, 200) if i != 5] + ["c5"]
+    assert (record["live"]["c5"]["v"], record["live"]["c7"]["s"]["count"], record["live"]["c8"]["v"]) == (105, -7, 8)
+    assert record["seq"] == 1
+    other.update(sid, lambda record: record["live"].update(c1=record["live"].pop("c1")))
+    assert list(store.load(sid)["live"])[-2:] == ["c5", "c1"]  # the least recently saved stays first
+    assert store.client.client.hlen(f"asok:s:{sid}") == 2 + 199  # the small keys, the version, one field each
+
+
+def test_redis_store_reads_a_record_of_the_old_format_and_rewrites_it_as_a_hash(redis_port):
+    client, sid = redis_client(redis_port), "o" * 43
+    key = f"asok:s:{sid}"
+    old = {"data": {"user": "ann"}, "live": {"a": _entry(1), "b": _entry(2), "c": _entry(3)}, "seq": 3}
+    client.set(key, json.dumps(old), ex=600)  # as asok wrote a record before it kept hashes
+    store = asok.RedisSessionStore(redis_client(redis_port), lifetime=600)
+    assert store.load(sid) == old
+
+    def event(record):
+        record["live"]["b"]["v"] = 20
+        record["live"]["a"] = record["live"].pop("a")
+
+    store.update(sid, event)
+    assert client.type(key) == b"hash" and 590 < client.ttl(key) <= 600
+    record = asok.RedisSessionStore(redis_client(redis_port)).load(sid)
+    assert list(record["live"]) == ["b", "c", "a"] and record["live"]["b"]["v"] == 20
+    assert record["data"] == {"user": "ann"} and record["seq"] == 3
+
+
+def test_redis_store_two_clients_updating_two_components_of_one_session_lose_neither(redis_port):
+    stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
+    sid = "w" * 43
+    stores[0].save(sid, {"data": {}, "live": {"a": _entry(0), "b": _entry(0)}, "seq": 0})
+
+    def worker(store, cid):
+        def bump(record):
+            record["live"][cid]["v"] += 1
+            record["seq"] += 1
+        for _ in range(25):
+            store.update(sid, bump)
+
+    threads = [threading.Thread(target=worker, args=(stores[i % 2], "ab"[i // 2 % 2])) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    record = stores[0].load(sid)
+    assert (record["live"]["a"]["v"], record["live"]["b"]["v"], record["seq"]) == (100, 100, 200)
+
+
+def test_redis_store_a_record_that_expires_during_an_update_is_written_whole(redis_port):
+    store, sid = asok.RedisSessionStore(redis_client(redis_port)), "x" * 43
+    store.save(sid, {"data": {"n": 1}, "live": {"a": _entry(1), "b": _entry(2)}})
+
+    def event(record):
+        store.client.delete(f"asok:s:{sid}")  # its TTL ran out between the read and the write
+        record["live"]["a"]["v"] = 10
+
+    store.update(sid, event)
+    record = asok.RedisSessionStore(redis_client(redis_port)).load(sid)
+    assert record == {"data": {"n": 1}, "live": {"a": {**_entry(1), "v": 10}, "b": _entry(2)}}
+
+
+def test_redis_store_refuses_a_record_over_its_limit_and_changes_nothing(redis_port):
+    store, sid = asok.RedisSessionStore(redis_client(redis_port), max_record=1000), "m" * 43
+    store.update(sid, lambda record: record["live"].update(a=_entry(1)))
+    with pytest.raises(asok.SessionTooLarge, match="limit is 1000"):
+        store.update(sid, lambda record: record["live"].update(b=_entry(2, "x" * 1000)))
+    assert asok.RedisSessionStore(redis_client(redis_port)).load(sid)["live"] == {"a": _entry(1)}
+    store.update(sid, lambda record: record["live"]["a"].update(v=5))  # not left locked
+    assert store.load(sid)["live"]["a"]["v"] == 5
 
 
 def test_redis_store_down_is_store_unavailable_naming_redis_and_recovers(tmp_path):
