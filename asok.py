@@ -3682,6 +3682,7 @@ class RedisSessionStore(SessionStore):
         self.max_record = max_record or SESSION_MAX_RECORD
         self._scripts = None
         self._cache = {}  # sid -> (version, _StoredRecord, {cid: n}), the records last read or written here
+        self._cache_lock = threading.Lock()
 
     def __repr__(self):
         return f"<RedisSessionStore {self.client!r}>"
@@ -3704,10 +3705,15 @@ class RedisSessionStore(SessionStore):
 
     def _remember(self, sid, version, stored, order):
         cache = self._cache
-        cache.pop(sid, None)
-        cache[sid] = (version, stored, order)
-        if len(cache) > SESSION_CACHE_SIZE:
-            del cache[next(iter(cache))]
+        with self._cache_lock:
+            cache.pop(sid, None)
+            cache[sid] = (version, stored, order)
+            if len(cache) > SESSION_CACHE_SIZE:
+                del cache[next(iter(cache))]
+
+    def _forget(self, sid):
+        with self._cache_lock:
+            self._cache.pop(sid, None)
 
     def _stored(self, sid, reply, at, cached):
         """(_StoredRecord or None, its version, {cid: n}) from a script's reply, whose kind is at
@@ -3754,7 +3760,7 @@ class RedisSessionStore(SessionStore):
     def delete(self, sid: str) -> None:
         keys = self._keys(sid)
         token = self._lock(sid, keys, "", read=False)[0]
-        self._cache.pop(sid, None)
+        self._forget(sid)
         if not self._redis("delete", 4, keys=keys[:2], args=[token]):
             raise self._expired(sid)
 
@@ -3797,14 +3803,15 @@ class RedisSessionStore(SessionStore):
             raise
         ttl = max(1, int(self.lifetime))
         try:
-            done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, version, len(drop), *["." + cid for cid in drop], *pairs])
+            drop = ["." + cid for cid in drop]
+            done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, version, len(drop), *drop, *pairs])
             if done == -1:  # not the record read (it expired meanwhile): what fn made of it, whole
                 done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, "", 0, *_redis_fields(new, order)])
         except StoreUnavailable:
-            self._cache.pop(sid, None)
+            self._forget(sid)
             raise
         if not done:
-            self._cache.pop(sid, None)
+            self._forget(sid)
             raise self._expired(sid)
         self._remember(sid, str(token), new, order)
         return result

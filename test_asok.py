@@ -2814,7 +2814,7 @@ def test_redis_store_updates_from_many_threads_and_two_clients_add_up(redis_port
         record["data"]["n"] = record["data"].get("n", 0) + 1
 
     def worker(store):
-        for _ in range(25):
+        for _ in range(50):
             store.update(sid, bump)
 
     threads = [threading.Thread(target=worker, args=(stores[i % 2],)) for i in range(4)]
