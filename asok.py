@@ -3614,39 +3614,42 @@ class RedisSessionStore(SessionStore):
     releases the lock, only if the lock still holds that token. A process that stalled past its
     lock (a GC pause, a lost network) therefore cannot overwrite a newer write: its save fails
     with StoreUnavailable and is not acknowledged. A record that is not the version read (it
-    expired meanwhile) is written whole instead. A record an older asok wrote (one JSON string
-    under the same key) is read, and rewritten as a hash on its next write. Any error of the
+    expired meanwhile) is written whole instead. `save` and `delete` take the lock too, so what
+    an update changed always lands on the record it read. A record an older asok wrote (one JSON
+    string under the same key) is read, and rewritten as a hash on its next write. Any error of the
     client (Redis down, a timeout) is StoreUnavailable naming Redis; the next call tries again."""
 
     _LOCK = """
     if redis.call('exists', KEYS[1]) == 1 then return false end
     local token = redis.call('incr', KEYS[3])
     redis.call('set', KEYS[1], token, 'PX', ARGV[1])
-    if ARGV[3] == '0' then return {token} end
+    if ARGV[3] then return {token} end
     local kind = redis.call('type', KEYS[2]).ok
     if kind == 'hash' then
       local version = redis.call('hget', KEYS[2], '#') or ''
-      if version == ARGV[2] then return {token, 'h', version} end
+      if version == ARGV[2] and version ~= '' then return token end
       return {token, 'h', version, redis.call('hgetall', KEYS[2])}
     elseif kind == 'string' then
       return {token, 's', redis.call('get', KEYS[2])}
     end
     return {token}
     """
-    # ARGV: token, TTL, the version the changes apply to ('' = replace the record), how many
-    # fields to delete, those fields, then field, value pairs to set (in chunks: Lua's unpack is bounded)
+    # ARGV[1]: "<token> <TTL> <fields to delete> <the version the changes apply to, none: replace
+    # the record>", then the fields to delete, then field, value pairs to set (in chunks: Lua's
+    # unpack is bounded)
     _COMMIT = """
-    if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-    if ARGV[3] == '' then
+    local token, ttl, drop, version = string.match(ARGV[1], '^(%d+) (%d+) (%d+) ?(.*)$')
+    if redis.call('get', KEYS[1]) ~= token then return 0 end
+    if version == '' then
       redis.call('del', KEYS[2])
-    elseif redis.call('type', KEYS[2]).ok ~= 'hash' or redis.call('hget', KEYS[2], '#') ~= ARGV[3] then
+    elseif redis.call('type', KEYS[2]).ok ~= 'hash' or redis.call('hget', KEYS[2], '#') ~= version then
       return -1
     end
-    local last = 4 + tonumber(ARGV[4])
-    for i = 5, last, 1000 do redis.call('hdel', KEYS[2], unpack(ARGV, i, math.min(i + 999, last))) end
+    local last = 1 + tonumber(drop)
+    for i = 2, last, 1000 do redis.call('hdel', KEYS[2], unpack(ARGV, i, math.min(i + 999, last))) end
     for i = last + 1, #ARGV, 1000 do redis.call('hset', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
-    redis.call('hset', KEYS[2], '#', ARGV[1])
-    redis.call('expire', KEYS[2], ARGV[2])
+    redis.call('hset', KEYS[2], '#', token)
+    redis.call('expire', KEYS[2], ttl)
     redis.call('del', KEYS[1])
     return 1
     """
@@ -3658,7 +3661,7 @@ class RedisSessionStore(SessionStore):
     local kind = redis.call('type', KEYS[1]).ok
     if kind == 'hash' then
       local version = redis.call('hget', KEYS[1], '#') or ''
-      if version == ARGV[1] then return {'h', version} end
+      if version == ARGV[1] and version ~= '' then return {'h', version} end
       return {'h', version, redis.call('hgetall', KEYS[1])}
     elseif kind == 'string' then
       return {'s', redis.call('get', KEYS[1])}
@@ -3766,8 +3769,9 @@ class RedisSessionStore(SessionStore):
 
     def _lock(self, sid, keys, version, read=True):
         deadline, pause = time.monotonic() + self.lock_wait, 0.001
+        args = [int(self.lock_timeout * 1000), version] + ([] if read else ["no read"])
         while True:
-            got = self._redis("lock", 0, keys=keys, args=[int(self.lock_timeout * 1000), version, int(read)])
+            got = self._redis("lock", 0, keys=keys, args=args)
             if got:
                 return got
             if time.monotonic() > deadline:
@@ -3788,9 +3792,12 @@ class RedisSessionStore(SessionStore):
         keys = self._keys(sid)
         cached = self._cache.get(sid)
         got = self._lock(sid, keys, cached[0] if cached else "")
-        token = got[0]
         try:
-            stored, version, order = self._stored(sid, got, 1, cached)
+            if isinstance(got, int):  # the version this process holds
+                token, (version, stored, order) = got, cached
+            else:
+                token = got[0]
+                stored, version, order = self._stored(sid, got, 1, cached)
             record, live = stored.record() if stored is not None else ({"data": {}, "live": {}}, None)
             result = fn(record)
             new, order, drop, pairs = _redis_changes(record, stored, live, order, version)
@@ -3804,9 +3811,9 @@ class RedisSessionStore(SessionStore):
         ttl = max(1, int(self.lifetime))
         try:
             drop = ["." + cid for cid in drop]
-            done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, version, len(drop), *drop, *pairs])
+            done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} {len(drop)} {version}", *drop, *pairs])
             if done == -1:  # not the record read (it expired meanwhile): what fn made of it, whole
-                done = self._redis("write", 1, keys=keys[:2], args=[token, ttl, "", 0, *_redis_fields(new, order)])
+                done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} 0", *_redis_fields(new, order)])
         except StoreUnavailable:
             self._forget(sid)
             raise
@@ -3858,9 +3865,12 @@ def _redis_changes(record, stored, live, order, version):
         order = {cid: n for n, cid in enumerate(new.live or (), 1)}
         return new, order, [], _redis_fields(new, order)
     d, old = live._d, stored.live
-    appended = set(live._appended)
+    appended = live._appended
     moved = []  # set new or after their removal: they go last, in the order they now have in d
-    if appended:
+    if len(appended) == 1:
+        moved = [cid for cid in appended if cid in d]
+    elif appended:
+        appended = set(appended)
         count = sum(cid in d for cid in appended)
         for cid in reversed(d):
             if len(moved) == count:
