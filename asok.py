@@ -3619,30 +3619,26 @@ class RedisSessionStore(SessionStore):
     string under the same key) is read, and rewritten as a hash on its next write. Any error of the
     client (Redis down, a timeout) is StoreUnavailable naming Redis; the next call tries again."""
 
+    # As few calls as can be: each costs Redis, which serves every node, a microsecond or two
     _LOCK = """
-    if redis.call('exists', KEYS[1]) == 1 then return false end
     local token = redis.call('incr', KEYS[3])
-    redis.call('set', KEYS[1], token, 'PX', ARGV[1])
+    if not redis.call('set', KEYS[1], token, 'NX', 'PX', ARGV[1]) then return false end
     if ARGV[3] then return {token} end
-    local kind = redis.call('type', KEYS[2]).ok
-    if kind == 'hash' then
-      local version = redis.call('hget', KEYS[2], '#') or ''
-      if version == ARGV[2] and version ~= '' then return token end
-      return {token, 'h', version, redis.call('hgetall', KEYS[2])}
-    elseif kind == 'string' then
-      return {token, 's', redis.call('get', KEYS[2])}
-    end
-    return {token}
+    local version = redis.pcall('hget', KEYS[2], '#')
+    if type(version) == 'table' then return {token, 's', redis.call('get', KEYS[2])} end
+    if version and version == ARGV[2] then return token end
+    if not version and redis.call('exists', KEYS[2]) == 0 then return {token} end
+    return {token, 'h', version or '', redis.call('hgetall', KEYS[2])}
     """
     # ARGV[1]: "<token> <TTL> <fields to delete> <the version the changes apply to, none: replace
-    # the record>", then the fields to delete, then field, value pairs to set (in chunks: Lua's
-    # unpack is bounded)
+    # the record>" (one argument costs the client less than four), then the fields to delete,
+    # then field, value pairs to set (in chunks: Lua's unpack is bounded)
     _COMMIT = """
     local token, ttl, drop, version = string.match(ARGV[1], '^(%d+) (%d+) (%d+) ?(.*)$')
     if redis.call('get', KEYS[1]) ~= token then return 0 end
     if version == '' then
       redis.call('del', KEYS[2])
-    elseif redis.call('type', KEYS[2]).ok ~= 'hash' or redis.call('hget', KEYS[2], '#') ~= version then
+    elseif redis.pcall('hget', KEYS[2], '#') ~= version then
       return -1
     end
     local last = 1 + tonumber(drop)
@@ -3658,15 +3654,11 @@ class RedisSessionStore(SessionStore):
     return 1
     """
     _READ = """
-    local kind = redis.call('type', KEYS[1]).ok
-    if kind == 'hash' then
-      local version = redis.call('hget', KEYS[1], '#') or ''
-      if version == ARGV[1] and version ~= '' then return {'h', version} end
-      return {'h', version, redis.call('hgetall', KEYS[1])}
-    elseif kind == 'string' then
-      return {'s', redis.call('get', KEYS[1])}
-    end
-    return false
+    local version = redis.pcall('hget', KEYS[1], '#')
+    if type(version) == 'table' then return {'s', redis.call('get', KEYS[1])} end
+    if version and version == ARGV[1] then return {'h', version} end
+    if not version and redis.call('exists', KEYS[1]) == 0 then return false end
+    return {'h', version or '', redis.call('hgetall', KEYS[1])}
     """
     _DROP = """
     if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -3805,12 +3797,12 @@ class RedisSessionStore(SessionStore):
             if size > self.max_record:
                 raise SessionTooLarge(f"the session record would be {size} bytes; "
                                       f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
+            drop = ["." + cid for cid in drop]
         except BaseException:
             self._redis("unlock", 2, keys=keys[:1], args=[token])
             raise
         ttl = max(1, int(self.lifetime))
         try:
-            drop = ["." + cid for cid in drop]
             done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} {len(drop)} {version}", *drop, *pairs])
             if done == -1:  # not the record read (it expired meanwhile): what fn made of it, whole
                 done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} 0", *_redis_fields(new, order)])

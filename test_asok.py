@@ -2897,6 +2897,9 @@ def test_redis_store_saving_one_component_of_200_sends_it_alone_and_another_clie
 
     with pytest.raises(RuntimeError):
         store.update(sid, fails)
+    counted.sent = 0
+    assert store.update(sid, lambda record: record["live"]["c9"]) == _entry(9, "x" * 100)  # read, not changed
+    assert counted.sent < 300
     other = asok.RedisSessionStore(redis_client(redis_port))  # another process: nothing cached
     assert other.load(sid) == store.load(sid)
     record = other.load(sid)
