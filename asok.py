@@ -3851,7 +3851,8 @@ def _redis_parsed(pairs):
 def _redis_changes(record, stored, live, order, version):
     """(the record fn made as a _StoredRecord, its {cid: n}, the fields to delete, the field,
     value pairs to set): only what changed when fn kept the _LiveEntries it got from a hash
-    at `version`, else the whole record."""
+    at `version`, else the whole record. Entries go through the file store's C encoder (a state is
+    checked JSON before it is saved); the small keys through the checking one."""
     if not version or live is None or record.get("live") is not live:
         new = _redis_whole(record)
         order = {cid: n for n, cid in enumerate(new.live or (), 1)}
@@ -3882,7 +3883,7 @@ def _redis_changes(record, stored, live, order, version):
     for cid in live._touched:  # read or set in place: written if its text changed
         if cid in d and cid in old and cid not in moving:
             value = d[cid]
-            text = value if value.__class__ is _Raw else _redis_json(value)
+            text = value if value.__class__ is _Raw else _json_compact(value)
             if text != old[cid]:
                 size += len(text) - len(old[cid])
                 new[cid] = _Raw(text)
@@ -3890,7 +3891,7 @@ def _redis_changes(record, stored, live, order, version):
                 pairs += ["." + cid, f"{order[cid]} {text}"]
     for cid in moved:
         value = d[cid]
-        text = value if value.__class__ is _Raw else _redis_json(value)
+        text = value if value.__class__ is _Raw else _json_compact(value)
         prev = new.pop(cid, None)
         size += len(text) - (len(prev) if prev is not None else -len(_dump(cid)) - 2)
         new[cid] = _Raw(text)
