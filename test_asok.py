@@ -4543,9 +4543,9 @@ def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock
                 def heard(self, n):
                     try:
                         asyncio.get_running_loop()
-                        self.where = self.where + ["loop"]
+                        self.where = self.where + [f"loop {n}"]
                     except RuntimeError:
-                        self.where = self.where + ["thread"]
+                        self.where = self.where + [f"thread {n}"]
         ''',
         "src/components/heard.html": "<p>heard << where | length >></p>",
         "src/pages/index.html": "<< component('Heard') >>",
@@ -4564,15 +4564,17 @@ def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock
 
             app.publish("ping", 1)
             pushed(1)
-            with app.sessions._lock(client.sid):  # held, as by another thread's update: a worker waits for it
-                app.publish("ping", 2)
+            with app.sessions._lock(client.sid):  # held, as by another thread's update: a worker waits for it,
+                app.publish("ping", 2)  # and the message after it waits behind it
+                app.publish("ping", 3)
                 with pytest.raises(TimeoutError):
                     ws.receive(timeout=0.5)
-            pushed(2)
-            app.publish("ping", 3)
-            pushed(3)
+            wait_for(lambda: len(app.sessions.load(client.sid)["live"][heard.cid]["s"]["where"]) == 3)
+            app.live.settle(10)  # the runner thread has let go of the component
+            app.publish("ping", 4)
+            wait_for(lambda: len(app.sessions.load(client.sid)["live"][heard.cid]["s"]["where"]) == 4)
     (entry,) = app.sessions.load(client.sid)["live"].values()
-    assert entry["s"]["where"] == ["loop", "thread", "loop"]
+    assert entry["s"]["where"] == ["loop 1", "thread 2", "thread 3", "loop 4"]
 
 
 def test_a_real_socket_joins_and_gets_pushes_from_another_socket(live_app):
