@@ -6281,6 +6281,14 @@ class LiveHub(_LiveApply):
                     key.queued = False
         loop.call_soon(self._run_on_loop, loop)
 
+    def _loop_work(self):
+        """Called with the lock held: whether jobs wait for an event loop that still runs (those
+        waiting for a loop closed meanwhile, a server stopped with jobs queued, go to the runners)."""
+        for loop in [loop for loop in self._loop_ready if loop.is_closed()]:
+            for key in self._loop_ready.pop(loop):
+                self._to_runners(key)
+        return bool(self._loop_ready)
+
     def _run(self):
         while True:
             with self._lock:
@@ -6383,7 +6391,7 @@ class LiveHub(_LiveApply):
         """Wait until every queued message and tick of this process has been applied (tests)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._ready or self._runners or self._loop_ready:
+            while self._loop_work() or self._ready or self._runners:  # (first: it may start runners)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"live updates still running after {timeout} s")

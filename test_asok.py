@@ -4577,6 +4577,41 @@ def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock
     assert entry["s"]["where"] == ["loop 1", "thread 2", "thread 3", "loop 4"]
 
 
+def test_messages_waiting_for_an_event_loop_that_closed_are_applied_by_a_runner_thread(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Heard.py": '''
+            from asok import Component, on
+
+            class Heard(Component):
+                on_loop = True
+                n = 0
+
+                @on("ping")
+                def heard(self, n):
+                    self.n = n
+        ''',
+        "src/components/heard.html": "<p>heard << n >></p>",
+        "src/pages/index.html": "<< component('Heard') >>",
+    })
+    client = asok.TestClient(app)
+    heard = client.live("/", "Heard")
+    heard.close()
+    loop = asyncio.new_event_loop()  # a server's loop that stops before it runs what waits for it
+
+    class Socket:
+        async def send(self, text):
+            pass
+
+    conn = asok.LiveConnection(client.sid, asok._LiveOutbox(loop, Socket()).push)
+    assert app.live.handle(conn, json.dumps({"join": [[heard.cid, "Heard", heard._ref]], "url": "/", "csrf": heard.csrf})) == []
+    assert app.live.stats() == {"views": 1, "timers": 0}
+    app.publish("ping", 7)
+    loop.close()
+    app.live.settle(10)
+    assert app.sessions.load(client.sid)["live"][heard.cid]["s"]["n"] == 7
+    app.live.leave(conn)
+
+
 def test_a_real_socket_joins_and_gets_pushes_from_another_socket(live_app):
     client = asok.TestClient(live_app, host="127.0.0.1")
     counter = client.live("/", "Counter")
