@@ -3792,7 +3792,7 @@ class RedisSessionStore(SessionStore):
                 stored, version, order = self._stored(sid, got, 1, cached)
             record, live = stored.record() if stored is not None else ({"data": {}, "live": {}}, None)
             result = fn(record)
-            new, order, drop, pairs = _redis_changes(record, stored, live, order, version)
+            new, order, drop, pairs, whole = _redis_changes(record, stored, live, order, version)
             size = new.size() - 1
             if size > self.max_record:
                 raise SessionTooLarge(f"the session record would be {size} bytes; "
@@ -3803,7 +3803,10 @@ class RedisSessionStore(SessionStore):
             raise
         ttl = max(1, int(self.lifetime))
         try:
-            done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} {len(drop)} {version}", *drop, *pairs])
+            # a whole record (fn replaced "live": save(), a sign-out's clear) replaces the hash: no
+            # version, so the script deletes the fields first (the lock says nobody wrote since)
+            done = self._redis("write", 1, keys=keys[:2],
+                               args=[f"{token} {ttl} {len(drop)} {'' if whole else version}", *drop, *pairs])
             if done == -1:  # not the record read (it expired meanwhile): what fn made of it, whole
                 done = self._redis("write", 1, keys=keys[:2], args=[f"{token} {ttl} 0", *_redis_fields(new, order)])
         except StoreUnavailable:
@@ -3850,13 +3853,13 @@ def _redis_parsed(pairs):
 
 def _redis_changes(record, stored, live, order, version):
     """(the record fn made as a _StoredRecord, its {cid: n}, the fields to delete, the field,
-    value pairs to set): only what changed when fn kept the _LiveEntries it got from a hash
-    at `version`, else the whole record. Entries go through the file store's C encoder (a state is
+    value pairs to set, whether that is the whole record): only what changed when fn kept the
+    _LiveEntries it got from a hash at `version`, else the whole record. Entries go through the file store's C encoder (a state is
     checked JSON before it is saved); the small keys through the checking one."""
     if not version or live is None or record.get("live") is not live:
         new = _redis_whole(record)
         order = {cid: n for n, cid in enumerate(new.live or (), 1)}
-        return new, order, [], _redis_fields(new, order)
+        return new, order, [], _redis_fields(new, order), True
     d, old = live._d, stored.live
     appended = live._appended
     moved = []  # set new or after their removal: they go last, in the order they now have in d
@@ -3903,7 +3906,7 @@ def _redis_changes(record, stored, live, order, version):
     if top != stored.top:
         pairs += ["~", top]
     fresh = frozenset() if live.checked else frozenset(c for c in stored.fresh if c in new and c not in written)
-    return _StoredRecord(top, new, size, fresh, 0), order, drop, pairs
+    return _StoredRecord(top, new, size, fresh, 0), order, drop, pairs, False
 
 
 def _redis_whole(record):
@@ -4399,9 +4402,10 @@ class Request:
             parsed = _COOKIES_SEEN.get(header)
             if parsed is None:
                 parsed = _parse_cookies(header)
-                if len(_COOKIES_SEEN) >= 256:
-                    _COOKIES_SEEN.clear()
-                _COOKIES_SEEN[header] = parsed
+                if len(header) <= COOKIES_SEEN_MAX:  # a long field is parsed each time: the cache
+                    if len(_COOKIES_SEEN) >= 256:   # holds 256 x 1 KiB at most, whatever clients send
+                        _COOKIES_SEEN.clear()
+                    _COOKIES_SEEN[header] = parsed
             self._cookies = dict(parsed)  # the request's own copy
         return self._cookies
 
@@ -4524,6 +4528,7 @@ def _ip_in(address, networks):
 
 
 _COOKIES_SEEN = {}  # a Cookie field's value -> its cookies, parsed (bounded; each request copies)
+COOKIES_SEEN_MAX = 1024  # characters of a Cookie field kept parsed in _COOKIES_SEEN, at most
 
 
 def _parse_cookies(header):
@@ -6219,6 +6224,8 @@ class LiveHub(_LiveApply):
     # ── the queue per (session, cid) and its runners ──────────────────
     def _enqueue(self, key, job):
         """Called with the lock held."""
+        if self._loop_ready:
+            self._loop_work()  # what waits for a loop that closed meanwhile goes to the runners
         if len(key.jobs) >= LIVE_MAX_PENDING:
             log.warning("%s: %d messages already wait for this component; one is dropped", key.cid, len(key.jobs))
             return
@@ -6495,7 +6502,9 @@ class FolderBroker(Broker):
         a child forked after this has none of the threads, so it gets its own socket)."""
         if self._send is not None and self._pid == os.getpid():
             return
-        self._pid = os.getpid()
+        if self._folder_fd is not None and self._folder_fd >= 0:  # the parent's, inherited by a fork
+            with contextlib.suppress(OSError):
+                os.close(self._folder_fd)
         _private_folder(self.folder)
         self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -6507,6 +6516,7 @@ class FolderBroker(Broker):
         threading.Thread(target=self._receive_loop, args=(self._recv,), name="asok-broker-in", daemon=True).start()
         threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
         atexit.register(self.close)
+        self._pid = os.getpid()  # last: publish() skips the lock once this says the process's sockets are made
 
     def subscribe(self, callback: Callable[[bytes], Any]) -> None:
         with self._lock:

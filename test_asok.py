@@ -2930,6 +2930,21 @@ def test_redis_store_reads_a_record_of_the_old_format_and_rewrites_it_as_a_hash(
     assert record["data"] == {"user": "ann"} and record["seq"] == 3
 
 
+def test_redis_store_a_whole_record_written_over_a_hash_leaves_none_of_its_old_components(redis_port):
+    client = redis_client(redis_port)
+    store, other = asok.RedisSessionStore(client), asok.RedisSessionStore(redis_client(redis_port))
+    sid = "x" * 43
+    store.update(sid, lambda record: record["live"].update(a=_entry(1), b=_entry(2)))
+    store.save(sid, {"data": {"x": 1}, "live": {}})  # save() replaces the record
+    assert other.load(sid)["live"] == {} and store.load(sid)["live"] == {}
+    store.update(sid, lambda record: record["live"].update(c=_entry(3), d=_entry(4)))
+    store.update(sid, lambda record: asok._clear_live(record, 10))  # a sign-out's session.clear() in an event
+    assert list(other.load(sid)["live"]) == [] == list(store.load(sid)["live"])
+    assert sorted(k.decode() for k in client.hkeys(f"asok:s:{sid}")) == ["#", "~"]
+    store.update(sid, lambda record: record["live"].update(e=_entry(5), f=_entry(6)))
+    assert list(asok.RedisSessionStore(redis_client(redis_port)).load(sid)["live"]) == ["e", "f"]
+
+
 def test_redis_store_two_clients_updating_two_components_of_one_session_lose_neither(redis_port):
     stores = [asok.RedisSessionStore(redis_client(redis_port)) for _ in range(2)]
     sid = "w" * 43
@@ -3305,6 +3320,24 @@ def test_request_fields(tmp_path):
     r = client.post("/json", body=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status == 400 and "not valid JSON" in r.text
     assert client.get("/inspect/notanumber").status == 404
+
+
+def test_cookies_are_parsed_per_request_and_long_cookie_fields_are_not_kept(tmp_path):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/c")
+    def c(request):
+        mine = request.cookies
+        mine["seen"] = "by this request"  # its own copy: the next request with the same field is not told
+        return {"k0": mine.get("k0"), "last": mine.get(f"k{len(mine) - 2}"), "n": len(mine) - 1}
+
+    client = asok.TestClient(app)
+    for n in (3, 3, 2000):
+        field = "; ".join(f"k{i}=v{i}" for i in range(n))
+        assert client.get("/c", headers={"Cookie": field}).json() == {"k0": "v0", "last": f"v{n - 1}", "n": n}
+    for i in range(300):  # 300 distinct fields of ~20 KB each: the parsed ones kept stay small
+        client.get("/c", headers={"Cookie": f"z={i}; " + "; ".join(f"p{j}=x" for j in range(3000))})
+    assert sum(len(field) for field in asok._COOKIES_SEEN) <= 256 * asok.COOKIES_SEEN_MAX
 
 
 # ── proxies ──────────────────────────────────────────────────────────────────
