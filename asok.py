@@ -1933,13 +1933,23 @@ def _http_parse_fields(lines):
                     raise HTTPProtocolError(400, "whitespace before colon in header")
                 raise HTTPProtocolError(400, "invalid header name")
             known = name.lower().decode("ascii")
-            if len(_HTTP_NAMES) < 512:  # the common names; a client inventing names gets no room
-                _HTTP_NAMES[bytes(name)] = known
+            _keep(_HTTP_NAMES, bytes(name), known, 512)
         headers.append((known, value.strip(b" \t").decode("latin-1")))
     return headers
 
 
 _HTTP_NAMES = {}  # a header name as received -> checked, in lower case (bounded)
+_KEPT_LONGEST = 1024  # characters of a key (a header name, a field line, a Cookie field) a _keep cache takes
+
+
+def _keep(cache, key, value, entries, size=None):
+    """cache[key] = value, for the caches of what peers send or responses repeat (header names,
+    field lines, Cookie fields): emptied when it holds `entries`, and a key (or the `size` given
+    for it) longer than _KEPT_LONGEST is not kept, so what a client sends makes none of them large."""
+    if (len(key) if size is None else size) <= _KEPT_LONGEST:
+        if len(cache) >= entries:
+            cache.clear()
+        cache[key] = value
 
 
 def _http_tokens(values):
@@ -1976,9 +1986,7 @@ def render_response_head(status: int, headers: Iterable[tuple[str, str]], versio
                 raise ValueError(f"invalid response header {name!r}: {value!r}")
             line = f"{name}: {value}\r\n"
             if type(pair) is tuple and type(name) is str and type(value) is str:
-                if len(_FIELD_LINES) >= 1024:  # Date, lengths, cookies: the stable ones come back
-                    _FIELD_LINES.clear()
-                _FIELD_LINES[pair] = line
+                _keep(_FIELD_LINES, pair, line, 1024, len(line))  # Date, lengths, cookies: the stable ones come back
         lines.append(line)
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")
@@ -3447,7 +3455,7 @@ class _StoredRecord:
             live = {cid: _Raw(_json_compact(entry)) for cid, entry in live.items()}
         else:
             return cls(_dump(record), None, 0, frozenset(), record.get("expires", 0))
-        size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in live.items())
+        size = _live_size(live)
         return cls(_dump({k: v for k, v in record.items() if k != "live"}), live, size, fresh,
                    record.get("expires", 0))
 
@@ -3553,6 +3561,11 @@ class _StoredRecord:
         parts.append("}\n")
         fresh = frozenset() if live.checked else frozenset(c for c in self.fresh if c in new and c not in entries)
         return _StoredRecord(top, new, size, fresh, record.get("expires", 0)), "".join(parts).encode()
+
+
+def _live_size(texts):
+    """Characters of `"cid":text,` over a record's component texts (_StoredRecord.live_size)."""
+    return sum(len(_dump(cid)) + len(text) + 2 for cid, text in texts.items())
 
 
 def _is_int(value):
@@ -3847,7 +3860,7 @@ def _redis_parsed(pairs):
             return _StoredRecord(value, None, 0, frozenset(), 0), {}
     entries.sort()
     live = {cid: _Raw(text) for _, cid, text in entries}
-    size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in live.items())
+    size = _live_size(live)
     return _StoredRecord(top, live, size, frozenset(live), 0), {cid: n for n, cid, _ in entries}
 
 
@@ -3920,7 +3933,7 @@ def _redis_whole(record):
     else:
         return _StoredRecord(_redis_json(record), None, 0, frozenset(), 0)
     texts = {cid: v if v.__class__ is _Raw else _Raw(_redis_json(v)) for cid, v in entries.items()}
-    size = sum(len(_dump(cid)) + len(text) + 2 for cid, text in texts.items())
+    size = _live_size(texts)
     return _StoredRecord(_redis_json({k: v for k, v in record.items() if k != "live"}), texts, size, fresh, 0)
 
 
@@ -4402,10 +4415,7 @@ class Request:
             parsed = _COOKIES_SEEN.get(header)
             if parsed is None:
                 parsed = _parse_cookies(header)
-                if len(header) <= COOKIES_SEEN_MAX:  # a long field is parsed each time: the cache
-                    if len(_COOKIES_SEEN) >= 256:   # holds 256 x 1 KiB at most, whatever clients send
-                        _COOKIES_SEEN.clear()
-                    _COOKIES_SEEN[header] = parsed
+                _keep(_COOKIES_SEEN, header, parsed, 256)  # a long field is parsed each time
             self._cookies = dict(parsed)  # the request's own copy
         return self._cookies
 
@@ -4528,7 +4538,6 @@ def _ip_in(address, networks):
 
 
 _COOKIES_SEEN = {}  # a Cookie field's value -> its cookies, parsed (bounded; each request copies)
-COOKIES_SEEN_MAX = 1024  # characters of a Cookie field kept parsed in _COOKIES_SEEN, at most
 
 
 def _parse_cookies(header):
@@ -5201,7 +5210,7 @@ class _ComponentRenderer:
         comp = cls._restore(app, json.loads(json.dumps(stored.state)), session, cid, context)
         comp.update(**props)
         state, before = comp._checked_state(), stored.version
-        if json.dumps(state, sort_keys=True) != json.dumps(stored.state, sort_keys=True):
+        if _json_compact_sorted(state) != _json_compact_sorted(stored.state):
             if self.request._on_loop:
                 raise _OffLoop()
             stored.state, stored.version = state, before + 1  # stored is this render's own copy

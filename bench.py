@@ -557,6 +557,24 @@ class Stats:
         self.final_mismatch = 0  # clients whose last count / session clicks disagree with clicks
         self.errors = []
 
+    def answered(self, took, window):
+        """An event answered right, `took` ns after it was sent; timed if the window measures."""
+        self.total += 1
+        if window.measuring:
+            self.latencies.append(took)
+            self.events += 1
+
+
+async def timed(stats, t0, waiting):
+    """(what `waiting` gives, ns since t0), or (None, 0) counted as lost: a timeout or a closed socket."""
+    try:
+        result = await waiting
+    except (TimeoutError, ConnectionError) as exc:
+        stats.lost += 1
+        stats.errors.append(repr(exc))
+        return None, 0
+    return result, time.perf_counter_ns() - t0
+
 
 class Window:
     measuring = False
@@ -574,13 +592,9 @@ async def asok_exchange(ws, rid, text, stats):
     or (None, 0) once counted as lost (a timeout, a refusal, the reply of another request)."""
     t0 = time.perf_counter_ns()
     await send(ws, text)
-    try:
-        reply = await ws.recv()
-    except (TimeoutError, ConnectionError) as exc:
-        stats.lost += 1
-        stats.errors.append(repr(exc))
+    reply, took = await timed(stats, t0, ws.recv())
+    if reply is None:
         return None, 0
-    took = time.perf_counter_ns() - t0
     data = json.loads(reply)
     if data.get("id") != rid or "error" in data:
         stats.lost += 1
@@ -608,10 +622,7 @@ async def live_client(ws, visitor, stats, window):
             stats.out_of_order += 1
         prev = count
         clicks += 1
-        stats.total += 1
-        if window.measuring:
-            stats.latencies.append(took)
-            stats.events += 1
+        stats.answered(took, window)
         last_html = held[1]
     if clicks:
         pcount = int(PCOUNT_RE.search(last_html).group(1))
@@ -629,21 +640,14 @@ async def echo_client(ws, size, stats, window):
         text = head + "x" * max(0, size - len(head) - 2) + '"}'
         t0 = time.perf_counter_ns()
         await send(ws, text)
-        try:
-            reply = await ws.recv()
-        except (TimeoutError, ConnectionError) as exc:
-            stats.lost += 1
-            stats.errors.append(repr(exc))
+        reply, took = await timed(stats, t0, ws.recv())
+        if reply is None:
             break
-        t1 = time.perf_counter_ns()
         if reply != text:
             stats.lost += 1
             stats.errors.append("echo differs")
             break
-        stats.total += 1
-        if window.measuring:
-            stats.latencies.append(t1 - t0)
-            stats.events += 1
+        stats.answered(took, window)
 
 
 def percentile(values, p):
@@ -1660,13 +1664,10 @@ async def pyview_live_client(ws, visitor, stats, window):
             break
         t0 = time.perf_counter_ns()
         ref, _ = ws.push("event", phx_click("increment"))
-        try:
-            reply, _ = await ws.reply(ref)
-        except (TimeoutError, ConnectionError) as exc:
-            stats.lost += 1
-            stats.errors.append(repr(exc))
+        got, took = await timed(stats, t0, ws.reply(ref))
+        if got is None:
             break
-        t1 = time.perf_counter_ns()
+        reply = got[0]
         if reply.get("status") != "ok" or "diff" not in reply.get("response", {}):
             stats.lost += 1
             stats.errors.append(str(reply)[:300])
@@ -1677,10 +1678,7 @@ async def pyview_live_client(ws, visitor, stats, window):
             stats.out_of_order += 1
         prev = count
         clicks += 1
-        stats.total += 1
-        if window.measuring:
-            stats.latencies.append(t1 - t0)
-            stats.events += 1
+        stats.answered(took, window)
     if clicks:
         page = phx_html(ws.tree)
         count, pcount = int(COUNT_RE.search(page).group(1)), int(PCOUNT_RE.search(page).group(1))
@@ -1888,12 +1886,9 @@ async def asok_list_client(ws, visitor, stats, window):
             break
         state, held = data["state"], asok_html(data, held)
         clicks += 1
-        stats.total += 1
+        stats.answered(took, window)
         if n > 1:
             visitor.call_bytes.append(len(text.encode()))
-        if window.measuring:
-            stats.latencies.append(took)
-            stats.events += 1
     if clicks and int(BIG_ROW_RE.search(held[1]).group(1)) != clicks:
         stats.final_mismatch += 1
         stats.errors.append(f"row {LIST_ROW} shows {BIG_ROW_RE.search(held[1]).group(1)} after {clicks} bumps")
@@ -1907,23 +1902,17 @@ async def pyview_list_client(ws, visitor, stats, window):
             break
         t0 = time.perf_counter_ns()
         ref, _ = ws.push("event", phx_click("bump", i=str(LIST_ROW)))
-        try:
-            reply, _ = await ws.reply(ref)
-        except (TimeoutError, ConnectionError) as exc:
-            stats.lost += 1
-            stats.errors.append(repr(exc))
+        got, took = await timed(stats, t0, ws.reply(ref))
+        if got is None:
             break
-        t1 = time.perf_counter_ns()
+        reply = got[0]
         if reply.get("status") != "ok":
             stats.lost += 1
             stats.errors.append(str(reply)[:300])
             break
         phx_merge(ws.tree, reply.get("response", {}).get("diff", {}))
         clicks += 1
-        stats.total += 1
-        if window.measuring:
-            stats.latencies.append(t1 - t0)
-            stats.events += 1
+        stats.answered(took, window)
     if clicks:
         found = BIG_ROW_RE.search(phx_html(ws.tree))
         if not found or int(found.group(1)) != clicks:

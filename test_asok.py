@@ -2687,20 +2687,22 @@ def _entry(n, pad=""):
     return {"c": "Counter", "s": {"count": n, "pad": pad}, "v": n, "q": n, "ids": {}}
 
 
+def _an_event_saves_c5(record):
+    """What an event on component c5 does to its session's record: the newest saved goes last."""
+    live = record["live"]
+    saved = live.pop("c5")
+    saved["v"] += 100
+    live["c5"] = saved
+    record["seq"] = 1
+
+
 def test_saving_one_component_appends_it_alone_and_another_process_reads_the_same_record(tmp_path):
     sid, path = "p" * 43, tmp_path / ("p" * 43 + ".json")
     store = asok.FileSessionStore(tmp_path)
     store.save(sid, {"data": {}, "live": {f"c{i}": _entry(i, "x" * 100) for i in range(200)}})
     before = path.stat().st_size
 
-    def event(record):  # as an event saves its component: the newest goes last
-        live = record["live"]
-        saved = live.pop("c5")
-        saved["v"] += 100
-        live["c5"] = saved
-        record["seq"] = 1
-
-    store.update(sid, event)
+    store.update(sid, _an_event_saves_c5)
     line = path.read_bytes()[before:]
     assert b'"c5"' in line and b'"c6"' not in line and len(line) < 400  # the others stay as written
     store.update(sid, lambda record: record["live"].pop("c0"))
@@ -2876,15 +2878,8 @@ def test_redis_store_saving_one_component_of_200_sends_it_alone_and_another_clie
     whole = counted.sent
     assert whole > 200 * 100
 
-    def event(record):  # as an event saves its component: the newest goes last
-        live = record["live"]
-        saved = live.pop("c5")
-        saved["v"] += 100
-        live["c5"] = saved
-        record["seq"] = 1
-
     counted.sent = counted.received = 0
-    store.update(sid, event)
+    store.update(sid, _an_event_saves_c5)
     assert counted.sent < 500 and counted.received < 100  # c5's entry and the small keys; the others stay
     store.update(sid, lambda record: record["live"].pop("c0"))
     counted.sent = 0
@@ -3337,7 +3332,19 @@ def test_cookies_are_parsed_per_request_and_long_cookie_fields_are_not_kept(tmp_
         assert client.get("/c", headers={"Cookie": field}).json() == {"k0": "v0", "last": f"v{n - 1}", "n": n}
     for i in range(300):  # 300 distinct fields of ~20 KB each: the parsed ones kept stay small
         client.get("/c", headers={"Cookie": f"z={i}; " + "; ".join(f"p{j}=x" for j in range(3000))})
-    assert sum(len(field) for field in asok._COOKIES_SEEN) <= 256 * asok.COOKIES_SEEN_MAX
+    assert sum(len(field) for field in asok._COOKIES_SEEN) <= 256 * asok._KEPT_LONGEST
+
+
+def test_header_names_a_client_invents_are_not_kept_however_many_or_long(tmp_path):
+    app = make_app(tmp_path, {"app.py": "", "src/pages/index.html": "<p>hi</p>"})
+    with running(app) as port:
+        for i in range(40):  # 40 requests of 20 distinct 2 KB names each
+            names = "".join(f"X-{i}-{j}-{'n' * 2000}: v\r\n" for j in range(20))
+            sock = connect(port)
+            sock.sendall(f"GET / HTTP/1.1\r\nHost: x\r\n{names}\r\n".encode())
+            assert read_response(sock)[0] == 200
+            sock.close()
+    assert sum(len(name) for name in asok._HTTP_NAMES) <= 512 * asok._KEPT_LONGEST
 
 
 # ── proxies ──────────────────────────────────────────────────────────────────
