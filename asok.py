@@ -5532,6 +5532,8 @@ def _html_diff(old, new):
     text, for each hunk (positions in old, in UTF-16 code units as JavaScript counts them); None if
     that is no shorter than `new`. A short changed middle whose tags and words are as many on both
     sides (values changed in place) is split into a hunk per changed run of them."""
+    if len(old) + len(new) <= DIFF_FINE and old.isascii() and new.isascii():
+        return _ascii_diff(old, new)  # most components' HTML: bytes are characters are code units
     n, a = min(len(old), len(new)), 0
     step = 1 << max(n.bit_length() - 1, 0) if n < 4096 else 4096
     while step:  # the common prefix: chunks while they match, then halves of the one that does not
@@ -5546,9 +5548,58 @@ def _html_diff(old, new):
             b += step
         else:
             step //= 2
-    hunks = [(a, lo - b, new[a:hi - b])]
-    if 0 < lo - b - a and 0 < hi - b - a and (lo - b - a) + (hi - b - a) <= DIFF_FINE:
-        ours, theirs = _HTML_TOKENS.findall(old, a, lo - b), _HTML_TOKENS.findall(new, a, hi - b)
+    hunks = _fine_hunks(old, new, a, lo - b, hi - b)
+    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
+        return None
+    out = []
+    for s, e, text in hunks:
+        out += [len(old[:s].encode("utf-16-le")) // 2, len(old[:e].encode("utf-16-le")) // 2, text]
+    return out
+
+
+_DIFF_GAP = bytes(12)  # XOR of two texts: 12 bytes alike end a hunk
+
+
+def _ascii_diff(old, new):
+    """_html_diff of two short ASCII texts, by XOR of their bytes as integers (C loops, no slicing
+    search; for long texts the integers cost more than the search): of the same length, a hunk per run of changed bytes (unchanged runs of 11 or fewer
+    bytes inside one); else the common prefix and suffix, then _fine_hunks in between."""
+    ob, nb = old.encode("ascii"), new.encode("ascii")
+    lo, hi = len(ob), len(nb)
+    if lo == hi:
+        xi = int.from_bytes(ob, "big") ^ int.from_bytes(nb, "big")
+        x, hunks = xi.to_bytes(lo, "big"), []
+        at = lo - 1 - (xi.bit_length() - 1) // 8 if xi else lo  # the first byte that differs
+        last = lo - (xi & -xi).bit_length() // 8 if xi else lo  # after the last that differs
+        while at < last:
+            gap = x.find(_DIFF_GAP, at, last)  # 12 bytes alike: a hunk would cost more than they save
+            end = last if gap < 0 else gap
+            hunks.append((at, end, new[at:end]))
+            rest = xi & ((1 << 8 * (lo - end)) - 1)  # the bytes from `end` on
+            at = lo - 1 - (rest.bit_length() - 1) // 8 if rest else lo
+        hunks = hunks or [(lo, lo, "")]
+    else:
+        n = min(lo, hi)
+        x = int.from_bytes(ob[:n], "big") ^ int.from_bytes(nb[:n], "big")
+        a = n - 1 - (x.bit_length() - 1) // 8 if x else n  # the first byte that differs
+        m = n - a
+        y = int.from_bytes(ob[lo - m:], "little") ^ int.from_bytes(nb[hi - m:], "little")
+        b = m - 1 - (y.bit_length() - 1) // 8 if y else m  # bytes the same at the end, after a
+        hunks = _fine_hunks(old, new, a, lo - b, hi - b)
+    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= hi:
+        return None
+    out = []
+    for s, e, text in hunks:
+        out += [s, e, text]
+    return out
+
+
+def _fine_hunks(old, new, a, end_old, end_new):
+    """The hunks turning old[a:end_old] into new[a:end_new] (both sides otherwise the same): one,
+    or, for a short middle with as many tags and words on both sides, one per changed run."""
+    hunks = [(a, end_old, new[a:end_new])]
+    if 0 < end_old - a and 0 < end_new - a and (end_old - a) + (end_new - a) <= DIFF_FINE:
+        ours, theirs = _HTML_TOKENS.findall(old, a, end_old), _HTML_TOKENS.findall(new, a, end_new)
         if len(ours) == len(theirs):  # values changed in place (the common case): a hunk per changed run
             hunks, at = [], a
             for mine, yours in zip(ours, theirs):
@@ -5558,15 +5609,7 @@ def _html_diff(old, new):
                     else:
                         hunks.append((at, at + len(mine), yours))
                 at += len(mine)
-    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
-        return None
-    out = []
-    wide = not old.isascii()
-    for s, e, text in hunks:
-        if wide:
-            s, e = (len(old[:s].encode("utf-16-le")) // 2, len(old[:e].encode("utf-16-le")) // 2)
-        out += [s, e, text]
-    return out
+    return hunks
 
 
 class _Key:
