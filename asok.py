@@ -2838,6 +2838,12 @@ class Signer:
         raise BadSignature("signature does not match")
 
 
+# This process's id: os.getpid() is a system call, and a live event asked for it four times.
+# A forked child sets its own before any of its code runs.
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
 # The one place the key file and the session store write through: tests put a full disk here.
 _os_write = os.write
 _os_fsync = os.fsync
@@ -3111,17 +3117,27 @@ class FileSessionStore(SessionStore):
         self._cache = {}  # path -> ((inode, size, mtime_ns), the record as _StoredRecord texts)
         self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
         self._missing = set()  # paths load() found no file at lately (bounded)
+        self._names = {}  # session id -> (its file, its lock stripe) (bounded)
 
     def _path(self, sid):
-        if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
-            raise ValueError("malformed session id")
-        return f"{self.folder}/{sid}.json"
+        return self._named(sid)[0]
 
-    def _stripe(self, sid):
+    def _named(self, sid):
+        """(the session's file, its lock stripe), checked and made once per session id."""
+        named = self._names.get(sid)
+        if named is None:
+            if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
+                raise ValueError("malformed session id")
+            named = (f"{self.folder}/{sid}.json", self._stripe(sid))
+            _keep(self._names, sid, named, SESSION_CACHE_SIZE)
+        return named
+
+    @staticmethod
+    def _stripe(sid):
         return int.from_bytes(hashlib.blake2s(sid.encode(), digest_size=2).digest(), "big") % _LOCK_STRIPES
 
     def _lock(self, sid):
-        stripe = self._stripe(sid)
+        stripe = self._named(sid)[1]
         with self._fd_lock:
             fd = self._lock_fds.get(stripe)
             if fd is None:
@@ -5709,13 +5725,13 @@ class _LiveIntake:
         read, so a thread never sees the pid of a name another thread is still making (that
         was a server_error on the first events of a `--workers` child, one in ~20,000)."""
         pid, name = self._origin_id
-        if pid != os.getpid():
+        if pid != _PID[0]:
             with self._origin_lock:
                 pid, name = self._origin_id
-                if pid != os.getpid():
-                    name = f"{os.getpid()}.{secrets.token_hex(4)}"
+                if pid != _PID[0]:
+                    name = f"{_PID[0]}.{secrets.token_hex(4)}"
                     self._published = 0
-                    self._origin_id = (os.getpid(), name)
+                    self._origin_id = (_PID[0], name)
         return name
 
     # ── tokens ────────────────────────────────────────────────────────
@@ -6552,7 +6568,7 @@ class FolderBroker(Broker):
     def _open(self):
         """Called with the lock held: make the folder, bind, start the threads (once per process:
         a child forked after this has none of the threads, so it gets its own socket)."""
-        if self._send is not None and self._pid == os.getpid():
+        if self._send is not None and self._pid == _PID[0]:
             return
         if self._folder_fd is not None and self._folder_fd >= 0:  # the parent's, inherited by a fork
             with contextlib.suppress(OSError):
@@ -6568,7 +6584,7 @@ class FolderBroker(Broker):
         threading.Thread(target=self._receive_loop, args=(self._recv,), name="asok-broker-in", daemon=True).start()
         threading.Thread(target=self._send_loop, name="asok-broker-out", daemon=True).start()
         atexit.register(self.close)
-        self._pid = os.getpid()  # last: publish() skips the lock once this says the process's sockets are made
+        self._pid = _PID[0]  # last: publish() skips the lock once this says the process's sockets are made
 
     def subscribe(self, callback: Callable[[bytes], Any]) -> None:
         with self._lock:
@@ -6578,7 +6594,7 @@ class FolderBroker(Broker):
     def publish(self, data: bytes) -> None:
         if len(data) > BROKER_MAX_DATAGRAM:
             raise ValueError(f"a broker message is at most {BROKER_MAX_DATAGRAM} bytes, not {len(data)}")
-        if self._send is None or self._pid != os.getpid():
+        if self._send is None or self._pid != _PID[0]:
             with self._lock:
                 self._open()
         callback = self._callback
