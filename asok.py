@@ -6573,11 +6573,17 @@ class FolderBroker(Broker):
         if self._folder_fd is not None and self._folder_fd >= 0:  # the parent's, inherited by a fork
             with contextlib.suppress(OSError):
                 os.close(self._folder_fd)
-        _private_folder(self.folder)
-        self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._path = f"{self.folder}/{os.getpid()}.{secrets.token_hex(3)}"
-        self._recv.bind(self._path)
+        for attempt in range(3):
+            _private_folder(self.folder)
+            try:
+                self._recv.bind(self._path)
+                break
+            except FileNotFoundError:  # the last process to leave removed the empty folder meanwhile
+                if attempt == 2:
+                    raise
+        self._folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._send.settimeout(BROKER_SEND_TIMEOUT)
         self._queue = queue.Queue(BROKER_QUEUE)
@@ -6681,6 +6687,8 @@ class FolderBroker(Broker):
             os.unlink(self._path)
         except OSError:
             pass
+        with contextlib.suppress(OSError):  # the last process to leave takes the folder with it
+            os.rmdir(self.folder)  # (one under the temporary folder would stay there otherwise)
         self._recv.close()
         fd, self._folder_fd = self._folder_fd, -1  # -1: an fstat that fails, never another file's
         with contextlib.suppress(OSError):

@@ -5067,6 +5067,26 @@ def test_the_folder_broker_skips_dead_peers_and_malformed_messages(tmp_path, cap
     listener.close()
 
 
+def test_the_last_folder_broker_to_close_removes_its_folder_and_a_new_one_makes_it_again(tmp_path):
+    folder = tmp_path / "live"
+    first, second = asok.FolderBroker(folder), asok.FolderBroker(folder)
+    first.subscribe(lambda data: None)
+    second.subscribe(lambda data: None)
+    first.close()
+    assert folder.is_dir() and len(list(folder.iterdir())) == 1  # the other's socket keeps it
+    second.close()
+    assert not folder.exists()  # (a folder under /tmp for a long app path stayed there per app before)
+    third, heard = asok.FolderBroker(folder), queue.Queue()
+    third.subscribe(heard.put)
+    fourth = asok.FolderBroker(folder)
+    fourth.subscribe(lambda data: None)
+    fourth.publish(b'{"x":2}')
+    assert heard.get(timeout=5) == b'{"x":2}'
+    third.close()
+    fourth.close()
+    assert not folder.exists()
+
+
 WHERE_FILES = {
     "src/components/Where.py": '''
         import os
