@@ -1855,7 +1855,24 @@ async def asok_increment_each(port, cookie, csrf, comps):
     return clicks
 
 
-def many_turn(server, others, cfg):
+def _mean_runs(runs):
+    """Two or more ws_run results as one: rates, latencies and CPU averaged, counts added,
+    error lists joined."""
+    out = {}
+    for key, value in runs[0].items():
+        values = [run[key] for run in runs]
+        if isinstance(value, list):
+            out[key] = [item for v in values for item in v]
+        elif key == "connections" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, int):
+            out[key] = sum(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def many_turn(server, others, cfg, secs=None):
     """Live events/s (1 connection) of the first counter of a fresh session's /many page, with
     `others` of the page's other counters saved in that session first."""
     cookie, csrf, comps = page_components(server.port, "/many")
@@ -1867,7 +1884,8 @@ def many_turn(server, others, cfg):
 
     def task(ws, i, stats, window):
         return live_client(ws, visitor, stats, window)
-    return asyncio.run(ws_run(server, [("/asok/live", cookie)], task, cfg["live_warm"], cfg["peer_live_secs"], "raw"))
+    return asyncio.run(ws_run(server, [("/asok/live", cookie)], task, cfg["live_warm"], secs or cfg["peer_live_secs"],
+                              "raw"))
 
 
 BIG_ROW_RE = re.compile(r'<tr id="row-%d"><td>row %d</td><td>(\d+)</td></tr>' % (LIST_ROW, LIST_ROW))
@@ -1996,8 +2014,13 @@ def run_growth(tmp, cfg, rounds, pv_srv):
             asok_list_server(tmp, BIG_ROWS) as big:
         for r in range(rounds):
             print(f"bench: growth round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-            order = (0, OTHERS) if r % 2 == 0 else (OTHERS, 0)
-            out["many"].append({str(k): many_turn(many, k, cfg) for k in order})
+            # 0, 199, 199, 0 (or the reverse), half a turn each: a drift of the machine within
+            # the round hits both sides alike (one turn each moved the ratio by +-10 % per round)
+            order = (0, OTHERS, OTHERS, 0) if r % 2 == 0 else (OTHERS, 0, 0, OTHERS)
+            turns = {}
+            for k in order:
+                turns.setdefault(str(k), []).append(many_turn(many, k, cfg, cfg["peer_live_secs"] / 2))
+            out["many"].append({k: _mean_runs(runs) for k, runs in turns.items()})
             order = ("asok", "pyview") if r % 2 == 0 else ("pyview", "asok")
             out["big"].append({kind: big_list_turn(kind, big if kind == "asok" else pv_srv, cfg) for kind in order})
     print("bench: idle sockets (live, echo)", file=sys.stderr, flush=True)
