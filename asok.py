@@ -5489,6 +5489,10 @@ class _LiveOutbox:
             self.loop.create_task(self._drain())
 
     async def reply(self, text):
+        if not (self.busy or self.replies or self.pushes or self.closed):
+            send_now = getattr(self.ws, "send_now", None)  # the built-in server's; not under ASGI
+            if send_now is not None and send_now(text):
+                return  # written at once: no drain, no coroutine per layer below it
         self.replies.append(text)
         if not self.busy:
             await self._drain()
@@ -5785,10 +5789,20 @@ class _LiveIntake:
         return token
 
     # ── 1. parse ──────────────────────────────────────────────────────
-    def handle(self, conn, text, message=None, wait=True):
+    def handle(self, conn, text, message=None, wait=True, later=None):
         """One message from a page in (JSON text, or `message` already parsed from it); the
         messages to send back out. Never raises, but for StoreBusy when `wait` is False (then
-        nothing was done: the caller hands the message to a thread, which waits)."""
+        nothing was done: the caller hands the message to a thread, which waits). `later`: a
+        list to put what an event does once saved and answered (pushes to this process's other
+        views, telling the other processes, the method's publishes) for the caller to run with
+        run_later() after sending the replies; without it that runs before handle() returns.
+        Either way a failure there is logged: the event was saved, and its reply stands."""
+        if later is None:
+            later = []
+            try:
+                return self.handle(conn, text, message, wait, later)
+            finally:
+                self.run_later(later)
         rid = None
         try:
             if message is None:
@@ -5806,7 +5820,7 @@ class _LiveIntake:
                 if isinstance(message.get("id"), str):
                     raise LiveError("id_too_long", f"the request id has {len(message['id'])} characters; "
                                                    f"the limit is {LIVE_MAX_ID}")
-            return self._event(conn, message, wait)
+            return self._event(conn, message, wait, later)
         except StoreBusy:
             raise
         except LiveError as exc:
@@ -5876,17 +5890,17 @@ class _LiveIntake:
         return (cls is not None and cls.on_loop is True and getattr(self.app.sessions, "local", False)
                 and "join" not in message and "$upload" not in str(message.get("args")))
 
-    def _event(self, conn, message, wait=True):
+    def _event(self, conn, message, wait, later):
         call = self._parse_call(conn.sid, message)
         taken = []  # uploaded files among the arguments: deleted afterwards unless the method saved them
         call.args = self.app._take_uploads(conn.sid, call.cid, call.args, taken)
         try:
-            return self._run_event(conn, call, wait)
+            return self._run_event(conn, call, wait, later)
         finally:
             for upload in taken:
                 upload.close()
 
-    def _run_event(self, conn, call, wait=True):
+    def _run_event(self, conn, call, wait, later):
         def run(comp, saved):
             page, order = _request_order(call.rid)
             ids = saved.ids if isinstance(saved.ids, dict) else {}
@@ -5918,7 +5932,7 @@ class _LiveIntake:
                 last, view.last = view.last, (saved.seq, inner)
             if last is not None and call.held == last[0]:  # the page holds that HTML: the change suffices
                 diff = _html_diff(last[1], inner)
-        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn)
+        token = self._saved_and_pushed(conn.sid, call.cid, call.cls, saved, inner, conn, later)
         self._adopt(conn, inner)
         first = {"id": call.rid, "html": inner, "state": token} if diff is None else {
             "id": call.rid, "d": diff, "state": token}
@@ -5927,11 +5941,20 @@ class _LiveIntake:
             with self._lock:
                 if cid in conn.views:
                     conn.views[cid].seq = max(conn.views[cid].seq, saved.seq)
-            token = self._saved_and_pushed(conn.sid, cid, cls, saved, inner, conn)
+            token = self._saved_and_pushed(conn.sid, cid, cls, saved, inner, conn, later)
             self._adopt(conn, inner)
             replies.append(_json_compact({"cid": cid, "html": inner, "state": token}))
-        self._flush(outbox)
+        if outbox:
+            later.append(functools.partial(self._flush, outbox))
         return replies
+
+    def run_later(self, later):
+        """What handle() left in `later`, once its replies are sent."""
+        for fn in later:
+            try:
+                fn()
+            except Exception:
+                log.exception("live push after an event failed (the event was saved and answered)")
 
     def _join(self, conn, message):
         """A page (re)connected: its views, and fresh HTML for those that show an older save."""
@@ -6185,10 +6208,18 @@ class _LiveApply(_LiveIntake):
                 log.warning("nested component %s not followed: %s", cid, exc.message)
 
     # ── 5. push ───────────────────────────────────────────────────────
-    def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for):
+    def _saved_and_pushed(self, sid, cid, cls, saved, inner, rendered_for, later=None):
         """After a save that changed (sid, cid): its topics follow its state, this process's
-        views get the new HTML, the other processes hear of the save. Returns the new token."""
+        views get the new HTML, the other processes hear of the save (then, or put in `later`).
+        Returns the new token."""
         token = self._page_token(cls, cid, sid, saved, inner or "")
+        if later is None:
+            self._pushed(sid, cid, cls, saved, inner, token, rendered_for)
+        else:
+            later.append(functools.partial(self._pushed, sid, cid, cls, saved, inner, token, rendered_for))
+        return token
+
+    def _pushed(self, sid, cid, cls, saved, inner, token, rendered_for):
         if cls._asok_on:
             try:
                 topics = self._topics_of(cls, saved.state)
@@ -6201,7 +6232,6 @@ class _LiveApply(_LiveIntake):
                         self._retopic(key, topics)
         self._push_local(sid, cid, cls, saved, inner, token, rendered_for)
         self.broker.publish(('{"o":"%s","c":%s}' % (self._origin(), _json_compact([sid, cid, saved.seq]))).encode())
-        return token
 
     def _push_local(self, sid, cid, cls, saved, inner=None, token=None, rendered_for=None):
         """Push `saved` to every view of (sid, cid) in this process whose page shows an older
@@ -7607,6 +7637,7 @@ class Asok(_AppPages):
         # neither its headers, its cookies nor its Session (the hub loads the record per event)
         try:
             async for message in ws:
+                later = None
                 if not isinstance(message, str):
                     replies = [_live_error(None, "bad_message", "live messages are JSON text, not binary")]
                 elif len(message) > LIVE_MAX_MESSAGE:
@@ -7620,13 +7651,17 @@ class Asok(_AppPages):
                     except ValueError:
                         parsed = None  # handle() says what is wrong with it
                     if self.live.on_loop(parsed):  # no thread round trip; a held lock sends it to one
+                        later = []  # what the event does once answered: after its reply, on the loop
                         with contextlib.suppress(StoreBusy):
-                            replies = self.live.handle(conn, message, parsed, wait=False)
+                            replies = self.live.handle(conn, message, parsed, wait=False, later=later)
                     if replies is None:
+                        later = None  # (a held lock: nothing ran, nothing waits)
                         replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
                     await outbox.reply(reply)
-                message = parsed = replies = reply = None  # an idle page's socket holds none of it
+                if later:
+                    self.live.run_later(later)
+                message = parsed = replies = reply = later = None  # an idle page's socket holds none of it
         finally:
             outbox.closed = True
             self.live.leave(conn)  # quick: no I/O, the lock is only ever held briefly

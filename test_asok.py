@@ -4569,6 +4569,50 @@ def test_on_loop_components_run_their_events_on_the_loop_and_a_held_lock_sends_t
     assert looped[1] != looped[0]  # the event that found the lock held went to a worker
 
 
+def test_an_on_loop_event_is_answered_before_its_pushes_which_still_reach_the_other_views(tmp_path, caplog):
+    app = make_app(tmp_path, {
+        "src/components/Tally.py": '''
+            from asok import Component, exposed
+
+            class Tally(Component):
+                n = 0
+                on_loop = True
+
+                @exposed
+                def bump(self):
+                    self.n += 1
+        ''',
+        "src/components/tally.html": "<p>n=<< n >></p>",
+        "src/pages/index.html": "<< component('Tally') >>",
+    })
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    tally.close()
+    published, publish = [], app.live.broker.publish
+
+    def failing(data):  # telling the other processes fails after the save: the reply stands
+        published.append(data)
+        raise OSError("broker down")
+    with running(app) as port:
+        with live_socket(port, client) as watcher, live_socket(port, client) as clicker:
+            watcher.send(json.dumps({"join": [[tally.cid, "Tally", tally.state_token]], "url": "/",
+                                     "csrf": tally.csrf}))
+            state = tally.state_token
+            for n in (1, 2):
+                if n == 2:
+                    app.live.broker.publish = failing
+                clicker.send(json.dumps({"id": f"t:{n}", "cid": tally.cid, "component": "Tally", "state": state,
+                                         "method": "bump", "args": [], "csrf": tally.csrf}))
+                reply = json.loads(clicker.receive(timeout=5))
+                assert reply["id"] == f"t:{n}" and "error" not in reply, reply
+                state = reply["state"]
+                push = json.loads(watcher.receive(timeout=5))  # pushed after the reply, from the loop
+                assert push["cid"] == tally.cid and f"n={n}" in push["html"]
+    app.live.broker.publish = publish
+    assert app.sessions.load(client.sid)["live"][tally.cid]["s"]["n"] == 2 and len(published) == 1
+    assert "live push after an event failed" in caplog.text
+
+
 def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock_sends_them_to_a_thread(tmp_path):
     app = make_app(tmp_path, {
         "src/components/Heard.py": '''
