@@ -3393,6 +3393,21 @@ class _Raw(str):
     __slots__ = ()
 
 
+_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads calls, without its two frames and
+# two whitespace matches: for JSON texts the store made itself (compact, nothing around them)
+
+
+def _stored_json(text):
+    """json.loads(text) of a text the store wrote or already checked (ValueError if it is not one value)."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        raise ValueError("not a JSON value") from None
+    if end != len(text):
+        raise ValueError("extra data after a JSON value")
+    return value
+
+
 class _LiveEntries(collections.abc.MutableMapping):
     """record["live"] as FileSessionStore.update hands it to fn: {cid: entry}, an entry parsed
     from its JSON text when first read. It notes what fn read, set and deleted, so the store
@@ -3409,7 +3424,7 @@ class _LiveEntries(collections.abc.MutableMapping):
     def __getitem__(self, cid):
         value = self._d[cid]
         if value.__class__ is _Raw:
-            value = self._d[cid] = json.loads(value)
+            value = self._d[cid] = _stored_json(value)
             self._touched.add(cid)
         return value
 
@@ -3516,7 +3531,7 @@ class _StoredRecord:
 
     def record(self):
         """(the caller's own record, its _LiveEntries or None)."""
-        record = json.loads(self.top)
+        record = _stored_json(self.top)
         if self.live is None:
             return record, None
         live = record["live"] = _LiveEntries(self.live, self.fresh)
@@ -5797,12 +5812,15 @@ class _LiveIntake:
         views, telling the other processes, the method's publishes) for the caller to run with
         run_later() after sending the replies; without it that runs before handle() returns.
         Either way a failure there is logged: the event was saved, and its reply stands."""
-        if later is None:
-            later = []
-            try:
-                return self.handle(conn, text, message, wait, later)
-            finally:
-                self.run_later(later)
+        if later is not None:
+            return self._handle(conn, text, message, wait, later)
+        later = []
+        try:
+            return self._handle(conn, text, message, wait, later)
+        finally:
+            self.run_later(later)
+
+    def _handle(self, conn, text, message, wait, later):
         rid = None
         try:
             if message is None:
