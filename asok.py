@@ -1658,6 +1658,11 @@ class HTTPParser:
         else:
             self._eof = True
 
+    def _skip_request(self) -> None:
+        """The server took a whole request, arrived alone, from what it made of the same bytes
+        before (_KNOWN_HEADS): the parser goes to where that request's EndOfMessage left it."""
+        self._state = _HTTP_DONE
+
     def start_next_cycle(self) -> None:
         """Start parsing the next request; call it after the response is sent."""
         if self._state != _HTTP_DONE:
@@ -8054,6 +8059,13 @@ MAX_CONNECTIONS = 10000    # open connections, at most; past it (or past what th
 _FDS_KEPT = 384            # descriptors kept free for threads, the log and the broker (and the session
                            # store's open files beside them: _session_files_open)
 _PAUSE_AT = 256 * 1024
+# A request that arrives alone in one read, with no body, is made from the same bytes next time
+# without parsing them again (a browser reloading or polling a page, a keep-alive client asking
+# again). Bounded as the other caches of what peers send (_keep): 256 heads of 4 KiB at most.
+_KNOWN_HEADS = {}          # the bytes of one whole bodiless request -> (RequestHead, path, query, headers)
+_KNOWN_HEADS_KEPT = 256
+_KNOWN_HEAD_LONGEST = 4096
+_PLAIN_HEADS = {}          # (status, its one field) -> (the Date in it, its response head up to the length)
 
 
 class _Phase(Enum):
@@ -8254,6 +8266,7 @@ class _HTTPConnection(_Connection):
         self.parser = HTTPParser(max_body=self.app.max_body)
         self.flow = _FlowControl(transport, self.s.body_timeout)
         self.draining = None  # the phase to go back to once a client that stopped reading reads again
+        self.alone = None  # the bytes of the last read, when they arrived with nothing buffered before
         self.closed = False
         self._enter(_Phase.IDLE)
         if len(self.s.connections) >= self.s.max_connections:
@@ -8295,6 +8308,19 @@ class _HTTPConnection(_Connection):
             self._enter(_Phase.BUSY)
 
     def data_received(self, data):
+        alone = None
+        if self.phase is _Phase.IDLE and self.parser.waiting:
+            known = _KNOWN_HEADS.get(data)
+            if known is not None:  # these very bytes were a whole bodiless request before
+                self.parser._skip_request()
+                self._enter(_Phase.BUSY)
+                head, path, query, headers = known
+                self._run(head, Request(head.method, path, query, headers.copy(), b"", "http",
+                                        self.remote_addr, self.app))
+                return
+            if len(data) <= _KNOWN_HEAD_LONGEST:
+                alone = data  # _start keeps what it makes of them if they are one whole request
+        self.alone = alone
         self.parser.receive_data(data)
         if self.phase is _Phase.IDLE:
             self._enter(_Phase.HEAD)
@@ -8388,11 +8414,22 @@ class _HTTPConnection(_Connection):
 
     def _start(self, head, body):
         """A whole request has arrived: upgrade it, or hand it to the app in a thread."""
+        alone, self.alone = self.alone, None
         try:
             request = self._make_request(head, body)
         except HTTPError as exc:
             self._refuse(exc.status, exc.detail)
             return
+        if alone is not None and not body and not head.expect_continue and not self.parser.pending_size:
+            # the read that started this request held it whole and nothing more: the same bytes
+            # again make the same request (see _KNOWN_HEADS)
+            if len(_KNOWN_HEADS) >= _KNOWN_HEADS_KEPT:
+                _KNOWN_HEADS.clear()
+            _KNOWN_HEADS[alone] = (head, request.path, request.query_string, dict(request.headers))
+        self._run(head, request)
+
+    def _run(self, head, request):
+        """Upgrade `request`, answer it on the loop (asok's own pages), or hand it to the app in a thread."""
         headers = request.headers
         if "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers:
             route, params = _find_ws_route(self.app, request.path)
@@ -8447,8 +8484,24 @@ class _HTTPConnection(_Connection):
 
     def _head(self, head, response, keep_alive):
         """The response head, and how its body goes (see response_framing)."""
-        length, mode = response_framing(head.method, response.status, response.headers, response.body,
-                                        head.version)
+        fields = response.headers
+        if len(fields) == 1 and keep_alive and type(response.body) is bytes and head.version == "HTTP/1.1" \
+                and head.method != "HEAD" and type(fields[0]) is tuple:
+            # the usual page (one field, its length to add, kept alive): its head but the length is
+            # made once per second (the Date) for each status and field
+            known = _PLAIN_HEADS.get((response.status, fields[0]))
+            date = self.s.date()
+            if known is not None and known[0] == date:
+                return known[1] + b"%d\r\n\r\n" % len(response.body), "length"
+        length, mode = response_framing(head.method, response.status, fields, response.body, head.version)
+        if len(fields) == 1 and mode == "length" and length is not None and keep_alive \
+                and head.version == "HTTP/1.1" and type(fields[0]) is tuple:
+            date = self.s.date()
+            first = render_response_head(response.status, [("Date", date), fields[0]])[:-2] + b"Content-Length: "
+            if len(_PLAIN_HEADS) >= 64:
+                _PLAIN_HEADS.clear()
+            _PLAIN_HEADS[(response.status, fields[0])] = (date, first)
+            return first + b"%d\r\n\r\n" % length, mode
         headers = [("Date", self.s.date()), *response.headers]
         if length is not None:
             headers.append(("Content-Length", str(length)))

@@ -6192,6 +6192,60 @@ def test_pipelined_requests_wait_while_the_client_does_not_read(tmp_path):
         assert len(handled) == 100
 
 
+def test_a_request_that_comes_again_byte_for_byte_is_not_parsed_again_and_gets_its_own_headers(tmp_path, monkeypatch):
+    app = make_app(tmp_path, {"app.py": ""})
+
+    @app.route("/h")
+    def h(request):
+        seen = request.headers.get("x-seen", "no")
+        request.headers["x-seen"] = "yes"  # its own dict: the next request made from the same bytes is not told
+        return f"{request.query.get('q')} {seen} {request.headers['cookie']}"
+
+    @app.route("/echo", methods=["POST"], csrf=False)
+    def echo(request):
+        return request.body
+
+    parsed = []
+    real = asok._http_parse_fields
+    monkeypatch.setattr(asok, "_http_parse_fields", lambda lines: parsed.append(1) or real(lines))
+    monkeypatch.setattr(asok, "_KNOWN_HEADS", {})
+    with running(app) as port, connect(port) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /h?q=1 HTTP/1.1\r\nHost: x\r\nCookie: a=b\r\n\r\n")
+            assert read_response(sock)[2] == b"1 no a=b"
+        assert len(parsed) == 1
+        for _ in range(2):  # two requests in one read are parsed each time, and both answered
+            sock.sendall(b"GET /h?q=2 HTTP/1.1\r\nHost: x\r\nCookie: c=d\r\n\r\n"
+                         b"GET /h?q=3 HTTP/1.1\r\nHost: x\r\nCookie: e=f\r\n\r\n")
+            assert [read_response(sock)[2] for _ in range(2)] == [b"2 no c=d", b"3 no e=f"]
+        assert len(parsed) == 5
+        for body in (b"hi", b"hi", b"ho"):  # a request with a body: its body is read each time
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n" + body)
+            assert read_response(sock)[2] == body
+        for i in range(300):  # distinct heads of ~3 KB each: at most 256 kept, none over 4 KiB
+            sock.sendall(f"GET /h?q={i} HTTP/1.1\r\nHost: x\r\nCookie: {'z' * 3000}\r\n\r\n".encode())
+            assert read_response(sock)[2].startswith(f"{i} no".encode())
+        sock.sendall(f"GET /h?q=big HTTP/1.1\r\nHost: x\r\nCookie: {'z' * 5000}\r\n\r\n".encode())
+        assert read_response(sock)[0] == 200
+    assert 0 < len(asok._KNOWN_HEADS) <= asok._KNOWN_HEADS_KEPT
+    assert max(len(k) for k in asok._KNOWN_HEADS) <= asok._KNOWN_HEAD_LONGEST
+
+
+def test_the_response_head_made_once_for_a_page_follows_the_date(tmp_path, monkeypatch):
+    app = make_app(tmp_path, {"app.py": "", "src/pages/index.html": "<p>hi</p>"})
+    now = ["00:00"]
+    monkeypatch.setattr(asok._ServerState, "date", lambda self: f"Mon, 01 Jan 2001 {now[0]}:00 GMT")
+    with running(app) as port, connect(port) as sock:
+        got = []
+        for second in ("00:00", "00:00", "00:01", "00:01"):
+            now[0] = second
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, headers, body = read_response(sock)
+            got.append((status, headers["date"], headers["content-length"], body))
+        assert got == [(200, f"Mon, 01 Jan 2001 {second}:00 GMT", "9", b"<p>hi</p>")
+                       for second in ("00:00", "00:00", "00:01", "00:01")]
+
+
 def test_file_pages_render_on_the_loop_and_application_code_in_a_thread_that_stalls_nobody(tmp_path):
     app = make_app(tmp_path, {
         "src/components/Plain.py": """
