@@ -4947,6 +4947,10 @@ class Component:
 
     def html(self, name: str, /, **extra: Any) -> Markup:
         """Render a template beside the component's file with the state (and `extra`) as context."""
+        return self._render_html(name, self.state, extra)
+
+    def _render_html(self, name, state, extra):
+        """html(name, **extra) with the state given (a page's render has just made it)."""
         templates = self._asok_app.templates
         known = self._asok_paths.get(name)
         if known is None:
@@ -4956,7 +4960,7 @@ class Component:
             template = templates.get_file(path)
             if not templates.debug:
                 self._asok_paths[name] = (path, templates, template)
-        context = {**templates.globals, **self._asok_context, **self.state, **extra}
+        context = {**templates.globals, **self._asok_context, **state, **extra}
         return str.__new__(Markup, template.render_context(context))  # a str: Markup's own __new__ adds nothing
 
     @property
@@ -5027,13 +5031,16 @@ class Component:
 
     @classmethod
     def _create(cls, app, props, session, cid, context):
-        cls._check_props(props)
-        state = {**cls._asok_fields, **props}
+        fields = cls._asok_fields
+        if not props.keys() <= fields.keys():
+            cls._check_props(props)
+        state = {**fields, **props}
         plain = True
         for name, value in state.items():
-            if type(value) not in _JSON_PLAIN:
+            kind = type(value)
+            if kind not in _JSON_PLAIN:
                 _check_json_safe(value, f"{cls.__name__}.{name}")
-            plain = plain and (type(value) in _JSON_PLAIN or type(value) is float)
+                plain = plain and kind is float
         if not plain:  # a list or dict among the defaults: a private copy (class defaults are shared)
             state = json.loads(json.dumps(state))
         self = cls._restore(app, state, session, cid, context)
@@ -5270,28 +5277,49 @@ def _renders_on_loop(cls):
     if known is None:
         known = cls.on_loop is True or (
             all(getattr(cls, name) is getattr(Component, name) for name in ("mount", "update", "html", "state"))
-            and (cls.render is Component.render or _only_renders_a_template(cls.render)))
+            and (cls.render is Component.render or _only_renders_a_template(cls.render) is not None))
         cls._asok_page_loop = known
     return known
 
 
 def _only_renders_a_template(fn):
-    """Whether the function's source is a docstring at most and `return self.html(<literals>)`."""
+    """Whether the function's source is a docstring at most and `return self.html(<literals>)`:
+    then the html() call's (args, kwargs), else None."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):  # no source to read: it might do anything
-        return False
+        return None
     node = tree.body[0] if len(tree.body) == 1 else None
     if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.args.args) != 1:
-        return False
+        return None
     body = node.body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
     call = body[0].value if len(body) == 1 and isinstance(body[0], ast.Return) else None
-    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "html"
+    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "html"
             and isinstance(call.func.value, ast.Name) and call.func.value.id == node.args.args[0].arg
             and all(isinstance(a, ast.Constant) for a in call.args)
-            and all(k.arg is not None and isinstance(k.value, ast.Constant) for k in call.keywords))
+            and all(k.arg is not None and isinstance(k.value, ast.Constant) for k in call.keywords)):
+        return tuple(a.value for a in call.args), {k.arg: k.value.value for k in call.keywords}
+    return None
+
+
+def _template_of(cls):
+    """(name, extra) when `cls().render()` is Component's own or only `return self.html(name, **extra)`
+    with literals, through Component's html() and state: a page's render then renders that template
+    with the state it has just made, instead of making it again. None otherwise. Once per class."""
+    known = cls.__dict__.get("_asok_template_of", False)
+    if known is False:
+        known = None
+        if cls.html is Component.html and cls.state is Component.state:
+            if cls.render is Component.render:
+                known = (cls.__name__.lower() + ".html", {})
+            else:
+                call = _only_renders_a_template(cls.render)
+                if call is not None and len(call[0]) == 1 and isinstance(call[0][0], str):
+                    known = (call[0][0], call[1])
+        cls._asok_template_of = known
+    return known
 
 
 class _LiveContext:
@@ -7531,8 +7559,9 @@ class Asok(_AppPages):
 
     def _wrap_component(self, comp, name, cid, sid, version, seq, saved=False):
         state, text = comp._checked_state_json()
-        inner = comp.render()
         cls = type(comp)
+        template = _template_of(cls)
+        inner = comp.render() if template is None else comp._render_html(template[0], state, template[1])
         if not saved and len(text) > LIVE_INLINE_STATE:
             # too large to travel with each first event: saved now, so the page holds a reference
             if getattr(comp._asok_context.get("request"), "_on_loop", False):
@@ -8313,7 +8342,7 @@ class _HTTPConnection(_Connection):
             known = _KNOWN_HEADS.get(data)
             if known is not None:  # these very bytes were a whole bodiless request before
                 self.parser._skip_request()
-                self._enter(_Phase.BUSY)
+                self.phase, self.deadline = _Phase.BUSY, math.inf  # as _enter(_Phase.BUSY): no timeout
                 head, path, query, headers = known
                 self._run(head, Request(head.method, path, query, headers.copy(), b"", "http",
                                         self.remote_addr, self.app))
@@ -8464,7 +8493,7 @@ class _HTTPConnection(_Connection):
 
     def _handled(self, head, response, started):
         keep_alive = head.keep_alive and not self.s.stopping
-        if response.streamed:
+        if type(response.body) is not bytes and response.streamed:
             self.loop.create_task(self._stream(head, response, keep_alive, started))
             return
         try:
@@ -8526,17 +8555,20 @@ class _HTTPConnection(_Connection):
             if not self.flow.writable.is_set():
                 self._watch_writes()
             return
-        self.parser.start_next_cycle()
-        following = _Phase.HEAD if self.parser.pending_size else _Phase.IDLE
-        if not self.flow.writable.is_set():  # the client is not reading: answer no more until it does
+        parser, flow = self.parser, self.flow
+        parser.start_next_cycle()
+        pending = parser.pending_size
+        following = _Phase.HEAD if pending else _Phase.IDLE
+        if not flow.writable.is_set():  # the client is not reading: answer no more until it does
             self.draining = following
             self._enter(_Phase.DRAINING)
             self._watch_writes()
-            self.flow.pause_reading()
+            flow.pause_reading()
             return
         self._enter(following)
-        self.flow.resume_reading()
-        if not self.parser.waiting:  # else nothing to parse until data_received
+        if flow.paused:
+            flow.resume_reading()
+        if pending or not parser.waiting:  # else nothing to parse until data_received
             self._advance()
 
     async def _stream(self, head, response, keep_alive, started):
