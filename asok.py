@@ -1407,9 +1407,14 @@ class Template:
 
     def _related(self, name):
         """A template named by this one's `extends` or `include`."""
-        if self.env is None:
+        env = self.env
+        if env is None:
             raise TemplateError(f"cannot load {name!r}: this template has no Templates loader", self.name)
-        return self.env._get_related(name, self._base)
+        if type(name) is str and not env.debug and not name.startswith("./"):  # under the root, known
+            hit = env._by_name.get(name)
+            if hit is not None:
+                return hit
+        return env._get_related(name, self._base)
 
     def __repr__(self):
         return f"<Template {self.name!r}>"
@@ -1440,6 +1445,9 @@ class Templates:
     def get(self, name: str) -> Template:
         """The template `name` under the root, compiled once (again when it changes, in debug mode);
         TemplateNotFound if there is none."""
+        hit = self._by_name.get(name) if type(name) is str else None
+        if hit is not None and not self.debug:
+            return hit
         return self._get_related(name, None)
 
     def get_file(self, path: str | os.PathLike) -> Template:
@@ -5172,8 +5180,7 @@ class _ComponentRenderer:
         self.tools = tools
         self.request = request
         self.prefix = prefix
-        self.counts = {}
-        self.keyed = set()
+        self.counts = self.keyed = None  # made when a second component or a key= needs them
 
     def __call__(self, name, /, **props):
         app, request = self.app, self.request
@@ -5184,12 +5191,13 @@ class _ComponentRenderer:
                               f"they are found in {app.root / 'src' / 'components'})")
         if request._on_loop and not _renders_on_loop(cls):
             raise _OffLoop(lasting=True)  # its mount(), update() or render() is the application's
-        cid = self._cid(name, props.pop("cid", None), props.pop("key", None))
+        cid = self._cid(name, props.pop("cid", None), props.pop("key", None)) if "cid" in props or "key" in props \
+            else self._cid(name, None, None)
         request.uses_live = True
         if getattr(cls, "_alive_parts", None):  # parts of alive.js this component needs (see _minify_alive)
             request.alive_parts = {*getattr(request, "alive_parts", ()), *cls._alive_parts}
         session, tools = request.session, self.tools
-        sid = tools.session_id(session)
+        sid = session.sid or tools.session_id(session)
         context = tools.context(request, cid)
         raw = session.live.get(cid)
         stored = SavedComponent.load(raw, name) if raw else None
@@ -5230,12 +5238,16 @@ class _ComponentRenderer:
             if not re.fullmatch(r"[\w.-]{1,64}", part):  # anything else by its digest (':' sets it apart)
                 part = ":" + hashlib.sha256(part.encode()).hexdigest()[:20]
             cid = f"{self.prefix}#{name}@{part}"
+            if self.keyed is None:
+                self.keyed = set()
             if cid in self.keyed:
                 raise ValueError(f"component({name!r}, key={key!r}) is rendered twice here; "
                                  "keys must be unique among the components of one name")
             self.keyed.add(cid)
             return cid
         if cid is None:
+            if self.counts is None:
+                self.counts = {}
             n = self.counts[name] = self.counts.get(name, -1) + 1
             if n == 1 and self.app.debug:
                 log.warning("component(%r) renders more than once in %s with no key: each one's state "
@@ -7067,7 +7079,10 @@ class _AppSessions(_AppSetup):
                      "(set the same SECRET_KEY on each)", self.key_source)
 
     def _open_session(self, request):
-        token = request.cookies.get(SESSION_COOKIE)
+        cookies = request._cookies
+        if cookies is None:  # read from the parsed field, not the request's own copy of it (made when asked for)
+            cookies = _COOKIES_SEEN.get(request.headers.get("cookie", "")) or request.cookies
+        token = cookies.get(SESSION_COOKIE)
         sid = self._cookie_sids.get(token) if token else None
         if token and sid is None:  # a cookie not seen yet: its signature checked once (then remembered)
             try:
@@ -7273,16 +7288,17 @@ class _AppPages(_AppSessions):
     def _dispatch(self, request):
         path = request.path
         on_loop = request._on_loop
-        if path.startswith("/static/"):
-            if on_loop:
-                raise _OffLoop()
-            return self._static(request, self.root / "static", path[len("/static/"):])
-        if path.startswith("/asok/alive"):
-            return self._alive(request)
-        if path == "/asok/asok.css":
-            return _stylesheet(request)
-        if path == "/asok/upload":
-            return self._upload(request)
+        if path.startswith(("/static/", "/asok/")):  # what asok serves itself
+            if path.startswith("/static/"):
+                if on_loop:
+                    raise _OffLoop()
+                return self._static(request, self.root / "static", path[len("/static/"):])
+            if path.startswith("/asok/alive"):
+                return self._alive(request)
+            if path == "/asok/asok.css":
+                return _stylesheet(request)
+            if path == "/asok/upload":
+                return self._upload(request)
         for hook in self.before_request_hooks:
             rv = hook(request)
             if rv is not None:
@@ -7357,7 +7373,8 @@ class _AppPages(_AppSessions):
         return Response(self.render_template(request, name, **params))
 
     def _finish_html(self, request, text):
-        text = str.__str__(text)  # plain str: the tags below are HTML, not text to escape
+        if type(text) is not str:
+            text = str.__str__(text)  # plain str: the tags below are HTML, not text to escape
         if not request.uses_live:
             return text
         scripts = self._alive_scripts()
@@ -8460,25 +8477,31 @@ class _HTTPConnection(_Connection):
     def _run(self, head, request):
         """Upgrade `request`, answer it on the loop (asok's own pages), or hand it to the app in a thread."""
         headers = request.headers
-        if "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers:
+        if ("upgrade" in headers or "sec-websocket-key" in headers) and (
+                "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers):
             route, params = _find_ws_route(self.app, request.path)
             if route is not None:
                 self.loop.create_task(self._upgrade(head, request, route, params))
                 return
         started = time.perf_counter()
-        loop = self.loop
-        if self.app.loop_first(request):  # asok's own page: no thread round trip (see Asok.loop_first)
+        app = self.app
+        if app.loop_first(request):  # asok's own page: no thread round trip (see Asok.loop_first)
             request._on_loop = True
             try:
-                response = self.app.handle(request)
+                response = app.handle(request)
             except _OffLoop:  # something on the way needs a thread: the request starts again in one
                 request._retry()
             else:  # answered now, unless requests wait behind it (then later: no recursion per request)
                 if self.parser.pending_size:
-                    loop.call_soon(self._handled, head, response, started)
+                    self.loop.call_soon(self._handled, head, response, started)
                 else:
                     self._handled(head, response, started)
                 return
+        self._in_thread(head, request, started)
+
+    def _in_thread(self, head, request, started):
+        """Hand `request` to the app in a worker thread; its response comes back to the loop."""
+        loop = self.loop
 
         def done(future):
             exc = future.exception()
