@@ -2966,7 +2966,9 @@ class Session(dict):
     `regenerate()` gives it a new id (call it at sign-in); `clear()` empties it, component
     states included (sign-out)."""
 
-    # what a session starts with: class attributes until set (one is opened per request)
+    # what every session has in slots; what a session starts with, class attributes until set
+    # (in its __dict__): one is opened per request
+    __slots__ = ("sid", "live", "changed", "deleted", "__dict__")
     new = False
     seq = 0
     modified = False
@@ -4381,6 +4383,10 @@ class Request:
     `body` is given as bytes or, for a large body, as a binary file at its start. The request
     reaches its session through what the app gives it here (`app.session_access`)."""
 
+    # what every request has in slots; what it may set later, class attributes until then (in its
+    # __dict__, with anything an application adds)
+    __slots__ = ("method", "path", "query_string", "headers", "_body", "scheme", "remote_addr", "app", "params",
+                 "_sessions", "alive_parts", "__dict__")
     _on_loop = False  # set by the server while it tries the request on the event loop (see _OffLoop)
     _session = _cookies = _query = _form = _files = None  # made when first asked for (one request each)
     uses_live = False
@@ -5222,7 +5228,7 @@ class _ComponentRenderer:
                 version, seq = tools.save_url_state(sid, cid, cls, comp._checked_state())
                 saved = True
         markup = tools.wrap(comp, name, cid, sid, version, seq, saved)
-        if cls._asok_forms or 'type="file"' in markup or "type=file" in markup:
+        if cls._asok_forms or ("type=" in markup and ('type="file"' in markup or "type=file" in markup)):
             request.alive_parts = {*getattr(request, "alive_parts", ()), "forms"}
         return markup
 
@@ -7254,7 +7260,8 @@ class _AppPages(_AppSessions):
             log.exception("error handling %s %s", request.method, request.path)
             response = self.error_response(500, _describe(exc) if self.debug else None, tb=traceback.format_exc())
         finally:
-            request.close()
+            if request._files or type(request._body) is not bytes:  # else nothing to close
+                request.close()
         try:
             self._finish_session(request, response)
         except StoreUnavailable as exc:
