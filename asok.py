@@ -3133,6 +3133,8 @@ class FileSessionStore(SessionStore):
         self._append_fds = {}  # path -> (inode, fd opened with O_APPEND), the newest last
         self._missing = set()  # paths load() found no file at lately (bounded)
         self._names = {}  # session id -> (its file, its lock stripe) (bounded)
+        self._due = set()  # sessions whose files the compaction thread rewrites next
+        self._compactor = None
 
     def _path(self, sid):
         return self._named(sid)[0]
@@ -3221,10 +3223,12 @@ class FileSessionStore(SessionStore):
             missing.add(path)
         return None if stored is None else json.loads(stored.line())
 
-    def _write(self, path, record, stored, live, size, clean_end, ino):
+    def _write(self, path, record, stored, live, size, clean_end, ino, sid=None):
         """Write what fn made of `stored` (read under the lock; None if there was no record):
         only what changed if `live` (the _LiveEntries fn got) is still record["live"], else
-        the whole record."""
+        the whole record. With `sid` (an update on an event loop, which must not wait for a
+        disk), a file due for compaction gets the line appended and is compacted by a thread,
+        unless it is already past twice its limit."""
         record["expires"] = int(time.time()) + self.lifetime
         if stored is not None and live is not None and record.get("live") is live:
             new, line = stored.changed(record, live)
@@ -3234,17 +3238,59 @@ class FileSessionStore(SessionStore):
         if whole > self.max_record:
             raise SessionTooLarge(f"the session record would be {whole} bytes; "
                                   f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
+        limit = max(SESSION_LOG_MAX, 4 * whole)
         try:
-            if line is None or size + len(line) > max(SESSION_LOG_MAX, 4 * whole):
-                line = new.line()
-            if size + len(line) > max(SESSION_LOG_MAX, 4 * whole):
-                st = self._compact(path, line)
+            if line is not None and sid is not None and limit < size + len(line) <= 2 * limit:
+                st = self._append(path, line, size, clean_end, ino)  # an fsync is not for the loop
+                self._compact_later(sid)
             else:
-                st = self._append(path, line, size, clean_end, ino)
+                if line is None or size + len(line) > limit:
+                    line = new.line()
+                if size + len(line) > limit:
+                    st = self._compact(path, line)
+                else:
+                    st = self._append(path, line, size, clean_end, ino)
         except OSError as exc:
             self._forget(path)
             raise _unavailable("write", path, exc) from exc
         self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), new)
+
+    def _compact_later(self, sid):
+        """Compact sid's file in the store's compaction thread (started when first needed)."""
+        with self._fd_lock:
+            self._due.add(sid)
+            if self._compactor is None or not self._compactor.is_alive():
+                self._compactor = threading.Thread(target=self._compact_due, name="asok-compact", daemon=True)
+                self._compactor.start()
+
+    def _compact_due(self):
+        while True:
+            with self._fd_lock:
+                if not self._due:
+                    self._compactor = None
+                    return
+                sid = self._due.pop()
+            try:
+                self.compact(sid)
+            except Exception:
+                log.exception("the session store could not compact a session file (it stays as it is)")
+
+    def compact(self, sid: str) -> bool:
+        """Rewrite sid's file as its one record if it is past its compaction limit (under the
+        session's lock); whether it did."""
+        path = self._path(sid)
+        with self._lock(sid):
+            stored, size = self._read(path)[:2]
+            if stored is None or size <= max(SESSION_LOG_MAX, 4 * stored.size()):
+                return False
+            line = stored.line()
+            try:
+                st = self._compact(path, line)
+            except OSError as exc:
+                self._forget(path)
+                raise _unavailable("compact", path, exc) from exc
+            self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), stored)
+            return True
 
     def _append(self, path, line, size, clean_end, ino):
         fd = self._append_fd(path, ino)
@@ -3324,7 +3370,7 @@ class FileSessionStore(SessionStore):
             stored, size, clean_end, ino = self._read(path)
             record, live = stored.record() if stored is not None else ({"data": {}, "live": {}}, None)
             result = fn(record)
-            self._write(path, record, stored, live, size, clean_end, ino)
+            self._write(path, record, stored, live, size, clean_end, ino, None if wait else sid)
             return result
 
     def collect(self, max_age: float | None = None) -> int:

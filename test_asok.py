@@ -2511,6 +2511,32 @@ def test_a_compaction_the_disk_refuses_keeps_the_old_file(tmp_path, monkeypatch,
     assert path.read_bytes().count(b"\n") == 1  # that save was the compaction the disk refused
 
 
+def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_thread(tmp_path, monkeypatch):
+    store = asok.FileSessionStore(tmp_path)
+    sid, path = "w" * 43, tmp_path / ("w" * 43 + ".json")
+    store.save(sid, {"data": {"n": 0}, "live": {}})
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(asok, "_os_fsync", lambda fd: synced.append(threading.current_thread().name) or fsync(fd))
+    pad = "x" * (asok.SESSION_LOG_MAX // 6)
+    for n in range(1, 8):  # past the limit after the sixth: an event on the loop appends and goes on
+        try:
+            store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
+        except asok.StoreBusy:  # the compaction holds the lock: the loop hands such an event to a thread
+            store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
+    for _ in range(200):
+        if getattr(store, "_compactor", None) is None and synced:
+            break
+        time.sleep(0.05)
+    assert synced and threading.current_thread().name not in synced  # (the old code: MainThread, twice)
+    assert path.read_bytes().count(b"\n") <= 2  # compacted, then perhaps the last save after it
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 7
+    synced.clear()
+    for n in range(8, 16):  # a caller that may wait (a thread) compacts as before, itself
+        store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
+    assert synced and set(synced) == {threading.current_thread().name}
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 15
+
+
 def _compact_forever(folder, sid, out):
     store = asok.FileSessionStore(folder)
     for n in range(1, 100000):
