@@ -3272,6 +3272,8 @@ class FileSessionStore(SessionStore):
                 sid = self._due.pop()
             try:
                 self.compact(sid)
+            except StoreUnavailable as exc:  # a full disk: the file keeps its lines, the next save tries again
+                log.error("session file not compacted (it stays as it is): %s", exc)
             except Exception:
                 log.exception("the session store could not compact a session file (it stays as it is)")
 

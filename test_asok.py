@@ -2537,6 +2537,30 @@ def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_t
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 15
 
 
+def test_a_compaction_thread_the_disk_refuses_leaves_the_file_growing_and_every_save_kept(tmp_path, monkeypatch,
+                                                                                          caplog):
+    store = asok.FileSessionStore(tmp_path)
+    sid = "f" * 43
+    store.save(sid, {"data": {"n": 0}, "live": {}})
+
+    def failing_fsync(fd):
+        raise OSError(asok.errno.EIO, "Input/output error")
+    monkeypatch.setattr(asok, "_os_fsync", failing_fsync)
+    pad = "x" * (asok.SESSION_LOG_MAX // 6)
+    with caplog.at_level(logging.ERROR, logger="asok"):
+        for n in range(1, 9):  # due for compaction from the seventh on: each one appends, the thread fails
+            try:
+                store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
+            except asok.StoreBusy:
+                store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
+            for _ in range(200):
+                if getattr(store, "_compactor", None) is None:
+                    break
+                time.sleep(0.02)
+    assert "session file not compacted" in caplog.text and "Input/output error" in caplog.text
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 8 and not list(tmp_path.glob("*.tmp"))
+
+
 def _compact_forever(folder, sid, out):
     store = asok.FileSessionStore(folder)
     for n in range(1, 100000):
