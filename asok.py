@@ -3134,7 +3134,9 @@ class FileSessionStore(SessionStore):
         self._missing = set()  # paths load() found no file at lately (bounded)
         self._names = {}  # session id -> (its file, its lock stripe) (bounded)
         self._due = set()  # sessions whose files the compaction thread rewrites next
+        self._due_ready = threading.Condition(self._fd_lock)
         self._compactor = None
+        self._compacting = None  # the session the compaction thread is rewriting
 
     def _path(self, sid):
         return self._named(sid)[0]
@@ -3256,26 +3258,40 @@ class FileSessionStore(SessionStore):
         self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), new)
 
     def _compact_later(self, sid):
-        """Compact sid's file in the store's compaction thread (started when first needed)."""
+        """Compact sid's file in the store's compaction thread (started when needed; it waits a
+        second for more work before it ends)."""
         with self._fd_lock:
             self._due.add(sid)
             if self._compactor is None or not self._compactor.is_alive():
                 self._compactor = threading.Thread(target=self._compact_due, name="asok-compact", daemon=True)
                 self._compactor.start()
+            else:
+                self._due_ready.notify_all()
 
     def _compact_due(self):
         while True:
             with self._fd_lock:
                 if not self._due:
+                    self._due_ready.wait(1.0)
+                if not self._due:
                     self._compactor = None
                     return
-                sid = self._due.pop()
+                sid = self._compacting = self._due.pop()
             try:
                 self.compact(sid)
             except StoreUnavailable as exc:  # a full disk: the file keeps its lines, the next save tries again
                 log.error("session file not compacted (it stays as it is): %s", exc)
             except Exception:
                 log.exception("the session store could not compact a session file (it stays as it is)")
+            finally:
+                with self._fd_lock:
+                    self._compacting = None
+                    self._due_ready.notify_all()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until no session file waits for the compaction thread (tests); whether none does."""
+        with self._fd_lock:
+            return self._due_ready.wait_for(lambda: not self._due and self._compacting is None, timeout)
 
     def compact(self, sid: str) -> bool:
         """Rewrite sid's file as its one record if it is past its compaction limit (under the

@@ -2523,10 +2523,7 @@ def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_t
             store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
         except asok.StoreBusy:  # the compaction holds the lock: the loop hands such an event to a thread
             store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
-    for _ in range(200):
-        if getattr(store, "_compactor", None) is None and synced:
-            break
-        time.sleep(0.05)
+    assert store.settle(10)
     assert synced and threading.current_thread().name not in synced  # (the old code: MainThread, twice)
     assert path.read_bytes().count(b"\n") <= 2  # compacted, then perhaps the last save after it
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 7
@@ -2553,10 +2550,7 @@ def test_a_compaction_thread_the_disk_refuses_leaves_the_file_growing_and_every_
                 store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
             except asok.StoreBusy:
                 store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
-            for _ in range(200):
-                if getattr(store, "_compactor", None) is None:
-                    break
-                time.sleep(0.02)
+            assert store.settle(10)
     assert "session file not compacted" in caplog.text and "Input/output error" in caplog.text
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 8 and not list(tmp_path.glob("*.tmp"))
 
