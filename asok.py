@@ -8537,9 +8537,10 @@ class _HTTPConnection(_Connection):
         except HTTPError as exc:
             self._refuse(exc.status, exc.detail)
             return
-        if alone is not None and not body and not head.expect_continue and not self.parser.pending_size:
+        if alone is not None and not body and not head.expect_continue and not self.parser.pending_size \
+                and "upgrade" not in request.headers:
             # the read that started this request held it whole and nothing more: the same bytes
-            # again make the same request (see _KNOWN_HEADS)
+            # again make the same request (see _KNOWN_HEADS). Not an upgrade: its key is new each time
             if len(_KNOWN_HEADS) >= _KNOWN_HEADS_KEPT:
                 _KNOWN_HEADS.clear()
             _KNOWN_HEADS[alone] = (head, request.path, request.query_string, dict(request.headers))

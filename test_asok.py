@@ -6271,8 +6271,12 @@ def test_a_request_that_comes_again_byte_for_byte_is_not_parsed_again_and_gets_i
             assert read_response(sock)[2].startswith(f"{i} no".encode())
         sock.sendall(f"GET /h?q=big HTTP/1.1\r\nHost: x\r\nCookie: {'z' * 5000}\r\n\r\n".encode())
         assert read_response(sock)[0] == 200
+        for _ in range(2):  # an upgrade (here to no WebSocket route) is not kept: its key is new each time
+            sock.sendall(b"GET /h?q=up HTTP/1.1\r\nHost: x\r\nCookie: u=1\r\nUpgrade: websocket\r\n\r\n")
+            assert read_response(sock)[2] == b"up no u=1"
     assert 0 < len(asok._KNOWN_HEADS) <= asok._KNOWN_HEADS_KEPT
     assert max(len(k) for k in asok._KNOWN_HEADS) <= asok._KNOWN_HEAD_LONGEST
+    assert not [head for head in asok._KNOWN_HEADS if b"Upgrade" in head]
 
 
 def test_the_response_head_made_once_for_a_page_follows_the_date(tmp_path, monkeypatch):
