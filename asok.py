@@ -3143,7 +3143,7 @@ class FileSessionStore(SessionStore):
 
     def _named(self, sid):
         """(the session's file, its lock stripe), checked and made once per session id."""
-        named = self._names.get(sid)
+        named = self._names.get(sid) if sid.__class__ is str else None
         if named is None:
             if not isinstance(sid, str) or not _SESSION_ID_RE.match(sid):
                 raise ValueError("malformed session id")
@@ -3278,7 +3278,7 @@ class FileSessionStore(SessionStore):
                     return
                 sid = self._compacting = self._due.pop()
             try:
-                self.compact(sid)
+                self._compact_if_due(sid)
             except StoreUnavailable as exc:  # a full disk: the file keeps its lines, the next save tries again
                 log.error("session file not compacted (it stays as it is): %s", exc)
             except Exception:
@@ -3288,12 +3288,12 @@ class FileSessionStore(SessionStore):
                     self._compacting = None
                     self._due_ready.notify_all()
 
-    def settle(self, timeout: float = 10.0) -> bool:
+    def _settle(self, timeout=10.0):
         """Wait until no session file waits for the compaction thread (tests); whether none does."""
         with self._fd_lock:
             return self._due_ready.wait_for(lambda: not self._due and self._compacting is None, timeout)
 
-    def compact(self, sid: str) -> bool:
+    def _compact_if_due(self, sid):
         """Rewrite sid's file as its one record if it is past its compaction limit (under the
         session's lock); whether it did."""
         path = self._path(sid)
@@ -5618,11 +5618,17 @@ class _LiveOutbox:
         if not self.busy:
             self.loop.create_task(self._drain())
 
+    def reply_now(self, text):
+        """Write a reply at once if nothing waits before it and the peer is reading (the built-in
+        server's socket): True; else False, and `await reply()` is the way."""
+        if self.busy or self.replies or self.pushes or self.closed:
+            return False
+        send_now = getattr(self.ws, "send_now", None)  # not under ASGI
+        return send_now is not None and send_now(text)
+
     async def reply(self, text):
-        if not (self.busy or self.replies or self.pushes or self.closed):
-            send_now = getattr(self.ws, "send_now", None)  # the built-in server's; not under ASGI
-            if send_now is not None and send_now(text):
-                return  # written at once: no drain, no coroutine per layer below it
+        if self.reply_now(text):
+            return  # written at once: no drain, no coroutine per layer below it
         self.replies.append(text)
         if not self.busy:
             await self._drain()
@@ -5699,13 +5705,21 @@ def _html_diff(old, new):
         else:
             step //= 2
     hunks = _fine_hunks(old, new, a, lo - b, hi - b)
-    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= len(new):
+    if _diff_too_long(hunks, 2 * lo, len(new)):
         return None
     out = []
     for s, e, text in hunks:
         out += [len(old[:s].encode("utf-16-le")) // 2, len(old[:e].encode("utf-16-le")) // 2, text]
     return out
 
+
+def _diff_too_long(hunks, most, length):
+    """Whether the hunks as JSON ([s,e,"text",...]) may be as long as the whole HTML as a JSON
+    string (`length` characters): each hunk counted with two positions of as many digits as
+    `most` (the last a position can be), its quotes and commas, and its text (what the texts'
+    escapes add is never more than the whole HTML's escapes add: they are parts of it)."""
+    per = 5 + 2 * len(str(most))
+    return sum([len(text) for _, _, text in hunks]) + per * len(hunks) + 2 >= length
 
 _DIFF_GAP = bytes(12)  # XOR of two texts: 12 bytes alike end a hunk
 
@@ -5720,7 +5734,8 @@ def _ascii_diff(old, new):
         xi = int.from_bytes(ob, "big") ^ int.from_bytes(nb, "big")
         x, hunks = xi.to_bytes(lo, "big"), []
         at = lo - 1 - (xi.bit_length() - 1) // 8 if xi else lo  # the first byte that differs
-        last = lo - (xi & -xi).bit_length() // 8 if xi else lo  # after the last that differs
+        last = lo - (xi & -xi).bit_length() // 8 if xi else lo  # after the last that differs (an ASCII
+        # byte's top bit is 0, so a changed byte's lowest set bit says which byte it is)
         while at < last:
             gap = x.find(_DIFF_GAP, at, last)  # 12 bytes alike: a hunk would cost more than they save
             end = last if gap < 0 else gap
@@ -5736,7 +5751,7 @@ def _ascii_diff(old, new):
         y = int.from_bytes(ob[lo - m:], "little") ^ int.from_bytes(nb[hi - m:], "little")
         b = m - 1 - (y.bit_length() - 1) // 8 if y else m  # bytes the same at the end, after a
         hunks = _fine_hunks(old, new, a, lo - b, hi - b)
-    if sum(len(text) + 12 for _, _, text in hunks) + 12 >= hi:
+    if _diff_too_long(hunks, lo, hi):
         return None
     out = []
     for s, e, text in hunks:
@@ -5984,14 +5999,17 @@ class _LiveIntake:
         return cls
 
     def _parse_call(self, sid, message):
+        get = message.get
         rid, cid, name, token, method, args, csrf = (
-            message.get(k) for k in ("id", "cid", "component", "state", "method", "args", "csrf"))
+            get("id"), get("cid"), get("component"), get("state"), get("method"), get("args"), get("csrf"))
         if args is None:
             args = []
-        for key, value, kind in (("id", rid, str), ("cid", cid, str), ("component", name, str),
-                                 ("state", token, str), ("method", method, str), ("args", args, list)):
-            if not isinstance(value, kind):
-                raise LiveError("bad_message", f"field {key!r} must be a {kind.__name__}")
+        if not (rid.__class__ is cid.__class__ is name.__class__ is token.__class__ is method.__class__ is str
+                and args.__class__ is list):  # (what json.loads made: exact types; else each is looked at)
+            for key, value, kind in (("id", rid, str), ("cid", cid, str), ("component", name, str),
+                                     ("state", token, str), ("method", method, str), ("args", args, list)):
+                if not isinstance(value, kind):
+                    raise LiveError("bad_message", f"field {key!r} must be a {kind.__name__}")
         self._check_page(sid, csrf)
         cls = self._component(name)
         token = self.read(name, cid, sid, token)
@@ -6736,11 +6754,12 @@ class FolderBroker(Broker):
         if self._folder_fd is not None and self._folder_fd >= 0:  # the parent's, inherited by a fork
             with contextlib.suppress(OSError):
                 os.close(self._folder_fd)
+            self._folder_fd = None  # (its number may soon be another file's)
         self._recv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._path = f"{self.folder}/{os.getpid()}.{secrets.token_hex(3)}"
         for attempt in range(3):
-            _private_folder(self.folder)
             try:
+                _private_folder(self.folder)
                 self._recv.bind(self._path)
                 break
             except FileNotFoundError:  # the last process to leave removed the empty folder meanwhile
@@ -6786,7 +6805,10 @@ class FolderBroker(Broker):
         if stamp != listed or time.time_ns() - stamp < 50_000_000:  # a folder's mtime ticks coarsely
             # (a few ms): right after a change, another one may not have moved it yet
             mine = os.path.basename(self._path)
-            peers = tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine)
+            try:
+                peers = tuple(f"{self.folder}/{name}" for name in os.listdir(self.folder) if name != mine)
+            except OSError:  # the folder went (this process is closing): nobody to tell
+                return ()
             self._peers = (stamp, peers)
         return peers
 
@@ -6839,8 +6861,8 @@ class FolderBroker(Broker):
 
     def close(self) -> None:
         with self._lock:
-            if self._send is None or self._closed:
-                return
+            if self._send is None or self._closed or self._pid != _PID[0]:
+                return  # (a forked child's atexit: the socket and the folder are its parent's)
             self._closed = True
         try:
             self._queue.put(None, timeout=BROKER_SEND_TIMEOUT)
@@ -7798,6 +7820,11 @@ class Asok(_AppPages):
                         later = None  # (a held lock: nothing ran, nothing waits)
                         replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
+                    if outbox.reply_now(reply):
+                        continue
+                    if later:  # the page is not reading (or ASGI): what follows the save does not wait for it
+                        self.live.run_later(later)
+                        later = None
                     await outbox.reply(reply)
                 if later:
                     self.live.run_later(later)

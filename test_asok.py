@@ -2523,7 +2523,7 @@ def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_t
             store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
         except asok.StoreBusy:  # the compaction holds the lock: the loop hands such an event to a thread
             store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
-    assert store.settle(10)
+    assert store._settle(10)
     assert synced and threading.current_thread().name not in synced  # (the old code: MainThread, twice)
     assert path.read_bytes().count(b"\n") <= 2  # compacted, then perhaps the last save after it
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 7
@@ -2550,7 +2550,7 @@ def test_a_compaction_thread_the_disk_refuses_leaves_the_file_growing_and_every_
                 store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
             except asok.StoreBusy:
                 store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
-            assert store.settle(10)
+            assert store._settle(10)
     assert "session file not compacted" in caplog.text and "Input/output error" in caplog.text
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 8 and not list(tmp_path.glob("*.tmp"))
 
@@ -4507,6 +4507,14 @@ def test_a_diff_rebuilds_the_new_html_counting_as_javascript_counts(old, new):
         assert len(diff) == 6 and all(len(text) <= 2 for text in diff[2::3])
 
 
+def test_a_diff_is_never_longer_than_the_whole_html_counting_its_positions():
+    prefix = "\u00e9" + "x" * 6899  # not ASCII: positions in UTF-16, four digits each
+    old, new = prefix + "a<>" * 682, prefix + "c<>" * 682
+    diff = asok._html_diff(old, new)
+    assert diff is None or len(asok._json_compact(diff)) < len(asok._json_compact(new)), \
+        (len(asok._json_compact(diff)), len(asok._json_compact(new)))
+
+
 @pytest.mark.parametrize("message, code", [
     ("{not json", "bad_json"),
     ("[1, 2]", "bad_message"),
@@ -4655,6 +4663,78 @@ def test_an_on_loop_event_is_answered_before_its_pushes_which_still_reach_the_ot
     app.live.broker.publish = publish
     assert app.sessions.load(client.sid)["live"][tally.cid]["s"]["n"] == 2 and len(published) == 1
     assert "live push after an event failed" in caplog.text
+
+
+class _PageSocket:
+    """A page's socket as _live_socket sees it under ASGI (no send_now): send() waits on `gate`."""
+
+    def __init__(self, sid):
+        self.request = types.SimpleNamespace(session=types.SimpleNamespace(sid=sid))
+        self.inbox, self.sent, self.gate = asyncio.Queue(), asyncio.Queue(), asyncio.Event()
+        self.gate.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        message = await self.inbox.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def send(self, text):
+        await self.gate.wait()
+        self.sent.put_nowait(text)
+
+
+def test_a_page_that_does_not_read_holds_back_no_push_to_the_other_views(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Tally.py": '''
+            from asok import Component, exposed
+
+            class Tally(Component):
+                n = 0
+                on_loop = True
+
+                @exposed
+                def bump(self):
+                    self.n += 1
+        ''',
+        "src/components/tally.html": "<p>n=<< n >></p>",
+        "src/pages/index.html": "<< component('Tally') >>",
+    })
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    tally.close()
+
+    async def main():
+        watcher, clicker = _PageSocket(client.sid), _PageSocket(client.sid)
+        tasks = [asyncio.create_task(app._live_socket(ws)) for ws in (watcher, clicker)]
+        watcher.inbox.put_nowait(json.dumps({"join": [[tally.cid, "Tally", tally.state_token]], "url": "/",
+                                             "csrf": tally.csrf}))
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if app.live.stats()["views"] == 1:
+                break
+        clicker.gate.clear()  # this page stops reading (its reply waits for it)
+        clicker.inbox.put_nowait(json.dumps({"id": "t:1", "cid": tally.cid, "component": "Tally",
+                                             "state": tally.state_token, "method": "bump", "args": [],
+                                             "csrf": tally.csrf}))
+        try:
+            for _ in range(50):  # the save is done...
+                await asyncio.sleep(0.05)
+                if app.sessions.load(client.sid)["live"][tally.cid]["s"]["n"] == 1:
+                    break
+            # ...and the other page (which reads) should hear of it, whatever the clicker's peer does
+            push = json.loads(await asyncio.wait_for(watcher.sent.get(), 5))
+            assert push["cid"] == tally.cid and "n=1" in push["html"]
+        finally:
+            clicker.gate.set()
+            watcher.inbox.put_nowait(None)
+            clicker.inbox.put_nowait(None)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
 
 
 def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock_sends_them_to_a_thread(tmp_path):
@@ -5173,6 +5253,26 @@ def test_the_last_folder_broker_to_close_removes_its_folder_and_a_new_one_makes_
     third.close()
     fourth.close()
     assert not folder.exists()
+
+
+def test_a_broker_folder_removed_between_its_mkdir_and_its_check_is_made_again(tmp_path, monkeypatch):
+    folder = tmp_path / "live"
+    folder.mkdir(mode=0o700)
+    real, removed = os.lstat, []
+
+    def lstat(path, *args, **kwargs):
+        if str(path) == str(folder) and not removed:  # the last other process closes right now
+            removed.append(True)
+            os.rmdir(folder)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, "lstat", lstat)
+    broker = asok.FolderBroker(folder)
+    try:
+        broker.subscribe(lambda data: None)  # FileNotFoundError from _private_folder's lstat on main
+        assert removed and folder.is_dir()
+    finally:
+        monkeypatch.setattr(os, "lstat", real)
+        broker.close()
 
 
 WHERE_FILES = {
