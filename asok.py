@@ -8536,7 +8536,8 @@ class _HTTPConnection(_Connection):
         access_log.info('%s "-" %d %d (%s)', self.peer, status, len(body), message)
         self.closed = True
 
-    def _make_request(self, head, body):
+    def _request_parts(self, head):
+        """(path, query string, headers) of a request head, as the client sent them."""
         target = head.target
         if target.startswith("/"):
             raw_path, _, query = target.partition("?")
@@ -8554,23 +8555,26 @@ class _HTTPConnection(_Connection):
                 value = headers[name] + ("; " if name == "cookie" else ", ") + value
             headers[name] = value
         path = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
-        return Request(head.method, path, query, headers, body, "http", self.remote_addr, self.app)
+        return path, query, headers
 
     def _start(self, head, body):
         """A whole request has arrived: upgrade it, or hand it to the app in a thread."""
         alone, self.alone = self.alone, None
         try:
-            request = self._make_request(head, body)
+            path, query, headers = self._request_parts(head)
         except HTTPError as exc:
             self._refuse(exc.status, exc.detail)
             return
+        known = dict(headers) if alone is not None else None  # as sent: a trusted proxy's are rewritten
+        request = Request(head.method, path, query, headers, body, "http", self.remote_addr, self.app)
         if alone is not None and not body and not head.expect_continue and not self.parser.pending_size \
                 and "upgrade" not in request.headers:
             # the read that started this request held it whole and nothing more: the same bytes
             # again make the same request (see _KNOWN_HEADS). Not an upgrade: its key is new each time
             if len(_KNOWN_HEADS) >= _KNOWN_HEADS_KEPT:
                 _KNOWN_HEADS.clear()
-            _KNOWN_HEADS[alone] = (head, request.path, request.query_string, dict(request.headers))
+            _KNOWN_HEADS[alone] = (head, path, query, known)  # (a request from another peer or app trusts
+            # its own proxies: its Request applies its app's trusted_proxies to the headers as sent)
         self._run(head, request)
 
     def _run(self, head, request):

@@ -6379,6 +6379,24 @@ def test_a_request_that_comes_again_byte_for_byte_is_not_parsed_again_and_gets_i
     assert not [head for head in asok._KNOWN_HEADS if b"Upgrade" in head]
 
 
+def test_a_request_made_again_from_its_bytes_applies_its_own_apps_proxies_to_the_headers_as_sent(tmp_path,
+                                                                                              monkeypatch):
+    apps = []
+    for name, trusted in (("proxied", "127.0.0.1"), ("direct", None)):
+        app = make_app(tmp_path / name, {"app.py": ""}, trusted_proxies=trusted)
+        app.route("/host")(lambda request: f"{request.host} {request.scheme}")
+        apps.append(app)
+    monkeypatch.setattr(asok, "_KNOWN_HEADS", {})
+    head = b"GET /host HTTP/1.1\r\nHost: inner:8000\r\nX-Forwarded-Host: shop.example\r\nX-Forwarded-Proto: https\r\n\r\n"
+    with running(apps[0]) as proxied, running(apps[1]) as direct:
+        for port, expected in ((proxied, b"shop.example https"), (direct, b"inner:8000 http"),
+                               (proxied, b"shop.example https"), (direct, b"inner:8000 http")):
+            with connect(port) as sock:
+                sock.sendall(head)
+                assert read_response(sock)[2] == expected  # (the second app was told the proxy's host)
+    assert len(asok._KNOWN_HEADS) == 1
+
+
 def test_the_response_head_made_once_for_a_page_follows_the_date(tmp_path, monkeypatch):
     app = make_app(tmp_path, {"app.py": "", "src/pages/index.html": "<p>hi</p>"})
     now = ["00:00"]
