@@ -4999,7 +4999,8 @@ class Component:
                                 f"payload)); an @every method takes nothing (def {name}(self))") from None
 
     url = ()                        # state fields bound to the query string: url = ("page", "sort")
-    on_loop = False                 # True: events (and page renders, mount included) run on the event loop
+    on_loop = None                  # True: events (and page renders, mount included) run on the event loop;
+    # None: a method's events do when its code only works on the state (_events_on_loop); False: never
     max_upload = DEFAULT_MAX_UPLOAD  # bytes of files one ws-submit may upload
     # State fields the browser may not set through ws-model ($model), as Livewire's #[Locked]:
     # every other public field is writable by the page's user, like a form field.
@@ -5362,6 +5363,83 @@ def _renders_on_loop(cls):
             and (cls.render is Component.render or _only_renders_a_template(cls.render) is not None))
         cls._asok_page_loop = known
     return known
+
+
+# What a method may use and still have its events run on the event loop without `on_loop = True`
+# (_events_on_loop): builtins that compute, the component's state and session, its emit/publish.
+_PURE_BUILTINS = frozenset("""len min max abs int float str bool round sum sorted reversed enumerate range list dict
+    set tuple zip any all isinstance divmod ValueError TypeError KeyError IndexError""".split())
+_PURE_SELF = frozenset({"session", "publish"})  # (not emit(): it runs other components' @on handlers at once)
+_PURE_NODES = (ast.Module, ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.If, ast.For, ast.Return,
+               ast.Pass, ast.Delete, ast.Break, ast.Continue, ast.Raise, ast.Try, ast.ExceptHandler, ast.BoolOp,
+               ast.BinOp, ast.UnaryOp, ast.Compare, ast.IfExp, ast.Dict, ast.Set, ast.List, ast.Tuple,
+               ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.comprehension, ast.Constant,
+               ast.JoinedStr, ast.FormattedValue, ast.Subscript, ast.Slice, ast.Starred, ast.keyword, ast.Lambda,
+               ast.arguments, ast.arg, ast.Call, ast.expr_context, ast.operator, ast.boolop, ast.unaryop, ast.cmpop)
+
+
+def _events_on_loop(cls, method):
+    """Whether events calling `method` on `cls` (which leaves `on_loop` unset) may run on the
+    event loop: the class renders only a template of its own with no component() in it, keeps
+    Component's authorize(), and the method's code (and that of the methods it calls on self)
+    only computes with builtins, its arguments and locals, the state's fields, self.session
+    and self.publish: no global name, no import, no private attribute, no other
+    decorator than @exposed, no while loop. Anything else may block: it runs in a thread."""
+    known = cls.__dict__.get("_asok_loop_methods")
+    if known is None:
+        known = cls._asok_loop_methods = {}
+    if method not in known:
+        known[method] = isinstance(method, str) and _loop_class(cls) and (
+            method == "$model" or _pure_method(cls, method, 0))
+        if len(known) > 256:  # (a page may name any method: only the class's are worth keeping)
+            known.clear()
+    return known[method]
+
+
+def _loop_class(cls):
+    known = cls.__dict__.get("_asok_loop_class")
+    if known is None:
+        known = False
+        template = _template_of(cls) if cls.authorize is Component.authorize and \
+            cls.update is Component.update else None
+        if template is not None:
+            try:
+                known = not re.search(r"\bcomponent\s*\(", (cls._asok_dir / template[0]).read_text())
+            except (OSError, UnicodeDecodeError, AttributeError):
+                known = False
+        cls._asok_loop_class = known
+    return known
+
+
+def _pure_method(cls, name, depth):
+    fn = inspect.getattr_static(cls, name, None)
+    if not isinstance(fn, types.FunctionType) or depth > 2 or name.startswith("__"):
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):  # no source to read: it might do anything
+        return False
+    node = tree.body[0] if len(tree.body) == 1 else None
+    if not isinstance(node, ast.FunctionDef) or not node.args.args or any(
+            not (isinstance(d, ast.Name) and d.id == "exposed") for d in node.decorator_list):
+        return False
+    me, names = node.args.args[0].arg, fn.__globals__
+    local = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)} | {
+        n.id for n in ast.walk(node) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    for sub in ast.walk(ast.Module(body=node.body, type_ignores=[])):
+        if isinstance(sub, ast.Name):
+            if sub.id not in local and (sub.id not in _PURE_BUILTINS or sub.id in names):
+                return False
+        elif isinstance(sub, ast.Attribute):
+            if isinstance(sub.value, ast.Name) and sub.value.id == me:  # a field, or a method that is pure too
+                if sub.attr not in cls._asok_fields and sub.attr not in _PURE_SELF \
+                        and not _pure_method(cls, sub.attr, depth + 1):
+                    return False
+            elif sub.attr.startswith("_"):
+                return False
+        elif not isinstance(sub, _PURE_NODES):
+            return False
+    return True
 
 
 def _only_renders_a_template(fn):
@@ -6038,8 +6116,10 @@ class _LiveIntake:
         """Whether this parsed message is an event to run on the event loop: one of a component
         with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
         cls = self.app.components.get(message.get("component")) if isinstance(message, dict) else None
-        return (cls is not None and cls.on_loop is True and getattr(self.app.sessions, "local", False)
-                and "join" not in message and "$upload" not in str(message.get("args")))
+        if cls is None or "join" in message or not getattr(self.app.sessions, "local", False) \
+                or "$upload" in str(message.get("args")):
+            return False
+        return cls.on_loop is True or (cls.on_loop is None and _events_on_loop(cls, message.get("method")))
 
     def _event(self, conn, message, wait, later):
         call = self._parse_call(conn.sid, message)

@@ -1690,7 +1690,7 @@ async def pyview_live_client(ws, visitor, stats, window):
 
 def peer_turn(kind, server, cfg):
     """One server's share of a round: live events at 1 and 50 connections, the page at 1 and 10
-    (live events only for "asok-threads", the counter without `on_loop`)."""
+    (live events only for "asok-threads", the counter with `on_loop = False`)."""
     out = {}
     for n in (1, 50):
         if kind.startswith("asok"):
@@ -1802,7 +1802,8 @@ def run_peers(tmp, opts, cfg):
     results = {"versions": pyview_versions(python), "rounds": []}
     rounds = opts.rounds or cfg["peer_rounds"]
     counter = (EXAMPLES / "counter" / "src" / "components" / "Counter.py").read_text()
-    threads = {"src/components/Counter.py": re.sub(r"\n    on_loop = True[^\n]*", "", counter)}
+    threads = {"src/components/Counter.py": re.sub(r"\n    on_loop = True[^\n]*", "\n    on_loop = False", counter)}
+    # (False: always in a thread; unset, asok would find the counter's methods pure and use the loop)
     with asok_server("counter", tmp, "peer-asok") as asok_srv, pyview_server(tmp, python) as pv_srv, \
             asok_server("counter", tmp, "peer-asok-threads", files=threads) as threads_srv:
         servers = {"asok": asok_srv, "pyview": pv_srv, "asok-threads": threads_srv}

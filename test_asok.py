@@ -4737,6 +4737,101 @@ def test_a_page_that_does_not_read_holds_back_no_push_to_the_other_views(tmp_pat
     asyncio.run(main())
 
 
+def test_a_method_that_only_works_on_the_state_runs_on_the_loop_without_saying_so(tmp_path):
+    app = make_app(tmp_path, {
+        "src/components/Tally.py": '''
+            import time
+            from asok import Component, exposed
+
+            def helper(n):
+                return n + 1
+
+            def logged(fn):
+                return fn
+
+            class Tally(Component):
+                n = 0
+                rows = []
+                _cache = {}
+
+                @exposed
+                def bump(self, by: int = 1):
+                    """Pure: the state, the session, builtins, a helper method of its own."""
+                    self.n += by
+                    self.rows = sorted(self.rows + [self._double(by)], key=lambda r: -r)[:5]
+                    self.session["bumps"] = self.session.get("bumps", 0) + 1
+                    if len(self.rows) > 3:
+                        self.publish("full", {"n": self.n})
+
+                @exposed
+                def tell(self):
+                    self.emit("told", self.n)  # runs the page's @on handlers now: theirs may block
+
+                def _double(self, x):
+                    return x * 2
+
+                @exposed
+                def stamp(self):
+                    self.n = int(time.time())  # a module's function: may block, so a thread
+
+                @exposed
+                def call_helper(self):
+                    self.n = helper(self.n)
+
+                @exposed
+                def private(self):
+                    self._cache.clear()
+
+                @exposed
+                def loops(self):
+                    while self.n < 10:
+                        self.n += 1
+
+                @exposed
+                @logged
+                def decorated(self):
+                    self.n += 1
+
+            class Never(Tally):
+                on_loop = False
+
+            class Checked(Tally):
+                def authorize(self, method, args):
+                    return True
+        ''',
+        "src/components/tally.html": "<p>n=<< n >></p>",
+        "src/components/never.html": "<p>n=<< n >></p>",
+        "src/components/checked.html": "<p>n=<< n >></p>",
+        "src/pages/index.html": "<< component('Tally') >>",
+    })
+    def decided(component, method):
+        return app.live.on_loop({"component": component, "method": method, "args": []})
+    assert decided("Tally", "bump") and decided("Tally", "$model")
+    assert not any(decided("Tally", m) for m in ("stamp", "call_helper", "private", "loops", "decorated", "tell", 7))
+    assert not decided("Never", "bump") and not decided("Checked", "bump")  # on_loop = False; own authorize()
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    release, started = threading.Event(), []
+    with running(app) as port, live_socket(port, client) as ws:
+        for _ in range(app.executor._max_workers):  # every worker thread busy: only the loop can answer
+            started.append(app.executor.submit(release.wait, 30))
+        try:
+            def call(n, method):
+                ws.send(json.dumps({"id": f"t:{n}", "cid": tally.cid, "component": "Tally", "state": tally._ref,
+                                    "method": method, "args": [], "csrf": tally.csrf}))
+            call(1, "bump")
+            reply = json.loads(ws.receive(timeout=10))
+            assert reply["id"] == "t:1" and "n=1" in reply["html"], reply
+            tally.state_token = reply["state"]
+            call(2, "stamp")
+            with pytest.raises(TimeoutError):  # in a thread: it waits for one
+                ws.receive(timeout=0.5)
+        finally:
+            release.set()
+        reply = json.loads(ws.receive(timeout=10))
+        assert reply["id"] == "t:2" and "error" not in reply, reply
+
+
 def test_on_loop_components_apply_published_messages_on_the_loop_and_a_held_lock_sends_them_to_a_thread(tmp_path):
     app = make_app(tmp_path, {
         "src/components/Heard.py": '''
