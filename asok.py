@@ -5400,8 +5400,9 @@ def _loop_class(cls):
     known = cls.__dict__.get("_asok_loop_class")
     if known is None:
         known = False
-        template = _template_of(cls) if cls.authorize is Component.authorize and \
-            cls.update is Component.update else None
+        own = ("authorize", "update", "__setattr__", "__getattr__", "__getattribute__", "__delattr__")
+        template = _template_of(cls) if all(
+            getattr(cls, name, None) is getattr(Component, name, None) for name in own) else None
         if template is not None:
             try:
                 known = not re.search(r"\bcomponent\s*\(", (cls._asok_dir / template[0]).read_text())

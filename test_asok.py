@@ -4798,17 +4798,22 @@ def test_a_method_that_only_works_on_the_state_runs_on_the_loop_without_saying_s
             class Checked(Tally):
                 def authorize(self, method, args):
                     return True
+
+            class Hooked(Tally):
+                def __setattr__(self, name, value):  # runs on every field set: the application's code
+                    object.__setattr__(self, name, value)
         ''',
         "src/components/tally.html": "<p>n=<< n >></p>",
         "src/components/never.html": "<p>n=<< n >></p>",
         "src/components/checked.html": "<p>n=<< n >></p>",
+        "src/components/hooked.html": "<p>n=<< n >></p>",
         "src/pages/index.html": "<< component('Tally') >>",
     })
     def decided(component, method):
         return app.live.on_loop({"component": component, "method": method, "args": []})
     assert decided("Tally", "bump") and decided("Tally", "$model")
     assert not any(decided("Tally", m) for m in ("stamp", "call_helper", "private", "loops", "decorated", "tell", 7))
-    assert not decided("Never", "bump") and not decided("Checked", "bump")  # on_loop = False; own authorize()
+    assert not any(decided(c, "bump") for c in ("Never", "Checked", "Hooked"))  # on_loop = False; own hooks
     client = asok.TestClient(app, host="127.0.0.1")
     tally = client.live("/", "Tally")
     release, started = threading.Event(), []
