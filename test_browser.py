@@ -1317,8 +1317,12 @@ def test_a_childs_emit_updates_its_parent_in_the_same_round_trip(serve, page):
     page.on("websocket", lambda ws: (ws.on("framereceived", lambda text: received.append(text)),
                                      ws.on("framesent", lambda text: sent.append(text))))
     page.goto(server.url + "/cart")
-    expect_connected(page, True)  # joined (sent as the socket opened); nothing is saved, so no answer
-    received.clear(), sent.clear()
+    expect_connected(page, True)
+    for _ in range(200):  # the join goes as the socket opens, which may be after the page shows connected
+        if any('"join"' in text for text in sent):
+            break
+        page.wait_for_timeout(25)
+    received.clear(), sent.clear()  # joined; nothing is saved, so no answer
     second = page.locator("[data-asok-component=Line]").nth(1)
     second.locator("button").click()
     expect(page.locator("h3")).to_have_text("Total: 1")
