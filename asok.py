@@ -3240,7 +3240,7 @@ class FileSessionStore(SessionStore):
         if whole > self.max_record:
             raise SessionTooLarge(f"the session record would be {whole} bytes; "
                                   f"the limit is {self.max_record} (SESSION_MAX_RECORD)")
-        limit = max(SESSION_LOG_MAX, 4 * whole)
+        limit = _log_limit(whole)
         try:
             if line is not None and sid is not None and limit < size + len(line) <= 2 * limit:
                 st = self._append(path, line, size, clean_end, ino)  # an fsync is not for the loop
@@ -3299,7 +3299,7 @@ class FileSessionStore(SessionStore):
         path = self._path(sid)
         with self._lock(sid):
             stored, size = self._read(path)[:2]
-            if stored is None or size <= max(SESSION_LOG_MAX, 4 * stored.size()):
+            if stored is None or size <= _log_limit(stored.size()):
                 return False
             line = stored.line()
             try:
@@ -3414,6 +3414,11 @@ class FileSessionStore(SessionStore):
                 if path.stat().st_mtime + 3600 < now:
                     path.unlink()
         return len(expired)
+
+
+def _log_limit(whole):
+    """The size past which a session file whose record is `whole` bytes is compacted."""
+    return max(SESSION_LOG_MAX, 4 * whole)
 
 
 def _session_files_open():
@@ -5416,12 +5421,8 @@ def _pure_method(cls, name, depth):
     fn = inspect.getattr_static(cls, name, None)
     if not isinstance(fn, types.FunctionType) or depth > 2 or name.startswith("__"):
         return False
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):  # no source to read: it might do anything
-        return False
-    node = tree.body[0] if len(tree.body) == 1 else None
-    if not isinstance(node, ast.FunctionDef) or not node.args.args or any(
+    node = _function_node(fn)
+    if node is None or not node.args.args or any(
             not (isinstance(d, ast.Name) and d.id == "exposed") for d in node.decorator_list):
         return False
     me, names = node.args.args[0].arg, fn.__globals__
@@ -5443,15 +5444,21 @@ def _pure_method(cls, name, depth):
     return True
 
 
+def _function_node(fn):
+    """The ast.FunctionDef of a function's own source, or None (no source to read: it might do anything)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0] if len(tree.body) == 1 else None
+    return node if isinstance(node, ast.FunctionDef) else None
+
+
 def _only_renders_a_template(fn):
     """Whether the function's source is a docstring at most and `return self.html(<literals>)`:
     then the html() call's (args, kwargs), else None."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):  # no source to read: it might do anything
-        return None
-    node = tree.body[0] if len(tree.body) == 1 else None
-    if not isinstance(node, ast.FunctionDef) or node.decorator_list or len(node.args.args) != 1:
+    node = _function_node(fn)
+    if node is None or node.decorator_list or len(node.args.args) != 1:
         return None
     body = node.body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
@@ -5684,12 +5691,8 @@ class _LiveOutbox:
         self.inbox.put((id(self), cid), self._push, cid, text)
 
     def _push(self, cid, text):
-        if self.closed:
-            return
-        if not (self.busy or self.pushes or self.replies):
-            send_now = getattr(self.ws, "send_now", None)  # the built-in server's; not under ASGI
-            if send_now is not None and send_now(text):
-                return  # written at once: no task needed
+        if self.send_now(text) or self.closed:
+            return  # written at once: no task needed
         if self.pushes is None:
             self.pushes = {}
         self.pushes.pop(cid, None)
@@ -5697,16 +5700,17 @@ class _LiveOutbox:
         if not self.busy:
             self.loop.create_task(self._drain())
 
-    def reply_now(self, text):
-        """Write a reply at once if nothing waits before it and the peer is reading (the built-in
-        server's socket): True; else False, and `await reply()` is the way."""
+    def send_now(self, text):
+        """Write a reply or push at once if nothing waits before it and the peer is reading (the
+        built-in server's socket): True; else False, and `await reply()` (or `push`) is the way."""
         if self.busy or self.replies or self.pushes or self.closed:
             return False
         send_now = getattr(self.ws, "send_now", None)  # not under ASGI
         return send_now is not None and send_now(text)
 
-    async def reply(self, text):
-        if self.reply_now(text):
+    async def reply(self, text, tried=False):
+        """Send a reply in order (`tried`: send_now() said it could not go at once)."""
+        if not tried and self.send_now(text):
             return  # written at once: no drain, no coroutine per layer below it
         self.replies.append(text)
         if not self.busy:
@@ -7901,12 +7905,12 @@ class Asok(_AppPages):
                         later = None  # (a held lock: nothing ran, nothing waits)
                         replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
-                    if outbox.reply_now(reply):
+                    if outbox.send_now(reply):
                         continue
                     if later:  # the page is not reading (or ASGI): what follows the save does not wait for it
                         self.live.run_later(later)
                         later = None
-                    await outbox.reply(reply)
+                    await outbox.reply(reply, tried=True)
                 if later:
                     self.live.run_later(later)
                 message = parsed = replies = reply = later = None  # an idle page's socket holds none of it

@@ -4621,22 +4621,25 @@ def test_on_loop_components_run_their_events_on_the_loop_and_a_held_lock_sends_t
     assert looped[1] != looped[0]  # the event that found the lock held went to a worker
 
 
+TALLY_FILES = {
+    "src/components/Tally.py": '''
+        from asok import Component, exposed
+
+        class Tally(Component):
+            n = 0
+            on_loop = True
+
+            @exposed
+            def bump(self):
+                self.n += 1
+    ''',
+    "src/components/tally.html": "<p>n=<< n >></p>",
+    "src/pages/index.html": "<< component('Tally') >>",
+}
+
+
 def test_an_on_loop_event_is_answered_before_its_pushes_which_still_reach_the_other_views(tmp_path, caplog):
-    app = make_app(tmp_path, {
-        "src/components/Tally.py": '''
-            from asok import Component, exposed
-
-            class Tally(Component):
-                n = 0
-                on_loop = True
-
-                @exposed
-                def bump(self):
-                    self.n += 1
-        ''',
-        "src/components/tally.html": "<p>n=<< n >></p>",
-        "src/pages/index.html": "<< component('Tally') >>",
-    })
+    app = make_app(tmp_path, TALLY_FILES)
     client = asok.TestClient(app, host="127.0.0.1")
     tally = client.live("/", "Tally")
     tally.close()
@@ -4688,21 +4691,7 @@ class _PageSocket:
 
 
 def test_a_page_that_does_not_read_holds_back_no_push_to_the_other_views(tmp_path):
-    app = make_app(tmp_path, {
-        "src/components/Tally.py": '''
-            from asok import Component, exposed
-
-            class Tally(Component):
-                n = 0
-                on_loop = True
-
-                @exposed
-                def bump(self):
-                    self.n += 1
-        ''',
-        "src/components/tally.html": "<p>n=<< n >></p>",
-        "src/pages/index.html": "<< component('Tally') >>",
-    })
+    app = make_app(tmp_path, TALLY_FILES)
     client = asok.TestClient(app, host="127.0.0.1")
     tally = client.live("/", "Tally")
     tally.close()
