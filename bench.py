@@ -30,6 +30,7 @@ and always killed. Every loop is bounded in count and in time.
 import argparse
 import asyncio
 import base64
+import contextlib
 import gc
 import gzip
 import html
@@ -1365,6 +1366,7 @@ PYVIEW_PYTHON = HERE / ".venv-pyview" / "bin" / "python"   # `make bench` create
 LIST_ROWS, LIST_ROW = 1000, 500      # the list component's rows, and the row one event changes
 BIG_ROWS = 10_000                    # the growth target's list: one row of 10,000 changes per event
 OTHERS = 199                         # the growth target's other components saved in the session
+MANY_BLOCK = 20                      # events per turn when the two growth sessions take turns
 
 # One template for both list components; {button} is each framework's way to call bump(500).
 LIST_TEMPLATE = """<div>
@@ -1856,37 +1858,126 @@ async def asok_increment_each(port, cookie, csrf, comps):
     return clicks
 
 
-def _mean_runs(runs):
-    """Two or more ws_run results as one: rates, latencies and CPU averaged, counts added,
-    error lists joined."""
-    out = {}
-    for key, value in runs[0].items():
-        values = [run[key] for run in runs]
-        if isinstance(value, list):
-            out[key] = [item for v in values for item in v]
-        elif key == "connections" or isinstance(value, bool) or not isinstance(value, (int, float)):
-            out[key] = value
-        elif isinstance(value, int):
-            out[key] = sum(values)
+def thread_cpu_ns(pid):
+    """On-CPU ns of every thread of a process (/proc/PID/task/*/schedstat: ns, where /proc/PID/stat
+    counts 10 ms ticks, too coarse for a turn of a few ms)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total
+
+
+class Turns:
+    """Clients taking turns of `block` events each, one client at a time: each side's events/s
+    is its events over the time of its own turns, so a drift of the machine (here it halved the
+    rate for seconds at a time, in one half turn and not the next) hits every side alike."""
+
+    def __init__(self, sides, block, pid):
+        self.sides, self.block, self.pid = sides, block, pid
+        self.turn, self.left, self.changed = 0, block, asyncio.Event()
+        self.wall, self.cpu = [0] * sides, [0] * sides  # ns inside each side's measured turns
+        self.started = None
+
+    async def wait(self, side, window):
+        while self.turn != side and not window.stopped:
+            self.changed.clear()
+            await self.changed.wait()
+        if self.started is None and window.measuring:
+            self.started = (time.perf_counter_ns(), thread_cpu_ns(self.pid))
+
+    def done(self, side, window):
+        self.left -= 1
+        if self.left and not window.stopped:
+            return
+        if self.started is not None:
+            t0, c0 = self.started
+            self.wall[side] += time.perf_counter_ns() - t0
+            self.cpu[side] += thread_cpu_ns(self.pid) - c0
+            self.started = None
+        self.turn, self.left = (self.turn + 1) % self.sides, self.block
+        self.changed.set()
+
+
+async def turns_client(ws, visitor, stats, window, turns, side):
+    """live_client's increments, `turns.block` at a time, in the turns `turns` gives `side`."""
+    page = f"{random.random()}:"
+    state, prev, held, clicks = visitor.state, visitor.count, None, 0
+    for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
+        await turns.wait(side, window)
+        if window.stopped:
+            break
+        rid = page + str(n)
+        text = asok_call(rid, visitor.cid, visitor.component, state, "increment", [], visitor.csrf, held)
+        data, took = await asok_exchange(ws, rid, text, stats)
+        if data is None:
+            break
+        state, held = data["state"], asok_html(data, held)
+        count = int(COUNT_RE.search(held[1]).group(1))
+        if count != prev + 1:
+            stats.out_of_order += 1
+        prev, clicks = count, clicks + 1
+        if turns.started is not None:
+            stats.answered(took, window)
         else:
-            out[key] = sum(values) / len(values)
-    return out
+            stats.total += 1
+        turns.done(side, window)
+    if clicks and int(PCOUNT_RE.search(held[1]).group(1)) != visitor.pcount + clicks:
+        stats.final_mismatch += 1
+        stats.errors.append(f"session clicks {PCOUNT_RE.search(held[1]).group(1)} "
+                            f"(expected {visitor.pcount + clicks})")
+    turns.changed.set()
 
 
-def many_turn(server, others, cfg, secs=None):
-    """Live events/s (1 connection) of the first counter of a fresh session's /many page, with
-    `others` of the page's other counters saved in that session first."""
+def many_visitor(server, others):
+    """The first counter of a fresh session's /many page, `others` of its other counters saved first."""
     cookie, csrf, comps = page_components(server.port, "/many")
     if len(comps) != OTHERS + 1:
         raise RuntimeError(f"/many shows {len(comps)} components, not {OTHERS + 1}")
     clicks = asyncio.run(asok_increment_each(server.port, cookie, csrf, comps[1:1 + others])) if others else 0
     cid, name, state = comps[0]
-    visitor = types.SimpleNamespace(cid=cid, component=name, state=state, csrf=csrf, count=10, pcount=clicks)
+    return cookie, types.SimpleNamespace(cid=cid, component=name, state=state, csrf=csrf, count=10, pcount=clicks)
 
-    def task(ws, i, stats, window):
-        return live_client(ws, visitor, stats, window)
-    return asyncio.run(ws_run(server, [("/asok/live", cookie)], task, cfg["live_warm"], secs or cfg["peer_live_secs"],
-                              "raw"))
+
+async def many_pair(server, visitors, warm, secs, block=MANY_BLOCK):
+    """One connection per visitor (cookie, visitor), taking turns of `block` events: a result per
+    visitor as ws_run gives it, its rate and CPU over its own turns."""
+    turns, window = Turns(len(visitors), block, server.proc.pid), Window()
+    stats = [Stats() for _ in visitors]
+    conns, tasks = [], []
+    try:
+        for cookie, _ in visitors:
+            conns.append(await RawWS.connect(server.port, "/asok/live", cookie))
+        tasks = [asyncio.ensure_future(turns_client(ws, v, stats[i], window, turns, i))
+                 for i, (ws, (_, v)) in enumerate(zip(conns, visitors))]
+        await asyncio.sleep(warm)
+        window.measuring = True
+        await asyncio.sleep(secs)
+        window.measuring = False
+        window.stopped = True
+        turns.changed.set()
+        done, pending = await asyncio.wait(tasks, timeout=REPLY_TIMEOUT + 2)
+        for task in pending:
+            task.cancel()
+            stats[0].errors.append("client did not finish")
+        for task in done:
+            if task.exception() is not None:
+                stats[0].errors.append(repr(task.exception()))
+    finally:
+        for task in tasks:
+            task.cancel()
+        for ws in conns:
+            await ws.close()
+    out = []
+    for i, st in enumerate(stats):
+        wall, lat = turns.wall[i] / 1e9, st.latencies
+        out.append({"connections": 1, "events_per_s": st.events / wall if wall else 0.0,
+                    "p50_ms": percentile(lat, 50) / 1e6, "p99_ms": percentile(lat, 99) / 1e6,
+                    "server_cpu_us_per_event": turns.cpu[i] / 1e3 / max(st.events, 1),
+                    "events": st.events, "events_all_phases": st.total, "lost": st.lost,
+                    "out_of_order": st.out_of_order, "final_mismatch": st.final_mismatch, "errors": st.errors[:5]})
+    return out
 
 
 BIG_ROW_RE = re.compile(r'<tr id="row-%d"><td>row %d</td><td>(\d+)</td></tr>' % (LIST_ROW, LIST_ROW))
@@ -2015,13 +2106,13 @@ def run_growth(tmp, cfg, rounds, pv_srv):
             asok_list_server(tmp, BIG_ROWS) as big:
         for r in range(rounds):
             print(f"bench: growth round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-            # 0, 199, 199, 0 (or the reverse), half a turn each: a drift of the machine within
-            # the round hits both sides alike (one turn each moved the ratio by +-10 % per round)
-            order = (0, OTHERS, OTHERS, 0) if r % 2 == 0 else (OTHERS, 0, 0, OTHERS)
-            turns = {}
-            for k in order:
-                turns.setdefault(str(k), []).append(many_turn(many, k, cfg, cfg["peer_live_secs"] / 2))
-            out["many"].append({k: _mean_runs(runs) for k, runs in turns.items()})
+            # two fresh sessions, 0 and 199 others saved, their connections taking turns of
+            # MANY_BLOCK events (half a turn each, one after the other, moved the ratio from
+            # 0.61x to 1.16x between neighbouring pairs here: the machine's rate drifts by 2x)
+            sides = (0, OTHERS) if r % 2 == 0 else (OTHERS, 0)
+            visitors = [many_visitor(many, k) for k in sides]
+            results = asyncio.run(many_pair(many, visitors, cfg["live_warm"], cfg["peer_live_secs"] * 2))
+            out["many"].append({str(k): result for k, result in zip(sides, results)})
             order = ("asok", "pyview") if r % 2 == 0 else ("pyview", "asok")
             out["big"].append({kind: big_list_turn(kind, big if kind == "asok" else pv_srv, cfg) for kind in order})
     print("bench: idle sockets (live, echo)", file=sys.stderr, flush=True)

@@ -2511,6 +2511,17 @@ def test_a_compaction_the_disk_refuses_keeps_the_old_file(tmp_path, monkeypatch,
     assert path.read_bytes().count(b"\n") == 1  # that save was the compaction the disk refused
 
 
+def _save_as_the_loop_does(store, sid, fn):
+    """An update that must not wait; when the lock is held, in a thread that waits (as the
+    event loop hands such an event to one)."""
+    try:
+        store.update(sid, fn, wait=False)
+    except asok.StoreBusy:
+        worker = threading.Thread(target=store.update, args=(sid, fn))
+        worker.start()
+        worker.join()
+
+
 def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_thread(tmp_path, monkeypatch):
     store = asok.FileSessionStore(tmp_path)
     sid, path = "w" * 43, tmp_path / ("w" * 43 + ".json")
@@ -2519,10 +2530,7 @@ def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_t
     monkeypatch.setattr(asok, "_os_fsync", lambda fd: synced.append(threading.current_thread().name) or fsync(fd))
     pad = "x" * (asok.SESSION_LOG_MAX // 6)
     for n in range(1, 8):  # past the limit after the sixth: an event on the loop appends and goes on
-        try:
-            store.update(sid, lambda record: record["data"].update(n=n, pad=pad), wait=False)
-        except asok.StoreBusy:  # the compaction holds the lock: the loop hands such an event to a thread
-            store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
+        _save_as_the_loop_does(store, sid, lambda record: record["data"].update(n=n, pad=pad))
     assert store._settle(10)
     assert synced and threading.current_thread().name not in synced  # (the old code: MainThread, twice)
     assert path.read_bytes().count(b"\n") <= 2  # compacted, then perhaps the last save after it
@@ -2532,6 +2540,58 @@ def test_an_update_that_must_not_wait_leaves_the_compaction_and_its_fsync_to_a_t
         store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
     assert synced and set(synced) == {threading.current_thread().name}
     assert asok.FileSessionStore(tmp_path).load(sid)["data"]["n"] == 15
+
+
+def test_saves_go_on_while_the_compaction_thread_waits_for_its_fsync_and_none_is_lost(tmp_path, monkeypatch):
+    store = asok.FileSessionStore(tmp_path)
+    sid, path = "y" * 43, tmp_path / ("y" * 43 + ".json")
+    store.save(sid, {"data": {"n": 0}, "live": {}})
+    syncing, release, fsync = threading.Event(), threading.Event(), os.fsync
+
+    def slow_fsync(fd):  # the compaction thread's fsync, held until the saves below are done
+        syncing.set()
+        assert release.wait(10)
+        fsync(fd)
+    monkeypatch.setattr(asok, "_os_fsync", slow_fsync)
+    pad = "x" * (asok.SESSION_LOG_MAX // 6)
+    for n in range(1, 8):  # past the limit from the sixth: the compaction goes to the thread
+        _save_as_the_loop_does(store, sid, lambda record: record["data"].update(n=n, pad=pad))
+    assert syncing.wait(10)
+    for n in range(8, 11):  # the thread is in its fsync: the lock is free (the old code: StoreBusy)
+        store.update(sid, lambda record: record["data"].update(n=n, pad=""), wait=False)
+    release.set()
+    assert store._settle(10)
+    lines = path.read_bytes().split(b"\n")[:-1]
+    # the whole record (as of the sixth or seventh save), then the saves made after it, kept
+    assert len(lines) in (4, 5) and not lines[0].startswith(b'{"~":')
+    assert [json.loads(line)["~"]["data"]["n"] for line in lines[1:]] in ([8, 9, 10], [7, 8, 9, 10])
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 10, "pad": ""}
+    store.update(sid, lambda record: record["data"].update(n=11), wait=False)  # the cache follows the new file
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": 11, "pad": ""}
+    assert store.load(sid)["data"]["n"] == 11 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_compaction_thread_finding_the_file_replaced_meanwhile_leaves_it(tmp_path, monkeypatch):
+    store = asok.FileSessionStore(tmp_path)
+    sid, path = "z" * 43, tmp_path / ("z" * 43 + ".json")
+    store.save(sid, {"data": {"n": 0}, "live": {}})
+    fsync, calls = os.fsync, []
+
+    def fsync_then_another_process_compacts(fd):
+        fsync(fd)
+        if not calls:  # the thread's fsync: meanwhile another process rewrites the file
+            calls.append(fd)  # (its own compaction: a new file put in place)
+            record = {"data": {"n": "other"}, "live": {}, "expires": int(time.time()) + 600}
+            (tmp_path / "other.tmp").write_text(json.dumps(record) + "\n")
+            os.replace(tmp_path / "other.tmp", path)
+    pad = "x" * (asok.SESSION_LOG_MAX // 6)
+    for n in range(1, 6):
+        store.update(sid, lambda record: record["data"].update(n=n, pad=pad))
+    monkeypatch.setattr(asok, "_os_fsync", fsync_then_another_process_compacts)
+    store.update(sid, lambda record: record["data"].update(n=6, pad=pad), wait=False)  # past the limit: to the thread
+    assert store._settle(10) and calls
+    assert asok.FileSessionStore(tmp_path).load(sid)["data"] == {"n": "other"}  # (not the thread's older copy)
+    assert store.load(sid)["data"] == {"n": "other"} and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_compaction_thread_the_disk_refuses_leaves_the_file_growing_and_every_save_kept(tmp_path, monkeypatch,
