@@ -2296,8 +2296,8 @@ def print_growth(growth):
                      f"live {fmt(idle['live']['kib_per_conn'])}, echo {fmt(idle['echo']['kib_per_conn'])}", ""))
     bad = [f"{kind}: {r[kind]['errors'][:2]}" for part in ("many", "big") for r in growth[part] for kind in r
            if r[kind]["lost"] or r[kind]["out_of_order"] or r[kind]["final_mismatch"]]
-    print(f"\ngrowth (issue 16): one connection; a fresh session each turn; median (min-max) of {len(growth['many'])} "
-          "round(s)")
+    print(f"\ngrowth (issue 16): one connection per session; two fresh sessions per round, taking turns of "
+          f"{MANY_BLOCK} events; median (min-max) of {len(growth['many'])} round(s)")
     print_rows(("measure", "asok", "pyview"), rows, right=(1, 2))
     for b in bad:
         print(f"  lost or wrong: {b}")
