@@ -6814,6 +6814,9 @@ BROKER_SEND_TIMEOUT = 1.0   # a process that does not take a datagram within thi
 BROKER_QUEUE = 4096         # datagrams waiting to be sent; past it publish() drops and logs
 BROKER_GATHER = 0.005       # the sender waits this long after a message for others to share its datagram
 BROKER_MAX_DATAGRAM = LIVE_MAX_PUBLISH + 1024
+BROKER_SWEEP_AGE = 60.0     # a broker folder under the temporary folder unchanged this long is swept
+BROKER_SWEEP_MAX = 64       # folders a process looks at when it starts, at most
+_BROKER_SOCKET_RE = re.compile(r"\d+\.[0-9a-f]{6}\Z")  # FolderBroker's socket names: pid.random
 
 
 class Broker:
@@ -6938,6 +6941,11 @@ class FolderBroker(Broker):
         """Sends what waits, several messages to a datagram (one per line: a message is JSON,
         which has no raw newline), so a busy process wakes its peers once per batch, not once
         per save."""
+        if self.folder.parent == Path(tempfile.gettempdir()):
+            try:
+                _sweep_broker_folders(self.folder)
+            except Exception:  # tidying up after others never stops this process's messages
+                log.exception("sweeping old live broker folders failed")
         waiting = self._queue.get()
         while waiting is not None:  # None: close() was called
             time.sleep(BROKER_GATHER)  # what comes meanwhile goes in the same datagram
@@ -7098,6 +7106,39 @@ def _live_folder(root):
         digest = hashlib.sha256(os.fsencode(str(root))).hexdigest()[:16]
         folder = Path(tempfile.gettempdir(), f"asok-{os.getuid()}-{digest}")
     return folder
+
+
+def _sweep_broker_folders(mine):
+    """What killed processes left in the temporary folder (a process killed with SIGKILL never
+    closes its broker, and an app whose folder has a long path has its socket there: a test run
+    makes hundreds of such apps): in each other asok-<uid>-* folder there, unchanged for
+    BROKER_SWEEP_AGE, the sockets nobody listens on go, then the folder if that empties it. A
+    folder holding anything but such sockets is left alone. A process binding in a folder
+    removed meanwhile makes it again (FolderBroker._open)."""
+    prefix, uid, old = f"asok-{os.getuid()}-", os.getuid(), time.time() - BROKER_SWEEP_AGE
+    with os.scandir(mine.parent) as entries:
+        folders = [entry.path for entry in entries if entry.name.startswith(prefix) and entry.name != mine.name]
+    for folder in folders[:BROKER_SWEEP_MAX]:
+        try:
+            st = os.lstat(folder)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mtime > old:
+                continue
+            names = os.listdir(folder)
+            if not all(_BROKER_SOCKET_RE.match(name) and stat.S_ISSOCK(os.lstat(f"{folder}/{name}").st_mode)
+                       for name in names):
+                continue
+            listening = 0
+            for name in names:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                    try:
+                        probe.connect(f"{folder}/{name}")  # (a datagram socket's connect sends nothing)
+                        listening += 1
+                    except ConnectionRefusedError:
+                        os.unlink(f"{folder}/{name}")
+            if not listening:
+                os.rmdir(folder)
+        except OSError:  # gone meanwhile, or another process's: left as it is
+            continue
 
 
 def _private_folder(folder):

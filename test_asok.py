@@ -23,6 +23,7 @@ import socketserver
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -5402,6 +5403,48 @@ def test_the_last_folder_broker_to_close_removes_its_folder_and_a_new_one_makes_
     third.close()
     fourth.close()
     assert not folder.exists()
+
+
+def test_a_broker_under_the_temporary_folder_sweeps_the_folders_killed_processes_left_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    prefix, long_ago, kept = f"asok-{os.getuid()}-", time.time() - 2 * asok.BROKER_SWEEP_AGE, []
+
+    def folder(name, sockets, listening=(), extra=None, age=long_ago):
+        path = tmp_path / (prefix + name)
+        path.mkdir(mode=0o700)
+        for sock in sockets:
+            bound = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            bound.bind(str(path / sock))
+            if sock in listening:
+                kept.append(bound)
+            else:
+                bound.close()  # its file stays, as a process killed with SIGKILL leaves it
+        if extra:
+            (path / extra).write_text("mine")
+        os.utime(path, (age, age))
+        return path
+    dead = folder("dead", ["101.aaaaaa", "102.bbbbbb"])
+    alive = folder("alive", ["103.cccccc", "104.dddddd"], listening={"104.dddddd"})
+    fresh = folder("fresh", ["105.eeeeee"], age=time.time())
+    other = folder("other", ["106.ffffff"], extra="notes.txt")
+    root = tmp_path / ("app-with-a-long-path-" + "x" * 80)
+    broker = asok.FolderBroker(asok._live_folder(root))
+    assert broker.folder.parent == tmp_path and broker.folder.name.startswith(prefix)
+    broker.subscribe(lambda data: None)
+    for _ in range(200):
+        if not dead.exists():
+            break
+        time.sleep(0.05)
+    try:
+        assert not dead.exists()  # nobody listened on either socket: both went, and the folder
+        assert sorted(p.name for p in alive.iterdir()) == ["104.dddddd"]  # a process still listens there
+        assert (fresh / "105.eeeeee").exists()  # changed lately: a process may be starting there
+        assert sorted(p.name for p in other.iterdir()) == ["106.ffffff", "notes.txt"]  # not only sockets
+        assert broker.folder.is_dir() and len(list(broker.folder.iterdir())) == 1
+    finally:
+        broker.close()
+        for sock in kept:
+            sock.close()
 
 
 def test_a_broker_folder_removed_between_its_mkdir_and_its_check_is_made_again(tmp_path, monkeypatch):
