@@ -7960,9 +7960,41 @@ class Asok(_AppPages):
         conn = LiveConnection(ws.request.session.sid, outbox.push)  # (LiveHub._loop_of finds the outbox in it)
         ws.request = None  # the session's id is all a page's socket needs of it: an idle page keeps
         # neither its headers, its cookies nor its Session (the hub loads the record per event)
+
+        def direct(message):
+            """A message that arrives while the loop below waits for one: an event to run on
+            the event loop is handled at once, in the protocol's callback (no future, task
+            wake-up and turn of the loop per event). Returns None once it is answered; else
+            what the loop below takes instead: the message, or its replies still to send."""
+            if message.__class__ is not str or len(message) > LIVE_MAX_MESSAGE:
+                return message
+            try:
+                parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
+            except ValueError:
+                return message
+            if not self.live.on_loop(parsed):
+                return message
+            later = []
+            try:
+                replies = self.live.handle(conn, message, parsed, wait=False, later=later)
+            except StoreBusy:
+                return message  # (a held lock: nothing ran; the loop below hands it to a thread)
+            for n, reply in enumerate(replies):
+                if not outbox.send_now(reply):  # the page is not reading: the loop below waits for it
+                    self.live.run_later(later)
+                    return _Answered(replies[n:])
+            self.live.run_later(later)
+            return None
+
+        if isinstance(ws, _ServerWebSocket):
+            ws.direct = direct
         try:
             async for message in ws:
                 later = None
+                if message.__class__ is _Answered:
+                    for reply in message.replies:
+                        await outbox.reply(reply, tried=True)
+                    continue
                 if not isinstance(message, str):
                     replies = [_live_error(None, "bad_message", "live messages are JSON text, not binary")]
                 elif len(message) > LIVE_MAX_MESSAGE:
@@ -7993,6 +8025,7 @@ class Asok(_AppPages):
                     self.live.run_later(later)
                 message = parsed = replies = reply = later = None  # an idle page's socket holds none of it
         finally:
+            ws.direct = None
             outbox.closed = True
             self.live.leave(conn)  # quick: no I/O, the lock is only ever held briefly
 
@@ -8062,6 +8095,18 @@ class WebSocket:
             raise StopAsyncIteration
 
 
+class _Answered:
+    """A live event handled as it arrived (_live_socket's direct()), with the replies that wait
+    for the page to read them: queued for the socket's loop like a message."""
+    __slots__ = ("replies",)
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def __len__(self):
+        return 0
+
+
 class _ServerWebSocket(WebSocket):
     """A WebSocket on the built-in server: messages come from _WebSocketConnection."""
 
@@ -8072,6 +8117,7 @@ class _ServerWebSocket(WebSocket):
         self._waiter = None   # the future receive() waits on while there are none
         self.queued = 0       # bytes of the messages in _items
         self.closed = None
+        self.direct = None    # fn(message) -> None once it has handled it, else the item to queue
 
     async def receive(self):
         # a list and one future rather than an asyncio.Queue (four deques: ~3 KB per idle socket)
@@ -8115,6 +8161,10 @@ class _ServerWebSocket(WebSocket):
         return True
 
     def _deliver(self, item):
+        if self.direct is not None and not self._items and self._waiter is not None and not self._waiter.done():
+            item = self.direct(item)  # (only while the handler waits for a message: order is kept)
+            if item is None:
+                return
         self.queued += len(item)
         self._items.append(item)
         self._wake()

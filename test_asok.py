@@ -4729,6 +4729,53 @@ def test_an_on_loop_event_is_answered_before_its_pushes_which_still_reach_the_ot
     assert "live push after an event failed" in caplog.text
 
 
+TALLY_AND_SLOW_FILES = {**TALLY_FILES,
+                        "src/components/Slow.py": TALLY_FILES["src/components/Tally.py"].replace(
+                            "Tally", "Slow").replace("on_loop = True", "on_loop = False"),
+                        "src/components/slow.html": "<p>slow=<< n >></p>",
+                        "src/pages/index.html": "<< component('Tally') >><< component('Slow') >>"}
+
+
+def test_on_loop_events_are_answered_as_they_arrive_in_order_with_the_others(tmp_path, monkeypatch):
+    app = make_app(tmp_path, TALLY_AND_SLOW_FILES)
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally, slow = client.live("/", "Tally"), client.live("/", "Slow")
+    received, receive = [], asok._ServerWebSocket.receive
+
+    async def spied(self):  # what the socket's loop takes from the socket
+        message = await receive(self)
+        received.append(json.loads(message)["id"] if isinstance(message, str) else message)
+        return message
+    monkeypatch.setattr(asok._ServerWebSocket, "receive", spied)
+    refused, send_now = [], asok._LiveOutbox.send_now
+
+    def busy_once(self, text):  # the page is not reading when the third reply is made
+        if '"t:3"' in text and not refused:
+            refused.append(text)
+            return False
+        return send_now(self, text)
+    monkeypatch.setattr(asok._LiveOutbox, "send_now", busy_once)
+
+    def call(ws, rid, comp, name):
+        ws.send(json.dumps({"id": rid, "cid": comp.cid, "component": name, "state": comp.state_token,
+                            "method": "bump", "args": [], "csrf": comp.csrf}))
+    with running(app) as port:
+        with live_socket(port, client) as ws:
+            ids = []
+            for batch in ([("t:1", tally, "Tally")], [("s:1", slow, "Slow"), ("t:2", tally, "Tally")],
+                          [("t:3", tally, "Tally")], [("t:4", tally, "Tally")]):
+                for rid, comp, name in batch:  # (t:2 comes while s:1 is in a thread: it waits its turn)
+                    call(ws, rid, comp, name)
+                for _ in batch:
+                    reply = json.loads(ws.receive(timeout=5))
+                    assert "error" not in reply, reply
+                    ids.append(reply["id"])
+    assert ids == ["t:1", "s:1", "t:2", "t:3", "t:4"] and refused  # in the order sent, t:3 once the page read
+    assert "s:1" in received and "t:1" not in received and "t:4" not in received  # handled as they came
+    record = app.sessions.load(client.sid)["live"]
+    assert record[tally.cid]["s"]["n"] == 4 and record[slow.cid]["s"]["n"] == 1
+
+
 class _PageSocket:
     """A page's socket as _live_socket sees it under ASGI (no send_now): send() waits on `gate`."""
 
