@@ -6158,9 +6158,9 @@ class _LiveIntake:
         """Whether this parsed message is an event to run on the event loop: one of a component
         with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
         cls = self.app.components.get(message.get("component")) if isinstance(message, dict) else None
-        if cls is None or "join" in message or not getattr(self.app.sessions, "local", False) \
-                or "$upload" in str(message.get("args")):
-            return False
+        if cls is None or "join" in message or not isinstance(message.get("method"), str) \
+                or not getattr(self.app.sessions, "local", False) or "$upload" in str(message.get("args")):
+            return False  # (a method that is not a string is handle()'s bad_message)
         return cls.on_loop is True or (cls.on_loop is None and _events_on_loop(cls, message.get("method")))
 
     def _event(self, conn, message, wait, later):
@@ -7970,9 +7970,9 @@ class Asok(_AppPages):
                 return message
             try:
                 parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
-            except ValueError:
-                return message
-            if not self.live.on_loop(parsed):
+                if not self.live.on_loop(parsed):
+                    return message
+            except Exception:  # (ValueError: handle() says what is wrong with it, in the loop below)
                 return message
             later = []
             try:

@@ -4776,6 +4776,24 @@ def test_on_loop_events_are_answered_as_they_arrive_in_order_with_the_others(tmp
     assert record[tally.cid]["s"]["n"] == 4 and record[slow.cid]["s"]["n"] == 1
 
 
+def test_a_method_that_is_not_a_string_is_refused_and_the_page_socket_goes_on(tmp_path):
+    files = {**TALLY_FILES, "src/components/Tally.py": TALLY_FILES["src/components/Tally.py"].replace(
+        "on_loop = True", "")}  # left unset: whether it runs on the loop is read from the method
+    app = make_app(tmp_path, files)
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    with running(app) as port:
+        with live_socket(port, client) as ws:
+            for n, method in enumerate(([1], {"a": 1}, "bump")):  # (a list: unhashable, a 1011 close before)
+                ws.send(json.dumps({"id": f"m:{n}", "cid": tally.cid, "component": "Tally",
+                                    "state": tally.state_token, "method": method, "args": [], "csrf": tally.csrf}))
+                reply = json.loads(ws.receive(timeout=5))
+                if method == "bump":
+                    assert "n=1" in reply["html"]
+                else:
+                    assert reply["error"]["code"] == "bad_message" and "'method' must be a str" in reply["error"]["message"]
+
+
 class _PageSocket:
     """A page's socket as _live_socket sees it under ASGI (no send_now): send() waits on `gate`."""
 
