@@ -123,6 +123,7 @@ import mmap
 import mimetypes
 import os
 import queue
+import random
 import re
 import resource
 import secrets
@@ -3298,16 +3299,26 @@ class FileSessionStore(SessionStore):
         did. The new file is written and fsynced outside the session's lock (an fsync takes from
         0.3 ms to ~90 ms here while another process writes, and saves go on meanwhile); under the
         lock again, the lines appended since are copied after it (unsynced, as every append is)
-        and it replaces the file, unless the file is no longer the one it was made from."""
+        and it replaces the file, unless the file is no longer the one it was made from. That
+        one is held open meanwhile: ext4 gives a freed inode's number to the next new file at
+        once, so a file another process made after two compactions could have it."""
         path = self._path(sid)
         with self._lock(sid):
             stored, size, _, ino = self._read(path)
             if stored is None or size <= _log_limit(stored.size()):
                 return False
             line = stored.line()
+            try:
+                pin = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise _unavailable("compact", path, exc) from exc
         target = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         replaced = False
         try:
+            if os.fstat(pin).st_ino != ino:
+                return False
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 _write_all(fd, line)
@@ -3320,11 +3331,13 @@ class FileSessionStore(SessionStore):
                     if st.st_ino != ino or st.st_size < size:  # another process compacted it first
                         return False
                     cached = self._cache.get(path)
-                    if st.st_size > size:
-                        with open(path, "rb") as f:
-                            f.seek(size)
-                            tail = f.read(st.st_size - size)
+                    at = size
+                    while at < st.st_size:  # the lines appended since, from the file held open
+                        tail = os.pread(pin, st.st_size - at, at)
+                        if not tail:
+                            raise OSError(errno.EIO, f"the file ends at {at} bytes, not {st.st_size}")
                         _write_all(fd, tail)
+                        at += len(tail)
                     new = os.fstat(fd)
                     if new.st_size != len(line) + st.st_size - size:
                         raise OSError(errno.EIO, f"the new file holds {new.st_size} of "
@@ -3342,6 +3355,8 @@ class FileSessionStore(SessionStore):
                         os.unlink(target)
         except OSError as exc:
             raise _unavailable("compact", path, exc) from exc
+        finally:
+            os.close(pin)
         return True
 
     def _append(self, path, line, size, clean_end, ino):
@@ -7118,6 +7133,7 @@ def _sweep_broker_folders(mine):
     prefix, uid, old = f"asok-{os.getuid()}-", os.getuid(), time.time() - BROKER_SWEEP_AGE
     with os.scandir(mine.parent) as entries:
         folders = [entry.path for entry in entries if entry.name.startswith(prefix) and entry.name != mine.name]
+    random.shuffle(folders)  # (more than BROKER_SWEEP_MAX that stay, live ones: the others get their turn)
     for folder in folders[:BROKER_SWEEP_MAX]:
         try:
             st = os.lstat(folder)

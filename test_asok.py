@@ -2595,6 +2595,43 @@ def test_a_compaction_thread_finding_the_file_replaced_meanwhile_leaves_it(tmp_p
     assert store.load(sid)["data"] == {"n": "other"} and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_compaction_thread_is_not_fooled_by_a_new_file_that_got_the_old_files_inode(tmp_path, monkeypatch):
+    mine = asok.FileSessionStore(tmp_path)   # the process whose compaction thread compacts
+    other = asok.FileSessionStore(tmp_path)  # another process saving the same session
+    monkeypatch.setattr(other, "_compact_later", lambda sid: None)  # (its own thread stays out of this)
+    sid, path = "q" * 43, tmp_path / ("q" * 43 + ".json")
+    pad = "x" * (asok.SESSION_LOG_MAX // 6)
+    for n in range(1, 8):  # past the limit, appended as events on the loop do
+        other.update(sid, lambda r, n=n: r["data"].update(n=n, pad=pad), wait=False)
+    old_ino, size_then, fsync, last, calls = os.stat(path).st_ino, os.path.getsize(path), os.fsync, [], []
+
+    def the_other_process_saves():
+        # c1, acknowledged; then saves whose compactions free the old inode and make new files
+        # (ext4 hands a freed inode number out again at once), till one has the old number and
+        # has grown past the old file's size
+        other.update(sid, lambda r: r["live"].__setitem__("c1", {"v": 1}))
+        n = 100
+        while n < 400 and os.stat(path).st_ino != old_ino:
+            n += 1
+            other.update(sid, lambda r, n=n: r["data"].update(n=n, pad=pad))
+        while os.path.getsize(path) < size_then:
+            n += 1
+            other.update(sid, lambda r, n=n: r["data"].update(n=n, pad=pad), wait=False)
+        last.append(n)
+
+    def fsync_while_the_other_process_saves(fd):
+        fsync(fd)
+        if not calls:  # the compaction thread's fsync (the other "process" in its own thread: its own .tmp name)
+            calls.append(fd)
+            worker = threading.Thread(target=the_other_process_saves)
+            worker.start()
+            worker.join()
+    monkeypatch.setattr(asok, "_os_fsync", fsync_while_the_other_process_saves)
+    mine._compact_if_due(sid)
+    record = asok.FileSessionStore(tmp_path).load(sid)
+    assert (record["data"]["n"], record["live"].get("c1")) == (last[0], {"v": 1})
+
+
 def test_a_compaction_thread_the_disk_refuses_leaves_the_file_growing_and_every_save_kept(tmp_path, monkeypatch,
                                                                                           caplog):
     store = asok.FileSessionStore(tmp_path)
