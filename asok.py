@@ -8360,6 +8360,7 @@ class _ASGIApp:
             return
         await send({"type": "websocket.accept"})
         ws = _ASGIWebSocket(request, receive, send)
+        request = None  # the socket's handler has it in ws.request (the live one lets it go)
         await _run_ws_handler(route, ws, params)
 
     async def _refuse_websocket(self, scope, request, route, send):

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import html
 import io
+import gc
 import json
 import logging
 import multiprocessing
@@ -6424,6 +6425,38 @@ def test_asgi_304_has_no_content_length(tmp_path):
     scope = {"type": "http", "method": "GET", "path": "/nm", "query_string": b"", "headers": [(b"host", b"x")]}
     asyncio.run(app.asgi(scope, receive, send))
     assert sent[0]["status"] == 304 and b"content-length" not in dict(sent[0]["headers"])
+
+
+def test_an_idle_live_socket_under_asgi_keeps_no_request(tmp_path):
+    app = make_app(tmp_path, TALLY_FILES)
+    client = asok.TestClient(app, host="x")
+    tally = client.live("/", "Tally")
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items()).encode()
+
+    async def main():
+        incoming, sent = asyncio.Queue(), []
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "websocket", "path": "/asok/live", "query_string": b"", "scheme": "ws",
+                 "headers": [(b"host", b"x"), (b"cookie", cookie)], "extensions": {}}
+        incoming.put_nowait({"type": "websocket.connect"})
+        incoming.put_nowait({"type": "websocket.receive", "text": json.dumps(
+            {"id": "a:1", "cid": tally.cid, "component": "Tally", "state": tally.state_token, "method": "bump",
+             "args": [], "csrf": tally.csrf})})
+        task = asyncio.create_task(app.asgi(scope, incoming.get, send))
+        for _ in range(500):  # until the reply is out: then the page's socket is idle
+            if any(m["type"] == "websocket.send" for m in sent):
+                break
+            await asyncio.sleep(0.01)
+        gc.collect()
+        held = [o for o in gc.get_objects() if isinstance(o, asok.Request) and o.path == "/asok/live"]
+        incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(task, 5)
+        return [json.loads(m["text"]) for m in sent if m["type"] == "websocket.send"], held
+    replies, held = asyncio.run(main())
+    assert replies and replies[0]["id"] == "a:1" and "n=1" in replies[0]["html"]
+    assert held == []  # (its headers, cookies and Session were kept as long as the page stayed open)
 
 
 def test_asgi_websocket_to_an_unknown_path_is_the_404_a_get_gets(tmp_path):
