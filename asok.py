@@ -6093,6 +6093,8 @@ class _LiveIntake:
                     message = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
                 except ValueError as exc:
                     raise LiveError("bad_json", f"message is not JSON: {exc}")
+                except RecursionError:
+                    raise LiveError("bad_json", "message is nested too deeply to read")
             if not isinstance(message, dict):
                 raise LiveError("bad_message", "message must be a JSON object")
             if "join" in message:
@@ -6172,7 +6174,8 @@ class _LiveIntake:
     def on_loop(self, message):
         """Whether this parsed message is an event to run on the event loop: one of a component
         with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
-        cls = self.app.components.get(message.get("component")) if isinstance(message, dict) else None
+        name = message.get("component") if isinstance(message, dict) else None
+        cls = self.app.components.get(name) if isinstance(name, str) else None
         if cls is None or "join" in message or not isinstance(message.get("method"), str) \
                 or not getattr(self.app.sessions, "local", False) or "$upload" in str(message.get("args")):
             return False  # (a method that is not a string is handle()'s bad_message)
@@ -8010,6 +8013,7 @@ class Asok(_AppPages):
                 if message.__class__ is _Answered:
                     for reply in message.replies:
                         await outbox.reply(reply, tried=True)
+                    message = reply = None  # (an idle page's socket holds none of them)
                     continue
                 if not isinstance(message, str):
                     replies = [_live_error(None, "bad_message", "live messages are JSON text, not binary")]
@@ -8021,7 +8025,7 @@ class Asok(_AppPages):
                     replies = None
                     try:
                         parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
-                    except ValueError:
+                    except (ValueError, RecursionError):
                         parsed = None  # handle() says what is wrong with it
                     if self.live.on_loop(parsed):  # no thread round trip; a held lock sends it to one
                         later = []  # what the event does once answered: after its reply, on the loop

@@ -4832,6 +4832,48 @@ def test_a_method_that_is_not_a_string_is_refused_and_the_page_socket_goes_on(tm
                     assert reply["error"]["code"] == "bad_message" and "'method' must be a str" in reply["error"]["message"]
 
 
+def test_an_idle_page_socket_keeps_no_replies_it_sent_late(tmp_path, monkeypatch):
+    app = make_app(tmp_path, TALLY_FILES)
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    refused, send_now = [], asok._LiveOutbox.send_now
+
+    def busy_once(self, text):  # the page is not reading when the reply is made: it goes out later
+        if '"t:1"' in text and not refused:
+            refused.append(text)
+            return False
+        return send_now(self, text)
+    monkeypatch.setattr(asok._LiveOutbox, "send_now", busy_once)
+    with running(app) as port:
+        with live_socket(port, client) as ws:
+            ws.send(json.dumps({"id": "t:1", "cid": tally.cid, "component": "Tally", "state": tally.state_token,
+                                "method": "bump", "args": [], "csrf": tally.csrf}))
+            assert "n=1" in json.loads(ws.receive(timeout=5))["html"] and refused
+            for _ in range(100):  # (until the socket's loop is back waiting for a message)
+                gc.collect()
+                held = [o for o in gc.get_objects() if isinstance(o, asok._Answered)]
+                if not held:
+                    break
+                time.sleep(0.02)
+            assert held == []
+
+
+def test_a_component_name_that_is_not_a_string_or_json_nested_too_deep_is_refused_and_the_socket_goes_on(tmp_path):
+    app = make_app(tmp_path, TALLY_FILES)
+    client = asok.TestClient(app, host="127.0.0.1")
+    tally = client.live("/", "Tally")
+    with running(app) as port:
+        with live_socket(port, client) as ws:
+            for text, code in ((json.dumps({"id": "c:1", "cid": tally.cid, "component": ["Tally"], "state": tally.state_token,
+                                            "method": "bump", "args": [], "csrf": tally.csrf}), "bad_message"),
+                               ("[" * 100_000 + "]" * 100_000, "bad_json")):  # (both closed the socket with 1011)
+                ws.send(text)
+                assert json.loads(ws.receive(timeout=5))["error"]["code"] == code
+            ws.send(json.dumps({"id": "c:2", "cid": tally.cid, "component": "Tally", "state": tally.state_token,
+                                "method": "bump", "args": [], "csrf": tally.csrf}))
+            assert "n=1" in json.loads(ws.receive(timeout=5))["html"]
+
+
 class _PageSocket:
     """A page's socket as _live_socket sees it under ASGI (no send_now): send() waits on `gate`."""
 
