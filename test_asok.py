@@ -4874,6 +4874,32 @@ def test_a_component_name_that_is_not_a_string_or_json_nested_too_deep_is_refuse
             assert "n=1" in json.loads(ws.receive(timeout=5))["html"]
 
 
+def test_every_field_of_an_event_with_a_value_of_any_json_type_gets_an_answer_and_the_socket_goes_on(tmp_path):
+    files = {**TALLY_FILES, "src/components/Plain.py": TALLY_FILES["src/components/Tally.py"].replace(
+        "Tally", "Plain").replace("on_loop = True", ""),  # (on_loop left unset: decided from the method)
+        "src/components/plain.html": "<p>p=<< n >></p>",
+        "src/pages/index.html": "<< component('Tally') >><< component('Plain') >>"}
+    app = make_app(tmp_path, files)
+    client = asok.TestClient(app, host="127.0.0.1")
+    odd = [None, True, 0, 1.5, "", "x" * 3000, [], [1], {}, {"a": [1]}, "$model", "_private"]
+    comps = {name: client.live("/", name) for name in ("Tally", "Plain")}
+    with running(app) as port:
+        with live_socket(port, client) as ws:
+            for name, comp in comps.items():
+                event = {"id": "", "cid": comp.cid, "component": name, "state": comp.state_token, "method": "bump",
+                         "args": [], "csrf": comp.csrf}
+                for field in [*event, "h"]:
+                    for n, value in enumerate(odd):
+                        rid = f"{name}.{field}:{n}"
+                        ws.send(json.dumps({**event, "id": rid, field: value}))
+                        reply = json.loads(ws.receive(timeout=5))  # (a socket closed on one: ConnectionClosed)
+                        assert reply.get("id") in (rid, value, None), (field, value, reply)
+                        assert "error" in reply or "html" in reply or "d" in reply, (field, value, reply)
+                        assert "server_error" not in json.dumps(reply), (field, value, reply)
+                ws.send(json.dumps({**event, "id": f"{name}:last"}))
+                assert "error" not in json.loads(ws.receive(timeout=5))
+
+
 class _PageSocket:
     """A page's socket as _live_socket sees it under ASGI (no send_now): send() waits on `gate`."""
 
