@@ -5856,13 +5856,15 @@ def _diff_too_long(hunks, most, length):
     per = 5 + 2 * len(str(most))
     return sum([len(text) for _, _, text in hunks]) + per * len(hunks) + 2 >= length
 
+
 _DIFF_GAP = bytes(12)  # XOR of two texts: 12 bytes alike end a hunk
 
 
 def _ascii_diff(old, new):
     """_html_diff of two short ASCII texts, by XOR of their bytes as integers (C loops, no slicing
-    search; for long texts the integers cost more than the search): of the same length, a hunk per run of changed bytes (unchanged runs of 11 or fewer
-    bytes inside one); else the common prefix and suffix, then _fine_hunks in between."""
+    search; for long texts the integers cost more than the search): of the same length, a hunk
+    per run of changed bytes (unchanged runs of 11 or fewer bytes inside one); else the common
+    prefix and suffix, then _fine_hunks in between."""
     ob, nb = old.encode("ascii"), new.encode("ascii")
     lo, hi = len(ob), len(nb)
     if lo == hi:
@@ -6173,7 +6175,8 @@ class _LiveIntake:
 
     def on_loop(self, message):
         """Whether this parsed message is an event to run on the event loop: one of a component
-        with `on_loop = True`, with a local store, and no uploaded file among its arguments."""
+        with `on_loop = True` (or unset, and a method _events_on_loop finds pure), with a local
+        store, and no uploaded file among its arguments."""
         name = message.get("component") if isinstance(message, dict) else None
         cls = self.app.components.get(name) if isinstance(name, str) else None
         if cls is None or "join" in message or not isinstance(message.get("method"), str) \
@@ -7980,6 +7983,20 @@ class Asok(_AppPages):
         ws.request = None  # the session's id is all a page's socket needs of it: an idle page keeps
         # neither its headers, its cookies nor its Session (the hub loads the record per event)
 
+        def here(message):
+            """(its replies, what follows them) for a text message that is an event to run on
+            the event loop, handled now; else (None, None, what json.loads made of it or None),
+            for a thread (a held lock sends one there too: then nothing ran)."""
+            try:
+                parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
+            except (ValueError, RecursionError):
+                return None, None, None  # handle() says what is wrong with it
+            if self.live.on_loop(parsed):
+                later = []  # what the event does once answered: after its reply, on the loop
+                with contextlib.suppress(StoreBusy):
+                    return self.live.handle(conn, message, parsed, wait=False, later=later), later, parsed
+            return None, None, parsed
+
         def direct(message):
             """A message that arrives while the loop below waits for one: an event to run on
             the event loop is handled at once, in the protocol's callback (no future, task
@@ -7987,17 +8004,9 @@ class Asok(_AppPages):
             what the loop below takes instead: the message, or its replies still to send."""
             if message.__class__ is not str or len(message) > LIVE_MAX_MESSAGE:
                 return message
-            try:
-                parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
-                if not self.live.on_loop(parsed):
-                    return message
-            except Exception:  # (ValueError: handle() says what is wrong with it, in the loop below)
+            replies, later, _ = here(message)
+            if replies is None:
                 return message
-            later = []
-            try:
-                replies = self.live.handle(conn, message, parsed, wait=False, later=later)
-            except StoreBusy:
-                return message  # (a held lock: nothing ran; the loop below hands it to a thread)
             for n, reply in enumerate(replies):
                 if not outbox.send_now(reply):  # the page is not reading: the loop below waits for it
                     self.live.run_later(later)
@@ -8022,17 +8031,8 @@ class Asok(_AppPages):
                     replies = [_live_error(rid and rid.group(1), "too_large",
                                            f"message of {len(message)} bytes; the limit is {LIVE_MAX_MESSAGE}")]
                 else:
-                    replies = None
-                    try:
-                        parsed = json.loads(message, parse_constant=_refuse_constant, parse_float=_finite_float)
-                    except (ValueError, RecursionError):
-                        parsed = None  # handle() says what is wrong with it
-                    if self.live.on_loop(parsed):  # no thread round trip; a held lock sends it to one
-                        later = []  # what the event does once answered: after its reply, on the loop
-                        with contextlib.suppress(StoreBusy):
-                            replies = self.live.handle(conn, message, parsed, wait=False, later=later)
+                    replies, later, parsed = here(message)  # on the loop: no thread round trip
                     if replies is None:
-                        later = None  # (a held lock: nothing ran, nothing waits)
                         replies = await _in_thread(loop, self.executor, self.live.handle, conn, message, parsed)
                 for reply in replies:
                     if outbox.send_now(reply):
@@ -8814,8 +8814,7 @@ class _HTTPConnection(_Connection):
     def _run(self, head, request):
         """Upgrade `request`, answer it on the loop (asok's own pages), or hand it to the app in a thread."""
         headers = request.headers
-        if ("upgrade" in headers or "sec-websocket-key" in headers) and (
-                "websocket" in headers.get("upgrade", "").lower() or "sec-websocket-key" in headers):
+        if "sec-websocket-key" in headers or ("upgrade" in headers and "websocket" in headers["upgrade"].lower()):
             route, params = _find_ws_route(self.app, request.path)
             if route is not None:
                 self.loop.create_task(self._upgrade(head, request, route, params))
@@ -8874,22 +8873,18 @@ class _HTTPConnection(_Connection):
     def _head(self, head, response, keep_alive):
         """The response head, and how its body goes (see response_framing)."""
         fields = response.headers
-        if len(fields) == 1 and keep_alive and type(response.body) is bytes and head.version == "HTTP/1.1" \
-                and head.method != "HEAD" and type(fields[0]) is tuple:
-            # the usual page (one field, its length to add, kept alive): its head but the length is
-            # made once per second (the Date) for each status and field
-            known = _PLAIN_HEADS.get((response.status, fields[0]))
+        # the usual page (one field, its length to add, kept alive): its head but the length is
+        # made once per second (the Date) for each status and field
+        plain = len(fields) == 1 and keep_alive and head.version == "HTTP/1.1" and type(fields[0]) is tuple
+        if plain:
             date = self.s.date()
-            if known is not None and known[0] == date:
+            known = _PLAIN_HEADS.get((response.status, fields[0]))
+            if known is not None and known[0] == date and type(response.body) is bytes and head.method != "HEAD":
                 return known[1] + b"%d\r\n\r\n" % len(response.body), "length"
         length, mode = response_framing(head.method, response.status, fields, response.body, head.version)
-        if len(fields) == 1 and mode == "length" and length is not None and keep_alive \
-                and head.version == "HTTP/1.1" and type(fields[0]) is tuple:
-            date = self.s.date()
+        if plain and mode == "length" and length is not None:
             first = render_response_head(response.status, [("Date", date), fields[0]])[:-2] + b"Content-Length: "
-            if len(_PLAIN_HEADS) >= 64:
-                _PLAIN_HEADS.clear()
-            _PLAIN_HEADS[(response.status, fields[0])] = (date, first)
+            _keep(_PLAIN_HEADS, (response.status, fields[0]), (date, first), 64)
             return first + b"%d\r\n\r\n" % length, mode
         headers = [("Date", self.s.date()), *response.headers]
         if length is not None:

@@ -604,11 +604,14 @@ async def asok_exchange(ws, rid, text, stats):
     return data, took
 
 
-async def live_client(ws, visitor, stats, window):
-    """Click increment like alive.js: next event after the reply, with the new state."""
+async def live_client(ws, visitor, stats, window, turns=None, side=0):
+    """Click increment like alive.js: next event after the reply, with the new state. With
+    `turns` (a Turns), `turns.block` at a time, in the turns it gives `side`, timed only there."""
     page = f"{random.random()}:"
     state, prev, start, clicks, held = visitor.state, visitor.count, visitor.count, 0, None
     for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
+        if turns is not None:
+            await turns.wait(side, window)
         if window.stopped:
             break
         rid = page + str(n)
@@ -623,8 +626,15 @@ async def live_client(ws, visitor, stats, window):
             stats.out_of_order += 1
         prev = count
         clicks += 1
-        stats.answered(took, window)
+        if turns is None or turns.started is not None:
+            stats.answered(took, window)
+        else:
+            stats.total += 1
         last_html = held[1]
+        if turns is not None:
+            turns.done(side, window)
+    if turns is not None:
+        turns.changed.set()  # (the other side, if it waits, sees the window stopped)
     if clicks:
         pcount = int(PCOUNT_RE.search(last_html).group(1))
         if prev != start + clicks or pcount != visitor.pcount + clicks:
@@ -1900,36 +1910,6 @@ class Turns:
         self.changed.set()
 
 
-async def turns_client(ws, visitor, stats, window, turns, side):
-    """live_client's increments, `turns.block` at a time, in the turns `turns` gives `side`."""
-    page = f"{random.random()}:"
-    state, prev, held, clicks = visitor.state, visitor.count, None, 0
-    for n in range(1, MAX_EVENTS_PER_CLIENT + 1):
-        await turns.wait(side, window)
-        if window.stopped:
-            break
-        rid = page + str(n)
-        text = asok_call(rid, visitor.cid, visitor.component, state, "increment", [], visitor.csrf, held)
-        data, took = await asok_exchange(ws, rid, text, stats)
-        if data is None:
-            break
-        state, held = data["state"], asok_html(data, held)
-        count = int(COUNT_RE.search(held[1]).group(1))
-        if count != prev + 1:
-            stats.out_of_order += 1
-        prev, clicks = count, clicks + 1
-        if turns.started is not None:
-            stats.answered(took, window)
-        else:
-            stats.total += 1
-        turns.done(side, window)
-    if clicks and int(PCOUNT_RE.search(held[1]).group(1)) != visitor.pcount + clicks:
-        stats.final_mismatch += 1
-        stats.errors.append(f"session clicks {PCOUNT_RE.search(held[1]).group(1)} "
-                            f"(expected {visitor.pcount + clicks})")
-    turns.changed.set()
-
-
 def many_visitor(server, others):
     """The first counter of a fresh session's /many page, `others` of its other counters saved first."""
     cookie, csrf, comps = page_components(server.port, "/many")
@@ -1949,7 +1929,7 @@ async def many_pair(server, visitors, warm, secs, block=MANY_BLOCK):
     try:
         for cookie, _ in visitors:
             conns.append(await RawWS.connect(server.port, "/asok/live", cookie))
-        tasks = [asyncio.ensure_future(turns_client(ws, v, stats[i], window, turns, i))
+        tasks = [asyncio.ensure_future(live_client(ws, v, stats[i], window, turns, i))
                  for i, (ws, (_, v)) in enumerate(zip(conns, visitors))]
         await asyncio.sleep(warm)
         window.measuring = True
